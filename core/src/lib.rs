@@ -1,0 +1,28 @@
+//! `sd3-core`: the hardware abstraction of the sd3 engine.
+//!
+//! - [`DType`], [`Layout`], [`TensorDesc`]: what a tensor is, as a backend sees it.
+//! - [`Op`] / [`OpCall`]: the op set, as data (semantics in `docs/ops.md`, reference in [`reference`]).
+//! - [`Device`] / [`BackendProvider`]: what a backend implements; built-ins register with `inventory`.
+//! - [`Backend`] / [`Tensor`]: what models are written in; unsupported ops fall back to the host.
+//! - [`plugin`]: the versioned C ABI, the loader (host side) and the export macro (plugin side).
+//! - [`conformance`]: the suite every backend must pass.
+
+pub mod backend;
+pub mod device;
+pub mod dtype;
+pub mod error;
+pub mod layout;
+pub mod op;
+pub mod reference;
+pub mod tensor;
+
+pub use backend::Backend;
+pub use device::{builtin_backends, BackendProvider, BuiltinBackend, Device, DeviceInfo, DeviceKind};
+pub use dtype::DType;
+pub use error::{Error, Result};
+pub use layout::{BufferId, Layout, TensorDesc, MAX_RANK};
+pub use op::{BinaryOp, EncodedOp, Op, OpCall, UnaryOp};
+pub use tensor::{broadcast_shape, AttentionParams, Tensor};
+
+/// Re-exported so backends register built-ins without depending on `inventory` themselves.
+pub use inventory;
