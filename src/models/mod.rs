@@ -1,0 +1,6 @@
+//! The models, each a small file mirroring diffusers' / transformers' module names.
+
+pub mod clip;
+pub mod mmdit;
+pub mod t5;
+pub mod vae;
