@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Runs every test of the project on a fresh machine: installs what the tests need, builds every crate
+# (plugins included, so the loader tests find them beside the executable), then runs the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/setup-system.sh
+export CARGO_TERM_COLOR=never
+cargo build --workspace --all-targets
+cargo test --workspace --no-fail-fast
