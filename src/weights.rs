@@ -207,16 +207,17 @@ impl Weights {
 
     /// Names within a small edit distance of `name` (at most three, closest first).
     pub fn near_names(&self, name: &str) -> Vec<String> {
-        let limit = (name.len() / 4).max(3);
-        let mut scored: Vec<(usize, &str)> = self
-            .entries
-            .keys()
-            .filter(|k| k.len().abs_diff(name.len()) <= limit)
-            .map(|k| (levenshtein(name, k), k.as_str()))
-            .filter(|(d, _)| *d <= limit)
-            .collect();
-        scored.sort();
-        scored.into_iter().take(3).map(|(_, k)| k.to_string()).collect()
+        near_names(name, self.entries.keys().map(|k| k.as_str()))
+    }
+
+    /// A missing-tensor error whose suggestions come from `candidates` first (e.g. the tensors a model did not
+    /// expect, which is where a misnamed tensor hides), then from all names.
+    pub fn missing_among<'a>(&self, name: &str, candidates: impl Iterator<Item = &'a str>) -> WeightsError {
+        let mut suggestions = near_names(name, candidates);
+        if suggestions.is_empty() {
+            suggestions = self.near_names(name);
+        }
+        WeightsError::MissingTensor { name: name.to_string(), dir: self.dir.clone(), suggestions }
     }
 
     /// Raw little-endian bytes of a tensor as stored (zero-copy).
@@ -419,6 +420,17 @@ fn io_err(path: &Path, e: std::io::Error) -> WeightsError {
 
 fn file_name(p: &Path) -> String {
     p.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| p.display().to_string())
+}
+
+fn near_names<'a>(name: &str, candidates: impl Iterator<Item = &'a str>) -> Vec<String> {
+    let limit = (name.len() / 4).max(3);
+    let mut scored: Vec<(usize, &str)> = candidates
+        .filter(|k| k.len().abs_diff(name.len()) <= limit)
+        .map(|k| (levenshtein(name, k), k))
+        .filter(|(d, _)| *d <= limit)
+        .collect();
+    scored.sort();
+    scored.into_iter().take(3).map(|(_, k)| k.to_string()).collect()
 }
 
 fn levenshtein(a: &str, b: &str) -> usize {

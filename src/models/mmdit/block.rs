@@ -1,0 +1,141 @@
+//! `JointTransformerBlock` (diffusers `attention.py`) with its norms (`normalization.py`): `AdaLayerNormZero`
+//! (6-way), `SD35AdaLayerNormZeroX` (9-way, dual-attention blocks), `AdaLayerNormContinuous` (last block's context
+//! norm and `norm_out`, chunks **(scale, shift)**), and `FeedForward` (`gelu-approximate`).
+
+use super::attention::{JointAttention, SelfAttention};
+use super::params::{Linear, Params};
+use super::MmditError;
+use sd3_core::{Backend, DType, Tensor};
+
+pub const LN_EPS: f32 = 1e-6;
+
+/// `emb = linear(silu(temb))` `[B, k·D]` split into k views `[B, 1, D]` (broadcast over tokens).
+fn modulation(linear: &Linear, temb_silu: &Tensor, k: usize) -> sd3_core::Result<Vec<Tensor>> {
+    let emb = linear.forward(temb_silu)?;
+    emb.chunk(k, 1)?.into_iter().map(|c| c.unsqueeze(1)).collect()
+}
+
+/// `AdaLayerNormContinuous(D, D, elementwise_affine=False, eps=1e-6)`: `LN(x)·(1+scale)+shift`, (scale, shift) order.
+pub struct AdaLayerNormContinuous {
+    linear: Linear,
+}
+
+impl AdaLayerNormContinuous {
+    pub fn load(p: &Params, name: &str, dim: usize, backend: &Backend, dtype: DType) -> Result<Self, MmditError> {
+        Ok(AdaLayerNormContinuous { linear: Linear::load(p, &format!("{name}.linear"), dim, 2 * dim, backend, dtype)? })
+    }
+    pub fn forward(&self, x: &Tensor, temb_silu: &Tensor) -> sd3_core::Result<Tensor> {
+        let m = modulation(&self.linear, temb_silu, 2)?;
+        let (scale, shift) = (&m[0], &m[1]);
+        x.layer_norm_modulate(scale, shift, LN_EPS)
+    }
+}
+
+/// `FeedForward(D, D, activation_fn="gelu-approximate")`: `net.0.proj` (D→4D), GELU(tanh), `net.2` (4D→D).
+pub struct FeedForward {
+    proj_in: Linear,
+    proj_out: Linear,
+}
+
+impl FeedForward {
+    pub fn load(p: &Params, name: &str, dim: usize, backend: &Backend, dtype: DType) -> Result<Self, MmditError> {
+        Ok(FeedForward {
+            proj_in: Linear::load(p, &format!("{name}.net.0.proj"), dim, 4 * dim, backend, dtype)?,
+            proj_out: Linear::load(p, &format!("{name}.net.2"), 4 * dim, dim, backend, dtype)?,
+        })
+    }
+    pub fn forward(&self, x: &Tensor) -> sd3_core::Result<Tensor> {
+        self.proj_out.forward(&self.proj_in.forward(x)?.gelu_tanh()?)
+    }
+}
+
+/// The text stream's half of a block that is not the last one.
+struct ContextStream {
+    norm1: Linear, // AdaLayerNormZero: 6 chunks
+    ff: FeedForward,
+}
+
+pub struct JointTransformerBlock {
+    /// `norm1.linear`: 6·D outputs, or 9·D for a dual-attention block.
+    norm1: Linear,
+    attn: JointAttention,
+    attn2: Option<SelfAttention>,
+    ff: FeedForward,
+    /// `None` in the last block, whose context norm is [`AdaLayerNormContinuous`] and whose text output is dropped.
+    context: Option<ContextStream>,
+    context_norm_last: Option<AdaLayerNormContinuous>,
+}
+
+/// Shapes the block needs to load.
+#[derive(Clone, Copy, Debug)]
+pub struct BlockSpec {
+    pub heads: usize,
+    pub head_dim: usize,
+    pub qk_norm: bool,
+    pub dual: bool,
+    pub last: bool,
+}
+
+impl JointTransformerBlock {
+    pub fn load(p: &Params, prefix: &str, s: BlockSpec, backend: &Backend, dtype: DType) -> Result<Self, MmditError> {
+        let dim = s.heads * s.head_dim;
+        let chunks = if s.dual { 9 } else { 6 };
+        let attn =
+            JointAttention::load(p, &format!("{prefix}.attn"), s.heads, s.head_dim, s.qk_norm, s.last, backend, dtype)?;
+        let attn2 = if s.dual {
+            Some(SelfAttention::load(p, &format!("{prefix}.attn2"), s.heads, s.head_dim, s.qk_norm, backend, dtype)?)
+        } else {
+            None
+        };
+        let (context, context_norm_last) = if s.last {
+            (None, Some(AdaLayerNormContinuous::load(p, &format!("{prefix}.norm1_context"), dim, backend, dtype)?))
+        } else {
+            let ctx = ContextStream {
+                norm1: Linear::load(p, &format!("{prefix}.norm1_context.linear"), dim, 6 * dim, backend, dtype)?,
+                ff: FeedForward::load(p, &format!("{prefix}.ff_context"), dim, backend, dtype)?,
+            };
+            (Some(ctx), None)
+        };
+        Ok(JointTransformerBlock {
+            norm1: Linear::load(p, &format!("{prefix}.norm1.linear"), dim, chunks * dim, backend, dtype)?,
+            attn,
+            attn2,
+            ff: FeedForward::load(p, &format!("{prefix}.ff"), dim, backend, dtype)?,
+            context,
+            context_norm_last,
+        })
+    }
+
+    /// `(c, x) → (c', x')`; `c'` is `None` after the last block.
+    pub fn forward(&self, x: &Tensor, c: &Tensor, temb_silu: &Tensor) -> sd3_core::Result<(Option<Tensor>, Tensor)> {
+        let n = if self.attn2.is_some() { 9 } else { 6 };
+        let m = modulation(&self.norm1, temb_silu, n)?;
+        // shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp (, shift_msa2, scale_msa2, gate_msa2)
+        let x_hat = x.layer_norm_modulate(&m[1], &m[0], LN_EPS)?;
+        // Dual blocks: x̂2 = LN(x)·(1+scale_msa2)+shift_msa2, from the block's input.
+        let x_hat2 = if self.attn2.is_some() { Some(x.layer_norm_modulate(&m[7], &m[6], LN_EPS)?) } else { None };
+        let (c_hat, cm) = match (&self.context, &self.context_norm_last) {
+            (Some(ctx), _) => {
+                let cm = modulation(&ctx.norm1, temb_silu, 6)?;
+                (c.layer_norm_modulate(&cm[1], &cm[0], LN_EPS)?, Some(cm))
+            }
+            (None, Some(norm)) => (norm.forward(c, temb_silu)?, None),
+            (None, None) => unreachable!("a block has one of the two context norms"),
+        };
+        let (a_x, a_c) = self.attn.forward(&x_hat, &c_hat)?;
+        let mut x = x.gated_residual(&m[2], &a_x)?;
+        if let (Some(attn2), Some(x_hat2)) = (&self.attn2, &x_hat2) {
+            // Image-only self-attention, added after the joint-attention residual, before the MLP.
+            x = x.gated_residual(&m[8], &attn2.forward(x_hat2)?)?;
+        }
+        let x = x.gated_residual(&m[5], &self.ff.forward(&x.layer_norm_modulate(&m[4], &m[3], LN_EPS)?)?)?;
+        let c = match (&self.context, cm, a_c) {
+            (Some(ctx), Some(cm), Some(a_c)) => {
+                let c = c.gated_residual(&cm[2], &a_c)?;
+                Some(c.gated_residual(&cm[5], &ctx.ff.forward(&c.layer_norm_modulate(&cm[4], &cm[3], LN_EPS)?)?)?)
+            }
+            _ => None,
+        };
+        Ok((c, x))
+    }
+}
