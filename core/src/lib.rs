@@ -13,6 +13,7 @@ pub mod dtype;
 pub mod error;
 pub mod layout;
 pub mod op;
+pub mod plugin;
 pub mod reference;
 pub mod tensor;
 

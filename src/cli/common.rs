@@ -1,6 +1,7 @@
 //! Options shared by every subcommand that opens a backend.
 
 use clap::Args;
+use sd3::runtime::BackendRequest;
 use std::path::PathBuf;
 
 #[derive(Args, Debug, Clone, Default)]
@@ -20,4 +21,22 @@ pub struct BackendArgs {
     /// Fail instead of running unsupported ops on the host.
     #[arg(long)]
     pub strict: bool,
+    /// Options passed to every backend's init, `key=value;key=value` (backends ignore keys they do not know).
+    #[arg(long = "backend-options", value_name = "K=V;...", default_value = "")]
+    pub backend_options: String,
+}
+
+impl BackendArgs {
+    /// What `sd3::runtime::open_backend` needs.
+    pub fn request(&self) -> BackendRequest {
+        BackendRequest {
+            backend: self.backend.clone(),
+            device: self.device,
+            plugins: self.plugins.clone(),
+            plugin_dirs: self.plugin_dirs.clone(),
+            strict: self.strict,
+            options: self.backend_options.clone(),
+            search_default_locations: true,
+        }
+    }
 }
