@@ -1,0 +1,142 @@
+// Row-wise ops over the last dim (softmax, layer norm, RMS norm, fused adaLN) and group norm.
+// One block per row (or per (sample, group)); f32 statistics, two passes for the variance.
+
+#define ROW_SOFTMAX 0
+#define ROW_LAYER_NORM 1
+#define ROW_RMS_NORM 2
+#define ROW_LN_MODULATE 3
+
+struct RowParams {
+    TD x;
+    TD a;  // layer norm weight [D] / rms weight [D] / modulate scale (x's shape)
+    TD b;  // layer norm bias [D] / modulate shift (x's shape)
+    TD out;
+    i64 rows;
+    i64 d;
+    int op;
+    int affine;
+    float eps;
+    int causal_base;  // softmax: mask column j of row r when j > causal_base + r % causal_rows; -1: no mask
+    i64 causal_rows;
+};
+
+extern "C" __global__ void row_op(RowParams p) {
+    __shared__ float scratch[32];
+    for (i64 r = blockIdx.x; r < p.rows; r += gridDim.x) {
+        i64 xo = td_row(p.x, r), oo = td_row(p.out, r);
+        i64 xs = p.x.strides[p.x.rank - 1], os = p.out.strides[p.out.rank - 1];
+        if (p.op == ROW_SOFTMAX) {
+            i64 last = p.causal_base < 0 ? p.d - 1 : p.causal_base + r % p.causal_rows;  // last unmasked column
+            if (last > p.d - 1) last = p.d - 1;
+            float m = NEG_INF;
+            for (i64 j = threadIdx.x; j <= last; j += blockDim.x) m = fmaxf(m, ldf(p.x.dtype, p.x.ptr, xo + j * xs));
+            m = block_max(m, scratch);
+            float s = 0.f;
+            for (i64 j = threadIdx.x; j <= last; j += blockDim.x) s += expf(ldf(p.x.dtype, p.x.ptr, xo + j * xs) - m);
+            s = block_sum(s, scratch);
+            float inv = 1.f / s;
+            for (i64 j = threadIdx.x; j < p.d; j += blockDim.x) {
+                float v = j <= last ? expf(ldf(p.x.dtype, p.x.ptr, xo + j * xs) - m) * inv : 0.f;
+                stf(p.out.dtype, p.out.ptr, oo + j * os, v);
+            }
+            continue;
+        }
+        float mean = 0.f;
+        if (p.op != ROW_RMS_NORM) {
+            float s = 0.f;
+            for (i64 j = threadIdx.x; j < p.d; j += blockDim.x) s += ldf(p.x.dtype, p.x.ptr, xo + j * xs);
+            mean = block_sum(s, scratch) / (float)p.d;
+        }
+        float ss = 0.f;
+        for (i64 j = threadIdx.x; j < p.d; j += blockDim.x) {
+            float v = ldf(p.x.dtype, p.x.ptr, xo + j * xs) - mean;
+            ss += v * v;
+        }
+        float inv = rsqrtf(block_sum(ss, scratch) / (float)p.d + p.eps);
+        i64 ao = 0, bo = 0;
+        if (p.op == ROW_LN_MODULATE) {
+            ao = td_row(p.a, r);
+            bo = td_row(p.b, r);
+        }
+        for (i64 j = threadIdx.x; j < p.d; j += blockDim.x) {
+            float v = (ldf(p.x.dtype, p.x.ptr, xo + j * xs) - mean) * inv;
+            if (p.op == ROW_LAYER_NORM && p.affine) {
+                v = v * ldf(p.a.dtype, p.a.ptr, p.a.offset + j * p.a.strides[0]) +
+                    ldf(p.b.dtype, p.b.ptr, p.b.offset + j * p.b.strides[0]);
+            } else if (p.op == ROW_RMS_NORM) {
+                v = v * ldf(p.a.dtype, p.a.ptr, p.a.offset + j * p.a.strides[0]);
+            } else if (p.op == ROW_LN_MODULATE) {
+                float sc = ldf(p.a.dtype, p.a.ptr, ao + j * p.a.strides[p.a.rank - 1]);
+                float sh = ldf(p.b.dtype, p.b.ptr, bo + j * p.b.strides[p.b.rank - 1]);
+                v = v * (1.f + sc) + sh;
+            }
+            stf(p.out.dtype, p.out.ptr, oo + j * os, v);
+        }
+    }
+}
+
+struct GroupNormParams {
+    TD x;
+    TD w;
+    TD b;
+    TD out;
+    i64 channels;
+    i64 spatial;
+    int groups;
+    int affine;
+    float eps;
+    int pad;
+};
+
+// One block per (sample, group). Element e of the group: channel g*cpg + e / spatial, position e % spatial.
+extern "C" __global__ void group_norm(GroupNormParams p) {
+    __shared__ float scratch[32];
+    i64 n = blockIdx.x / p.groups, g = blockIdx.x % p.groups;
+    i64 cpg = p.channels / p.groups, len = cpg * p.spatial;
+    i64 base = (n * p.channels + g * cpg) * p.spatial;  // logical flat index of the group's first element
+    float s = 0.f;
+    for (i64 e = threadIdx.x; e < len; e += blockDim.x) s += ldf(p.x.dtype, p.x.ptr, td_index(p.x, base + e));
+    float mean = block_sum(s, scratch) / (float)len;
+    float ss = 0.f;
+    for (i64 e = threadIdx.x; e < len; e += blockDim.x) {
+        float v = ldf(p.x.dtype, p.x.ptr, td_index(p.x, base + e)) - mean;
+        ss += v * v;
+    }
+    float inv = rsqrtf(block_sum(ss, scratch) / (float)len + p.eps);
+    for (i64 e = threadIdx.x; e < len; e += blockDim.x) {
+        float v = (ldf(p.x.dtype, p.x.ptr, td_index(p.x, base + e)) - mean) * inv;
+        if (p.affine) {
+            i64 c = g * cpg + e / p.spatial;
+            v = v * ldf(p.w.dtype, p.w.ptr, p.w.offset + c * p.w.strides[0]) +
+                ldf(p.b.dtype, p.b.ptr, p.b.offset + c * p.b.strides[0]);
+        }
+        stf(p.out.dtype, p.out.ptr, td_index(p.out, base + e), v);
+    }
+}
+
+struct Im2colParams {
+    TD x;       // [N, C, H, W]
+    u64 cols;   // [C*KH*KW, OH*OW] of dtype `cols_dtype`, for sample `n`
+    i64 n;
+    int kh, kw, sh, sw, ph, pw;
+    i64 oh, ow;
+    int cols_dtype;
+    int pad;
+};
+
+extern "C" __global__ void im2col(Im2colParams p) {
+    i64 C = p.x.shape[1], H = p.x.shape[2], W = p.x.shape[3];
+    i64 cols_w = p.oh * p.ow;
+    i64 total = C * p.kh * p.kw * cols_w;
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < total; i += (i64)gridDim.x * blockDim.x) {
+        i64 col = i % cols_w, row = i / cols_w;
+        i64 kx = row % p.kw, ky = (row / p.kw) % p.kh, c = row / (p.kw * p.kh);
+        i64 ox = col % p.ow, oy = col / p.ow;
+        i64 iy = oy * p.sh + ky - p.ph, ix = ox * p.sw + kx - p.pw;
+        float v = 0.f;
+        if (iy >= 0 && iy < H && ix >= 0 && ix < W)
+            v = ldf(p.x.dtype, p.x.ptr,
+                    p.x.offset + p.n * p.x.strides[0] + c * p.x.strides[1] + iy * p.x.strides[2] + ix * p.x.strides[3]);
+        stf(p.cols_dtype, p.cols, i, v);
+    }
+}

@@ -1,0 +1,92 @@
+//! The CUDA C kernels, compiled with NVRTC for the present GPU when first needed and cached on disk as PTX,
+//! keyed by architecture and source hash (`$XDG_CACHE_HOME/sd3/cuda` or `~/.cache/sd3/cuda`).
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
+use cudarc::nvrtc::{CompileOptions, Ptx};
+use sd3_core::{Error, Result};
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+const SOURCES: [&str; 3] = [include_str!("../kernels/elementwise.cu"), include_str!("../kernels/rows.cu"), ""];
+const COMMON: &str = include_str!("../kernels/common.cuh");
+
+/// Every kernel entry point, loaded once per device.
+pub struct Kernels {
+    _module: Arc<CudaModule>,
+    pub ew: CudaFunction,
+    pub upsample: CudaFunction,
+    pub gather: CudaFunction,
+    pub row_op: CudaFunction,
+    pub group_norm: CudaFunction,
+    pub im2col: CudaFunction,
+}
+
+fn source() -> String {
+    let mut s = String::from(COMMON);
+    for part in SOURCES {
+        s.push('\n');
+        s.push_str(part);
+    }
+    s
+}
+
+fn cache_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("sd3").join("cuda"))
+}
+
+fn compile(src: &str, arch: &'static str) -> Result<Ptx> {
+    let opts = CompileOptions { arch: Some(arch), options: vec!["--std=c++17".into()], ..Default::default() };
+    cudarc::nvrtc::compile_ptx_with_opts(src, opts)
+        .map_err(|e| Error::backend("cuda", format!("NVRTC failed to compile the kernels for {arch}: {e:?}")))
+}
+
+impl Kernels {
+    pub fn load(ctx: &Arc<CudaContext>) -> Result<Kernels> {
+        let (major, minor) = ctx.compute_capability().map_err(|e| Error::backend("cuda", e.to_string()))?;
+        if major < 7 {
+            return Err(Error::backend(
+                "cuda",
+                format!("compute capability {major}.{minor} is older than the 7.0 the kernels need"),
+            ));
+        }
+        let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
+        let src = source();
+        let mut h = DefaultHasher::new();
+        src.hash(&mut h);
+        arch.hash(&mut h);
+        let key = format!("{arch}-{:016x}.ptx", h.finish());
+        let cached = cache_dir().map(|d| d.join(&key));
+        let ptx = match cached.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
+            Some(text) => Ptx::from_src(text),
+            None => {
+                let ptx = compile(&src, arch)?;
+                if let (Some(path), Some(dir)) = (&cached, cache_dir()) {
+                    // The cache is an optimisation: failing to write it is not an error.
+                    let _ = std::fs::create_dir_all(dir).and_then(|_| std::fs::write(path, ptx.to_src()));
+                }
+                ptx
+            }
+        };
+        let module =
+            ctx.load_module(ptx).map_err(|e| Error::backend("cuda", format!("loading the kernel module: {e}")))?;
+        let f = |name: &str| {
+            module
+                .load_function(name)
+                .map_err(|e| Error::backend("cuda", format!("kernel `{name}` missing from the module: {e}")))
+        };
+        Ok(Kernels {
+            ew: f("ew")?,
+            upsample: f("upsample_nearest2d")?,
+            gather: f("gather_rows")?,
+            row_op: f("row_op")?,
+            group_norm: f("group_norm")?,
+            im2col: f("im2col")?,
+            _module: module,
+        })
+    }
+}

@@ -1,0 +1,127 @@
+//! Kernel parameter structs, passed by value to the kernels. Each mirrors a struct in `kernels/*.cu`
+//! field for field (`#[repr(C)]`, same order); keep the two in step.
+
+use cudarc::driver::DeviceRepr;
+use sd3_core::{TensorDesc, MAX_RANK};
+
+/// A tensor view on the device (`struct TD` in `kernels/common.cuh`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Td {
+    pub shape: [i64; MAX_RANK],
+    pub strides: [i64; MAX_RANK],
+    pub offset: i64,
+    pub ptr: u64,
+    pub rank: i32,
+    pub dtype: i32,
+}
+
+impl Td {
+    /// Describe `desc` whose buffer starts at device address `base`.
+    pub fn new(desc: &TensorDesc, base: u64) -> Td {
+        let mut t = Td {
+            offset: desc.layout.offset as i64,
+            ptr: base,
+            rank: desc.rank() as i32,
+            dtype: desc.dtype as i32,
+            ..Td::default()
+        };
+        for (i, (&d, &s)) in desc.layout.shape.iter().zip(&desc.layout.strides).enumerate() {
+            t.shape[i] = d as i64;
+            t.strides[i] = s as i64;
+        }
+        t
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EwParams {
+    pub inputs: [Td; 3],
+    pub out: Td,
+    pub n: i64,
+    pub op: i32,
+    pub sub: i32,
+    pub f0: f32,
+    pub f1: f32,
+    pub contiguous: i32,
+    pub pad: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UpsampleParams {
+    pub input: Td,
+    pub out: Td,
+    pub n: i64,
+    pub factor: i32,
+    pub pad: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GatherParams {
+    pub table: Td,
+    pub ids: Td,
+    pub out: Td,
+    pub error_flag: u64,
+    pub n: i64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RowParams {
+    pub x: Td,
+    pub a: Td,
+    pub b: Td,
+    pub out: Td,
+    pub rows: i64,
+    pub d: i64,
+    pub op: i32,
+    pub affine: i32,
+    pub eps: f32,
+    /// Softmax only: mask column j of row r when j > causal_base + (r % causal_rows); -1 = no mask.
+    pub causal_base: i32,
+    pub causal_rows: i64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GroupNormParams {
+    pub x: Td,
+    pub w: Td,
+    pub b: Td,
+    pub out: Td,
+    pub channels: i64,
+    pub spatial: i64,
+    pub groups: i32,
+    pub affine: i32,
+    pub eps: f32,
+    pub pad: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Im2colParams {
+    pub x: Td,
+    pub cols: u64,
+    pub n: i64,
+    pub kh: i32,
+    pub kw: i32,
+    pub sh: i32,
+    pub sw: i32,
+    pub ph: i32,
+    pub pw: i32,
+    pub oh: i64,
+    pub ow: i64,
+    pub cols_dtype: i32,
+    pub pad: i32,
+}
+
+// SAFETY: plain-old-data structs of integers and floats with a C layout matching the kernels'.
+unsafe impl DeviceRepr for EwParams {}
+unsafe impl DeviceRepr for UpsampleParams {}
+unsafe impl DeviceRepr for GatherParams {}
+unsafe impl DeviceRepr for RowParams {}
+unsafe impl DeviceRepr for GroupNormParams {}
+unsafe impl DeviceRepr for Im2colParams {}
