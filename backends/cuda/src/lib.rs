@@ -81,3 +81,5 @@ impl BackendProvider for CudaProvider {
         Ok(Arc::new(CudaDevice::new(index)?))
     }
 }
+
+sd3_core::export_backend!("cuda", |options: &str| CudaProvider::new(options));
