@@ -6,9 +6,8 @@
 //! `hidden_states[-2]` (the penultimate layer's output, *without* the final layer norm; `clip_skip` walks further
 //! back) and `text_embeds` = `text_projection(final_layer_norm(last)[pooled token])`.
 
-use super::config::{invalid, read_config};
-use super::layers::{merge_heads, split_heads, Activation, LayerNorm, Linear, Loader};
-use crate::weights::Weights;
+use super::layers::{config_error, merge_heads, split_heads, Activation, LayerNorm, Linear, Loader};
+use crate::weights::{read_config, Weights};
 use anyhow::Context;
 use sd3_core::{AttentionParams, Backend, DType, Tensor};
 use serde::Deserialize;
@@ -140,18 +139,27 @@ pub struct ClipTextModel {
 impl ClipTextModel {
     /// Load from a `text_encoder` / `text_encoder_2` folder (`config.json` + safetensors), in `dtype`.
     pub fn load(dir: &Path, backend: &Backend, dtype: DType) -> anyhow::Result<Self> {
+        let weights = Weights::open(dir)?;
+        Self::load_with_weights(dir, &weights, backend, dtype)
+    }
+
+    /// [`Self::load`] with the tensors taken from `weights` (opened from `dir`, possibly with LoRA deltas added);
+    /// the config still comes from `dir/config.json`.
+    pub fn load_with_weights(dir: &Path, weights: &Weights, backend: &Backend, dtype: DType) -> anyhow::Result<Self> {
         let config: ClipTextConfig = read_config(dir)?;
         let act = Activation::from_name(&config.hidden_act)
-            .ok_or_else(|| invalid(dir, format!("unsupported hidden_act `{}`", config.hidden_act)))?;
-        if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
-            return Err(invalid(
+            .ok_or_else(|| config_error(dir, format!("unsupported hidden_act `{}`", config.hidden_act)))?;
+        if config.hidden_size.checked_rem(config.num_attention_heads) != Some(0) {
+            return Err(config_error(
                 dir,
-                format!("hidden_size {} is not a multiple of num_attention_heads {}", config.hidden_size, config.num_attention_heads),
+                format!(
+                    "hidden_size {} is not a multiple of num_attention_heads {}",
+                    config.hidden_size, config.num_attention_heads
+                ),
             )
             .into());
         }
-        let weights = Weights::open(dir)?;
-        let l = Loader { weights: &weights, backend, dtype };
+        let l = Loader { weights, backend, dtype };
         let c = &config;
         let d = c.hidden_size;
         let load = || -> anyhow::Result<Self> {
@@ -186,14 +194,17 @@ impl ClipTextModel {
         let c = &self.config;
         let n = ids.len();
         if n == 0 || n > c.max_position_embeddings {
-            anyhow::bail!("CLIP: {n} token ids given, expected 1 to {} (max_position_embeddings)", c.max_position_embeddings);
+            anyhow::bail!(
+                "CLIP: {n} token ids given, expected 1 to {} (max_position_embeddings)",
+                c.max_position_embeddings
+            );
         }
         // hidden_states = [embeddings, layer 0 output, …, layer L-1 output]; index L+1-(k+2) = L-1-k.
         let layers = c.num_hidden_layers;
         let skip = clip_skip.unwrap_or(0);
-        let wanted = (layers + 1).checked_sub(skip + 2).with_context(|| {
-            format!("CLIP: clip_skip {skip} needs more than the model's {layers} layers")
-        })?;
+        let wanted = (layers + 1)
+            .checked_sub(skip + 2)
+            .with_context(|| format!("CLIP: clip_skip {skip} needs more than the model's {layers} layers"))?;
 
         let ids_t = self.backend.from_i64(ids, &[n])?;
         let tokens = Tensor::gather(&self.token_embedding, &ids_t)?;

@@ -4,6 +4,12 @@
 
 use crate::weights::{Weights, WeightsError};
 use sd3_core::{Backend, DType, Tensor};
+use std::path::Path;
+
+/// A semantic problem in `dir/config.json` (an unsupported activation, inconsistent sizes).
+pub fn config_error(dir: &Path, reason: impl Into<String>) -> WeightsError {
+    WeightsError::Config { path: dir.join("config.json"), reason: reason.into() }
+}
 
 /// Where a model's parameters come from, and the backend and dtype they are uploaded in.
 pub struct Loader<'a> {

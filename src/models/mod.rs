@@ -1,7 +1,6 @@
 //! The models, each a small file mirroring diffusers' / transformers' module names.
 
 pub mod clip;
-pub mod config;
 pub mod layers;
 pub mod mmdit;
 pub mod t5;

@@ -8,9 +8,8 @@
 //! for the next matmuls. Without that the XXL activations overflow fp16. This file does the same. While the
 //! stream is still fp16 (layer 0's attention residual) transformers' clamp applies.
 
-use super::config::{invalid, read_config};
-use super::layers::{merge_heads, split_heads, Activation, Linear, Loader};
-use crate::weights::Weights;
+use super::layers::{config_error, merge_heads, split_heads, Activation, Linear, Loader};
+use crate::weights::{read_config, Weights};
 use anyhow::Context;
 use sd3_core::{AttentionParams, Backend, BinaryOp, DType, Tensor};
 use serde::Deserialize;
@@ -123,7 +122,14 @@ struct T5DenseActDense {
 }
 
 impl T5DenseActDense {
-    fn load(l: &Loader, prefix: &str, c: &T5Config, gated: bool, act: Activation, wo_dtype: DType) -> anyhow::Result<Self> {
+    fn load(
+        l: &Loader,
+        prefix: &str,
+        c: &T5Config,
+        gated: bool,
+        act: Activation,
+        wo_dtype: DType,
+    ) -> anyhow::Result<Self> {
         let wi_names: &[&str] = if gated { &["wi_0", "wi_1"] } else { &["wi"] };
         let wi = wi_names
             .iter()
@@ -166,15 +172,21 @@ pub struct T5EncoderModel {
 impl T5EncoderModel {
     /// Load from a `text_encoder_3` folder (`config.json` + safetensors, sharded or not), in `dtype`.
     pub fn load(dir: &Path, backend: &Backend, dtype: DType) -> anyhow::Result<Self> {
-        let config: T5Config = read_config(dir)?;
-        let (gated, act) = config
-            .feed_forward()
-            .ok_or_else(|| invalid(dir, format!("unsupported feed_forward_proj `{}`", config.feed_forward_proj)))?;
-        if config.relative_attention_num_buckets < 4 {
-            return Err(invalid(dir, "relative_attention_num_buckets must be at least 4").into());
-        }
         let weights = Weights::open(dir)?;
-        let l = Loader { weights: &weights, backend, dtype };
+        Self::load_with_weights(dir, &weights, backend, dtype)
+    }
+
+    /// [`Self::load`] with the tensors taken from `weights` (opened from `dir`, possibly with LoRA deltas added);
+    /// the config still comes from `dir/config.json`.
+    pub fn load_with_weights(dir: &Path, weights: &Weights, backend: &Backend, dtype: DType) -> anyhow::Result<Self> {
+        let config: T5Config = read_config(dir)?;
+        let (gated, act) = config.feed_forward().ok_or_else(|| {
+            config_error(dir, format!("unsupported feed_forward_proj `{}`", config.feed_forward_proj))
+        })?;
+        if config.relative_attention_num_buckets < 4 {
+            return Err(config_error(dir, "relative_attention_num_buckets must be at least 4").into());
+        }
+        let l = Loader { weights, backend, dtype };
         let c = &config;
         // The fp16 trap: `wo` and (so that the promoted stream is normed without a lossy cast) the norm weights.
         let wide = if dtype == DType::F16 { DType::F32 } else { dtype };
@@ -229,7 +241,11 @@ impl T5EncoderModel {
         let buckets: Vec<i64> = (0..n)
             .flat_map(|i| (0..n).map(move |j| (i, j)))
             .map(|(i, j)| {
-                relative_position_bucket(j as i64 - i as i64, c.relative_attention_num_buckets, c.relative_attention_max_distance)
+                relative_position_bucket(
+                    j as i64 - i as i64,
+                    c.relative_attention_num_buckets,
+                    c.relative_attention_max_distance,
+                )
             })
             .collect();
         let buckets = self.backend.from_i64(&buckets, &[n * n])?;

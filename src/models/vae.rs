@@ -7,9 +7,8 @@
 //! forward reassigns one running tensor instead of binding new names, dropping every intermediate as soon as the
 //! next one exists.
 
-use super::config::{invalid, read_config};
-use super::layers::{Conv2d, GroupNorm, Linear, Loader};
-use crate::weights::Weights;
+use super::layers::{config_error, Conv2d, GroupNorm, Linear, Loader};
+use crate::weights::{read_config, Weights};
 use anyhow::Context;
 use sd3_core::{AttentionParams, DType, Tensor};
 use serde::Deserialize;
@@ -147,10 +146,21 @@ pub struct AutoencoderKL {
 impl AutoencoderKL {
     /// Load the decoder from a `vae` folder (`config.json` + safetensors), in `dtype`.
     pub fn load(dir: &Path, backend: &sd3_core::Backend, dtype: DType) -> anyhow::Result<Self> {
+        let weights = Weights::open(dir)?;
+        Self::load_with_weights(dir, &weights, backend, dtype)
+    }
+
+    /// [`Self::load`] with the tensors taken from `weights` (opened from `dir`, possibly with LoRA deltas added);
+    /// the config still comes from `dir/config.json`.
+    pub fn load_with_weights(
+        dir: &Path,
+        weights: &Weights,
+        backend: &sd3_core::Backend,
+        dtype: DType,
+    ) -> anyhow::Result<Self> {
         let config: VaeConfig = read_config(dir)?;
         check_config(dir, &config)?;
-        let weights = Weights::open(dir)?;
-        let l = Loader { weights: &weights, backend, dtype };
+        let l = Loader { weights, backend, dtype };
         let c = &config;
         let g = c.norm_num_groups;
         let load = || -> anyhow::Result<Self> {
@@ -254,25 +264,31 @@ impl AutoencoderKL {
     }
 }
 
-fn check_config(dir: &Path, c: &VaeConfig) -> Result<(), super::config::ConfigError> {
+fn check_config(dir: &Path, c: &VaeConfig) -> Result<(), crate::weights::WeightsError> {
     if c.block_out_channels.is_empty() {
-        return Err(invalid(dir, "block_out_channels is empty"));
+        return Err(config_error(dir, "block_out_channels is empty"));
     }
     if c.norm_num_groups == 0 || c.block_out_channels.iter().any(|ch| ch % c.norm_num_groups != 0) {
-        return Err(invalid(
+        return Err(config_error(
             dir,
-            format!("norm_num_groups {} does not divide block_out_channels {:?}", c.norm_num_groups, c.block_out_channels),
+            format!(
+                "norm_num_groups {} does not divide block_out_channels {:?}",
+                c.norm_num_groups, c.block_out_channels
+            ),
         ));
     }
     if c.act_fn != "silu" {
-        return Err(invalid(dir, format!("act_fn `{}` is not supported (the decoder is written for silu)", c.act_fn)));
+        return Err(config_error(
+            dir,
+            format!("act_fn `{}` is not supported (the decoder is written for silu)", c.act_fn),
+        ));
     }
     if let Some(types) = &c.up_block_types {
         if let Some(t) = types.iter().find(|t| t.as_str() != "UpDecoderBlock2D") {
-            return Err(invalid(dir, format!("up block type `{t}` is not supported (only UpDecoderBlock2D)")));
+            return Err(config_error(dir, format!("up block type `{t}` is not supported (only UpDecoderBlock2D)")));
         }
         if types.len() != c.block_out_channels.len() {
-            return Err(invalid(
+            return Err(config_error(
                 dir,
                 format!("{} up_block_types for {} block_out_channels", types.len(), c.block_out_channels.len()),
             ));

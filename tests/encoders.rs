@@ -1,0 +1,217 @@
+//! CLIP-L, CLIP-G and T5 against diffusers' goldens (`fixtures/README.md`), on the CPU backend, and their
+//! bad-input errors.
+//!
+//! Tolerance: the fixtures' weights are float16 values and the goldens were computed by torch in float32 from
+//! them; here the same weights are uploaded as f32 and every op is computed by the CPU backend and rounded to
+//! f32. What separates the two is f32 rounding order (and torch's f32 `erf`/`tanh`/`exp` approximations), which is
+//! ~1e-7 relative per op; through these few-layer models it was measured at 3e-7 to 8e-7 of the value range
+//! (max |golden|). We allow 1e-5 of the range: room for a faster backend's different summation order, yet far
+//! below what any real mistake gives (a wrong activation, a missing layer norm, a transposed weight or a wrong
+//! pooled token moves values by > 1e-2 of the range).
+
+mod common;
+use common::*;
+use sd3::models::clip::ClipTextModel;
+use sd3::models::t5::T5EncoderModel;
+use sd3::weights::Weights;
+use sd3_core::{DType, Tensor};
+use std::path::{Path, PathBuf};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+fn golden(case: &str) -> Weights {
+    Weights::open_file(&fixtures().join("golden").join(case).join("golden.safetensors")).unwrap()
+}
+
+fn ids(g: &Weights, name: &str) -> Vec<i64> {
+    let (bytes, dtype) = g.raw(name).unwrap();
+    assert_eq!(dtype, DType::I64, "{name}");
+    bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
+}
+
+/// Max |a − b| must be at most `rel` of the golden's range (max |golden|). Returns the observed ratio.
+fn assert_close(what: &str, got: &Tensor, g: &Weights, name: &str, rel: f32) -> f32 {
+    let want = g.host_f32(name).unwrap();
+    assert_eq!(got.shape(), g.shape(name).unwrap().as_slice(), "{what}: shape of {name}");
+    let got = got.to_f32_vec().unwrap();
+    assert!(got.iter().all(|v| v.is_finite()), "{what}: non-finite output");
+    let range = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    assert!(range > 0.0, "{what}: golden {name} is all zeros");
+    let err = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    let ratio = err / range;
+    eprintln!("{what} vs {name}: max abs err {err:.3e}, range {range:.3e}, ratio {ratio:.3e}");
+    assert!(
+        ratio <= rel,
+        "{what} vs {name}: max abs err {err} is {ratio:.2e} of the range {range} (allowed {rel:.0e})"
+    );
+    ratio
+}
+
+const REL_F32: f32 = 1e-5;
+
+fn check_clip(encoder: &str, key: &str, cases: &[(&str, &str)], dtype: DType, rel: f32) {
+    let be = cpu();
+    let model = ClipTextModel::load(&fixtures().join("sd3-tiny").join(encoder), &be, dtype).unwrap();
+    for (case, prefix) in cases {
+        let g = golden(case);
+        let out = model.forward(&ids(&g, &format!("{prefix}{key}_ids")), None).unwrap();
+        let what = format!("{case} {prefix}{key} ({dtype})");
+        assert_eq!(out.penultimate.dtype(), dtype);
+        assert_close(&what, &out.penultimate, &g, &format!("{prefix}{key}_hidden"), rel);
+        assert_close(&what, &out.pooled, &g, &format!("{prefix}{key}_pooled"), rel);
+    }
+}
+
+// Prompt and negative prompt, and a prompt truncated at 77 tokens (no padding, EOS at the end).
+const CLIP_CASES: &[(&str, &str)] = &[("sd3-cfg", ""), ("sd3-cfg", "neg_"), ("sd3-long-prompt", "")];
+
+#[test]
+fn clip_l_matches_diffusers() {
+    check_clip("text_encoder", "clip_l", CLIP_CASES, DType::F32, REL_F32);
+}
+
+#[test]
+fn clip_g_matches_diffusers() {
+    check_clip("text_encoder_2", "clip_g", CLIP_CASES, DType::F32, REL_F32);
+}
+
+/// f16 compute (as `--dtype f16` runs it): each op rounds to f16 (2^-11 relative), so a few layers drift by
+/// ~1e-3 of the range; 1e-2 still catches any structural error.
+#[test]
+fn clip_l_in_f16_stays_close() {
+    check_clip("text_encoder", "clip_l", &[("sd3-cfg", "")], DType::F16, 1e-2);
+}
+
+#[test]
+fn clip_skip_selects_an_earlier_layer() {
+    let be = cpu();
+    let model = ClipTextModel::load(&fixtures().join("sd3-tiny/text_encoder"), &be, DType::F32).unwrap();
+    let g = golden("sd3-cfg");
+    let ids = ids(&g, "clip_l_ids");
+    let a = model.forward(&ids, None).unwrap();
+    let b = model.forward(&ids, Some(1)).unwrap();
+    // Pooled output does not depend on clip_skip; the hidden states do.
+    assert_eq!(a.pooled.to_f32_vec().unwrap(), b.pooled.to_f32_vec().unwrap());
+    assert_ne!(a.penultimate.to_f32_vec().unwrap(), b.penultimate.to_f32_vec().unwrap());
+    // 3 layers: hidden_states has 4 entries, so clip_skip 2 reaches the embeddings and 3 is out of range.
+    assert!(model.forward(&ids, Some(2)).is_ok());
+    let err = model.forward(&ids, Some(3)).err().unwrap().to_string();
+    assert!(err.contains("clip_skip 3"), "{err}");
+}
+
+fn check_t5(cases: &[&str], dtype: DType, rel: f32) {
+    let be = cpu();
+    let model = T5EncoderModel::load(&fixtures().join("sd3-tiny/text_encoder_3"), &be, dtype).unwrap();
+    for case in cases {
+        let g = golden(case);
+        for prefix in ["", "neg_"] {
+            if !g.contains(&format!("{prefix}t5_ids")) {
+                continue;
+            }
+            let out = model.forward(&ids(&g, &format!("{prefix}t5_ids"))).unwrap();
+            assert_eq!(out.dtype(), dtype);
+            assert_close(&format!("{case} {prefix}t5 ({dtype})"), &out, &g, &format!("{prefix}t5_hidden"), rel);
+        }
+    }
+}
+
+/// 256 tokens (sd3-cfg: relative distances up to 255, every log bucket) and a truncated 32-token prompt.
+#[test]
+fn t5_matches_diffusers() {
+    check_t5(&["sd3-cfg", "sd3-long-prompt"], DType::F32, REL_F32);
+}
+
+/// f16 with the fp32 `wo` / residual of transformers' `_keep_in_fp32_modules`; bf16 plain. Tolerances as for
+/// CLIP in f16 (bf16 has 3 fewer mantissa bits: 8× looser).
+#[test]
+fn t5_in_half_precision_stays_close() {
+    check_t5(&["sd3-long-prompt"], DType::F16, 1e-2);
+    check_t5(&["sd3-long-prompt"], DType::BF16, 8e-2);
+}
+
+// ---------------------------------------------------------------- bad input
+
+/// A copy of a fixture component folder with its config.json edited by `edit`.
+fn component_with_config(name: &str, component: &str, edit: impl FnOnce(&mut serde_json::Value)) -> PathBuf {
+    let src = fixtures().join("sd3-tiny").join(component);
+    let dir = scratch(name);
+    for e in std::fs::read_dir(&src).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+    }
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    edit(&mut config);
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config).unwrap()).unwrap();
+    dir
+}
+
+fn load_err<T>(r: anyhow::Result<T>) -> String {
+    format!("{:#}", r.err().expect("loading should fail"))
+}
+
+#[test]
+fn clip_config_missing_field_names_file_and_field() {
+    let dir = component_with_config("clip-no-hidden", "text_encoder", |c| {
+        c.as_object_mut().unwrap().remove("hidden_size");
+    });
+    let err = load_err(ClipTextModel::load(&dir, &cpu(), DType::F32));
+    assert!(err.contains("config.json") && err.contains("hidden_size"), "{err}");
+}
+
+#[test]
+fn clip_unsupported_activation_is_named() {
+    let dir = component_with_config("clip-bad-act", "text_encoder", |c| c["hidden_act"] = "mish".into());
+    let err = load_err(ClipTextModel::load(&dir, &cpu(), DType::F32));
+    assert!(err.contains("config.json") && err.contains("mish"), "{err}");
+}
+
+#[test]
+fn clip_missing_tensor_is_named() {
+    // One layer more than the weights have.
+    let dir = component_with_config("clip-extra-layer", "text_encoder", |c| c["num_hidden_layers"] = 4.into());
+    let err = load_err(ClipTextModel::load(&dir, &cpu(), DType::F32));
+    assert!(err.contains("text_model.encoder.layers.3.layer_norm1.weight") && err.contains("not found"), "{err}");
+    assert!(err.contains(dir.to_str().unwrap()), "{err}");
+}
+
+#[test]
+fn clip_wrong_shape_says_expected_and_found() {
+    let dir = component_with_config("clip-wide", "text_encoder", |c| c["hidden_size"] = 64.into());
+    let err = load_err(ClipTextModel::load(&dir, &cpu(), DType::F32));
+    assert!(err.contains("text_model.embeddings.token_embedding.weight"), "{err}");
+    assert!(err.contains("[1000, 64]") && err.contains("[1000, 32]"), "{err}");
+}
+
+#[test]
+fn clip_rejects_bad_ids() {
+    let model = ClipTextModel::load(&fixtures().join("sd3-tiny/text_encoder"), &cpu(), DType::F32).unwrap();
+    let err = model.forward(&[0; 78], None).err().unwrap().to_string();
+    assert!(err.contains("78") && err.contains("77"), "{err}");
+    assert!(model.forward(&[], None).is_err());
+    // An id outside the vocabulary (1000) is an error of the gather, not a crash.
+    assert!(model.forward(&[998, 1000, 999], None).is_err());
+}
+
+#[test]
+fn t5_bad_config_and_missing_component() {
+    let dir = component_with_config("t5-bad-ff", "text_encoder_3", |c| c["feed_forward_proj"] = "gated-mish".into());
+    let err = load_err(T5EncoderModel::load(&dir, &cpu(), DType::F32));
+    assert!(err.contains("config.json") && err.contains("gated-mish"), "{err}");
+
+    let dir = component_with_config("t5-no-dmodel", "text_encoder_3", |c| {
+        c.as_object_mut().unwrap().remove("d_model");
+    });
+    let err = load_err(T5EncoderModel::load(&dir, &cpu(), DType::F32));
+    assert!(err.contains("config.json") && err.contains("d_model"), "{err}");
+
+    let dir = component_with_config("t5-deeper", "text_encoder_3", |c| c["num_layers"] = 3.into());
+    let err = load_err(T5EncoderModel::load(&dir, &cpu(), DType::F32));
+    assert!(err.contains("encoder.block.2.layer.0.layer_norm.weight"), "{err}");
+
+    let missing = fixtures().join("sd3-tiny/no_such_component");
+    let err = load_err(T5EncoderModel::load(&missing, &cpu(), DType::F32));
+    assert!(err.contains("no_such_component"), "{err}");
+}
