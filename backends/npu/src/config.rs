@@ -1,0 +1,85 @@
+//! Plugin configuration: the flags (environment) plus the options string (`key=value;...`).
+//!
+//! Options: `arena_mb=N` (device memory arena in MiB, a positive integer). The arena size is, in order of
+//! precedence: the `arena_mb` option, the `SD3_NPU_ARENA_MB` environment variable, [`DEFAULT_ARENA_MB`].
+
+use crate::flags::NpuFlags;
+use sd3_core::{Error, Result};
+
+/// Environment variable giving the arena size in MiB.
+pub const ARENA_ENV: &str = "SD3_NPU_ARENA_MB";
+/// Arena size when neither the option nor the environment variable is given. The arena is zero-initialised
+/// memory that the OS maps lazily, so an unused arena costs address space, not RAM.
+pub const DEFAULT_ARENA_MB: u64 = 4096;
+
+/// The options this plugin understands, with the type each expects (for error messages).
+pub const OPTIONS: [(&str, &str); 1] = [("arena_mb", "a positive integer (MiB)")];
+
+/// Everything a device is created from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NpuConfig {
+    pub flags: NpuFlags,
+    /// Size of the device-memory arena in bytes.
+    pub arena_bytes: u64,
+}
+
+impl NpuConfig {
+    pub fn new(flags: NpuFlags, arena_bytes: u64) -> NpuConfig {
+        NpuConfig { flags, arena_bytes }
+    }
+
+    /// Plugin initialisation: flags from the environment, arena size from `options` or the environment.
+    pub fn from_env(options: &str) -> Result<NpuConfig> {
+        NpuConfig::from_lookup(options, |name| std::env::var_os(name).map(|v| v.to_string_lossy().into_owned()))
+    }
+
+    /// As [`NpuConfig::from_env`], with the environment read through `lookup`.
+    pub fn from_lookup(options: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<NpuConfig> {
+        let flags = NpuFlags::from_lookup(&lookup)?;
+        let mut arena_mb = match lookup(ARENA_ENV) {
+            Some(v) => parse_mb(&v).map_err(|found| {
+                Error::InvalidArgument(format!("{ARENA_ENV}=`{found}`: expected a positive integer (MiB)"))
+            })?,
+            None => DEFAULT_ARENA_MB,
+        };
+        for (key, value) in parse_options(options)? {
+            match key.as_str() {
+                "arena_mb" => {
+                    arena_mb = parse_mb(&value).map_err(|found| {
+                        Error::InvalidArgument(format!(
+                            "npu plugin option arena_mb=`{found}`: expected a positive integer (MiB)"
+                        ))
+                    })?
+                }
+                _ => {
+                    let known: Vec<String> = OPTIONS.iter().map(|(k, t)| format!("{k} ({t})")).collect();
+                    return Err(Error::InvalidArgument(format!(
+                        "npu plugin: unknown option `{key}` (known: {})",
+                        known.join(", ")
+                    )));
+                }
+            }
+        }
+        Ok(NpuConfig { flags, arena_bytes: arena_mb << 20 })
+    }
+}
+
+fn parse_mb(v: &str) -> std::result::Result<u64, String> {
+    match v.trim().parse::<u64>() {
+        Ok(n) if n > 0 && n <= (1 << 24) => Ok(n),
+        _ => Err(v.to_string()),
+    }
+}
+
+/// Split `key=value;key=value` (`,` also separates; blanks ignored). A pair without `=` is an error.
+pub fn parse_options(options: &str) -> Result<Vec<(String, String)>> {
+    options
+        .split([';', ','])
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|pair| match pair.split_once('=') {
+            Some((k, v)) => Ok((k.trim().to_string(), v.trim().to_string())),
+            None => Err(Error::InvalidArgument(format!("npu plugin option `{pair}` is not of the form key=value"))),
+        })
+        .collect()
+}
