@@ -77,3 +77,7 @@ impl BackendProvider for NpuProvider {
         Ok(self.npu_device()?)
     }
 }
+
+// The plugin entry symbol (`sd3_backend_entry`): what makes `libsd3_backend_npu.so` loadable by `sd3`. Flags
+// and the arena size are read when the host calls `init` with its options string.
+sd3_core::export_backend!("npu", |options: &str| NpuProvider::from_env(options));
