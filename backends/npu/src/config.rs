@@ -41,17 +41,14 @@ impl NpuConfig {
             })?,
             None => DEFAULT_ARENA_MB,
         };
+        // The options string goes to every backend (docs/plugin-abi.md): keys of others are not ours.
         for (key, value) in parse_options(options)? {
-            match key.as_str() {
-                "arena_mb" => {
-                    arena_mb = parse_mb(&value).map_err(|found| {
-                        Error::InvalidArgument(format!(
-                            "npu plugin option arena_mb=`{found}`: expected a positive integer (MiB)"
-                        ))
-                    })?
-                }
-                // The options string goes to every backend (docs/plugin-abi.md): keys of others are not ours.
-                _ => {}
+            if key == "arena_mb" {
+                arena_mb = parse_mb(&value).map_err(|found| {
+                    Error::InvalidArgument(format!(
+                        "npu plugin option arena_mb=`{found}`: expected a positive integer (MiB)"
+                    ))
+                })?;
             }
         }
         Ok(NpuConfig { flags, arena_bytes: arena_mb << 20 })

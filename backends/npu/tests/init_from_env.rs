@@ -2,7 +2,7 @@
 //! so that setting variables races with nothing.
 
 use sd3_backend_npu::NpuProvider;
-use sd3_core::{BackendProvider, Device};
+use sd3_core::BackendProvider;
 
 #[test]
 fn provider_reads_flags_and_arena_from_the_environment() {
