@@ -8,6 +8,7 @@
 //! - [`conformance`]: the suite every backend must pass.
 
 pub mod backend;
+pub mod conformance;
 pub mod device;
 pub mod dtype;
 pub mod error;
