@@ -28,7 +28,8 @@ pub struct ConformanceArgs {
 }
 
 pub fn run(args: ConformanceArgs) -> anyhow::Result<ExitCode> {
-    let device = open_device(&args.backend)?;
+    let (label, device) = open_device(&args.backend)?;
+    println!("conformance of backend `{label}`: {}", device.info().name);
     let options = Options { filter: args.filter.clone(), perf: args.perf, seed: args.seed, ..Options::default() };
     let report = conformance::run(device.as_ref(), &options);
     report.write_table(&mut std::io::stdout().lock()).context("writing the report to stdout")?;
@@ -43,21 +44,17 @@ pub fn run(args: ConformanceArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// The device under test, straight from its backend: no host fallback, so unsupported ops stay visible.
-fn open_device(args: &super::common::BackendArgs) -> anyhow::Result<Arc<dyn Device>> {
-    if !args.plugins.is_empty() || !args.plugin_dirs.is_empty() {
-        // TODO(conformance): open through the plugin registry once `sd3::runtime` lands on main.
-        anyhow::bail!("--plugin / --plugin-dir: plugin loading is not available in this build yet");
+/// With a single `--plugin PATH` and no other `--backend`, the backend tested is that library's.
+fn open_device(args: &super::common::BackendArgs) -> anyhow::Result<(String, Arc<dyn Device>)> {
+    let mut req = args.request();
+    let registry = sd3::runtime::discover(&req);
+    if let ([path], "cpu") = (args.plugins.as_slice(), args.backend.as_str()) {
+        req.backend = match (registry.from_library(path), registry.rejection_of(path)) {
+            (Some(b), _) => b.name.clone(),
+            (None, Some(r)) => anyhow::bail!("plugin {} was rejected: {}", path.display(), r.reason),
+            (None, None) => anyhow::bail!("plugin {} was not loaded (is the path right?)", path.display()),
+        };
     }
-    // Referencing the CPU backend keeps its `inventory` registration in the binary.
-    std::hint::black_box(sd3::cpu::cpu_device as fn() -> Arc<dyn Device>);
-    let builtin = sd3_core::builtin_backends().find(|b| b.name == args.backend).with_context(|| {
-        let names: Vec<&str> = sd3_core::builtin_backends().map(|b| b.name).collect();
-        format!("no backend named `{}` (built in: {})", args.backend, names.join(", "))
-    })?;
-    let provider = (builtin.create)("").with_context(|| format!("creating backend `{}`", args.backend))?;
-    let count = provider.device_count();
-    if args.device >= count {
-        anyhow::bail!("backend `{}` has {count} device(s); --device {} is out of range", args.backend, args.device);
-    }
-    provider.open_device(args.device).with_context(|| format!("opening device {} of `{}`", args.device, args.backend))
+    let backend = sd3::runtime::open_backend_in(&registry, &req)?;
+    Ok((backend.name().to_string(), backend.device().clone()))
 }

@@ -47,7 +47,11 @@ impl Case {
     /// `[7,13]T [1,13]B → [7,13]S causal`.
     pub fn shape_label(&self) -> String {
         let ins: Vec<String> = self.inputs.iter().map(|t| t.describe()).collect();
-        let mut s = format!("{} → {}", ins.join(" "), self.output.describe());
+        let mut s = if ins.is_empty() {
+            format!("→ {}", self.output.describe())
+        } else {
+            format!("{} → {}", ins.join(" "), self.output.describe())
+        };
         if !self.note.is_empty() {
             s.push(' ');
             s.push_str(&self.note);
