@@ -109,7 +109,7 @@ fn print_table(listed: &[Listed], registry: &Registry) {
         let abi = b.abi.map(|(ma, mi)| format!(", ABI {ma}.{mi}")).unwrap_or_default();
         println!("{} {} ({}{abi})", b.name, b.version, b.origin);
         println!(
-            "  {:<3} {:<5} {:<32} {:>10} {:>10} {:<13} {:<18} capabilities",
+            "  {:<3} {:<5} {:<32} {:>10} {:>10} {:<13} {:<24} capabilities",
             "#", "kind", "name", "memory", "free", "pci", "dtypes"
         );
         for (i, d) in b.devices.iter().enumerate() {
@@ -117,7 +117,7 @@ fn print_table(listed: &[Listed], registry: &Registry) {
                 Ok(info) => {
                     let dtypes: Vec<&str> = info.dtypes.iter().map(|d| d.name()).collect();
                     println!(
-                        "  {:<3} {:<5} {:<32} {:>10} {:>10} {:<13} {:<18} {}",
+                        "  {:<3} {:<5} {:<32} {:>10} {:>10} {:<13} {:<24} {}",
                         i,
                         info.kind.name(),
                         info.name,
