@@ -10,7 +10,8 @@
 //! The first argument is the backend name (a string literal: it is the `--backend` name and is read before
 //! `init`); the second is called by `init` with the `key=value;...` options string and returns
 //! `sd3_core::Result<P>` for any `P: BackendProvider`. The macro defines the `sd3_backend_entry` symbol, so a
-//! library exports at most one backend. Build with `panic = "unwind"` (the default): with `panic = "abort"` a
+//! library exports at most one backend, and one binary can link the rlib of at most one crate using the macro
+//! (two are a duplicate-symbol link error; load several plugins as cdylibs instead). Build with `panic = "unwind"` (the default): with `panic = "abort"` a
 //! panic ends the host process.
 
 use super::abi::{self, sd3_device, sd3_device_info, sd3_op_desc, sd3_plugin, sd3_tensor_desc};
