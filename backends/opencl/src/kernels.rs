@@ -1,0 +1,47 @@
+//! The OpenCL C sources (`kernels/*.cl`), composed into one program per op family.
+
+use crate::device::Tuning;
+
+const COMMON: &str = include_str!("../kernels/common.cl");
+const ELEMENTWISE: &str = include_str!("../kernels/elementwise.cl");
+const REDUCE: &str = include_str!("../kernels/reduce.cl");
+const GEMM_TILE: &str = include_str!("../kernels/gemm_tile.cl");
+const MATMUL: &str = include_str!("../kernels/matmul.cl");
+const CONV2D: &str = include_str!("../kernels/conv2d.cl");
+const ATTENTION: &str = include_str!("../kernels/attention.cl");
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProgramKind {
+    Elementwise,
+    Reduce,
+    Gemm,
+    Attention,
+}
+
+impl ProgramKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ProgramKind::Elementwise => "elementwise",
+            ProgramKind::Reduce => "reduce",
+            ProgramKind::Gemm => "gemm",
+            ProgramKind::Attention => "attention",
+        }
+    }
+}
+
+/// The full source of a program: the shared header, then the family's files (the GEMM body is instantiated
+/// once for matmul and once for conv2d).
+pub fn source(kind: ProgramKind) -> String {
+    let parts: &[&str] = match kind {
+        ProgramKind::Elementwise => &[COMMON, ELEMENTWISE],
+        ProgramKind::Reduce => &[COMMON, REDUCE],
+        ProgramKind::Gemm => &[COMMON, MATMUL, GEMM_TILE, CONV2D, GEMM_TILE],
+        ProgramKind::Attention => &[COMMON, ATTENTION],
+    };
+    parts.join("\n")
+}
+
+/// Build options every program gets: the language version and the device class's tile shapes.
+pub fn base_options(t: &Tuning) -> String {
+    format!("-cl-std=CL1.2 -DRWG={} -DRM={} -DRN={} -DTK={}", t.reduce_wg, t.gemm_rm, t.gemm_rn, t.gemm_tk)
+}

@@ -1,0 +1,91 @@
+//! Matmul and conv2d (as an implicit GEMM): the two instantiations of kernels/gemm_tile.cl.
+
+use super::args::{collapse, Args, ClView};
+use super::Ctx;
+use crate::kernels::ProgramKind;
+use sd3_core::{Error, OpCall, Result, TensorDesc};
+
+fn batch_view(t: &TensorDesc, r: usize) -> (&[usize], usize) {
+    (&t.strides()[..r - 2], t.layout.offset)
+}
+
+/// Global size of a GEMM over an M x N output: 16x16 work-groups, each covering a 16·rm x 16·rn tile.
+fn gemm_global(cx: &Ctx, m: usize, n: usize, batch: usize) -> [usize; 3] {
+    let t = &cx.dev.tuning;
+    [n.div_ceil(16 * t.gemm_rn) * 16, m.div_ceil(16 * t.gemm_rm) * 16, batch]
+}
+
+pub fn matmul(cx: &mut Ctx, call: &OpCall, has_bias: bool) -> Result<()> {
+    let (a, b, y) = (&call.inputs[0], &call.inputs[1], &call.outputs[0]);
+    let r = y.rank();
+    let (m, n, k) = (y.shape()[r - 2], y.shape()[r - 1], a.shape()[r - 1]);
+    if a.rank() != r || b.rank() != r || a.shape()[r - 2] != m || b.shape()[r - 2] != k || b.shape()[r - 1] != n {
+        return Err(Error::shape("matmul", format!("{:?} x {:?} into {:?}", a.shape(), b.shape(), y.shape())));
+    }
+    let batch_shape = &y.shape()[..r - 2];
+    let batch: usize = batch_shape.iter().product();
+    let (bsh, v, _) = collapse(batch_shape, &[batch_view(a, r), batch_view(b, r), batch_view(y, r)]);
+    let bias = if has_bias { &call.inputs[2] } else { y };
+    let (bias_off, bias_st) = if has_bias { (bias.layout.offset, bias.strides()[0]) } else { (0, 0) };
+    let kern = cx.kernel(ProgramKind::Gemm, "matmul", "")?;
+    let (ast, bst, yst) = (a.strides(), b.strides(), y.strides());
+    Args::new(&kern)
+        .u32(m as u32)
+        .u32(n as u32)
+        .u32(k as u32)
+        .shape(&bsh)
+        .u32(has_bias as u32)
+        .operand(&cx.mem(a)?, a.dtype, &v[0])
+        .u64(ast[r - 2] as u64)
+        .u64(ast[r - 1] as u64)
+        .operand(&cx.mem(b)?, b.dtype, &v[1])
+        .u64(bst[r - 2] as u64)
+        .u64(bst[r - 1] as u64)
+        .mem(&cx.mem(bias)?)
+        .u32(super::args::dt(bias.dtype))
+        .u64(bias_off as u64)
+        .u64(bias_st as u64)
+        .operand(&cx.mem(y)?, y.dtype, &v[2])
+        .u64(yst[r - 2] as u64)
+        .u64(yst[r - 1] as u64)
+        .done()?;
+    cx.launch(&kern, gemm_global(cx, m, n, batch), [16, 16, 1])
+}
+
+pub fn conv2d(cx: &mut Ctx, call: &OpCall, stride: [usize; 2], padding: [usize; 2], has_bias: bool) -> Result<()> {
+    let (x, w, y) = (&call.inputs[0], &call.inputs[1], &call.outputs[0]);
+    let (xs, ws, ys) = (x.shape(), w.shape(), y.shape());
+    let (nb, c, h, wd) = (xs[0], xs[1], xs[2], xs[3]);
+    let (o, kh, kw) = (ws[0], ws[2], ws[3]);
+    let (oh, ow) = (ys[2], ys[3]);
+    let expected_oh = (h + 2 * padding[0]).checked_sub(kh).map(|v| v / stride[0].max(1) + 1);
+    let expected_ow = (wd + 2 * padding[1]).checked_sub(kw).map(|v| v / stride[1].max(1) + 1);
+    if ws[1] != c
+        || ys[0] != nb
+        || ys[1] != o
+        || expected_oh != Some(oh)
+        || expected_ow != Some(ow)
+        || stride.contains(&0)
+    {
+        let msg = format!("x {xs:?}, w {ws:?}, stride {stride:?}, padding {padding:?} into {ys:?}");
+        return Err(Error::shape("conv2d", msg));
+    }
+    let (m, n, k) = (o, nb * oh * ow, c * kh * kw);
+    let bias = if has_bias { &call.inputs[2] } else { y };
+    let (bias_off, bias_st) = if has_bias { (bias.layout.offset, bias.strides()[0]) } else { (0, 0) };
+    let kern = cx.kernel(ProgramKind::Gemm, "conv2d", "")?;
+    let mut a = Args::new(&kern);
+    a.u32(m as u32).u32(n as u32).u32(k as u32).u32(has_bias as u32);
+    for v in [h, wd, kh, kw, oh, ow, stride[0], stride[1], padding[0], padding[1]] {
+        a.u32(v as u32);
+    }
+    a.operand(&cx.mem(x)?, x.dtype, &ClView::of(x))
+        .operand(&cx.mem(w)?, w.dtype, &ClView::of(w))
+        .mem(&cx.mem(bias)?)
+        .u32(super::args::dt(bias.dtype))
+        .u64(bias_off as u64)
+        .u64(bias_st as u64)
+        .operand(&cx.mem(y)?, y.dtype, &ClView::of(y))
+        .done()?;
+    cx.launch(&kern, gemm_global(cx, m, n, 1), [16, 16, 1])
+}
