@@ -60,7 +60,13 @@ pub struct OpenClDevice {
 }
 
 impl OpenClDevice {
+    /// Open `cl` with the default program cache directory (see [`crate::program_cache`]).
     pub fn open(cl: ClDevice) -> Result<OpenClDevice> {
+        OpenClDevice::open_with_cache_dir(cl, default_cache_dir())
+    }
+
+    /// Open `cl` with programs cached on disk under `cache_dir` (`None`: in memory only).
+    pub fn open_with_cache_dir(cl: ClDevice, cache_dir: Option<std::path::PathBuf>) -> Result<OpenClDevice> {
         let device = unsafe { DeviceId::from_raw(cl.device) };
         let context = core::create_context(None, &[device], None, None)
             .map_err(|e| cl_error(&format!("creating a context on {}", cl.display_name()), e))?;
@@ -68,7 +74,7 @@ impl OpenClDevice {
             .map_err(|e| cl_error(&format!("creating a queue on {}", cl.display_name()), e))?;
         Ok(OpenClDevice {
             memory: Memory::new(cl.global_mem, cl.max_alloc),
-            programs: ProgramCache::new(default_cache_dir()),
+            programs: ProgramCache::new(cache_dir),
             tuning: Tuning::for_device(&cl),
             exec: Mutex::new(Exec { kernels: HashMap::new(), error_flag: None }),
             cl,
@@ -81,8 +87,10 @@ impl OpenClDevice {
         &self.cl
     }
 
-    /// A program of this device (built or loaded on first use).
-    pub(crate) fn program(&self, name: &str, source: &str, options: &str) -> Result<Program> {
+    /// Build (or load from the cache) an OpenCL C program for this device. A build failure is an error
+    /// carrying the compiler's build log. The backend's own kernels go through here; it is public for tools
+    /// and tests.
+    pub fn program(&self, name: &str, source: &str, options: &str) -> Result<Program> {
         self.programs.get(&self.context, &self.cl, name, source, options)
     }
 

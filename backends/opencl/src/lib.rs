@@ -89,3 +89,7 @@ impl BackendProvider for OpenClProvider {
         Ok(Arc::new(self.open(index)?))
     }
 }
+
+// The plugin entry point: the host loads `libsd3_backend_opencl.so` and calls `init`, which enumerates the
+// devices (an error naming why when there is no platform or device). No options are read.
+sd3_core::export_backend!("opencl", |_options: &str| OpenClProvider::new());

@@ -50,7 +50,7 @@ impl ClDevice {
         self.extensions.split_whitespace().any(|e| e == ext)
     }
 
-    /// `name (platform)`: the name `sd3 devices` shows.
+    /// `name (platform)`, for messages.
     pub fn display_name(&self) -> String {
         format!("{} ({})", self.name, self.platform_name)
     }
@@ -58,7 +58,7 @@ impl ClDevice {
     pub fn info(&self) -> DeviceInfo {
         let yes_no = |b: bool| if b { "yes" } else { "no" };
         DeviceInfo {
-            name: self.display_name(),
+            name: self.name.clone(),
             kind: self.kind,
             memory_bytes: self.global_mem,
             free_memory_bytes: 0,

@@ -1,0 +1,136 @@
+//! The OpenCL device as a whole: enumeration, clear errors (invalid device, out of memory, kernel build
+//! failure with its log), the on-disk program cache (including a corrupt entry), and the plugin loaded through
+//! the C ABI. Skips, with the reason printed, only on a machine without an OpenCL platform.
+
+mod common;
+
+use sd3_backend_opencl::{OpenClDevice, OpenClProvider};
+use sd3_core::plugin::PluginLibrary;
+use sd3_core::reference::ReferenceDevice;
+use sd3_core::{Backend, BackendProvider, DType, Device, Error, Op, Tensor};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+fn provider() -> Option<OpenClProvider> {
+    common::device()?;
+    Some(OpenClProvider::new().unwrap())
+}
+
+#[test]
+fn enumerates_devices_with_their_properties() {
+    let Some(p) = provider() else { return };
+    assert_eq!(p.name(), "opencl");
+    assert!(p.device_count() >= 1);
+    let info = common::device().unwrap().info();
+    assert!(!info.name.is_empty());
+    assert!(info.memory_bytes > 0, "{info:?}");
+    for key in ["platform=", "driver=", "cl_khr_fp16="] {
+        assert!(info.capabilities.iter().any(|c| c.starts_with(key)), "{key} missing in {:?}", info.capabilities);
+    }
+}
+
+#[test]
+fn invalid_device_index_is_a_clear_error() {
+    let Some(p) = provider() else { return };
+    let err = p.open(p.device_count() + 7).err().expect("opening a missing device fails");
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.contains(&format!("no device {}", p.device_count() + 7)), "{msg}");
+}
+
+#[test]
+fn allocation_beyond_the_device_is_out_of_memory() {
+    let Some(dev) = common::device() else { return };
+    let too_big = dev.cl_device().max_alloc as usize + 1;
+    match dev.alloc(too_big) {
+        Err(Error::OutOfMemory { requested, detail, .. }) => {
+            assert_eq!(requested, too_big as u64);
+            assert!(detail.contains("largest single allocation"), "{detail}");
+        }
+        other => panic!("expected out of memory, got {other:?}"),
+    }
+}
+
+#[test]
+fn kernel_build_failure_carries_the_build_log() {
+    let Some(dev) = common::device() else { return };
+    let src = "kernel void broken(global float *x) { x[0] = not_declared_anywhere; }";
+    let err = dev.program("broken", src, "").err().expect("a broken kernel does not build").to_string();
+    assert!(err.contains("build log") && err.contains("not_declared_anywhere"), "{err}");
+}
+
+#[test]
+fn corrupt_cache_entry_is_rebuilt() {
+    let Some(p) = provider() else { return };
+    let dir = std::env::temp_dir().join(format!("sd3-opencl-cache-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let src = "kernel void twice(global float *x) { x[get_global_id(0)] *= 2.0f; }";
+    let open = || OpenClDevice::open_with_cache_dir(p.devices()[0].clone(), Some(dir.clone())).unwrap();
+    let stat = |d: &OpenClDevice, key: &str| d.stats().into_iter().find(|l| l.starts_with(key)).unwrap();
+
+    let first = open();
+    first.program("twice", src, "").unwrap();
+    assert_eq!(stat(&first, "opencl.programs_built"), "opencl.programs_built=1");
+    let entries: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+
+    // A fresh device loads the entry instead of compiling.
+    let second = open();
+    second.program("twice", src, "").unwrap();
+    assert_eq!(stat(&second, "opencl.programs_loaded_from_cache"), "opencl.programs_loaded_from_cache=1");
+
+    // Flip bytes in the middle: detected, rebuilt from source, and the entry rewritten.
+    let mut bytes = std::fs::read(&entries[0]).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid..mid + 8].iter_mut().for_each(|b| *b ^= 0x5a);
+    std::fs::write(&entries[0], &bytes).unwrap();
+    let third = open();
+    third.program("twice", src, "").unwrap();
+    assert_eq!(stat(&third, "opencl.cache_entries_rebuilt"), "opencl.cache_entries_rebuilt=1");
+    assert_eq!(stat(&third, "opencl.programs_built"), "opencl.programs_built=1");
+    let fourth = open();
+    fourth.program("twice", src, "").unwrap();
+    assert_eq!(stat(&fourth, "opencl.programs_loaded_from_cache"), "opencl.programs_loaded_from_cache=1");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The cdylib cargo built with this test (`target/<profile>/deps/`, or the uplifted copy beside it).
+fn plugin_path() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let deps = exe.parent().unwrap();
+    let name = sd3_core::plugin::registry::plugin_file_name("opencl");
+    [deps.join(&name), deps.parent().unwrap().join(&name)]
+        .into_iter()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("{name} not found near {}", deps.display()))
+}
+
+#[test]
+fn runs_through_the_plugin_abi() {
+    if provider().is_none() {
+        return;
+    }
+    let lib = PluginLibrary::open(&plugin_path()).unwrap();
+    assert_eq!(lib.name(), "opencl");
+    let plugin = lib.init("").unwrap();
+    let dev = plugin.open_device(0).unwrap();
+    let ocl = Backend::new("opencl", dev);
+    let reference = Backend::new("reference", Arc::new(ReferenceDevice::new()));
+    let x: Vec<f32> = (0..5 * 24).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
+    let w: Vec<f32> = (0..24 * 7).map(|i| ((i * 53 % 97) as f32 / 48.0) - 1.0).collect();
+    let run = |b: &Backend| -> Vec<f32> {
+        let x = b.from_f32(&x, &[5, 24], DType::F16).unwrap();
+        let w = b.from_f32(&w, &[7, 24], DType::F32).unwrap();
+        let y = x.linear(&w, None).unwrap().gelu_tanh().unwrap().layer_norm(None, None, 1e-6).unwrap();
+        Tensor::to_f32_vec(&y).unwrap()
+    };
+    let (got, want) = (run(&ocl), run(&reference));
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!((g - w).abs() <= 4e-3 * (1.0 + w.abs()), "element {i}: {g} vs {w}");
+    }
+    assert!(ocl.fallback_counts().is_empty());
+    // Out of memory crosses the boundary as out of memory.
+    let err = ocl.empty(&[1usize << 50], DType::U8).unwrap_err();
+    assert!(matches!(err, Error::OutOfMemory { .. }), "{err:?}");
+    let _ = Op::Copy;
+}
