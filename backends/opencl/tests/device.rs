@@ -55,7 +55,7 @@ fn allocation_beyond_the_device_is_out_of_memory() {
 fn kernel_build_failure_carries_the_build_log() {
     let Some(dev) = common::device() else { return };
     let src = "kernel void broken(global float *x) { x[0] = not_declared_anywhere; }";
-    let err = dev.program("broken", src, "").err().expect("a broken kernel does not build").to_string();
+    let err = dev.program("broken", src, "").expect_err("a broken kernel does not build").to_string();
     assert!(err.contains("build log") && err.contains("not_declared_anywhere"), "{err}");
 }
 
