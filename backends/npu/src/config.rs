@@ -1,6 +1,6 @@
 //! Plugin configuration: the flags (environment) plus the options string (`key=value;...`).
 //!
-//! Options: `arena_mb=N` (device memory arena in MiB, a positive integer). The arena size is, in order of
+//! Options: `arena_mb=N` or `npu.arena_mb=N` (device memory arena in MiB, a positive integer). The arena size is, in order of
 //! precedence: the `arena_mb` option, the `SD3_NPU_ARENA_MB` environment variable, [`DEFAULT_ARENA_MB`].
 //! The host passes one options string to every backend, so keys this plugin does not know are ignored; a known
 //! key with a value of the wrong type is an error.
@@ -43,10 +43,10 @@ impl NpuConfig {
         };
         // The options string goes to every backend (docs/plugin-abi.md): keys of others are not ours.
         for (key, value) in parse_options(options)? {
-            if key == "arena_mb" {
+            if key == "arena_mb" || key == "npu.arena_mb" {
                 arena_mb = parse_mb(&value).map_err(|found| {
                     Error::InvalidArgument(format!(
-                        "npu plugin option arena_mb=`{found}`: expected a positive integer (MiB)"
+                        "npu plugin option {key}=`{found}`: expected a positive integer (MiB)"
                     ))
                 })?;
             }

@@ -190,7 +190,7 @@ impl Device for NpuDevice {
             format!("threads={}", crate::par::threads()),
         ]);
         DeviceInfo {
-            name: format!("sd3 NPU stub (host-emulated, {} MiB arena)", self.config.arena_bytes >> 20),
+            name: "NPU stub (host-emulated)".to_string(),
             kind: DeviceKind::Npu,
             memory_bytes: s.capacity as u64,
             free_memory_bytes: (s.capacity - s.in_use) as u64,

@@ -91,6 +91,7 @@ fn arena_size_from_option_env_or_default() {
     let c = NpuConfig::from_lookup("arena_mb=5", env(&[(ARENA_ENV, "12")])).unwrap();
     assert_eq!(c.arena_bytes, 5 << 20, "the option wins over the environment");
     assert_eq!(NpuConfig::from_lookup(" arena_mb = 7 ; ", env(&[])).unwrap().arena_bytes, 7 << 20);
+    assert_eq!(NpuConfig::from_lookup("npu.arena_mb=9", env(&[])).unwrap().arena_bytes, 9 << 20);
 }
 
 #[test]
@@ -100,6 +101,7 @@ fn bad_options_are_clear_errors() {
         ("arena_mb=1.5", "arena_mb=`1.5`: expected a positive integer"),
         ("arena_mb=0", "arena_mb=`0`: expected a positive integer"),
         ("arena_mb=-3", "arena_mb=`-3`"),
+        ("npu.arena_mb=x", "npu.arena_mb=`x`: expected a positive integer"),
         ("arena_mb", "`arena_mb` is not of the form key=value"),
     ] {
         let err = NpuConfig::from_lookup(options, env(&[])).unwrap_err().to_string();
