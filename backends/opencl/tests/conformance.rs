@@ -1,0 +1,14 @@
+//! The core's conformance suite (`sd3_core::conformance`) on the OpenCL device: every case must pass, and
+//! nothing may be declined. Skips, with the reason printed, only on a machine without an OpenCL platform.
+
+mod common;
+
+#[test]
+fn conformance_suite_passes() {
+    let Some(dev) = common::device() else { return };
+    let report = sd3_core::conformance::run(dev.as_ref(), &Default::default());
+    let mut table = Vec::new();
+    report.write_table(&mut table).unwrap();
+    println!("{}", String::from_utf8_lossy(&table));
+    assert!(report.all_passed(), "{}", report.summary());
+}
