@@ -106,6 +106,7 @@ fn arena_too_small_for_the_model_is_a_clear_oom() {
             chain.push(next);
         }
         let msg: String = chain.iter().map(|e| e.to_string()).collect::<Vec<_>>().join(": ");
+        eprintln!("{msg}");
         let strategy = flags.allocator_strategy.name();
         assert!(msg.contains("out of device memory") && msg.contains(strategy), "{msg}");
         assert!(msg.contains("requested") && msg.contains("available") && msg.contains("arena 1048576 bytes"), "{msg}");
