@@ -341,3 +341,21 @@ fn rust_template_plugin_loads_through_the_abi() {
     let r = &reg.rejected[0].reason;
     assert!(r.contains("init failed") && r.contains("template.fail=1"), "{r}");
 }
+
+/// The C plugin passes the conformance suite for every case it accepts (the rest is reported unsupported).
+#[test]
+fn c_plugin_passes_conformance_for_what_it_claims() {
+    let dir = temp_dir("conformance");
+    let Some(lib) = build_minimal(&dir) else { return };
+    let b = open_backend(&only(vec![lib], vec![], "minimal")).unwrap();
+    let report = sd3_core::conformance::run(b.device().as_ref(), &Default::default());
+    let failures: Vec<String> =
+        report.failures().map(|r| format!("{} {} {}: {:?}", r.op, r.dtype, r.shape, r.status)).collect();
+    assert!(failures.is_empty(), "{}\n{}", report.summary(), failures.join("\n"));
+    eprintln!("{}", report.summary());
+    let passed = |op: &str| report.results.iter().filter(|r| r.op == op && r.status.label() == "pass").count();
+    assert!(passed("binary.add") > 0 && passed("matmul") > 0, "{}", report.summary());
+    let claimed_elsewhere =
+        report.results.iter().filter(|r| r.status.label() == "pass" && r.op != "binary.add" && r.op != "matmul");
+    assert_eq!(claimed_elsewhere.count(), 0, "the plugin only implements add and matmul");
+}
