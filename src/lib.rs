@@ -2,10 +2,11 @@
 //!
 //! Models never name a backend: they take a [`sd3_core::Backend`] and build [`sd3_core::Tensor`] ops.
 
-pub use sd3_core as core;
 /// Linked so that the built-in CPU backend registers itself.
 pub use sd3_backend_cpu as cpu;
+pub use sd3_core as core;
 
+pub mod bundled;
 pub mod image_out;
 pub mod lora;
 pub mod models;

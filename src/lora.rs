@@ -11,6 +11,9 @@
 //! Alpha: from the safetensors metadata `lora_adapter_metadata` (JSON, `"<component>.lora_alpha"`,
 //! `"<component>.alpha_pattern"`, `"<component>.use_rslora"`), otherwise alpha = rank (scale alpha/r = 1).
 
+// Errors carry the file and the key; they are built once per failure, so their size does not matter.
+#![allow(clippy::result_large_err)]
+
 use crate::weights::{WeightDelta, Weights, WeightsError};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -45,9 +48,12 @@ pub struct LoraModule {
 }
 
 /// LoRA files loaded, grouped by component, then by module path (`transformer_blocks.0.attn.to_q`).
+/// component → module path → module.
+type Modules = BTreeMap<String, BTreeMap<String, LoraModule>>;
+
 #[derive(Debug, Default)]
 pub struct LoraSet {
-    files: Vec<(PathBuf, BTreeMap<String, BTreeMap<String, LoraModule>>)>,
+    files: Vec<(PathBuf, Modules)>,
 }
 
 impl LoraSet {
@@ -161,7 +167,7 @@ fn pattern_matches(module: &str, pattern: &str) -> bool {
     module == pattern || module.ends_with(&format!(".{pattern}"))
 }
 
-fn read_file(path: &Path, user_scale: f32) -> Result<BTreeMap<String, BTreeMap<String, LoraModule>>, LoraError> {
+fn read_file(path: &Path, user_scale: f32) -> Result<Modules, LoraError> {
     let w = Weights::open_file(path).map_err(|source| LoraError::Read { path: path.into(), source })?;
     let key_err = |key: &str, reason: String| LoraError::Key { path: path.into(), key: key.into(), reason };
     let meta: Option<serde_json::Value> = match w.metadata("lora_adapter_metadata") {
@@ -187,7 +193,7 @@ fn read_file(path: &Path, user_scale: f32) -> Result<BTreeMap<String, BTreeMap<S
             reason: "the file holds no tensors".into(),
         });
     }
-    let mut out: BTreeMap<String, BTreeMap<String, LoraModule>> = BTreeMap::new();
+    let mut out = Modules::new();
     for ((component, module), (a_key, b_key)) in pairs {
         let (a_key, b_key) = match (a_key, b_key) {
             (Some(a), Some(b)) => (a, b),

@@ -9,6 +9,9 @@
 //! Element `k` of the row-major latent tensor is `z_(k mod 4)` of block `k div 4`. Image `n` of a batch uses
 //! seed `seed + n`, so each image can be regenerated alone.
 
+// Errors carry the file; built once per failure, so their size does not matter.
+#![allow(clippy::result_large_err)]
+
 use crate::weights::{Weights, WeightsError};
 use sd3_core::{Backend, DType, Tensor};
 use std::path::Path;

@@ -96,7 +96,7 @@ impl FlowMatchEulerDiscreteScheduler {
         // __init__: float32 training sigmas, shifted once.
         let s32 = config.shift as f32;
         let shift32 = |x: f32| s32 * x / (1.0 + (s32 - 1.0) * x);
-        let sigma_max = shift32(t_train as f32 / t_train as f32) as f64;
+        let sigma_max = shift32(1.0) as f64; // σ of the first training timestep, T/T
         let sigma_min = shift32(1.0f32 / t_train as f32) as f64;
         // set_timesteps: float64 linspace between the shifted ends, shifted again, then float32.
         let (t0, t1) = (sigma_max * t_train as f64, sigma_min * t_train as f64);

@@ -10,7 +10,7 @@ fn cfg(shift: f64) -> SchedulerConfig {
 
 #[test]
 fn sd3_shift3_28_steps() {
-    let want = [
+    let want: [f64; 28] = [
         1000.0, 987.3806, 974.1077, 960.1293, 945.3875, 929.8179, 913.3490, 895.9003, 877.3819, 857.6923, 836.7167,
         814.3248, 790.3683, 764.6771, 737.0558, 707.2785, 675.0823, 640.1602, 602.1506, 560.625, 515.0721, 464.8760,
         409.2888, 347.3926, 278.0488, 199.8270, 110.9057, 8.928572,
@@ -18,10 +18,10 @@ fn sd3_shift3_28_steps() {
     let s = Sched::new(cfg(3.0), 28).unwrap();
     assert_eq!(s.timesteps.len(), 28);
     for (got, want) in s.timesteps.iter().zip(want) {
-        assert!((got - want).abs() < 1e-3, "{got} vs {want}");
+        assert!((*got as f64 - want).abs() < 1e-3, "{got} vs {want}");
     }
     assert_eq!(s.sigmas.len(), 29);
-    assert_eq!(s.sigmas[27], 0.008928571827709675f64 as f32);
+    assert_eq!(s.sigmas[27] as f64, 0.008928571827709675); // shift(shift(0.001)), as an f32
     assert_eq!(s.sigmas[28], 0.0);
 }
 
@@ -29,7 +29,8 @@ fn sd3_shift3_28_steps() {
 fn two_steps_with_shift_3_and_1() {
     let s = Sched::new(cfg(3.0), 2).unwrap();
     assert_eq!(s.timesteps, [1000.0, 8.928572]);
-    assert_eq!(s.sigmas, [1.0, 0.0089285718, 0.0]);
+    assert_eq!(s.sigmas, [1.0, s.sigmas[1], 0.0]);
+    assert_eq!(s.sigmas[1] as f64, 0.008928571827709675);
     let s = Sched::new(cfg(1.0), 2).unwrap();
     assert_eq!(s.timesteps, [1000.0, 1.0]);
     assert_eq!(s.sigmas, [1.0, 0.001, 0.0]);

@@ -37,6 +37,7 @@ impl PatchEmbed {
     }
 
     /// Patch grid `(h, w)` of a latent `H×W`, or an error naming the limit it breaks.
+    #[allow(clippy::manual_is_multiple_of)] // `is_multiple_of` needs Rust 1.87; the workspace supports 1.85
     pub fn grid(&self, height: usize, width: usize) -> Result<(usize, usize), MmditError> {
         let p = self.patch_size;
         if height % p != 0 || width % p != 0 || height == 0 || width == 0 {
