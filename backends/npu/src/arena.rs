@@ -6,32 +6,48 @@
 //! span lies inside its buffer, and all device work is serialised by the device lock.
 
 use half::{bf16, f16};
-use sd3_core::DType;
+use sd3_core::{DType, Error, Result};
 
-/// The arena's backing store.
+/// The arena's backing store: zeroed host memory from the allocator (`calloc`-like, so the OS maps pages only
+/// when they are first written and an unused arena costs address space, not RAM).
 pub struct Arena {
-    // `Vec` of zeroes: calloc'ed, so the OS maps pages only when they are first written.
-    storage: Vec<u8>,
     base: *mut u8,
+    len: usize,
 }
 
 // SAFETY: the arena is plain bytes; every access goes through the device, which serialises it.
 unsafe impl Send for Arena {}
 unsafe impl Sync for Arena {}
 
+const ARENA_ALIGN: usize = 4096;
+
 impl Arena {
-    pub fn new(bytes: usize) -> Arena {
-        let mut storage = vec![0u8; bytes];
-        let base = storage.as_mut_ptr();
-        Arena { storage, base }
+    /// Reserve `bytes` of zeroed memory; an error (not an abort) when the host cannot provide it.
+    pub fn new(bytes: usize) -> Result<Arena> {
+        if bytes == 0 {
+            return Ok(Arena { base: std::ptr::NonNull::<u8>::dangling().as_ptr(), len: 0 });
+        }
+        let layout = std::alloc::Layout::from_size_align(bytes, ARENA_ALIGN)
+            .map_err(|e| Error::InvalidArgument(format!("npu: arena of {bytes} bytes: {e}")))?;
+        // SAFETY: the layout has a non-zero size.
+        let base = unsafe { std::alloc::alloc_zeroed(layout) };
+        if base.is_null() {
+            return Err(Error::OutOfMemory {
+                backend: "npu".into(),
+                requested: bytes as u64,
+                available: 0,
+                detail: "the host could not reserve the device arena; lower SD3_NPU_ARENA_MB or arena_mb".into(),
+            });
+        }
+        Ok(Arena { base, len: bytes })
     }
 
     pub fn len(&self) -> usize {
-        self.storage.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.storage.is_empty()
+        self.len == 0
     }
 
     /// Pointer to byte `offset`. The caller has checked the range it will touch is inside the arena.
@@ -39,6 +55,17 @@ impl Arena {
         debug_assert!(offset <= self.len());
         // SAFETY: offset is within the allocation (checked by the caller, asserted in debug builds).
         DevPtr(unsafe { self.base.add(offset) })
+    }
+}
+
+impl Drop for Arena {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: allocated in `new` with this very layout.
+            unsafe {
+                std::alloc::dealloc(self.base, std::alloc::Layout::from_size_align_unchecked(self.len, ARENA_ALIGN))
+            };
+        }
     }
 }
 

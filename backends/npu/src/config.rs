@@ -57,7 +57,8 @@ impl NpuConfig {
 
 fn parse_mb(v: &str) -> std::result::Result<u64, String> {
     match v.trim().parse::<u64>() {
-        Ok(n) if n > 0 && n <= (1 << 24) => Ok(n),
+        // Up to 2^40 MiB (1 EiB), so that the byte count fits a usize and an isize.
+        Ok(n) if n > 0 && n <= (1 << 40) => Ok(n),
         _ => Err(v.to_string()),
     }
 }

@@ -124,7 +124,7 @@ impl NpuDevice {
             nz: HashMap::new(),
             counters: Counters::default(),
         };
-        Ok(NpuDevice { arena: Arena::new(bytes), state: Mutex::new(state), config })
+        Ok(NpuDevice { arena: Arena::new(bytes)?, state: Mutex::new(state), config })
     }
 
     pub fn config(&self) -> &NpuConfig {

@@ -101,6 +101,7 @@ fn bad_options_are_clear_errors() {
         ("arena_mb=1.5", "arena_mb=`1.5`: expected a positive integer"),
         ("arena_mb=0", "arena_mb=`0`: expected a positive integer"),
         ("arena_mb=-3", "arena_mb=`-3`"),
+        ("arena_mb=1099511627777", "arena_mb=`1099511627777`"),
         ("npu.arena_mb=x", "npu.arena_mb=`x`: expected a positive integer"),
         ("arena_mb", "`arena_mb` is not of the form key=value"),
     ] {
@@ -141,4 +142,12 @@ fn device_shows_flags_and_arena() {
     let b = again.alloc(1000).unwrap();
     assert!(dev.stats().iter().any(|l| l == "alloc.in_use_bytes=1536"), "{:?}", dev.stats());
     again.free(b);
+}
+
+#[test]
+fn an_arena_the_host_cannot_provide_is_an_error_not_an_abort() {
+    // 1 EiB: beyond any machine's virtual address space, whatever its overcommit policy.
+    let config = NpuConfig::from_lookup("arena_mb=1099511627776", env(&[])).unwrap();
+    let err = sd3_backend_npu::NpuDevice::new(config).err().expect("cannot reserve 1 EiB").to_string();
+    assert!(err.contains("could not reserve the device arena"), "{err}");
 }
