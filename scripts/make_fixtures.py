@@ -151,6 +151,16 @@ def write_t5_tokenizer(dirname, workdir):
         bos_id=-1, character_coverage=1.0, normalization_rule_name="nmt_nfkc", num_threads=1,
         minloglevel=2,
     )
+    # The trainer records its input path and prefix in the model; fix them so regenerating gives identical bytes.
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    with open(prefix + ".model", "rb") as f:
+        proto.ParseFromString(f.read())
+    proto.trainer_spec.ClearField("input")
+    proto.trainer_spec.model_prefix = "spiece"
+    with open(prefix + ".model", "wb") as f:
+        f.write(proto.SerializeToString())
     src = os.path.join(workdir, "t5src")
     os.makedirs(src, exist_ok=True)
     shutil.copy(prefix + ".model", os.path.join(src, "spiece.model"))
