@@ -66,3 +66,16 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
+
+/// The backend a golden test runs on: the CPU backend, or the one named by `SD3_TEST_BACKEND` (e.g. `cuda`, its
+/// plugin found through `SD3_PLUGIN_PATH`), with the CPU as fallback for ops it declines.
+pub fn test_backend() -> Backend {
+    match std::env::var("SD3_TEST_BACKEND") {
+        Ok(name) if name != "cpu" => {
+            let be = sd3::runtime::open_backend(&sd3::runtime::BackendRequest::named(&name)).unwrap();
+            eprintln!("testing on backend `{}` ({})", be.name(), be.info().name);
+            be
+        }
+        _ => cpu(),
+    }
+}
