@@ -326,16 +326,28 @@ fn rust_template_plugin_loads_through_the_abi() {
     let lib = profile_dir.join(lib_name("template"));
     assert!(lib.is_file(), "{} was not built", lib.display());
 
-    let b = open_backend(&only(vec![lib.clone()], vec![], "template")).unwrap();
-    assert_eq!(b.info().name, "template device");
-    let ones = b.full(&[2, 3], DType::F32, 1.5).unwrap();
-    let x = b.from_f32(&[1., 2., 3., 4., 5., 6.], &[2, 3], DType::F32).unwrap();
-    let y = x.add(&ones).unwrap().mul(&x).unwrap(); // fill, add on the plugin; mul by fallback
-    assert_eq!(y.to_f32_vec().unwrap(), vec![2.5, 7., 13.5, 22., 32.5, 45.]);
-    let fb = b.fallback_counts();
-    assert_eq!(fb.get("binary.mul"), Some(&1), "{fb:?}");
-    assert!(!fb.contains_key("fill") && !fb.contains_key("binary.add"), "{fb:?}");
+    {
+        let b = open_backend(&only(vec![lib.clone()], vec![], "template")).unwrap();
+        assert_eq!(b.info().name, "template device");
+        let ones = b.full(&[2, 3], DType::F32, 1.5).unwrap();
+        let x = b.from_f32(&[1., 2., 3., 4., 5., 6.], &[2, 3], DType::F32).unwrap();
+        let y = x.add(&ones).unwrap().mul(&x).unwrap(); // fill, add on the plugin; mul by fallback
+        assert_eq!(y.to_f32_vec().unwrap(), vec![2.5, 7., 13.5, 22., 32.5, 45.]);
+        let fb = b.fallback_counts();
+        assert_eq!(fb.get("binary.mul"), Some(&1), "{fb:?}");
+        assert!(!fb.contains_key("fill") && !fb.contains_key("binary.add"), "{fb:?}");
 
+        // While its devices live, a second discovery shares the initialised plugin; other options are refused.
+        let again = discover(&only(vec![lib.clone()], vec![], "template"));
+        assert_eq!(again.names(), vec!["cpu", "template"]);
+        assert_eq!(again.get("template").unwrap().provider.open_device(0).unwrap().info().name, "template device");
+        let other = discover(&BackendRequest {
+            options: "template.label=x".into(),
+            ..only(vec![lib.clone()], vec![], "template")
+        });
+        assert!(other.rejected[0].reason.contains("already initialised in this process"), "{:?}", other.rejected);
+    }
+    // Everything from the first initialisation is dropped (shutdown ran), so init runs again.
     // Options reach init; an init error comes back as the plugin's message.
     let reg = discover(&BackendRequest { options: "template.fail=1".into(), ..only(vec![lib], vec![], "template") });
     let r = &reg.rejected[0].reason;

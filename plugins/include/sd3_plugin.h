@@ -210,7 +210,7 @@ typedef struct sd3_plugin {
     uint32_t reserved;
     const char *name;    /* the --backend name: [A-Za-z0-9_-]+ ("cuda", "npu", "acme") */
     const char *version; /* the plugin's own version, free form */
-    /* Called once, before anything else but name/version. options: "key=value;key=value" (ignore unknown
+    /* Called before anything else but name/version; again only after shutdown(). options: "key=value;key=value" (ignore unknown
      * keys). Non-OK: the plugin is rejected with last_error() as the reason. */
     int32_t (*init)(const char *options);
     /* Number of usable devices. 0 rejects the plugin; put the reason (e.g. "no driver") in last_error(). */

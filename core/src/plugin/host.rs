@@ -7,7 +7,8 @@
 //! Lifetimes: every [`PluginDevice`] holds the provider's shared state, and every tensor holds its device, so
 //! `shutdown` runs only after the last device and buffer from the library is gone. A library whose `init` was
 //! called is never unloaded (threads it started may outlive `shutdown`, as in ggml); one rejected before `init`
-//! is unloaded at once.
+//! is unloaded at once. A library is initialised once per process while any provider or device from it lives
+//! (a second discovery shares it); after its `shutdown`, a later discovery may call `init` again.
 //!
 //! Threading: the host never calls into one device from two threads at once, and never runs two plugin-level
 //! functions (`init`, `device_count`, `open_device`, `last_error`, `shutdown`) at once. It reads `last_error`
@@ -177,7 +178,56 @@ impl PluginLibrary {
 
     /// Call `init(options)` and count devices. Rejected (with the plugin's message) when init fails or the plugin
     /// has no device. From here on the library stays loaded for the life of the process.
+    ///
+    /// A library is initialised once per process while any provider or device from it lives: a second `init` of
+    /// the same library (another discovery, another thread) shares the first, provided the options are the same.
     pub fn init(self, options: &str) -> Result<PluginProvider> {
+        let c_options =
+            CString::new(options).map_err(|_| reject(&self.path, "backend options contain a NUL byte".to_string()))?;
+        let address = self.table_address();
+        loop {
+            let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
+            let existing = live.iter().find(|e| e.address == address).map(|e| (e.plugin.upgrade(), e.options.clone()));
+            match existing {
+                Some((Some(shared), first_options)) => {
+                    drop(live);
+                    if first_options != options {
+                        return Err(reject(
+                            &self.path,
+                            format!(
+                                "already initialised in this process with options {first_options:?}; it cannot be \
+                                 initialised again with {options:?} while its devices are in use"
+                            ),
+                        ));
+                    }
+                    let guard = shared.lock.lock().unwrap();
+                    // SAFETY: device_count is required.
+                    let count = unsafe { (shared.table.device_count.unwrap())() } as usize;
+                    drop(guard);
+                    return Ok(PluginProvider { shared, device_count: count });
+                }
+                // Its last user is being dropped: wait until its shutdown has run.
+                Some((None, _)) => {
+                    drop(live);
+                    std::thread::yield_now();
+                }
+                None => {
+                    let (result, shared) = self.init_locked(&c_options);
+                    if let Ok(p) = &result {
+                        live.push(Live { address, options: options.to_string(), plugin: Arc::downgrade(&p.shared) });
+                    }
+                    // Dropping a failed plugin takes LIVE in its Drop: release it first.
+                    drop(live);
+                    drop(shared);
+                    return result;
+                }
+            }
+        }
+    }
+
+    /// The first `init` of this library in the process; called with [`LIVE`] held. Returns the shared state
+    /// separately on failure so the caller can drop it after releasing the lock.
+    fn init_locked(self, c_options: &CString) -> (Result<PluginProvider>, Option<Arc<LoadedPlugin>>) {
         let PluginLibrary { path, lib, table, name, version, .. } = self;
         let shared = Arc::new(LoadedPlugin {
             path: path.clone(),
@@ -188,14 +238,13 @@ impl PluginLibrary {
             lock: Mutex::new(()),
             _lib: ManuallyDrop::new(lib),
         });
-        let c_options =
-            CString::new(options).map_err(|_| reject(&path, "backend options contain a NUL byte".to_string()))?;
         let guard = shared.lock.lock().unwrap();
         // SAFETY: init is required (checked in open); the options string lives across the call.
         let rc = unsafe { (table.init.unwrap())(c_options.as_ptr()) };
         if rc != status::OK {
             let msg = shared.last_error_locked();
-            return Err(reject(&path, format!("init failed (status {}): {msg}", status_name(rc))));
+            drop(guard);
+            return (Err(reject(&path, format!("init failed (status {}): {msg}", status_name(rc)))), Some(shared));
         }
         *shared.initialised.lock().unwrap() = true;
         // SAFETY: device_count is required.
@@ -204,12 +253,24 @@ impl PluginLibrary {
             let msg = shared.last_error_locked();
             let why = if msg.is_empty() { String::new() } else { format!(": {msg}") };
             drop(guard);
-            return Err(reject(&path, format!("no devices{why}")));
+            return (Err(reject(&path, format!("no devices{why}"))), Some(shared));
         }
         drop(guard);
-        Ok(PluginProvider { shared, device_count: count })
+        (Ok(PluginProvider { shared, device_count: count }), None)
     }
 }
+
+/// An initialised plugin of this process.
+struct Live {
+    /// Address of its `sd3_plugin` table: one per loaded library.
+    address: usize,
+    options: String,
+    plugin: std::sync::Weak<LoadedPlugin>,
+}
+
+/// Every initialised plugin, so one library is initialised once; `init` and `shutdown` of any plugin run under
+/// this lock, so a library's `shutdown` always finishes before it is initialised again.
+static LIVE: Mutex<Vec<Live>> = Mutex::new(Vec::new());
 
 /// State shared by a provider and every device opened from it.
 struct LoadedPlugin {
@@ -239,13 +300,16 @@ impl LoadedPlugin {
 
 impl Drop for LoadedPlugin {
     fn drop(&mut self) {
+        let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
         if *self.initialised.lock().unwrap() {
             if let Some(shutdown) = self.table.shutdown {
                 let _guard = self.lock.lock().unwrap();
-                // SAFETY: the last device of this plugin is gone; shutdown is called once.
+                // SAFETY: the last device of this plugin is gone; shutdown is called once per successful init.
                 unsafe { shutdown() };
             }
         }
+        let me = self as *const LoadedPlugin;
+        live.retain(|e| e.plugin.as_ptr() != me);
     }
 }
 
