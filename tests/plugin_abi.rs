@@ -371,3 +371,59 @@ fn c_plugin_passes_conformance_for_what_it_claims() {
         report.results.iter().filter(|r| r.status.label() == "pass" && r.op != "binary.add" && r.op != "matmul");
     assert_eq!(claimed_elsewhere.count(), 0, "the plugin only implements add and matmul");
 }
+
+/// `sd3 devices`: plugins from `--plugin-dir` and `SD3_PLUGIN_PATH`, and the rejected ones with their reasons,
+/// in the table and in `--json`.
+#[test]
+fn sd3_devices_lists_backends_devices_and_rejections() {
+    let dir = temp_dir("devices");
+    let Some(_) = build_minimal(&dir) else { return };
+    let env_dir = dir.join("from_env");
+    std::fs::create_dir_all(&env_dir).unwrap();
+    let cc = c_compiler().unwrap();
+    build_shared(
+        &cc,
+        &[format!("{ROOT}/tests/plugin_fixtures/wrong_major.c").into()],
+        &env_dir.join(lib_name("wrong_major")),
+        &[],
+    );
+    let run = |json: bool| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sd3"));
+        cmd.args(["devices", "--plugin-dir"]).arg(&dir).env(sd3_core::plugin::PLUGIN_PATH_ENV, &env_dir);
+        if json {
+            cmd.arg("--json");
+        }
+        let o = cmd.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let v: serde_json::Value = serde_json::from_str(&run(true)).unwrap();
+    let backend = |name: &str| v["backends"].as_array().unwrap().iter().find(|b| b["name"] == name).cloned();
+    assert_eq!(backend("cpu").unwrap()["origin"], "built-in");
+    let minimal = backend("minimal").unwrap();
+    assert_eq!(minimal["origin"], dir.join(lib_name("minimal")).display().to_string());
+    assert_eq!(minimal["abi"], "1.0");
+    let dev = &minimal["devices"][0];
+    assert_eq!((dev["kind"].as_str(), dev["dtypes"][0].as_str()), (Some("CPU"), Some("f32")));
+    assert_eq!(dev["name"], "minimal C example (host memory)");
+    let rejected = v["rejected"].as_array().unwrap();
+    let wrong = rejected.iter().find(|r| r["origin"] == env_dir.join(lib_name("wrong_major")).display().to_string());
+    assert!(wrong.unwrap()["reason"].as_str().unwrap().contains("ABI major version mismatch"), "{rejected:?}");
+
+    let table = run(false);
+    assert!(table.contains("minimal 1.0.0") && table.contains("Found but rejected:"), "{table}");
+    assert!(table.contains("ABI major version mismatch"), "{table}");
+}
+
+#[test]
+fn open_backend_errors_say_what_is_available() {
+    let msg = |req: &BackendRequest| match open_backend(req) {
+        Ok(_) => panic!("{req:?} opened"),
+        Err(e) => format!("{e:#}"),
+    };
+    let e = msg(&only(vec![], vec![], "nosuch"));
+    assert!(e.contains("no backend named `nosuch`") && e.contains("Available: cpu"), "{e}");
+    assert!(e.contains("No plugin library was found") && e.contains(&lib_name("nosuch")), "{e}");
+    let e = msg(&BackendRequest { device: 3, ..only(vec![], vec![], "cpu") });
+    assert!(e.contains("backend `cpu` has 1 device(s); --device 3 is out of range"), "{e}");
+}
