@@ -183,7 +183,7 @@ fn broken_libraries_are_rejected_with_a_reason_and_the_host_carries_on() {
     let Some(minimal) = build_minimal(&dir) else { return };
     let cc = c_compiler().unwrap();
     let fixture = |f: &str| PathBuf::from(format!("{ROOT}/tests/plugin_fixtures/{f}"));
-    for name in ["wrong_major", "no_entry", "failing_init"] {
+    for name in ["wrong_major", "no_entry", "failing_init", "zero_devices", "short_table"] {
         build_shared(&cc, &[fixture(&format!("{name}.c"))], &dir.join(lib_name(name)), &[]);
     }
     // A plugin needing a runtime library that is not installed: link against a stub, then delete the stub.
@@ -215,9 +215,13 @@ fn broken_libraries_are_rejected_with_a_reason_and_the_host_carries_on() {
     assert!(r.contains("init failed") && r.contains("simulated driver failure: libfake_driver.so.1 not found"), "{r}");
     let r = reason(&lib_name("needs_runtime"));
     assert!(r.contains("cannot load the library") && r.contains("libsd3_fixture_missing_runtime.so"), "{r}");
+    let r = reason(&lib_name("zero_devices"));
+    assert!(r.contains("no devices: no accelerator found on PCI bus"), "{r}");
+    let r = reason(&lib_name("short_table"));
+    assert!(r.contains("plugin table too small"), "{r}");
     let r = reason("/nonexistent/libsd3_backend_ghost.so");
     assert!(r.contains("file not found"), "{r}");
-    assert_eq!(reg.rejected.len(), 5, "{:?}", reg.rejected);
+    assert_eq!(reg.rejected.len(), 7, "{:?}", reg.rejected);
 
     // The host carries on: the CPU and the good plugin are there and work.
     assert_eq!(reg.names(), vec!["cpu", "minimal"]);
