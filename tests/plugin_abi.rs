@@ -314,6 +314,25 @@ fn c_header_layout_matches_the_rust_mirror() {
         .map(|(c, r)| format!("{}: C {} vs Rust {}", c.0, c.1, r.1))
         .collect();
     assert!(mismatches.is_empty(), "sd3_plugin.h and core/src/plugin/abi.rs disagree:\n{}", mismatches.join("\n"));
+
+    // Every numeric `#define SD3_*` of the header is in the Rust table too (so nothing is added on one side only).
+    let header = std::fs::read_to_string(format!("{ROOT}/plugins/include/sd3_plugin.h")).unwrap();
+    let defined: std::collections::BTreeSet<String> = header
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.strip_prefix("#define ")?.split_whitespace();
+            let (name, value) = (w.next()?, w.next()?);
+            (name.starts_with("SD3_") && value.chars().all(|c| c.is_ascii_digit() || "()+".contains(c)))
+                .then(|| name.to_string())
+        })
+        .collect();
+    let mirrored: std::collections::BTreeSet<String> = abi::constant_table().into_iter().map(|(n, _)| n).collect();
+    let only_header: Vec<_> = defined.difference(&mirrored).collect();
+    let only_rust: Vec<_> = mirrored.difference(&defined).collect();
+    assert!(
+        only_header.is_empty() && only_rust.is_empty(),
+        "SD3_* constants only in the header: {only_header:?}; only in core/src/plugin/abi.rs: {only_rust:?}"
+    );
 }
 
 /// `cargo build -p sd3-backend-template` (same profile as this test), then load the cdylib through the ABI.
