@@ -289,6 +289,8 @@ class Recorder:
         self.handles = []
         for name in ["text_encoder", "text_encoder_2", "text_encoder_3", "transformer"]:
             module = getattr(pipe, name)
+            if module is None:  # no T5
+                continue
             self.handles.append(module.register_forward_hook(self._hook(name), with_kwargs=True))
         self.handles.append(pipe.vae.decoder.register_forward_hook(self._hook("vae"), with_kwargs=True))
 
@@ -304,10 +306,12 @@ class Recorder:
 
 
 def run_golden(model_dir, dtype, case, lora=None):
-    pipe = StableDiffusion3Pipeline.from_pretrained(model_dir, torch_dtype=dtype)
+    extra = {"text_encoder_3": None, "tokenizer_3": None} if case.get("no_t5") else {}
+    pipe = StableDiffusion3Pipeline.from_pretrained(model_dir, torch_dtype=dtype, **extra)
     pipe.set_progress_bar_config(disable=True)
     for m in [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, pipe.transformer, pipe.vae]:
-        m.eval()
+        if m is not None:
+            m.eval()
     if lora is not None:
         pipe.load_lora_weights(lora["file"])
     rec = Recorder(pipe)
@@ -351,6 +355,8 @@ def collect(pipe, rec, step_latents, image, case):
             out[f"{p}{key}_hidden"] = f32(o.hidden_states[-2])
             out[f"{p}{key}_last_hidden"] = f32(o.last_hidden_state)
             out[f"{p}{key}_pooled"] = f32(o.text_embeds)
+        if case.get("no_t5"):
+            continue  # diffusers uses zeros (B, max_sequence_length, joint_attention_dim) for T5
         args, kwargs, o = rec.calls["text_encoder_3"][call_index]
         ids = args[0] if args else kwargs["input_ids"]
         out[f"{p}t5_ids"] = ids.to(torch.int64).contiguous().clone()
@@ -427,6 +433,7 @@ def make_case(transformer_cfg, vae_scale, seed, **case):
     case["noise"] = torch.randn((1, transformer_cfg["in_channels"], h, w), generator=g, dtype=torch.float32)
     case["seed"] = seed
     case.setdefault("negative_prompt", None)
+    case.setdefault("no_t5", False)
     return case
 
 
@@ -590,6 +597,9 @@ def main():
         "sd3-lora": ("sd3-tiny", make_case(
             tcfg, 8, 45, prompt="A cat holding a sign that says hello world", height=64, width=64, steps=2,
             guidance=5.0, max_sequence_length=64), {"file": lora_file, "scale": 0.8}),
+        "sd3-no-t5": ("sd3-tiny", make_case(
+            tcfg, 8, 48, prompt="A cat holding a sign that says hello world", height=64, width=64, steps=2,
+            guidance=5.0, max_sequence_length=256, no_t5=True), None),
         "sd35-cfg": ("sd35-tiny", make_case(
             tcfg, 8, 46, prompt="a lighthouse on a cliff at dusk", height=96, width=64, steps=3, guidance=4.5,
             max_sequence_length=64), None),

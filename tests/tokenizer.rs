@@ -141,11 +141,13 @@ fn ids_equal_the_golden_runs() {
             let case = dir.file_name().unwrap().to_string_lossy().to_string();
             assert_eq!(ids.clip_l, ids_of(&format!("{prefix}clip_l_ids")), "{case}: {prefix}clip_l_ids");
             assert_eq!(ids.clip_g, ids_of(&format!("{prefix}clip_g_ids")), "{case}: {prefix}clip_g_ids");
-            assert_eq!(ids.t5, ids_of(&format!("{prefix}t5_ids")), "{case}: {prefix}t5_ids");
+            if !params["no_t5"].as_bool().unwrap() {
+                assert_eq!(ids.t5, ids_of(&format!("{prefix}t5_ids")), "{case}: {prefix}t5_ids");
+            }
             checked += 1;
         }
     }
-    assert!(checked >= 11, "checked {checked} prompts");
+    assert!(checked >= 13, "checked {checked} prompts");
 }
 
 #[test]
