@@ -259,3 +259,20 @@ fn file_identity(path: &Path) -> Option<String> {
         std::fs::canonicalize(path).ok().map(|p| p.display().to_string())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plugin_file_names_follow_cargo_cdylib_names() {
+        let name = plugin_file_name("my-vendor");
+        assert!(name.contains("sd3_backend_my_vendor"), "{name}");
+        assert!(is_plugin_file_name(&name));
+        assert!(!is_plugin_file_name(&plugin_file_name("")));
+        assert!(!is_plugin_file_name("libsd3_core.so"));
+        assert!(!is_plugin_file_name(&format!("{name}.bak")));
+        #[cfg(target_os = "linux")]
+        assert_eq!(plugin_file_name("cuda"), "libsd3_backend_cuda.so");
+    }
+}
