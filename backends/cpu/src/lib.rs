@@ -18,6 +18,7 @@ pub mod math;
 pub mod matmul;
 pub mod memory;
 pub mod norm;
+pub mod sgemm;
 pub mod shapes;
 pub mod strided;
 
@@ -235,7 +236,7 @@ impl Device for CpuDevice {
             capabilities: vec![
                 format!("threads={}", pool().current_num_threads()),
                 format!("simd={}", simd_features()),
-                "matmul=gemm".into(),
+                format!("matmul={}", if sgemm::available() { "avx512" } else { "gemm" }),
                 "fused_attention=flash".into(),
             ],
         }

@@ -131,28 +131,42 @@ simd_fn! {
     }
 }
 
-/// `(Σx, Σx²)` accumulated in f64 (f32 sums of long rows lose digits the reference keeps).
-pub fn sum_and_sq(x: &[f32]) -> (f64, f64) {
-    let (mut s, mut q) = (0.0f64, 0.0f64);
-    for &v in x {
-        let v = v as f64;
-        s += v;
-        q += v * v;
+simd_fn! {
+    /// `(Σx, Σ(x - shift)²)` accumulated in f64 over 8 independent lanes (a single running sum would be a
+    /// serial dependency chain: floating-point sums are not reassociated by the compiler).
+    fn sums_f64(x: &[f32], shift: f64, out: &mut (f64, f64)) {
+        let (mut s, mut q) = ([0f64; 8], [0f64; 8]);
+        let mut chunks = x.chunks_exact(8);
+        for c in &mut chunks {
+            for l in 0..8 {
+                let v = c[l] as f64;
+                s[l] += v;
+                q[l] += (v - shift) * (v - shift);
+            }
+        }
+        let (mut st, mut qt) = (s.iter().sum::<f64>(), q.iter().sum::<f64>());
+        for &v in chunks.remainder() {
+            st += v as f64;
+            qt += (v as f64 - shift) * (v as f64 - shift);
+        }
+        *out = (st, qt);
     }
-    (s, q)
 }
 
-/// Mean and biased variance of `x`, two-pass in f64.
+/// `(Σx, Σx²)` accumulated in f64.
+pub fn sum_and_sq(x: &[f32]) -> (f64, f64) {
+    let mut out = (0.0, 0.0);
+    sums_f64(x, 0.0, &mut out);
+    out
+}
+
+/// Mean and biased variance of `x`, two-pass in f64 (the second pass around the mean, like the reference).
 pub fn mean_var(x: &[f32]) -> (f64, f64) {
     let n = x.len().max(1) as f64;
-    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let var = x
-        .iter()
-        .map(|&v| {
-            let d = v as f64 - mean;
-            d * d
-        })
-        .sum::<f64>()
-        / n;
-    (mean, var)
+    let mut first = (0.0, 0.0);
+    sums_f64(x, 0.0, &mut first);
+    let mean = first.0 / n;
+    let mut second = (0.0, 0.0);
+    sums_f64(x, mean, &mut second);
+    (mean, second.1 / n)
 }

@@ -1,16 +1,19 @@
-//! Batched matmul through the `gemm` crate, f32 accumulation, bias fused.
+//! Batched matmul with f32 accumulation, bias fused: [`crate::sgemm`] where the CPU has AVX-512, else the `gemm` crate.
 //!
-//! f32 operands go to gemm in place with their strides (any strides, including batch stride 0). Other dtypes
+//! f32 operands go to the kernel in place with their strides (any strides, including batch stride 0). Other dtypes
 //! are converted transiently: the left operand (activations) once per call, the right operand (weights) one
-//! panel of `PANEL` columns at a time, so f16/bf16 weights never exist as a full f32 copy.
+//! panel of columns at a time, so f16/bf16 weights never exist as a full f32 copy.
 
+use crate::sgemm::{self, Strided};
 use crate::strided::{Scalar, View};
 use gemm::Parallelism;
 use rayon::prelude::*;
 use sd3_core::{DType, Layout};
+use std::sync::OnceLock;
 
-/// Columns of a converted right-hand panel: K×PANEL f32 stays in L2 for K up to a few thousand.
-const PANEL: usize = 128;
+/// Width bounds of a converted right-hand panel (K×width f32 scratch per task).
+const MIN_PANEL: usize = 128;
+const MAX_PANEL: usize = 1024;
 
 /// Element strides of one operand of `gemm::<f32>`: base pointer, row stride, column stride.
 #[derive(Clone, Copy)]
@@ -43,6 +46,15 @@ pub unsafe fn gemm_f32(m: usize, n: usize, k: usize, dst: Mat, accumulate: bool,
         }
         return;
     }
+    if use_sgemm() && m * n * k >= 32 * 32 * 32 {
+        let threads = match par {
+            Parallelism::None => 1,
+            _ => rayon::current_num_threads(),
+        };
+        let s = |x: Mat| Strided { ptr: x.ptr as *mut f32, rs: x.rs, cs: x.cs };
+        // SAFETY: forwarded from the caller.
+        return unsafe { sgemm::sgemm(m, n, k, s(dst), accumulate, s(lhs), s(rhs), threads) };
+    }
     unsafe {
         gemm::gemm(
             m,
@@ -66,6 +78,13 @@ pub unsafe fn gemm_f32(m: usize, n: usize, k: usize, dst: Mat, accumulate: bool,
             par,
         )
     }
+}
+
+/// Whether f32 products go to the AVX-512 kernel ([`sgemm`]); `SD3_CPU_SGEMM=0` forces the `gemm` crate
+/// (for comparisons).
+fn use_sgemm() -> bool {
+    static USE: OnceLock<bool> = OnceLock::new();
+    *USE.get_or_init(|| sgemm::available() && std::env::var("SD3_CPU_SGEMM").map_or(true, |v| v != "0"))
 }
 
 /// Offsets of each batch matrix of a `[batch.., r, c]` layout, in batch row-major order.
@@ -111,15 +130,18 @@ pub fn matmul(args: &MatmulArgs) {
     };
 
     let direct = b.dtype == DType::F32 && y.dtype == DType::F32;
-    let panels = if direct { 1 } else { n.div_ceil(PANEL) };
+    // Converted panels: about two per thread when the matrix is large (each panel re-packs A), at least
+    // MIN_PANEL wide, at most MAX_PANEL (the f32 copy of a panel is transient scratch).
+    let panel = (n.div_ceil(2 * threads)).next_multiple_of(32).clamp(MIN_PANEL, MAX_PANEL);
+    let panels = if direct { 1 } else { n.div_ceil(panel) };
     let tasks = yo.len() * panels;
-    let per_task_flops = m * k * if direct { n } else { PANEL.min(n) };
+    let per_task_flops = m * k * if direct { n } else { panel.min(n) };
     let parallel_tasks = tasks >= 2 * threads || (tasks >= threads && per_task_flops < (1 << 22));
     let par = if parallel_tasks { Parallelism::None } else { Parallelism::Rayon(0) };
 
     let run = |t: usize| {
         let (bi, p) = (t / panels, t % panels);
-        let (n0, nb) = if direct { (0, n) } else { (p * PANEL, PANEL.min(n - p * PANEL)) };
+        let (n0, nb) = if direct { (0, n) } else { (p * panel, panel.min(n - p * panel)) };
         let (brs, bcs) = (bl.strides[r - 2], bl.strides[r - 1]);
         let (yrs, ycs) = (yl.strides[r - 2], yl.strides[r - 1]);
         let b_start = bo[bi] + n0 * bcs;

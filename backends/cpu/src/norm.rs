@@ -1,8 +1,9 @@
 //! Row-wise ops over the last dim (softmax, layer norm, RMS norm, fused LN + modulate) and group norm.
 //! Statistics are accumulated in f64, the rest is f32.
 
-use crate::elementwise::{modulate_slice, CHUNK};
+use crate::elementwise::CHUNK;
 use crate::math;
+use crate::math::simd_fn;
 use crate::par_ranges;
 use crate::strided::View;
 
@@ -53,8 +54,21 @@ pub fn softmax(x: &View, y: &View, d: usize) {
 fn normalize(x: &[f32], eps: f32, o: &mut [f32]) {
     let (mean, var) = math::mean_var(x);
     let inv = (1.0 / (var + eps as f64).sqrt()) as f32;
-    let mean = mean as f32;
-    o.iter_mut().zip(x).for_each(|(o, &x)| *o = (x - mean) * inv);
+    shift_scale(x, mean as f32, inv, o);
+}
+
+simd_fn! {
+    /// `o = (x - shift) · scale`.
+    fn shift_scale(x: &[f32], shift: f32, scale: f32, o: &mut [f32]) {
+        o.iter_mut().zip(x).for_each(|(o, &x)| *o = (x - shift) * scale);
+    }
+}
+
+simd_fn! {
+    /// `o = o · (1 + s) + h`.
+    fn modulate_in_place(o: &mut [f32], s: &[f32], h: &[f32]) {
+        o.iter_mut().zip(s.iter().zip(h)).for_each(|(o, (&s, &h))| *o = *o * (1.0 + s) + h);
+    }
 }
 
 pub fn layer_norm(x: &View, wb: Option<(&View, &View)>, y: &View, d: usize, eps: f32) {
@@ -81,9 +95,8 @@ pub fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, o: &mut [f32]) {
 
 pub fn layer_norm_modulate(x: &View, scale: &View, shift: &View, y: &View, d: usize, eps: f32) {
     map_rows(&[*x, *scale, *shift], y, d, |i, o| {
-        let mut n = vec![0f32; d];
-        normalize(i[0], eps, &mut n);
-        modulate_slice(&n, i[1], i[2], o);
+        normalize(i[0], eps, o);
+        modulate_in_place(o, i[1], i[2]);
     });
 }
 

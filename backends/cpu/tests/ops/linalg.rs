@@ -8,7 +8,7 @@ const MM: f64 = 1e-9;
 
 #[test]
 fn matmul_sizes_and_dtypes() {
-    for (m, k, n) in [(1, 1, 1), (7, 33, 129), (33, 7, 1), (129, 129, 33), (1, 300, 7)] {
+    for (m, k, n) in [(1, 1, 1), (7, 33, 129), (33, 7, 1), (129, 129, 33), (1, 300, 7), (200, 300, 70)] {
         for (da, db) in [
             (DType::F32, DType::F32),
             (DType::F32, DType::F16),
