@@ -31,6 +31,19 @@ pub struct ClipTextConfig {
     pub eos_token_id: i64,
 }
 
+impl ClipTextConfig {
+    /// The MLP activation (`hidden_act`), checking the sizes fit too.
+    fn activation(&self) -> Result<Activation, String> {
+        if self.hidden_size.checked_rem(self.num_attention_heads) != Some(0) {
+            return Err(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        Activation::from_name(&self.hidden_act).ok_or_else(|| format!("unsupported hidden_act `{}`", self.hidden_act))
+    }
+}
+
 fn default_hidden_act() -> String {
     "quick_gelu".into()
 }
@@ -147,41 +160,39 @@ impl ClipTextModel {
     /// the config still comes from `dir/config.json`.
     pub fn load_with_weights(dir: &Path, weights: &Weights, backend: &Backend, dtype: DType) -> anyhow::Result<Self> {
         let config: ClipTextConfig = read_config(dir)?;
-        let act = Activation::from_name(&config.hidden_act)
-            .ok_or_else(|| config_error(dir, format!("unsupported hidden_act `{}`", config.hidden_act)))?;
-        if config.hidden_size.checked_rem(config.num_attention_heads) != Some(0) {
-            return Err(config_error(
-                dir,
-                format!(
-                    "hidden_size {} is not a multiple of num_attention_heads {}",
-                    config.hidden_size, config.num_attention_heads
-                ),
-            )
-            .into());
-        }
-        let l = Loader { weights, backend, dtype };
-        let c = &config;
+        config.activation().map_err(|reason| config_error(dir, reason))?;
+        Self::build(&config, &Loader::new(weights, backend, dtype))
+            .with_context(|| format!("loading the CLIP text encoder from {}", dir.display()))
+    }
+
+    /// Every tensor (name, shape) the loader reads for `config`, in loading order: derived by running the
+    /// loading code without weights.
+    pub fn expected_tensors(config: &ClipTextConfig) -> anyhow::Result<Vec<(String, Vec<usize>)>> {
+        let l = Loader::dry_run();
+        Self::build(config, &l)?;
+        Ok(l.requested())
+    }
+
+    fn build(c: &ClipTextConfig, l: &Loader) -> anyhow::Result<Self> {
+        let act = c.activation().map_err(anyhow::Error::msg)?;
         let d = c.hidden_size;
-        let load = || -> anyhow::Result<Self> {
-            let token_embedding = l.tensor("text_model.embeddings.token_embedding.weight", &[c.vocab_size, d])?;
-            let position_embedding =
-                l.tensor("text_model.embeddings.position_embedding.weight", &[c.max_position_embeddings, d])?;
-            let layers = (0..c.num_hidden_layers)
-                .map(|i| ClipEncoderLayer::load(&l, &format!("text_model.encoder.layers.{i}"), c, act))
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            let final_layer_norm = LayerNorm::load(&l, "text_model.final_layer_norm", d, c.layer_norm_eps as f32)?;
-            let text_projection = Linear::load(&l, "text_projection", d, c.projection_dim, false)?;
-            Ok(ClipTextModel {
-                config: c.clone(),
-                token_embedding,
-                position_embedding,
-                layers,
-                final_layer_norm,
-                text_projection,
-                backend: backend.clone(),
-            })
-        };
-        load().with_context(|| format!("loading the CLIP text encoder from {}", dir.display()))
+        let token_embedding = l.tensor("text_model.embeddings.token_embedding.weight", &[c.vocab_size, d])?;
+        let position_embedding =
+            l.tensor("text_model.embeddings.position_embedding.weight", &[c.max_position_embeddings, d])?;
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| ClipEncoderLayer::load(l, &format!("text_model.encoder.layers.{i}"), c, act))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let final_layer_norm = LayerNorm::load(l, "text_model.final_layer_norm", d, c.layer_norm_eps as f32)?;
+        let text_projection = Linear::load(l, "text_projection", d, c.projection_dim, false)?;
+        Ok(ClipTextModel {
+            config: c.clone(),
+            token_embedding,
+            position_embedding,
+            layers,
+            final_layer_norm,
+            text_projection,
+            backend: l.backend().clone(),
+        })
     }
 
     pub fn config(&self) -> &ClipTextConfig {

@@ -4,6 +4,7 @@
 
 use crate::weights::{Weights, WeightsError};
 use sd3_core::{Backend, DType, Tensor};
+use std::cell::RefCell;
 use std::path::Path;
 
 /// A semantic problem in `dir/config.json` (an unsupported activation, inconsistent sizes).
@@ -12,13 +13,37 @@ pub fn config_error(dir: &Path, reason: impl Into<String>) -> WeightsError {
 }
 
 /// Where a model's parameters come from, and the backend and dtype they are uploaded in.
+///
+/// Every request is logged by name and shape, so a model can say exactly which tensors it loads. A *dry run*
+/// ([`Loader::dry_run`]) has no weights: it only logs, handing back a one-element placeholder for each tensor;
+/// that is how `expected_tensors` tables for the published checkpoints are derived from the loading code itself.
 pub struct Loader<'a> {
-    pub weights: &'a Weights,
-    pub backend: &'a Backend,
+    weights: Option<&'a Weights>,
+    backend: Backend,
     pub dtype: DType,
+    log: RefCell<Vec<(String, Vec<usize>)>>,
 }
 
-impl Loader<'_> {
+impl<'a> Loader<'a> {
+    pub fn new(weights: &'a Weights, backend: &Backend, dtype: DType) -> Self {
+        Loader { weights: Some(weights), backend: backend.clone(), dtype, log: RefCell::default() }
+    }
+
+    /// A loader with no weights behind it, on the CPU backend: see the type's docs.
+    pub fn dry_run() -> Loader<'static> {
+        let backend = Backend::new("cpu", sd3_backend_cpu::cpu_device());
+        Loader { weights: None, backend, dtype: DType::F32, log: RefCell::default() }
+    }
+
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    /// Whether the weights hold `name` (false in a dry run).
+    pub fn contains(&self, name: &str) -> bool {
+        self.weights.is_some_and(|w| w.contains(name))
+    }
+
     /// The tensor `name`, which must have `shape`, in the loader's dtype.
     pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor, WeightsError> {
         self.tensor_as(name, shape, self.dtype)
@@ -26,7 +51,18 @@ impl Loader<'_> {
 
     /// The tensor `name`, which must have `shape`, in `dtype`.
     pub fn tensor_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor, WeightsError> {
-        self.weights.tensor_checked(name, shape, self.backend, dtype)
+        self.log.borrow_mut().push((name.to_string(), shape.to_vec()));
+        match self.weights {
+            Some(w) => w.tensor_checked(name, shape, &self.backend, dtype),
+            None => {
+                self.backend.zeros(&[1], dtype).map_err(|source| WeightsError::Upload { name: name.into(), source })
+            }
+        }
+    }
+
+    /// Every `(name, shape)` requested so far, in order.
+    pub fn requested(&self) -> Vec<(String, Vec<usize>)> {
+        self.log.borrow().clone()
     }
 }
 

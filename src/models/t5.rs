@@ -50,15 +50,20 @@ fn default_ff_proj() -> String {
 impl T5Config {
     /// `(is_gated, activation)` as `T5Config.__init__` derives them from `feed_forward_proj`
     /// ("gated-gelu" is special-cased to `gelu_new`, the tanh approximation).
-    fn feed_forward(&self) -> Option<(bool, Activation)> {
+    /// Also checks the other fields the encoder needs to be sensible.
+    fn feed_forward(&self) -> Result<(bool, Activation), String> {
+        if self.relative_attention_num_buckets < 4 {
+            return Err("relative_attention_num_buckets must be at least 4".into());
+        }
+        let unsupported = || format!("unsupported feed_forward_proj `{}`", self.feed_forward_proj);
         let parts: Vec<&str> = self.feed_forward_proj.split('-').collect();
         let gated = match parts.as_slice() {
             [_] => false,
             ["gated", _] => true,
-            _ => return None,
+            _ => return Err(unsupported()),
         };
         let act = if self.feed_forward_proj == "gated-gelu" { "gelu_new" } else { parts[parts.len() - 1] };
-        Some((gated, Activation::from_name(act)?))
+        Ok((gated, Activation::from_name(act).ok_or_else(unsupported)?))
     }
 }
 
@@ -180,49 +185,55 @@ impl T5EncoderModel {
     /// the config still comes from `dir/config.json`.
     pub fn load_with_weights(dir: &Path, weights: &Weights, backend: &Backend, dtype: DType) -> anyhow::Result<Self> {
         let config: T5Config = read_config(dir)?;
-        let (gated, act) = config.feed_forward().ok_or_else(|| {
-            config_error(dir, format!("unsupported feed_forward_proj `{}`", config.feed_forward_proj))
-        })?;
-        if config.relative_attention_num_buckets < 4 {
-            return Err(config_error(dir, "relative_attention_num_buckets must be at least 4").into());
-        }
-        let l = Loader { weights, backend, dtype };
-        let c = &config;
+        config.feed_forward().map_err(|reason| config_error(dir, reason))?;
+        Self::build(&config, &Loader::new(weights, backend, dtype))
+            .with_context(|| format!("loading the T5 encoder from {}", dir.display()))
+    }
+
+    /// Every tensor (name, shape) the loader reads for `config`, in loading order: derived by running the
+    /// loading code without weights.
+    pub fn expected_tensors(config: &T5Config) -> anyhow::Result<Vec<(String, Vec<usize>)>> {
+        let l = Loader::dry_run();
+        Self::build(config, &l)?;
+        Ok(l.requested())
+    }
+
+    fn build(c: &T5Config, l: &Loader) -> anyhow::Result<Self> {
+        let (gated, act) = c.feed_forward().map_err(anyhow::Error::msg)?;
+        let dtype = l.dtype;
         // The fp16 trap: `wo` and (so that the promoted stream is normed without a lossy cast) the norm weights.
         let wide = if dtype == DType::F16 { DType::F32 } else { dtype };
-        let load = || -> anyhow::Result<Self> {
-            let embed_name = ["shared.weight", "encoder.embed_tokens.weight"]
-                .into_iter()
-                .find(|n| weights.contains(n))
-                .unwrap_or("shared.weight");
-            let embed_tokens = l.tensor(embed_name, &[c.vocab_size, c.d_model])?;
-            let relative_attention_bias = l.tensor(
-                "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
-                &[c.relative_attention_num_buckets, c.num_heads],
-            )?;
-            let blocks = (0..c.num_layers)
-                .map(|i| {
-                    let p = format!("encoder.block.{i}.layer");
-                    Ok(T5Block {
-                        attn_norm: T5LayerNorm::load(&l, &format!("{p}.0.layer_norm.weight"), c, wide)?,
-                        attn: T5Attention::load(&l, &format!("{p}.0.SelfAttention"), c)?,
-                        ff_norm: T5LayerNorm::load(&l, &format!("{p}.1.layer_norm.weight"), c, wide)?,
-                        ff: T5DenseActDense::load(&l, &format!("{p}.1.DenseReluDense"), c, gated, act, wide)?,
-                    })
+        // transformers ties `encoder.embed_tokens` to `shared` and saves one of the two.
+        let embed_name = ["shared.weight", "encoder.embed_tokens.weight"]
+            .into_iter()
+            .find(|n| l.contains(n))
+            .unwrap_or("shared.weight");
+        let embed_tokens = l.tensor(embed_name, &[c.vocab_size, c.d_model])?;
+        let relative_attention_bias = l.tensor(
+            "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+            &[c.relative_attention_num_buckets, c.num_heads],
+        )?;
+        let blocks = (0..c.num_layers)
+            .map(|i| {
+                let p = format!("encoder.block.{i}.layer");
+                Ok(T5Block {
+                    attn_norm: T5LayerNorm::load(l, &format!("{p}.0.layer_norm.weight"), c, wide)?,
+                    attn: T5Attention::load(l, &format!("{p}.0.SelfAttention"), c)?,
+                    ff_norm: T5LayerNorm::load(l, &format!("{p}.1.layer_norm.weight"), c, wide)?,
+                    ff: T5DenseActDense::load(l, &format!("{p}.1.DenseReluDense"), c, gated, act, wide)?,
                 })
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            let final_layer_norm = T5LayerNorm::load(&l, "encoder.final_layer_norm.weight", c, wide)?;
-            Ok(T5EncoderModel {
-                config: c.clone(),
-                embed_tokens,
-                relative_attention_bias,
-                blocks,
-                final_layer_norm,
-                backend: backend.clone(),
-                dtype,
             })
-        };
-        load().with_context(|| format!("loading the T5 encoder from {}", dir.display()))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let final_layer_norm = T5LayerNorm::load(l, "encoder.final_layer_norm.weight", c, wide)?;
+        Ok(T5EncoderModel {
+            config: c.clone(),
+            embed_tokens,
+            relative_attention_bias,
+            blocks,
+            final_layer_norm,
+            backend: l.backend().clone(),
+            dtype,
+        })
     }
 
     pub fn config(&self) -> &T5Config {

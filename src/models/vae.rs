@@ -159,60 +159,69 @@ impl AutoencoderKL {
         dtype: DType,
     ) -> anyhow::Result<Self> {
         let config: VaeConfig = read_config(dir)?;
-        check_config(dir, &config)?;
-        let l = Loader { weights, backend, dtype };
-        let c = &config;
+        config.check().map_err(|reason| config_error(dir, reason))?;
+        Self::build(&config, &Loader::new(weights, backend, dtype))
+            .with_context(|| format!("loading the VAE decoder from {}", dir.display()))
+    }
+
+    /// Every tensor (name, shape) the loader reads for `config`, in loading order: derived by running the
+    /// loading code without weights.
+    pub fn expected_tensors(config: &VaeConfig) -> anyhow::Result<Vec<(String, Vec<usize>)>> {
+        let l = Loader::dry_run();
+        Self::build(config, &l)?;
+        Ok(l.requested())
+    }
+
+    fn build(c: &VaeConfig, l: &Loader) -> anyhow::Result<Self> {
+        c.check().map_err(anyhow::Error::msg)?;
         let g = c.norm_num_groups;
-        let load = || -> anyhow::Result<Self> {
-            let top = *c.block_out_channels.last().expect("checked non-empty");
-            let post_quant_conv = if c.use_post_quant_conv {
-                Some(Conv2d::load(&l, "post_quant_conv", c.latent_channels, c.latent_channels, 1)?)
-            } else {
-                None
-            };
-            let conv_in = Conv2d::load(&l, "decoder.conv_in", c.latent_channels, top, 3)?;
-            let mid_resnets = [
-                ResnetBlock2D::load(&l, "decoder.mid_block.resnets.0", g, top, top)?,
-                ResnetBlock2D::load(&l, "decoder.mid_block.resnets.1", g, top, top)?,
-            ];
-            let mid_attention = if c.mid_block_add_attention {
-                Some(AttentionBlock::load(&l, "decoder.mid_block.attentions.0", g, top)?)
-            } else {
-                None
-            };
-            // Up blocks run from the widest channels to the narrowest (reversed block_out_channels).
-            let reversed: Vec<usize> = c.block_out_channels.iter().rev().copied().collect();
-            let mut up_blocks = Vec::with_capacity(reversed.len());
-            let mut prev = top;
-            for (i, &out) in reversed.iter().enumerate() {
-                let prefix = format!("decoder.up_blocks.{i}");
-                let resnets = (0..=c.layers_per_block)
-                    .map(|j| {
-                        let in_ch = if j == 0 { prev } else { out };
-                        ResnetBlock2D::load(&l, &format!("{prefix}.resnets.{j}"), g, in_ch, out)
-                    })
-                    .collect::<anyhow::Result<Vec<_>>>()?;
-                let upsampler = if i + 1 < reversed.len() {
-                    Some(Conv2d::load(&l, &format!("{prefix}.upsamplers.0.conv"), out, out, 3)?)
-                } else {
-                    None
-                };
-                up_blocks.push(UpDecoderBlock2D { resnets, upsampler });
-                prev = out;
-            }
-            let bottom = c.block_out_channels[0];
-            Ok(AutoencoderKL {
-                config: c.clone(),
-                post_quant_conv,
-                conv_in,
-                mid_resnets,
-                mid_attention,
-                up_blocks,
-                conv_norm_out: GroupNorm::load(&l, "decoder.conv_norm_out", g, bottom, EPS)?,
-                conv_out: Conv2d::load(&l, "decoder.conv_out", bottom, c.out_channels, 3)?,
-            })
+        let top = *c.block_out_channels.last().expect("checked non-empty");
+        let post_quant_conv = if c.use_post_quant_conv {
+            Some(Conv2d::load(l, "post_quant_conv", c.latent_channels, c.latent_channels, 1)?)
+        } else {
+            None
         };
-        load().with_context(|| format!("loading the VAE decoder from {}", dir.display()))
+        let conv_in = Conv2d::load(l, "decoder.conv_in", c.latent_channels, top, 3)?;
+        let mid_resnets = [
+            ResnetBlock2D::load(l, "decoder.mid_block.resnets.0", g, top, top)?,
+            ResnetBlock2D::load(l, "decoder.mid_block.resnets.1", g, top, top)?,
+        ];
+        let mid_attention = if c.mid_block_add_attention {
+            Some(AttentionBlock::load(l, "decoder.mid_block.attentions.0", g, top)?)
+        } else {
+            None
+        };
+        // Up blocks run from the widest channels to the narrowest (reversed block_out_channels).
+        let reversed: Vec<usize> = c.block_out_channels.iter().rev().copied().collect();
+        let mut up_blocks = Vec::with_capacity(reversed.len());
+        let mut prev = top;
+        for (i, &out) in reversed.iter().enumerate() {
+            let prefix = format!("decoder.up_blocks.{i}");
+            let resnets = (0..=c.layers_per_block)
+                .map(|j| {
+                    let in_ch = if j == 0 { prev } else { out };
+                    ResnetBlock2D::load(l, &format!("{prefix}.resnets.{j}"), g, in_ch, out)
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let upsampler = if i + 1 < reversed.len() {
+                Some(Conv2d::load(l, &format!("{prefix}.upsamplers.0.conv"), out, out, 3)?)
+            } else {
+                None
+            };
+            up_blocks.push(UpDecoderBlock2D { resnets, upsampler });
+            prev = out;
+        }
+        let bottom = c.block_out_channels[0];
+        Ok(AutoencoderKL {
+            config: c.clone(),
+            post_quant_conv,
+            conv_in,
+            mid_resnets,
+            mid_attention,
+            up_blocks,
+            conv_norm_out: GroupNorm::load(l, "decoder.conv_norm_out", g, bottom, EPS)?,
+            conv_out: Conv2d::load(l, "decoder.conv_out", bottom, c.out_channels, 3)?,
+        })
     }
 
     pub fn config(&self) -> &VaeConfig {
@@ -264,35 +273,30 @@ impl AutoencoderKL {
     }
 }
 
-fn check_config(dir: &Path, c: &VaeConfig) -> Result<(), crate::weights::WeightsError> {
-    if c.block_out_channels.is_empty() {
-        return Err(config_error(dir, "block_out_channels is empty"));
-    }
-    if c.norm_num_groups == 0 || c.block_out_channels.iter().any(|ch| ch % c.norm_num_groups != 0) {
-        return Err(config_error(
-            dir,
-            format!(
-                "norm_num_groups {} does not divide block_out_channels {:?}",
-                c.norm_num_groups, c.block_out_channels
-            ),
-        ));
-    }
-    if c.act_fn != "silu" {
-        return Err(config_error(
-            dir,
-            format!("act_fn `{}` is not supported (the decoder is written for silu)", c.act_fn),
-        ));
-    }
-    if let Some(types) = &c.up_block_types {
-        if let Some(t) = types.iter().find(|t| t.as_str() != "UpDecoderBlock2D") {
-            return Err(config_error(dir, format!("up block type `{t}` is not supported (only UpDecoderBlock2D)")));
+impl VaeConfig {
+    /// Whether the decoder can be built from this config (the reason if not).
+    fn check(&self) -> Result<(), String> {
+        let channels = &self.block_out_channels;
+        if channels.is_empty() {
+            return Err("block_out_channels is empty".into());
         }
-        if types.len() != c.block_out_channels.len() {
-            return Err(config_error(
-                dir,
-                format!("{} up_block_types for {} block_out_channels", types.len(), c.block_out_channels.len()),
+        if channels.iter().any(|&ch| ch.checked_rem(self.norm_num_groups) != Some(0)) {
+            return Err(format!(
+                "norm_num_groups {} does not divide block_out_channels {channels:?}",
+                self.norm_num_groups
             ));
         }
+        if self.act_fn != "silu" {
+            return Err(format!("act_fn `{}` is not supported (the decoder is written for silu)", self.act_fn));
+        }
+        if let Some(types) = &self.up_block_types {
+            if let Some(t) = types.iter().find(|t| t.as_str() != "UpDecoderBlock2D") {
+                return Err(format!("up block type `{t}` is not supported (only UpDecoderBlock2D)"));
+            }
+            if types.len() != channels.len() {
+                return Err(format!("{} up_block_types for {} block_out_channels", types.len(), channels.len()));
+            }
+        }
+        Ok(())
     }
-    Ok(())
 }
