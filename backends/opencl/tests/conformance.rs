@@ -12,3 +12,16 @@ fn conformance_suite_passes() {
     println!("{}", String::from_utf8_lossy(&table));
     assert!(report.all_passed(), "{}", report.summary());
 }
+
+/// The suite's perf mode (SD3-sized shapes, device only). Ignored by default: it measures, it does not check.
+/// `cargo test -p sd3-backend-opencl --test conformance -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn perf_table() {
+    let Some(dev) = common::device() else { return };
+    let options = sd3_core::conformance::Options { perf: true, ..Default::default() };
+    let report = sd3_core::conformance::run(dev.as_ref(), &options);
+    let mut table = Vec::new();
+    report.write_table(&mut table).unwrap();
+    println!("{}", String::from_utf8_lossy(&table));
+}
