@@ -30,66 +30,12 @@ impl Rng {
     }
 }
 
-/// Every decoder tensor name and shape for the config above, in diffusers' naming.
-fn decoder_tensors() -> Vec<(String, Vec<usize>)> {
-    let mut v: Vec<(String, Vec<usize>)> = Vec::new();
-    let mut conv = |v: &mut Vec<(String, Vec<usize>)>, p: &str, i: usize, o: usize, k: usize| {
-        v.push((format!("{p}.weight"), vec![o, i, k, k]));
-        v.push((format!("{p}.bias"), vec![o]));
-    };
-    let norm = |v: &mut Vec<(String, Vec<usize>)>, p: &str, c: usize| {
-        v.push((format!("{p}.weight"), vec![c]));
-        v.push((format!("{p}.bias"), vec![c]));
-    };
-    let resnet = |v: &mut Vec<(String, Vec<usize>)>,
-                  conv: &mut dyn FnMut(&mut Vec<(String, Vec<usize>)>, &str, usize, usize, usize),
-                  p: &str,
-                  i: usize,
-                  o: usize| {
-        norm(v, &format!("{p}.norm1"), i);
-        conv(v, &format!("{p}.conv1"), i, o, 3);
-        norm(v, &format!("{p}.norm2"), o);
-        conv(v, &format!("{p}.conv2"), o, o, 3);
-        if i != o {
-            conv(v, &format!("{p}.conv_shortcut"), i, o, 1);
-        }
-    };
-    conv(&mut v, "decoder.conv_in", 16, 512, 3);
-    resnet(&mut v, &mut conv, "decoder.mid_block.resnets.0", 512, 512);
-    resnet(&mut v, &mut conv, "decoder.mid_block.resnets.1", 512, 512);
-    norm(&mut v, "decoder.mid_block.attentions.0.group_norm", 512);
-    for n in ["to_q", "to_k", "to_v", "to_out.0"] {
-        v.push((format!("decoder.mid_block.attentions.0.{n}.weight"), vec![512, 512]));
-        v.push((format!("decoder.mid_block.attentions.0.{n}.bias"), vec![512]));
-    }
-    let chans = [512, 512, 256, 128];
-    let mut prev = 512;
-    for (b, &out) in chans.iter().enumerate() {
-        for r in 0..3 {
-            resnet(
-                &mut v,
-                &mut conv,
-                &format!("decoder.up_blocks.{b}.resnets.{r}"),
-                if r == 0 { prev } else { out },
-                out,
-            );
-        }
-        if b < 3 {
-            conv(&mut v, &format!("decoder.up_blocks.{b}.upsamplers.0.conv"), out, out, 3);
-        }
-        prev = out;
-    }
-    norm(&mut v, "decoder.conv_norm_out", 128);
-    conv(&mut v, "decoder.conv_out", 128, 3, 3);
-    v
-}
-
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let backend_name = args.first().map(String::as_str).unwrap_or("cpu");
     let size: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(256);
     let dtype: DType = args.get(2).map(|s| s.parse().map_err(anyhow::Error::msg)).transpose()?.unwrap_or(DType::F32);
-    anyhow::ensure!(size % 8 == 0, "size must be a multiple of 8");
+    anyhow::ensure!(size > 0 && size.checked_rem(8) == Some(0), "size must be a positive multiple of 8");
 
     // Random weights scaled like PyTorch's default init (uniform ±1/√fan_in) so activations stay O(1);
     // norm weights 1, biases small.
@@ -97,7 +43,8 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("config.json"), CONFIG)?;
     let mut rng = Rng(7);
-    let tensors = decoder_tensors();
+    // The decoder's tensor names and shapes, as its loader asks for them.
+    let tensors = AutoencoderKL::expected_tensors(&serde_json::from_str(CONFIG)?)?;
     let data: Vec<Vec<u8>> = tensors
         .iter()
         .map(|(name, shape)| {
