@@ -22,6 +22,9 @@ pub struct ConformanceArgs {
     /// Run only the cases whose op name contains this (`matmul`, `attention`, `unary.silu`, ...).
     #[arg(long, value_name = "OP")]
     pub filter: Option<String>,
+    /// Print each case to stderr before running it (to find the case that crashes or hangs a device).
+    #[arg(long, short = 'v')]
+    pub verbose: bool,
     /// Base seed of the random inputs.
     #[arg(long, default_value_t = Options::default().seed)]
     pub seed: u64,
@@ -30,7 +33,13 @@ pub struct ConformanceArgs {
 pub fn run(args: ConformanceArgs) -> anyhow::Result<ExitCode> {
     let (label, device) = open_device(&args.backend)?;
     println!("conformance of backend `{label}`: {}", device.info().name);
-    let options = Options { filter: args.filter.clone(), perf: args.perf, seed: args.seed, ..Options::default() };
+    let options = Options {
+        filter: args.filter.clone(),
+        perf: args.perf,
+        seed: args.seed,
+        verbose: args.verbose,
+        ..Options::default()
+    };
     let report = conformance::run(device.as_ref(), &options);
     report.write_table(&mut std::io::stdout().lock()).context("writing the report to stdout")?;
     if let Some(path) = &args.json {

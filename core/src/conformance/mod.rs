@@ -45,11 +45,20 @@ pub struct Options {
     pub perf_max_runs: usize,
     /// ...and the time after which no further run starts (at least one timed run always happens).
     pub perf_budget: Duration,
+    /// Print each case's id to stderr before running it, so a crash or hang can be traced to its case.
+    pub verbose: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { filter: None, perf: false, seed: 0x5D3_C0DE, perf_max_runs: 20, perf_budget: Duration::from_secs(1) }
+        Options {
+            filter: None,
+            perf: false,
+            seed: 0x5D3_C0DE,
+            perf_max_runs: 20,
+            perf_budget: Duration::from_secs(1),
+            verbose: false,
+        }
     }
 }
 
@@ -75,17 +84,16 @@ pub fn run(device: &dyn Device, options: &Options) -> Report {
 /// Run the given cases (filtered by `options.filter`).
 pub fn run_cases(device: &dyn Device, cases: &[Case], options: &Options) -> Report {
     let reference = ReferenceDevice::new();
-    let results =
-        cases
-            .iter()
-            .filter(|c| options.selects(c))
-            .map(|c| {
-                if options.perf {
-                    time_case(device, c, options)
-                } else {
-                    run_case(device, &reference, c, options.seed)
-                }
-            })
-            .collect();
+    let mut results = Vec::new();
+    for case in cases.iter().filter(|c| options.selects(c)) {
+        if options.verbose {
+            eprintln!("conformance: {}", case.id());
+        }
+        results.push(if options.perf {
+            time_case(device, case, options)
+        } else {
+            run_case(device, &reference, case, options.seed)
+        });
+    }
     Report { device: String::new(), perf_mode: options.perf, results }
 }
