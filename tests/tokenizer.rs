@@ -203,6 +203,20 @@ fn missing_folder_and_files_are_named() {
     assert!(e.contains("special_tokens_map.json") && e.contains("pad token"), "{e}");
     fs::remove_dir_all(dir).unwrap();
 
+    // A model folder whose tokenizer_2/ is missing, then one whose model_index.json lists a missing tokenizer_3/.
+    let model = scratch("missing-component");
+    copy(&fixtures().join("sd3-tiny"), &["model_index.json"], &model);
+    let clip_files = ["vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"];
+    fs::create_dir(model.join("tokenizer")).unwrap();
+    copy(&fixtures().join("sd3-tiny/tokenizer"), &clip_files, &model.join("tokenizer"));
+    let e = message(Sd3Tokenizers::load(&model).unwrap_err());
+    assert!(e.contains("tokenizer_2") && e.contains("does not exist"), "{e}");
+    fs::create_dir(model.join("tokenizer_2")).unwrap();
+    copy(&fixtures().join("sd3-tiny/tokenizer_2"), &clip_files, &model.join("tokenizer_2"));
+    let e = message(Sd3Tokenizers::load(&model).unwrap_err());
+    assert!(e.contains("tokenizer_3") && e.contains("does not exist"), "{e}");
+    fs::remove_dir_all(model).unwrap();
+
     let dir = scratch("t5-empty");
     let e = message(T5Tokenizer::load(&dir).unwrap_err());
     assert!(e.contains("tokenizer.json") && e.contains("spiece.model"), "{e}");

@@ -75,13 +75,11 @@ impl Sd3Tokenizers {
         if !model_dir.is_dir() {
             return Err(TokenizerError::MissingDir(model_dir.to_path_buf()));
         }
+        let clip_l = ClipTokenizer::load(&model_dir.join("tokenizer"))?;
+        let clip_g = ClipTokenizer::load(&model_dir.join("tokenizer_2"))?;
         let t5 =
             if has_t5_tokenizer(model_dir)? { Some(T5Tokenizer::load(&model_dir.join("tokenizer_3"))?) } else { None };
-        Ok(Self {
-            clip_l: ClipTokenizer::load(&model_dir.join("tokenizer"))?,
-            clip_g: ClipTokenizer::load(&model_dir.join("tokenizer_2"))?,
-            t5,
-        })
+        Ok(Self { clip_l, clip_g, t5 })
     }
 
     /// Ids of `prompt` for the three encoders; T5 is padded/truncated to `max_sequence_length`.
