@@ -131,3 +131,34 @@ impl TensorSpec {
         panic!("conformance suite bug: {:?} never gives a nonzero {} value", self.values, self.dtype)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_are_what_their_tags_say() {
+        let t = TensorSpec::transposed(DType::F32, &[2, 3]);
+        assert_eq!((t.layout.strides.as_slice(), t.buffer_elems), (&[1, 2][..], 6));
+        let s = TensorSpec::sliced(DType::F32, &[2, 3]);
+        assert_eq!((s.layout.strides.as_slice(), s.layout.offset, s.buffer_elems), (&[6, 1][..], 7, 18));
+        let b = TensorSpec::broadcast(DType::F32, &[4, 5], &[0]);
+        assert_eq!((b.layout.strides.as_slice(), b.buffer_elems), (&[0, 1][..], 5));
+        let p = TensorSpec::permuted(DType::F32, &[2, 3, 4], &[0, 2, 1]);
+        assert_eq!((p.layout.strides.as_slice(), p.buffer_elems), (&[12, 1, 3][..], 24));
+    }
+
+    #[test]
+    fn generated_values_are_nonzero_in_range_and_reproducible() {
+        for dtype in [DType::F32, DType::F16, DType::BF16, DType::I32, DType::U8] {
+            let spec = TensorSpec::contiguous(dtype, &[4096]).with_values(Values::Uniform(-1.5, 1.5));
+            let bytes = spec.generate(&mut SplitMix64::new(3));
+            assert_eq!(bytes, spec.generate(&mut SplitMix64::new(3)));
+            let values = dtype.bytes_to_f32(&bytes);
+            assert!(values.iter().all(|&v| v != 0.0 && (-1.5..=1.5).contains(&v)), "{dtype}");
+        }
+        let ids = TensorSpec::contiguous(DType::I64, &[1000]).with_values(Values::Ids(7));
+        let values = DType::I64.bytes_to_f32(&ids.generate(&mut SplitMix64::new(3)));
+        assert!(values.iter().all(|&v| (0.0..7.0).contains(&v)) && values.contains(&0.0) && values.contains(&6.0));
+    }
+}

@@ -123,3 +123,44 @@ pub(crate) mod t {
         Values::Uniform(lo, hi)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{BufferId, OpCall, TensorDesc};
+
+    /// Every case (and perf case) is a well-formed call with a unique id and views inside their buffers.
+    fn check(cases: &[Case]) {
+        let mut ids = std::collections::HashSet::new();
+        for case in cases {
+            assert!(ids.insert(case.id()), "duplicate case {}", case.id());
+            assert_eq!(case.inputs.len(), case.op.n_inputs(), "{}", case.id());
+            let desc = |t: &crate::conformance::spec::TensorSpec| {
+                assert!(t.layout.span_end() <= t.buffer_elems, "{}: view overflows its buffer", case.id());
+                TensorDesc { buffer: BufferId(1), dtype: t.dtype, layout: t.layout.clone() }
+            };
+            let ins: Vec<TensorDesc> = case.inputs.iter().map(desc).collect();
+            let outs = [desc(&case.output)];
+            let call = OpCall { op: case.op, inputs: &ins, outputs: &outs };
+            crate::reference::validate(&call).unwrap_or_else(|e| panic!("{}: {e}", case.id()));
+        }
+    }
+
+    #[test]
+    fn cases_are_well_formed() {
+        let cases = all_cases(&DType::ALL);
+        assert_eq!(cases.iter().filter(|c| c.op == Op::Copy).count(), 36 * 3 + 3 * 3);
+        check(&cases);
+        check(&crate::conformance::perf::perf_cases(&DType::ALL));
+    }
+
+    #[test]
+    fn only_claimed_dtypes_are_tested() {
+        let cases = all_cases(&[DType::F16]);
+        assert!(cases.iter().all(|c| c
+            .inputs
+            .iter()
+            .chain([&c.output])
+            .all(|t| matches!(t.dtype, DType::F16 | DType::I32 | DType::I64))));
+    }
+}
