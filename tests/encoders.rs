@@ -248,3 +248,28 @@ fn clip_with_lora_matches_diffusers() {
         assert!(diff > 1e-3, "{key}: the LoRA made no difference ({diff})");
     }
 }
+
+/// The non-gated variant (`feed_forward_proj: "relu"`, `wi`/`wo`; 8 buckets), shaped like the tiny T5 diffusers'
+/// own SD3 tests use: golden from transformers by `scripts/make_t5_relu_fixture.py` (40 tokens, pads included).
+#[test]
+fn t5_relu_variant_matches_transformers() {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let be = test_backend();
+    let model = T5EncoderModel::load(&data.join("t5-relu"), &be, DType::F32).unwrap();
+    let g = Weights::open_file(&data.join("t5-relu-golden.safetensors")).unwrap();
+    let out = model.forward(&ids(&g, "ids")).unwrap();
+    assert_close("t5-relu", &out, &g, "hidden", REL_F32);
+}
+
+/// Legacy configs (`eos_token_id: 2`, as SD3's published CLIP configs have) pool at `argmax(ids)`: with EOS the
+/// largest id (999 here, 49407 in the real vocabulary) that is again the first EOS, so the golden still holds.
+#[test]
+fn clip_legacy_eos_config_pools_the_same_token() {
+    let dir = component_with_config("clip-legacy-eos", "text_encoder", |c| c["eos_token_id"] = 2.into());
+    let be = test_backend();
+    let model = ClipTextModel::load(&dir, &be, DType::F32).unwrap();
+    assert_eq!(model.config().eos_token_id, 2);
+    let g = golden("sd3-cfg");
+    let out = model.forward(&ids(&g, "clip_l_ids"), None).unwrap();
+    assert_close("legacy-eos clip_l", &out.pooled, &g, "clip_l_pooled", REL_F32);
+}
