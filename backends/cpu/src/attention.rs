@@ -22,18 +22,18 @@ pub struct Heads<'a, 'b> {
 }
 
 impl Heads<'_, '_> {
-    fn row_start(&self, b: usize, h: usize, i: usize) -> usize {
+    pub(crate) fn row_start(&self, b: usize, h: usize, i: usize) -> usize {
         let s = &self.layout.strides;
         self.layout.offset + b * s[0] + h * s[1] + i * s[2]
     }
     /// Row `i` of head (b, h) as f32.
-    fn load_row(&self, b: usize, h: usize, i: usize, out: &mut [f32]) {
+    pub(crate) fn load_row(&self, b: usize, h: usize, i: usize, out: &mut [f32]) {
         // SAFETY: the row lies inside the validated view.
         unsafe {
             f32::load_run(self.view.dtype, self.view.base(), self.row_start(b, h, i), self.layout.strides[3], out)
         }
     }
-    fn store_row(&self, b: usize, h: usize, i: usize, vals: &[f32]) {
+    pub(crate) fn store_row(&self, b: usize, h: usize, i: usize, vals: &[f32]) {
         // SAFETY: as `load_row`; each output row is written by exactly one task.
         unsafe {
             f32::store_run(self.view.dtype, self.view.base(), self.row_start(b, h, i), self.layout.strides[3], vals)
@@ -54,6 +54,9 @@ pub struct AttentionArgs<'a, 'b> {
 }
 
 pub fn attention(args: &AttentionArgs) {
+    if crate::sgemm::enabled() {
+        return crate::flash::attention(args);
+    }
     let qs = &args.q.layout.shape;
     let (nb, nh, nq, dh) = (qs[0], qs[1], qs[2], qs[3]);
     let nk = args.k.layout.shape[2];

@@ -14,6 +14,7 @@
 pub mod attention;
 pub mod conv;
 pub mod elementwise;
+pub mod flash;
 pub mod math;
 pub mod matmul;
 pub mod memory;

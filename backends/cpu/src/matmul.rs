@@ -9,7 +9,6 @@ use crate::strided::{Scalar, View};
 use gemm::Parallelism;
 use rayon::prelude::*;
 use sd3_core::{DType, Layout};
-use std::sync::OnceLock;
 
 /// Width bounds of a converted right-hand panel (K×width f32 scratch per task).
 const MIN_PANEL: usize = 128;
@@ -46,7 +45,7 @@ pub unsafe fn gemm_f32(m: usize, n: usize, k: usize, dst: Mat, accumulate: bool,
         }
         return;
     }
-    if use_sgemm() && m * n * k >= 32 * 32 * 32 {
+    if sgemm::enabled() && m * n * k >= 32 * 32 * 32 {
         let threads = match par {
             Parallelism::None => 1,
             _ => rayon::current_num_threads(),
@@ -78,13 +77,6 @@ pub unsafe fn gemm_f32(m: usize, n: usize, k: usize, dst: Mat, accumulate: bool,
             par,
         )
     }
-}
-
-/// Whether f32 products go to the AVX-512 kernel ([`sgemm`]); `SD3_CPU_SGEMM=0` forces the `gemm` crate
-/// (for comparisons).
-fn use_sgemm() -> bool {
-    static USE: OnceLock<bool> = OnceLock::new();
-    *USE.get_or_init(|| sgemm::available() && std::env::var("SD3_CPU_SGEMM").map_or(true, |v| v != "0"))
 }
 
 /// Offsets of each batch matrix of a `[batch.., r, c]` layout, in batch row-major order.

@@ -11,9 +11,9 @@ use std::arch::x86_64::*;
 use rayon::prelude::*;
 
 /// Rows of the micro-kernel's C tile.
-const MR: usize = 12;
+pub(crate) const MR: usize = 12;
 /// Columns of the micro-kernel's C tile: two 16-lane vectors.
-const NR: usize = 32;
+pub(crate) const NR: usize = 32;
 /// Depth of one packed block: the B micro-panel (KC×NR) stays in L1.
 const KC: usize = 256;
 /// Rows of one packed A block (MC×KC stays in L2).
@@ -31,6 +31,13 @@ pub fn available() -> bool {
     }
 }
 
+/// Whether the kernels use this module: [`available`], unless `SD3_CPU_SGEMM=0` asks for the portable
+/// paths (the `gemm` crate), e.g. to compare or to test them on an AVX-512 machine.
+pub fn enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| available() && std::env::var("SD3_CPU_SGEMM").map_or(true, |v| v != "0"))
+}
+
 /// A strided f32 matrix: element (i, j) at `ptr + i·rs + j·cs`.
 #[derive(Clone, Copy)]
 pub struct Strided {
@@ -45,7 +52,7 @@ unsafe impl Sync for Strided {}
 
 impl Strided {
     #[inline(always)]
-    unsafe fn at(&self, i: usize, j: usize) -> *mut f32 {
+    pub(crate) unsafe fn at(&self, i: usize, j: usize) -> *mut f32 {
         unsafe { self.ptr.offset(i as isize * self.rs + j as isize * self.cs) }
     }
 }
@@ -168,10 +175,22 @@ unsafe fn pack_a(ap: &mut [f32], a: Strided, r0: usize, mc: usize, pc: usize, kc
     }
 }
 
-/// The `MR×NR` micro-kernel: `C[..mr, ..nr] (+)= Apanel·Bpanel` over depth `kc`.
+/// The `MR×NR` micro-kernel: `C[..mr, ..nr] (+)= Apanel·Bpanel` over depth `kc`. A panel: `kc` columns of
+/// `MR` floats; B panel: `kc` rows of `NR` floats.
+///
+/// # Safety
+/// [`available`] must be true; the panels must hold `kc` steps; C must be valid for `mr×nr` with its strides.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, c: Strided, overwrite: bool, mr: usize, nr: usize) {
+pub(crate) unsafe fn kernel(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: Strided,
+    overwrite: bool,
+    mr: usize,
+    nr: usize,
+) {
     unsafe {
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
         for p in 0..kc {
@@ -212,6 +231,6 @@ unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, c: Strided, overwrite:
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn kernel(_: usize, _: *const f32, _: *const f32, _: Strided, _: bool, _: usize, _: usize) {
+pub(crate) unsafe fn kernel(_: usize, _: *const f32, _: *const f32, _: Strided, _: bool, _: usize, _: usize) {
     unreachable!("sgemm::available() is false off x86-64")
 }

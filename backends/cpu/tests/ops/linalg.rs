@@ -109,21 +109,25 @@ fn attention_short_and_long() {
 #[test]
 fn attention_causal_bias_qknorm_strided() {
     for dt in FLOATS {
-        let (b, h, nq, nk, dh) = (2, 3, 70, 300, 32);
-        // q, k, v and out as permuted views of [B, N, H, D] (how the models lay them out).
-        let q = spec(dt, &[b, h, nq, dh]).permuted(&[0, 2, 1, 3]);
-        let k = spec(dt, &[b, h, nk, dh]).permuted(&[0, 2, 1, 3]);
-        let v = spec(DType::F32, &[b, h, nk, dh]).permuted(&[0, 2, 1, 3]);
-        let out = spec(dt, &[b, h, nq, dh]).permuted(&[0, 2, 1, 3]);
-        let bias = spec(dt, &[b, h, nq, nk]).broadcast(&[0, 1]).gen(Gen::Uniform(-1.0, 1.0));
-        let (qn, kn) = (spec(dt, &[dh]), spec(DType::F32, &[dh]));
-        for causal in [false, true] {
-            let op = attention_op(0.2, causal, true, true);
-            let ins = [q.clone(), k.clone(), v.clone(), bias.clone(), qn.clone(), kn.clone()];
-            check(&format!("attn full {dt} causal={causal}"), op, &ins, &out, MM);
-            let op = attention_op(0.2, causal, false, false);
-            let ins = [q.clone(), k.clone(), v.clone()];
-            check(&format!("attn causal {dt} {causal}"), op, &ins, &spec(dt, &[b, h, nq, dh]).sliced(), MM);
+        // One query block against two key tiles; several query blocks, some past the causal diagonal.
+        for (nq, nk) in [(70, 300), (200, 250)] {
+            let (b, h, dh) = (2, 3, 32);
+            // q, k, v and out as permuted views of [B, N, H, D] (how the models lay them out).
+            let q = spec(dt, &[b, h, nq, dh]).permuted(&[0, 2, 1, 3]);
+            let k = spec(dt, &[b, h, nk, dh]).permuted(&[0, 2, 1, 3]);
+            let v = spec(DType::F32, &[b, h, nk, dh]).permuted(&[0, 2, 1, 3]);
+            let out = spec(dt, &[b, h, nq, dh]).permuted(&[0, 2, 1, 3]);
+            let bias = spec(dt, &[b, h, nq, nk]).broadcast(&[0, 1]).gen(Gen::Uniform(-1.0, 1.0));
+            let (qn, kn) = (spec(dt, &[dh]), spec(DType::F32, &[dh]));
+            for causal in [false, true] {
+                let op = attention_op(0.2, causal, true, true);
+                let ins = [q.clone(), k.clone(), v.clone(), bias.clone(), qn.clone(), kn.clone()];
+                check(&format!("attn full {dt} {nq}x{nk} causal={causal}"), op, &ins, &out, MM);
+                let op = attention_op(0.2, causal, false, false);
+                let ins = [q.clone(), k.clone(), v.clone()];
+                let o = spec(dt, &[b, h, nq, dh]).sliced();
+                check(&format!("attn causal {dt} {nq}x{nk} {causal}"), op, &ins, &o, MM);
+            }
         }
     }
 }
