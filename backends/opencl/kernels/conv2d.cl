@@ -39,3 +39,10 @@ inline float conv_x(global const uchar *x, uint xdt, const View *xv, uint k, uin
         st(y, ydt, yv.off + b_ * yv.st[0] + (m) * yv.st[1] + oy_ * yv.st[2] + ox_ * yv.st[3],                   \
            (v) + (has_bias ? ld(bias, biasdt, bias_off + (ulong)(m) * bias_st) : 0.0f));                        \
     }
+// The weights [O, C, KH, KW] are rows of A contiguous in k = (c, ky, kx) when stored densely; the im2col B
+// matrix never is.
+#define A_RAW_OK                                                                                                \
+    (wdt == MMA_DT && wv.st[3] == 1 && wv.st[2] == KW && wv.st[1] == KH * KW && wv.off % 8 == 0 && wv.st[0] % 8 == 0)
+#define A_RAW_ROW(m) ((global const ushort *)w + wv.off + (ulong)(m) * wv.st[0])
+#define B_RAW_OK 0
+#define B_RAW_COL(n) ((global const ushort *)x)

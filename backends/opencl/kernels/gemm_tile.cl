@@ -75,3 +75,7 @@ void GEMM_NAME(GEMM_ARGS) {
 #undef A_KFAST
 #undef B_NFAST
 #undef GEMM_STORE
+#undef A_RAW_OK
+#undef A_RAW_ROW
+#undef B_RAW_OK
+#undef B_RAW_COL

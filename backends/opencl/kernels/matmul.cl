@@ -18,3 +18,8 @@
 #define GEMM_STORE(m, n, v)                                                                                     \
     st(y, ydt, yo + (ulong)(m) * y_sm + (ulong)(n) * y_sn,                                                      \
        (v) + (has_bias ? ld(bias, biasdt, bias_off + (ulong)(n) * bias_st) : 0.0f))
+// Raw 16-bit staging for the tensor-core body (gemm_mma.cl): k contiguous, rows 16-byte aligned.
+#define A_RAW_OK (adt == MMA_DT && a_sk == 1 && ao % 8 == 0 && a_sm % 8 == 0)
+#define A_RAW_ROW(m) ((global const ushort *)a + ao + (ulong)(m) * a_sm)
+#define B_RAW_OK (bdt == MMA_DT && b_sk == 1 && bo % 8 == 0 && b_sn % 8 == 0)
+#define B_RAW_COL(n) ((global const ushort *)b + bo + (ulong)(n) * b_sn)

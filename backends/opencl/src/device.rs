@@ -56,6 +56,9 @@ pub struct OpenClDevice {
     pub(crate) memory: Memory,
     pub(crate) programs: ProgramCache,
     pub(crate) tuning: Tuning,
+    /// Set when the tensor-core GEMM failed to build here (the message is kept for `stats`); the SIMT GEMM
+    /// then runs everything.
+    pub(crate) mma_failure: Mutex<Option<String>>,
     exec: Mutex<Exec>,
 }
 
@@ -77,6 +80,7 @@ impl OpenClDevice {
             programs: ProgramCache::new(cache_dir),
             tuning: Tuning::for_device(&cl),
             exec: Mutex::new(Exec { kernels: HashMap::new(), error_flag: None }),
+            mma_failure: Mutex::new(None),
             cl,
             context,
             queue,
@@ -148,6 +152,11 @@ impl Device for OpenClDevice {
             format!("opencl.programs_built={}", s.built.load(Ordering::Relaxed)),
             format!("opencl.programs_loaded_from_cache={}", s.loaded.load(Ordering::Relaxed)),
             format!("opencl.cache_entries_rebuilt={}", s.rebuilt_corrupt.load(Ordering::Relaxed)),
+            match (self.cl.tensor_cores, self.mma_failure.lock().unwrap().as_ref()) {
+                (false, _) => "opencl.mma=unavailable".to_string(),
+                (true, None) => "opencl.mma=on".to_string(),
+                (true, Some(e)) => format!("opencl.mma=off (build failed: {})", e.lines().next().unwrap_or("")),
+            },
         ]
     }
 }

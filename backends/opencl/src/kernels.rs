@@ -8,6 +8,8 @@ const REDUCE: &str = include_str!("../kernels/reduce.cl");
 const GEMM_TILE: &str = include_str!("../kernels/gemm_tile.cl");
 const MATMUL: &str = include_str!("../kernels/matmul.cl");
 const CONV2D: &str = include_str!("../kernels/conv2d.cl");
+const MMA: &str = include_str!("../kernels/mma.cl");
+const GEMM_MMA: &str = include_str!("../kernels/gemm_mma.cl");
 const ATTENTION: &str = include_str!("../kernels/attention.cl");
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -15,6 +17,8 @@ pub enum ProgramKind {
     Elementwise,
     Reduce,
     Gemm,
+    /// The tensor-core GEMM (NVIDIA sm_80+ only; needs `-DMMA_BF16=0|1`).
+    GemmMma,
     Attention,
 }
 
@@ -24,6 +28,7 @@ impl ProgramKind {
             ProgramKind::Elementwise => "elementwise",
             ProgramKind::Reduce => "reduce",
             ProgramKind::Gemm => "gemm",
+            ProgramKind::GemmMma => "gemm_mma",
             ProgramKind::Attention => "attention",
         }
     }
@@ -36,6 +41,7 @@ pub fn source(kind: ProgramKind) -> String {
         ProgramKind::Elementwise => &[COMMON, ELEMENTWISE],
         ProgramKind::Reduce => &[COMMON, REDUCE],
         ProgramKind::Gemm => &[COMMON, MATMUL, GEMM_TILE, CONV2D, GEMM_TILE],
+        ProgramKind::GemmMma => &[COMMON, MMA, MATMUL, GEMM_MMA, CONV2D, GEMM_MMA],
         ProgramKind::Attention => &[COMMON, ATTENTION],
     };
     parts.join("\n")

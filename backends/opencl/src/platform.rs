@@ -16,6 +16,8 @@ const DEVICE_NOT_FOUND: i32 = -1;
 const DEVICE_PCI_BUS_ID_NV: u32 = 0x4008;
 const DEVICE_PCI_SLOT_ID_NV: u32 = 0x4009;
 const DEVICE_PCI_DOMAIN_ID_NV: u32 = 0x400A;
+/// `cl_nv_device_attribute_query`: compute capability (major) of an NVIDIA device.
+const DEVICE_COMPUTE_CAPABILITY_MAJOR_NV: u32 = 0x4000;
 /// `cl_amd_device_attribute_query`: the PCIe topology of an AMD device.
 const DEVICE_TOPOLOGY_AMD: u32 = 0x4037;
 /// `cl_khr_pci_bus_info`.
@@ -39,6 +41,8 @@ pub struct ClDevice {
     pub max_work_group: usize,
     pub compute_units: u32,
     pub pci_id: Option<String>,
+    /// NVIDIA sm_80 or newer: the GEMM kernels may use `mma.sync` through inline PTX.
+    pub tensor_cores: bool,
 }
 
 // The ids are handles owned by the ICD loader for the life of the process.
@@ -72,6 +76,7 @@ impl ClDevice {
                 format!("cl_khr_fp16={}", yes_no(self.has_extension("cl_khr_fp16"))),
                 format!("cl_khr_fp64={}", yes_no(self.has_extension("cl_khr_fp64"))),
                 format!("compute_units={}", self.compute_units),
+                format!("tensor_cores={}", if self.tensor_cores { "mma.sync (f16/bf16 matmul, conv2d)" } else { "no" }),
                 format!("max_alloc_bytes={}", self.max_alloc),
                 format!("local_mem_bytes={}", self.local_mem),
                 "arithmetic=f32".into(),
@@ -193,6 +198,8 @@ fn describe(platform: cl_platform_id, platform_name: &str, device: cl_device_id)
         DeviceKind::Other
     };
     let extensions = c_string(device_bytes(device, ffi::CL_DEVICE_EXTENSIONS));
+    let nv = extensions.split_whitespace().any(|e| e == "cl_nv_device_attribute_query");
+    let tensor_cores = nv && device_u32(device, DEVICE_COMPUTE_CAPABILITY_MAJOR_NV).is_some_and(|cc| cc >= 8);
     ClDevice {
         platform,
         device,
@@ -203,6 +210,7 @@ fn describe(platform: cl_platform_id, platform_name: &str, device: cl_device_id)
         driver_version: c_string(device_bytes(device, ffi::CL_DRIVER_VERSION)),
         device_version: c_string(device_bytes(device, ffi::CL_DEVICE_VERSION)),
         pci_id: pci_id(device, &extensions),
+        tensor_cores,
         extensions,
         global_mem: device_u64(device, ffi::CL_DEVICE_GLOBAL_MEM_SIZE),
         max_alloc: device_u64(device, ffi::CL_DEVICE_MAX_MEM_ALLOC_SIZE),

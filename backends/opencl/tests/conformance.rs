@@ -3,6 +3,8 @@
 
 mod common;
 
+use sd3_core::Device;
+
 #[test]
 fn conformance_suite_passes() {
     let Some(dev) = common::device() else { return };
@@ -10,6 +12,7 @@ fn conformance_suite_passes() {
     let mut table = Vec::new();
     report.write_table(&mut table).unwrap();
     println!("{}", String::from_utf8_lossy(&table));
+    println!("{}: {:?}", dev.info().name, dev.stats());
     assert!(report.all_passed(), "{}", report.summary());
 }
 
@@ -24,4 +27,5 @@ fn perf_table() {
     let mut table = Vec::new();
     report.write_table(&mut table).unwrap();
     println!("{}", String::from_utf8_lossy(&table));
+    println!("{}: {:?}", dev.info().name, dev.stats());
 }

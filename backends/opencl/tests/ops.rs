@@ -145,6 +145,25 @@ fn matmul_shapes_layouts_dtypes() {
     check("matmul bf16 weight", Op::Matmul { bias: false }, &[a, b], &Spec::new(&[33, 40], F32), tol);
 }
 
+/// Shapes that exercise the tensor-core GEMM where the device has one (NVIDIA sm_80+; elsewhere the SIMT one):
+/// 16-bit rows copied raw with a k tail (K = 72), unaligned rows converted one by one (K = 53), several tiles.
+#[test]
+fn matmul_half_precision_tiles() {
+    need_device!();
+    for (dt, k) in [(F16, 72), (BF16, 72), (F16, 53), (BF16, 53)] {
+        let a = Spec::new(&[2, 130, k], dt);
+        let b = Spec::strided(&[2, k, 150], &[0, 1, k], 0, dt);
+        let bias = Spec::new(&[150], dt);
+        let y = Spec::new(&[2, 130, 150], F32);
+        check(&format!("matmul {dt} k={k}"), Op::Matmul { bias: true }, &[a, b, bias], &y, tol_for(F32, 1e-4));
+    }
+    // conv2d with dense f16 weights (raw A rows) and K = C·KH·KW = 144.
+    let x = Spec::new(&[1, 16, 12, 10], F16);
+    let (w, b) = (Spec::new(&[40, 16, 3, 3], F16), Spec::new(&[40], F16));
+    let op = Op::Conv2d { stride: [1, 1], padding: [1, 1], bias: true };
+    check("conv f16 dense weights", op, &[x, w, b], &Spec::new(&[1, 40, 12, 10], F32), tol_for(F32, 1e-4));
+}
+
 #[test]
 fn softmax_and_norms() {
     need_device!();

@@ -3,16 +3,48 @@
 use super::args::{collapse, Args, ClView};
 use super::Ctx;
 use crate::kernels::ProgramKind;
-use sd3_core::{Error, OpCall, Result, TensorDesc};
+use ocl::core::Kernel;
+use sd3_core::{DType, Error, OpCall, Result, TensorDesc};
 
 fn batch_view(t: &TensorDesc, r: usize) -> (&[usize], usize) {
     (&t.strides()[..r - 2], t.layout.offset)
 }
 
-/// Global size of a GEMM over an M x N output: 16x16 work-groups, each covering a 16·rm x 16·rn tile.
-fn gemm_global(cx: &Ctx, m: usize, n: usize, batch: usize) -> [usize; 3] {
-    let t = &cx.dev.tuning;
-    [n.div_ceil(16 * t.gemm_rn) * 16, m.div_ceil(16 * t.gemm_rm) * 16, batch]
+/// A GEMM kernel with its launch shape: the tensor-core one (128 threads per 64x64 tile) where the device has
+/// tensor cores and both operands are f16 or both bf16, else the SIMT one (16x16 threads per 16·rm x 16·rn tile).
+struct GemmKernel {
+    kernel: Kernel,
+    mma: bool,
+}
+
+impl GemmKernel {
+    fn pick(cx: &mut Ctx, name: &'static str, a: DType, b: DType) -> Result<GemmKernel> {
+        let variant = match (a, b) {
+            (DType::F16, DType::F16) => Some("-DMMA_BF16=0"),
+            (DType::BF16, DType::BF16) => Some("-DMMA_BF16=1"),
+            _ => None,
+        };
+        let enabled = cx.dev.cl.tensor_cores
+            && std::env::var("SD3_OPENCL_MMA").map_or(true, |v| v != "0")
+            && cx.dev.mma_failure.lock().unwrap().is_none();
+        if let (Some(options), true) = (variant, enabled) {
+            match cx.kernel(ProgramKind::GemmMma, name, options) {
+                Ok(kernel) => return Ok(GemmKernel { kernel, mma: true }),
+                // A driver that rejects the inline PTX still runs every GEMM, on the SIMT kernel.
+                Err(e) => *cx.dev.mma_failure.lock().unwrap() = Some(e.to_string()),
+            }
+        }
+        Ok(GemmKernel { kernel: cx.kernel(ProgramKind::Gemm, name, "")?, mma: false })
+    }
+
+    fn launch(&self, cx: &Ctx, m: usize, n: usize, batch: usize) -> Result<()> {
+        if self.mma {
+            return cx.launch(&self.kernel, [n.div_ceil(64) * 128, m.div_ceil(64), batch], [128, 1, 1]);
+        }
+        let t = &cx.dev.tuning;
+        let global = [n.div_ceil(16 * t.gemm_rn) * 16, m.div_ceil(16 * t.gemm_rm) * 16, batch];
+        cx.launch(&self.kernel, global, [16, 16, 1])
+    }
 }
 
 pub fn matmul(cx: &mut Ctx, call: &OpCall, has_bias: bool) -> Result<()> {
@@ -27,9 +59,10 @@ pub fn matmul(cx: &mut Ctx, call: &OpCall, has_bias: bool) -> Result<()> {
     let (bsh, v, _) = collapse(batch_shape, &[batch_view(a, r), batch_view(b, r), batch_view(y, r)]);
     let bias = if has_bias { &call.inputs[2] } else { y };
     let (bias_off, bias_st) = if has_bias { (bias.layout.offset, bias.strides()[0]) } else { (0, 0) };
-    let kern = cx.kernel(ProgramKind::Gemm, "matmul", "")?;
+    let gk = GemmKernel::pick(cx, "matmul", a.dtype, b.dtype)?;
+    let kern = &gk.kernel;
     let (ast, bst, yst) = (a.strides(), b.strides(), y.strides());
-    Args::new(&kern)
+    Args::new(kern)
         .u32(m as u32)
         .u32(n as u32)
         .u32(k as u32)
@@ -49,7 +82,7 @@ pub fn matmul(cx: &mut Ctx, call: &OpCall, has_bias: bool) -> Result<()> {
         .u64(yst[r - 2] as u64)
         .u64(yst[r - 1] as u64)
         .done()?;
-    cx.launch(&kern, gemm_global(cx, m, n, batch), [16, 16, 1])
+    gk.launch(cx, m, n, batch)
 }
 
 pub fn conv2d(cx: &mut Ctx, call: &OpCall, stride: [usize; 2], padding: [usize; 2], has_bias: bool) -> Result<()> {
@@ -73,8 +106,9 @@ pub fn conv2d(cx: &mut Ctx, call: &OpCall, stride: [usize; 2], padding: [usize; 
     let (m, n, k) = (o, nb * oh * ow, c * kh * kw);
     let bias = if has_bias { &call.inputs[2] } else { y };
     let (bias_off, bias_st) = if has_bias { (bias.layout.offset, bias.strides()[0]) } else { (0, 0) };
-    let kern = cx.kernel(ProgramKind::Gemm, "conv2d", "")?;
-    let mut a = Args::new(&kern);
+    let gk = GemmKernel::pick(cx, "conv2d", x.dtype, w.dtype)?;
+    let kern = &gk.kernel;
+    let mut a = Args::new(kern);
     a.u32(m as u32).u32(n as u32).u32(k as u32).u32(has_bias as u32);
     for v in [h, wd, kh, kw, oh, ow, stride[0], stride[1], padding[0], padding[1]] {
         a.u32(v as u32);
@@ -87,5 +121,5 @@ pub fn conv2d(cx: &mut Ctx, call: &OpCall, stride: [usize; 2], padding: [usize; 
         .u64(bias_st as u64)
         .operand(&cx.mem(y)?, y.dtype, &ClView::of(y))
         .done()?;
-    cx.launch(&kern, gemm_global(cx, m, n, 1), [16, 16, 1])
+    gk.launch(cx, m, n, 1)
 }
