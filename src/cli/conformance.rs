@@ -47,7 +47,10 @@ pub fn run(args: ConformanceArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("writing the JSON report to {}", path.display()))?;
     }
     if report.results.is_empty() {
-        anyhow::bail!("no case matches --filter {:?}", args.filter.as_deref().unwrap_or(""));
+        match &args.filter {
+            Some(f) => anyhow::bail!("no case matches --filter {f:?}"),
+            None => anyhow::bail!("no case to run: the device lists no dtypes it computes in (DeviceInfo::dtypes)"),
+        }
     }
     Ok(if report.all_passed() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

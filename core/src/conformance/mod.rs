@@ -95,5 +95,5 @@ pub fn run_cases(device: &dyn Device, cases: &[Case], options: &Options) -> Repo
             run_case(device, &reference, case, options.seed)
         });
     }
-    Report { device: String::new(), perf_mode: options.perf, results }
+    Report { device: String::new(), perf_mode: options.perf, seed: options.seed, results }
 }

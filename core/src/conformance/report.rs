@@ -106,6 +106,8 @@ pub struct Report {
     /// The device's name, as it reports it.
     pub device: String,
     pub perf_mode: bool,
+    /// The base seed the inputs were generated from (`Options::seed`).
+    pub seed: u64,
     pub results: Vec<CaseResult>,
 }
 
@@ -191,14 +193,15 @@ impl Report {
         writeln!(w, "{}", self.summary())
     }
 
-    /// The report as a JSON object: `{"device", "mode", "summary": {...}, "cases": [{...}]}`.
+    /// The report as a JSON object: `{"device", "mode", "seed", "summary": {...}, "cases": [{...}]}`.
     pub fn to_json(&self) -> String {
         let mut s = String::new();
         let _ = write!(
             s,
-            "{{\n  \"device\": {},\n  \"mode\": \"{}\",\n  \"summary\": {{\"passed\": {}, \"failed\": {}, \"unsupported\": {}, \"total\": {}}},\n  \"cases\": [",
+            "{{\n  \"device\": {},\n  \"mode\": \"{}\",\n  \"seed\": {},\n  \"summary\": {{\"passed\": {}, \"failed\": {}, \"unsupported\": {}, \"total\": {}}},\n  \"cases\": [",
             json_str(&self.device),
             if self.perf_mode { "perf" } else { "test" },
+            self.seed,
             self.passed(),
             self.failed(),
             self.unsupported(),
