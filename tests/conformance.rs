@@ -40,6 +40,10 @@ enum Fault {
     Decline(&'static str),
     /// Do not write the output at all.
     Skip(&'static str),
+    /// Treat every input as contiguous (from its offset), ignoring its strides.
+    IgnoreInputStrides(&'static str),
+    /// Write the output as if it were contiguous (from its offset), ignoring its strides.
+    IgnoreOutputStrides(&'static str),
 }
 
 /// The reference device (f32 only, to keep these tests quick) with one deliberate fault.
@@ -62,7 +66,9 @@ impl Faulty {
             | Fault::Panic(op)
             | Fault::Error(op)
             | Fault::Decline(op)
-            | Fault::Skip(op) => op,
+            | Fault::Skip(op)
+            | Fault::IgnoreInputStrides(op)
+            | Fault::IgnoreOutputStrides(op) => op,
         };
         (call.op.name() == op).then_some(self.fault)
     }
@@ -110,6 +116,14 @@ impl Device for Faulty {
             Some(Fault::Panic(op)) => panic!("deliberate panic in {op}"),
             Some(Fault::Error(op)) => return Err(Error::backend("faulty", format!("deliberate failure in {op}"))),
             Some(Fault::Skip(_)) => return Ok(()),
+            Some(Fault::IgnoreInputStrides(_)) => {
+                let inputs: Vec<_> = call.inputs.iter().map(as_contiguous).collect();
+                return self.inner.execute(&OpCall { inputs: &inputs, ..call.clone() });
+            }
+            Some(Fault::IgnoreOutputStrides(_)) => {
+                let outputs = [as_contiguous(&call.outputs[0])];
+                return self.inner.execute(&OpCall { outputs: &outputs, ..call.clone() });
+            }
             _ => {}
         }
         self.inner.execute(call)?;
@@ -137,6 +151,13 @@ impl Device for Faulty {
     fn synchronize(&self) -> Result<()> {
         Ok(())
     }
+}
+
+/// The same view with contiguous strides from its offset: what a kernel that ignores strides addresses.
+fn as_contiguous(t: &sd3::core::TensorDesc) -> sd3::core::TensorDesc {
+    let mut layout = sd3::core::Layout::contiguous(&t.layout.shape);
+    layout.offset = t.layout.offset;
+    sd3::core::TensorDesc { layout, ..t.clone() }
 }
 
 /// Run the suite filtered to `filter` on a device with `fault`.
@@ -200,6 +221,27 @@ fn missing_output_fails() {
     assert_only_op_fails(&report, "rms_norm", |f| {
         matches!(f, Failure::Nmse { .. } | Failure::NaN { .. } | Failure::InfMismatch { .. })
     });
+}
+
+#[test]
+fn ignoring_strides_fails_exactly_the_strided_cases() {
+    let report = run_faulty(Fault::IgnoreInputStrides("binary.mul"), "binary.mul");
+    for r in &report.results {
+        // Shape labels tag every non-contiguous operand (T, P, S, B); untagged cases are unaffected.
+        let strided_input = r.shape.split(" → ").next().unwrap().contains(|c: char| "TPSB".contains(c));
+        assert_eq!(matches!(r.status, Status::Fail(_)), strided_input, "{} {}: {:?}", r.op, r.shape, r.status);
+    }
+    assert!(report.failed() >= 4 && report.passed() >= 2, "{}", report.summary());
+
+    let report = run_faulty(Fault::IgnoreOutputStrides("unary.tanh"), "unary.tanh");
+    for r in &report.results {
+        if r.shape.ends_with("]S") {
+            assert!(matches!(r.status, Status::Fail(Failure::Sentinel { .. })), "{}: {:?}", r.shape, r.status);
+        } else {
+            assert_eq!(r.status, Status::Pass, "{}", r.shape);
+        }
+    }
+    assert_eq!(report.failed(), 1, "{}", report.summary());
 }
 
 #[test]
