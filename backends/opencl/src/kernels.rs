@@ -11,6 +11,7 @@ const CONV2D: &str = include_str!("../kernels/conv2d.cl");
 const MMA: &str = include_str!("../kernels/mma.cl");
 const GEMM_MMA: &str = include_str!("../kernels/gemm_mma.cl");
 const ATTENTION: &str = include_str!("../kernels/attention.cl");
+const ATTENTION_MMA: &str = include_str!("../kernels/attention_mma.cl");
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ProgramKind {
@@ -20,6 +21,8 @@ pub enum ProgramKind {
     /// The tensor-core GEMM (NVIDIA sm_80+ only; needs `-DMMA_BF16=0|1`).
     GemmMma,
     Attention,
+    /// The tensor-core attention (NVIDIA sm_80+ only; needs `-DMMA_BF16=0|1 -DD=<head dim>`).
+    AttentionMma,
 }
 
 impl ProgramKind {
@@ -30,6 +33,7 @@ impl ProgramKind {
             ProgramKind::Gemm => "gemm",
             ProgramKind::GemmMma => "gemm_mma",
             ProgramKind::Attention => "attention",
+            ProgramKind::AttentionMma => "attention_mma",
         }
     }
 }
@@ -43,6 +47,7 @@ pub fn source(kind: ProgramKind) -> String {
         ProgramKind::Gemm => &[COMMON, MATMUL, GEMM_TILE, CONV2D, GEMM_TILE],
         ProgramKind::GemmMma => &[COMMON, MMA, MATMUL, GEMM_MMA, CONV2D, GEMM_MMA],
         ProgramKind::Attention => &[COMMON, ATTENTION],
+        ProgramKind::AttentionMma => &[COMMON, MMA, ATTENTION_MMA],
     };
     parts.join("\n")
 }

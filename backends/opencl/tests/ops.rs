@@ -236,6 +236,24 @@ fn attention_long_masked_normed() {
     check("attention causal f16", op, &[q, k, v], &Spec::new(&[b, h, n, dv], F16), tol_for(F16, 0.0));
 }
 
+/// Shapes of the tensor-core attention where the device has one (f16/bf16, no mask or norm, head dim <= 64):
+/// partial query and key tiles, SD3's [B, N, H, D] memory layout, a small head dim.
+#[test]
+fn attention_half_precision_tiles() {
+    need_device!();
+    let op = Op::Attention { scale: 0.125, causal: false, bias: false, qk_norm: false, norm_eps: 0.0 };
+    for dt in [F16, BF16] {
+        let (b, h, nq, nk, d) = (2, 3, 100, 1030, 64);
+        let q = Spec::permuted(&[b, h, nq, d], &[0, 2, 1, 3], dt);
+        let k = Spec::permuted(&[b, h, nk, d], &[0, 2, 1, 3], dt);
+        let v = Spec::permuted(&[b, h, nk, d], &[0, 2, 1, 3], dt);
+        check(&format!("attention {dt} d64"), op, &[q, k, v], &Spec::new(&[b, h, nq, d], F32), tol_for(dt, 0.0));
+        let (q, k, v) =
+            (Spec::new(&[1, 2, 37, 32], dt), Spec::new(&[1, 2, 45, 32], dt), Spec::new(&[1, 2, 45, 32], dt));
+        check(&format!("attention {dt} d32"), op, &[q, k, v], &Spec::new(&[1, 2, 37, 32], dt), tol_for(dt, 0.0));
+    }
+}
+
 #[test]
 fn conv2d_and_upsample() {
     need_device!();

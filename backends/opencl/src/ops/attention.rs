@@ -4,7 +4,7 @@
 use super::args::{Args, ClView};
 use super::Ctx;
 use crate::kernels::ProgramKind;
-use sd3_core::{Error, Op, OpCall, Result};
+use sd3_core::{DType, Error, Op, OpCall, Result};
 
 /// Keys per local-memory tile: as many as fit 16 KiB of K and V rows, a power of two in 4..=32.
 fn key_tile(dh: usize, dv: usize) -> usize {
@@ -27,6 +27,36 @@ pub fn run(cx: &mut Ctx, call: &OpCall) -> Result<()> {
     if !shapes_ok {
         let msg = format!("q {:?}, k {:?}, v {:?} into {:?}", q.shape(), k.shape(), v.shape(), o.shape());
         return Err(Error::shape("attention", msg));
+    }
+    if !causal && !bias && !qk_norm && dh == dv && dh % 16 == 0 && dh <= 64 {
+        let same = |d: DType| q.dtype == d && k.dtype == d && v.dtype == d;
+        let variant = if same(DType::F16) {
+            Some(0)
+        } else if same(DType::BF16) {
+            Some(1)
+        } else {
+            None
+        };
+        if let (Some(bf16), true) = (variant, cx.mma_enabled()) {
+            let options = format!("-DMMA_BF16={bf16} -DD={dh}");
+            match cx.kernel(ProgramKind::AttentionMma, "attention_mma", &options) {
+                Ok(kern) => {
+                    Args::new(&kern)
+                        .u32(h as u32)
+                        .u32(nq as u32)
+                        .u32(nk as u32)
+                        .f32(scale)
+                        .operand(&cx.mem(q)?, q.dtype, &ClView::of(q))
+                        .operand(&cx.mem(k)?, k.dtype, &ClView::of(k))
+                        .operand(&cx.mem(v)?, v.dtype, &ClView::of(v))
+                        .operand(&cx.mem(o)?, o.dtype, &ClView::of(o))
+                        .done()?;
+                    return cx.launch(&kern, [nq.div_ceil(64) * 128, b * h, 1], [128, 1, 1]);
+                }
+                // The SIMT kernel below runs it instead.
+                Err(e) => cx.mma_failed(e),
+            }
+        }
     }
     let bq = cx.dev.tuning.attn_bq;
     let bk = key_tile(dh, dv);

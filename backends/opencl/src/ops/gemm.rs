@@ -24,14 +24,11 @@ impl GemmKernel {
             (DType::BF16, DType::BF16) => Some("-DMMA_BF16=1"),
             _ => None,
         };
-        let enabled = cx.dev.cl.tensor_cores
-            && std::env::var("SD3_OPENCL_MMA").map_or(true, |v| v != "0")
-            && cx.dev.mma_failure.lock().unwrap().is_none();
-        if let (Some(options), true) = (variant, enabled) {
+        if let (Some(options), true) = (variant, cx.mma_enabled()) {
             match cx.kernel(ProgramKind::GemmMma, name, options) {
                 Ok(kernel) => return Ok(GemmKernel { kernel, mma: true }),
                 // A driver that rejects the inline PTX still runs every GEMM, on the SIMT kernel.
-                Err(e) => *cx.dev.mma_failure.lock().unwrap() = Some(e.to_string()),
+                Err(e) => cx.mma_failed(e),
             }
         }
         Ok(GemmKernel { kernel: cx.kernel(ProgramKind::Gemm, name, "")?, mma: false })

@@ -83,6 +83,19 @@ impl Ctx<'_> {
         self.exec.kernel(&p, name)
     }
 
+    /// Whether the tensor-core kernels may be used: the device has them, `SD3_OPENCL_MMA` is not `0`, and none
+    /// failed to build here.
+    pub fn mma_enabled(&self) -> bool {
+        self.dev.cl.tensor_cores
+            && std::env::var("SD3_OPENCL_MMA").map_or(true, |v| v != "0")
+            && self.dev.mma_failure.lock().unwrap().is_none()
+    }
+
+    /// Record that a tensor-core kernel failed to build: from now on the SIMT kernels run everything.
+    pub fn mma_failed(&self, e: sd3_core::Error) {
+        *self.dev.mma_failure.lock().unwrap() = Some(e.to_string());
+    }
+
     pub fn mem(&self, t: &TensorDesc) -> Result<Mem> {
         Ok(self.dev.memory.get(t.buffer)?.0)
     }

@@ -1,0 +1,147 @@
+// Fused attention on NVIDIA tensor cores (sm_80+), flash style: a 128-thread work-group (4 warps) owns 64 query
+// rows, 16 per warp; for each tile of 64 keys a warp computes its 16x64 scores S = Q·Kᵀ with mma.sync, keeps the
+// online softmax (running row max and sum) in registers, and accumulates O += P·V with P rounded to the MMA
+// operand type (the C fragment of S has the layout of P's A fragment, so P never leaves registers). The score
+// matrix is never written. Used for f16/bf16 q, k, v with head dim D = Dh = Dv (build option, a multiple of 16
+// up to 64: local memory), without bias, causal mask or qk norm (those run on attention.cl). Helpers: mma.cl.
+
+#define BQ 64
+#define BKV 64
+#define LDQ (D + 8)   // pitch of Qs and Ks rows (16-bit elements)
+#define LDV (BKV + 8) // pitch of Vt rows
+
+inline float shfl_xor(float v, uint lane_mask) {
+    uint r;
+    asm volatile("shfl.sync.bfly.b32 %0, %1, %2, 0x1f, 0xffffffff;" : "=r"(r) : "r"(as_uint(v)), "r"(lane_mask));
+    return as_float(r);
+}
+
+inline uint pack2(float lo, float hi) { return (uint)to_mma_bits(lo) | ((uint)to_mma_bits(hi) << 16); }
+
+// Stage a [rows x D] block (rows r0.., dims 0..D) of a [.., N, D] view into local memory, 16-bit, zero past N.
+// Rows whose D elements are contiguous, 16-byte aligned MMA_DT data are copied 8 at a time.
+inline void stage_rows(local ushort *dst, uint pitch, uint transpose, global const uchar *p, uint dt, ulong base,
+                       ulong row_st, ulong d_st, uint r0, uint N, uint tid) {
+    const bool raw = dt == MMA_DT && d_st == 1 && base % 8 == 0 && row_st % 8 == 0 && !transpose;
+    if (raw) {
+        for (uint c = tid; c < 64 * D / 8; c += 128) {
+            uint r = c / (D / 8), d = (c - r * (D / 8)) * 8;
+            uint4 v = (uint4)(0u);
+            if (r0 + r < N) v = *(global const uint4 *)((global const ushort *)p + base + (r0 + r) * row_st + d);
+            *(local uint4 *)&dst[r * pitch + d] = v;
+        }
+        return;
+    }
+    for (uint e = tid; e < 64 * D; e += 128) {
+        uint r = e / D, d = e - r * D;
+        float x = r0 + r < N ? ld(p, dt, base + (r0 + r) * row_st + d * d_st) : 0.0f;
+        dst[transpose ? d * pitch + r : r * pitch + d] = to_mma_bits(x);
+    }
+}
+
+kernel __attribute__((reqd_work_group_size(128, 1, 1)))
+void attention_mma(uint H, uint Nq, uint Nk, float scale,
+                   global const uchar *q, uint qdt, View qv,
+                   global const uchar *k, uint kdt, View kv,
+                   global const uchar *v, uint vdt, View vv,
+                   global uchar *o, uint odt, View ov) {
+    local ushort Qs[BQ * LDQ] __attribute__((aligned(16)));
+    local ushort Ks[BKV * LDQ] __attribute__((aligned(16)));
+    local ushort Vt[D * LDV] __attribute__((aligned(16)));
+    const uint tid = get_local_id(0), lane = tid & 31u, warp = tid >> 5;
+    const uint g = lane >> 2, t = lane & 3u;
+    const uint q0 = get_group_id(0) * BQ;
+    const uint bh = get_group_id(1), b = bh / H, h = bh - (bh / H) * H;
+    const ulong qb = qv.off + b * qv.st[0] + h * qv.st[1];
+    const ulong kb = kv.off + b * kv.st[0] + h * kv.st[1];
+    const ulong vb = vv.off + b * vv.st[0] + h * vv.st[1];
+    const ulong ob = ov.off + b * ov.st[0] + h * ov.st[1];
+
+    stage_rows(Qs, LDQ, 0, q, qdt, qb, qv.st[2], qv.st[3], q0, Nq, tid);
+    barrier(CLK_LOCAL_MEM_FENCE);
+    uint qf[D / 16][4];
+    const uint wr = warp * 16;
+    for (uint ks = 0; ks < D / 16; ++ks) {
+        uint c = ks * 16 + t * 2;
+        qf[ks][0] = *(local const uint *)&Qs[(wr + g) * LDQ + c];
+        qf[ks][1] = *(local const uint *)&Qs[(wr + g + 8) * LDQ + c];
+        qf[ks][2] = *(local const uint *)&Qs[(wr + g) * LDQ + c + 8];
+        qf[ks][3] = *(local const uint *)&Qs[(wr + g + 8) * LDQ + c + 8];
+    }
+    float acc[D / 8][4];
+    for (uint j = 0; j < D / 8; ++j)
+        for (uint r = 0; r < 4; ++r) acc[j][r] = 0.0f;
+    float m_row[2] = {-INFINITY, -INFINITY}, l_row[2] = {0.0f, 0.0f}; // rows g and g + 8 of this warp
+
+    for (uint j0 = 0; j0 < Nk; j0 += BKV) {
+        barrier(CLK_LOCAL_MEM_FENCE);
+        stage_rows(Ks, LDQ, 0, k, kdt, kb, kv.st[2], kv.st[3], j0, Nk, tid);
+        stage_rows(Vt, LDV, 1, v, vdt, vb, vv.st[2], vv.st[3], j0, Nk, tid);
+        barrier(CLK_LOCAL_MEM_FENCE);
+
+        float s[BKV / 8][4];
+        for (uint jn = 0; jn < BKV / 8; ++jn) {
+            for (uint r = 0; r < 4; ++r) s[jn][r] = 0.0f;
+            for (uint ks = 0; ks < D / 16; ++ks) {
+                uint kf[2];
+                uint c = ks * 16 + t * 2;
+                kf[0] = *(local const uint *)&Ks[(jn * 8 + g) * LDQ + c];
+                kf[1] = *(local const uint *)&Ks[(jn * 8 + g) * LDQ + c + 8];
+                mma_16816(s[jn], qf[ks], kf);
+            }
+        }
+        // Scale, mask keys past Nk, and update the running max of each of the two rows.
+        float mt[2] = {-INFINITY, -INFINITY};
+        for (uint jn = 0; jn < BKV / 8; ++jn) {
+            for (uint r = 0; r < 4; ++r) {
+                uint key = j0 + jn * 8 + t * 2 + (r & 1u);
+                s[jn][r] = key < Nk ? s[jn][r] * scale : -INFINITY;
+                mt[r >> 1] = fmax(mt[r >> 1], s[jn][r]);
+            }
+        }
+        float corr[2];
+        for (uint i = 0; i < 2; ++i) {
+            mt[i] = fmax(mt[i], shfl_xor(mt[i], 1));
+            mt[i] = fmax(mt[i], shfl_xor(mt[i], 2));
+            float mn = fmax(m_row[i], mt[i]);
+            corr[i] = mn == -INFINITY ? 1.0f : exp(m_row[i] - mn);
+            m_row[i] = mn;
+            l_row[i] *= corr[i];
+        }
+        for (uint j = 0; j < D / 8; ++j)
+            for (uint r = 0; r < 4; ++r) acc[j][r] *= corr[r >> 1];
+        for (uint jn = 0; jn < BKV / 8; ++jn) {
+            for (uint r = 0; r < 4; ++r) {
+                float m = m_row[r >> 1];
+                float p = m == -INFINITY ? 0.0f : exp(s[jn][r] - m);
+                s[jn][r] = p;
+                l_row[r >> 1] += p;
+            }
+        }
+        // O += P·V: P's A fragment for keys 16kk..16kk+15 is the C fragments of S tiles 2kk and 2kk+1.
+        for (uint kk = 0; kk < BKV / 16; ++kk) {
+            uint pf[4];
+            pf[0] = pack2(s[2 * kk][0], s[2 * kk][1]);
+            pf[1] = pack2(s[2 * kk][2], s[2 * kk][3]);
+            pf[2] = pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            pf[3] = pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            for (uint jn = 0; jn < D / 8; ++jn) {
+                uint vf[2];
+                uint c = kk * 16 + t * 2;
+                vf[0] = *(local const uint *)&Vt[(jn * 8 + g) * LDV + c];
+                vf[1] = *(local const uint *)&Vt[(jn * 8 + g) * LDV + c + 8];
+                mma_16816(acc[jn], pf, vf);
+            }
+        }
+    }
+    for (uint i = 0; i < 2; ++i) {
+        l_row[i] += shfl_xor(l_row[i], 1);
+        l_row[i] += shfl_xor(l_row[i], 2);
+    }
+    for (uint j = 0; j < D / 8; ++j) {
+        for (uint r = 0; r < 4; ++r) {
+            uint row = q0 + wr + g + (r >> 1) * 8, c = j * 8 + t * 2 + (r & 1u);
+            if (row < Nq) st(o, odt, ob + row * ov.st[2] + c * ov.st[3], acc[j][r] / l_row[r >> 1]);
+        }
+    }
+}
