@@ -52,7 +52,7 @@ fn main() {
             tensor(&dev, &[m, n], DType::F32),
         );
     }
-    for (b, h, nt, d) in [(2, 24, 1024, 64), (2, 24, 4429, 64)] {
+    for (b, h, nt, d) in [(2, 24, 1024, 64), (2, 24, 1357, 64), (2, 24, 4429, 64)] {
         let qkv: Vec<TensorDesc> = (0..3).map(|_| tensor(&dev, &[b, h, nt, d], DType::F32)).collect();
         let op = Op::Attention { scale: 0.125, causal: false, bias: false, qk_norm: false, norm_eps: 0.0 };
         let flops = 4.0 * (b * h * nt * nt * d) as f64;
@@ -83,16 +83,12 @@ fn main() {
         &ins,
         tensor(&dev, &[b, nt, d], DType::F32),
     );
-    let ins = [tensor(&dev, &[b, nt, 4 * d / 2], DType::F32)];
-    time(
-        &dev,
-        "gelu_tanh 2x4096x3072",
-        8.0 * (b * nt * 2 * d) as f64,
-        "GB/s",
-        Op::Unary(sd3_core::UnaryOp::GeluTanh),
-        &ins,
-        tensor(&dev, &[b, nt, 2 * d], DType::F32),
-    );
+    let ins = [tensor(&dev, &[b, nt, 2 * d], DType::F32)];
+    for f in [sd3_core::UnaryOp::Neg, sd3_core::UnaryOp::Exp, sd3_core::UnaryOp::GeluTanh, sd3_core::UnaryOp::GeluErf] {
+        let name = format!("{} 2x4096x3072", f.name());
+        let out = tensor(&dev, &[b, nt, 2 * d], DType::F32);
+        time(&dev, &name, 8.0 * (b * nt * 2 * d) as f64, "GB/s", Op::Unary(f), &ins, out);
+    }
     let (ch, hw) = (128, 128);
     let ins = [
         tensor(&dev, &[1, ch, hw, hw], DType::F32),

@@ -39,15 +39,20 @@ pub fn exp(x: f32) -> f32 {
     // 1.5·2^23: adding it rounds to an integer without needing SSE4.1's round instruction.
     const ROUND: f32 = 12_582_912.0;
     let xc = x.clamp(-87.3, 88.7);
-    let n = (xc * LOG2E + ROUND) - ROUND;
+    let t = xc * LOG2E + ROUND;
+    let n = t - ROUND;
     let r = (xc - n * LN2_HI) - n * LN2_LO;
     // Taylor series to degree 7 on |r| <= ln2/2: truncation error below 6e-9 relative.
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
-    let y = p * scale;
+    // 2^n from the bits of t, whose low mantissa bits hold n: integer ops only, because a float-to-int `as`
+    // (saturating) does not vectorise well. Two factors, so n = 128 (x near 88.7) does not overflow.
+    let ni = t.to_bits().wrapping_sub(ROUND.to_bits()) as i32;
+    let (na, nb) = (ni >> 1, ni - (ni >> 1));
+    let pow2 = |k: i32| f32::from_bits(((k + 127) as u32) << 23);
+    let y = p * pow2(na) * pow2(nb);
     if x < -87.3 {
         0.0
     } else if x > 88.7 {

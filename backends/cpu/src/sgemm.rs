@@ -192,6 +192,14 @@ pub(crate) unsafe fn kernel(
     nr: usize,
 ) {
     unsafe {
+        // The C tile is read only after the k loop: fetch it now so that read never waits on memory.
+        if !overwrite && c.cs == 1 {
+            for i in 0..mr {
+                let cp = c.ptr.offset(i as isize * c.rs) as *const i8;
+                _mm_prefetch::<_MM_HINT_T0>(cp);
+                _mm_prefetch::<_MM_HINT_T0>(cp.add(64));
+            }
+        }
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
         for p in 0..kc {
             let b0 = _mm512_loadu_ps(b.add(p * NR));
