@@ -5,6 +5,7 @@ use anyhow::Context;
 use clap::Args;
 use sd3_core::conformance::{self, Options};
 use sd3_core::Device;
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -41,7 +42,15 @@ pub fn run(args: ConformanceArgs) -> anyhow::Result<ExitCode> {
         ..Options::default()
     };
     let report = conformance::run(device.as_ref(), &options);
-    report.write_table(&mut std::io::stdout().lock()).context("writing the report to stdout")?;
+    let mut out = std::io::stdout().lock();
+    report.write_table(&mut out).context("writing the report to stdout")?;
+    if !report.perf_mode {
+        writeln!(out)
+            .and_then(|_| report.write_op_summary(&mut out))
+            .and_then(|_| writeln!(out, "{}", report.summary()))
+            .context("writing the summary to stdout")?;
+    }
+    drop(out);
     if let Some(path) = &args.json {
         std::fs::write(path, report.to_json())
             .with_context(|| format!("writing the JSON report to {}", path.display()))?;

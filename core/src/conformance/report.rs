@@ -193,6 +193,37 @@ impl Report {
         writeln!(w, "{}", self.summary())
     }
 
+    /// One line per op, one column per dtype group: `passed/total`, then `nF` failed and `nU` unsupported.
+    /// Groups: `f32`, `f16`, `bf16` (integer ids aside, every operand of that dtype), `mixed` (several float
+    /// dtypes or float and integer data: casts, f16-weight matmuls), `int` (integer-only copies).
+    pub fn write_op_summary(&self, w: &mut dyn Write) -> std::io::Result<()> {
+        const GROUPS: [&str; 5] = ["f32", "f16", "bf16", "mixed", "int"];
+        let mut ops: Vec<&str> = Vec::new();
+        for r in &self.results {
+            if !ops.contains(&r.op.as_str()) {
+                ops.push(&r.op);
+            }
+        }
+        writeln!(w, "{:<22} {}", "op", GROUPS.map(|g| format!("{g:<12}")).join(" ").trim_end())?;
+        for op in ops {
+            let cells = GROUPS.map(|g| {
+                let rows: Vec<&CaseResult> =
+                    self.results.iter().filter(|r| r.op == op && dtype_group(&r.dtype) == g).collect();
+                let count = |label: &str| rows.iter().filter(|r| r.status.label() == label).count();
+                let mut cell =
+                    if rows.is_empty() { "-".to_string() } else { format!("{}/{}", count("pass"), rows.len()) };
+                for (label, tag) in [("FAIL", "F"), ("unsupported", "U")] {
+                    if count(label) > 0 {
+                        let _ = write!(cell, " {}{tag}", count(label));
+                    }
+                }
+                format!("{cell:<12}")
+            });
+            writeln!(w, "{:<22} {}", op, cells.join(" ").trim_end())?;
+        }
+        Ok(())
+    }
+
     /// The report as a JSON object: `{"device", "mode", "seed", "summary": {...}, "cases": [{...}]}`.
     pub fn to_json(&self) -> String {
         let mut s = String::new();
@@ -244,6 +275,19 @@ impl Report {
     }
 }
 
+/// The summary column of a case's dtype label (see [`Report::write_op_summary`]).
+fn dtype_group(label: &str) -> &str {
+    let Some((ins, out)) = label.split_once('→') else {
+        return if matches!(label, "f32" | "f16" | "bf16") { label } else { "int" };
+    };
+    let mut floats = ins.split(',').filter(|d| matches!(*d, "f32" | "f16" | "bf16")).peekable();
+    if floats.peek().is_some() && floats.all(|d| d == out) {
+        out
+    } else {
+        "mixed"
+    }
+}
+
 fn pad(s: &str, width: usize) -> String {
     let n = s.chars().count();
     if n >= width {
@@ -289,6 +333,14 @@ mod tests {
     #[test]
     fn json_strings_are_escaped() {
         assert_eq!(json_str("a\"b\\c\n\u{1}→"), "\"a\\\"b\\\\c\\n\\u0001→\"");
+    }
+
+    #[test]
+    fn dtype_groups() {
+        let cases = [("f16", "f16"), ("u8", "int"), ("bf16,i64→bf16", "bf16"), ("f32,f16→f32", "mixed")];
+        for (label, group) in cases.into_iter().chain([("f32→f16", "mixed"), ("i32→f32", "mixed")]) {
+            assert_eq!(dtype_group(label), group, "{label}");
+        }
     }
 
     #[test]
