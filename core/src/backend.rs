@@ -16,6 +16,8 @@ pub(crate) struct BackendInner {
     strict: bool,
     fallbacks: Mutex<BTreeMap<String, u64>>,
     op_counts: Mutex<BTreeMap<String, u64>>,
+    /// Per-op wall time (count, seconds) when profiling is on; `None` when off.
+    profile: Mutex<Option<BTreeMap<String, (u64, f64)>>>,
 }
 
 impl Backend {
@@ -28,6 +30,7 @@ impl Backend {
             strict: false,
             fallbacks: Mutex::default(),
             op_counts: Mutex::default(),
+            profile: Mutex::default(),
         }))
     }
 
@@ -41,6 +44,7 @@ impl Backend {
             strict,
             fallbacks: Mutex::default(),
             op_counts: Mutex::default(),
+            profile: Mutex::default(),
         }))
     }
 
@@ -67,6 +71,21 @@ impl Backend {
     /// Ops executed (on the device or by fallback), by op name.
     pub fn op_counts(&self) -> BTreeMap<String, u64> {
         self.0.op_counts.lock().unwrap().clone()
+    }
+
+    /// Time every op from now on: each op is bracketed by device synchronisations, so the figures are exact
+    /// per op but the total is slower than an unprofiled run (launch latency is no longer hidden).
+    pub fn enable_profiling(&self) {
+        self.0.profile.lock().unwrap().get_or_insert_with(BTreeMap::new);
+    }
+
+    /// Per op name: (count, total seconds), slowest first. Empty unless profiling is on.
+    pub fn profile(&self) -> Vec<(String, u64, f64)> {
+        let p = self.0.profile.lock().unwrap();
+        let mut v: Vec<(String, u64, f64)> =
+            p.iter().flat_map(|m| m.iter()).map(|(k, &(n, s))| (k.clone(), n, s)).collect();
+        v.sort_by(|a, b| b.2.total_cmp(&a.2));
+        v
     }
 
     /// Allocate an uninitialised contiguous tensor.
@@ -128,13 +147,33 @@ impl Backend {
         let out_descs: Vec<TensorDesc> = outputs.iter().map(|t| t.desc()).collect();
         let call = OpCall { op, inputs: &in_descs, outputs: &out_descs };
         *self.0.op_counts.lock().unwrap().entry(op.name()).or_default() += 1;
-        if self.0.device.supports(&call) {
-            return self.0.device.execute(&call);
+        let profiling = self.0.profile.lock().unwrap().is_some();
+        if profiling {
+            self.0.device.synchronize()?;
+            let start = std::time::Instant::now();
+            let r = self.run_call(&call);
+            self.0.device.synchronize()?;
+            let secs = start.elapsed().as_secs_f64();
+            let key = format!("{} {}", op.name(), describe(&call));
+            if let Some(m) = self.0.profile.lock().unwrap().as_mut() {
+                let e = m.entry(key).or_insert((0, 0.0));
+                e.0 += 1;
+                e.1 += secs;
+            }
+            return r;
+        }
+        self.run_call(&call)
+    }
+
+    fn run_call(&self, call: &OpCall) -> Result<()> {
+        let op = call.op;
+        if self.0.device.supports(call) {
+            return self.0.device.execute(call);
         }
         let unsupported = |detail: &str| Error::Unsupported {
             backend: self.name().to_string(),
             op: op.name(),
-            detail: format!("{detail}; operands: {}", describe(&call)),
+            detail: format!("{detail}; operands: {}", describe(call)),
         };
         let host = match &self.0.fallback {
             None => return Err(unsupported("no host fallback")),
@@ -142,7 +181,7 @@ impl Backend {
             Some(h) => h,
         };
         *self.0.fallbacks.lock().unwrap().entry(op.name()).or_default() += 1;
-        run_on_host(self.0.device.as_ref(), host.as_ref(), &call).map_err(|e| match e {
+        run_on_host(self.0.device.as_ref(), host.as_ref(), call).map_err(|e| match e {
             Error::Unsupported { .. } => unsupported("the host fallback does not support it either"),
             e => e,
         })

@@ -14,6 +14,14 @@
 typedef long long i64;
 typedef unsigned long long u64;
 
+// 16-byte vectors for wide loads and stores (defined here so NVRTC needs no CUDA headers).
+struct __align__(16) U4 {
+    unsigned x, y, z, w;
+};
+struct __align__(16) F4 {
+    float x, y, z, w;
+};
+
 struct TD {
     i64 shape[SD3_MAX_RANK];
     i64 strides[SD3_MAX_RANK];
@@ -78,26 +86,59 @@ __device__ __forceinline__ void std_(int dt, u64 ptr, i64 e, double v) {
     }
 }
 
+// Index helpers. Loops run over the compile-time SD3_MAX_RANK with a guard, fully unrolled, so every access
+// to a descriptor field has a constant index: a loop bounded by the runtime rank would make the compiler copy
+// the whole parameter struct into local memory in every thread.
+
 // Buffer element index of the logical row-major element `i` of a view.
 __device__ __forceinline__ i64 td_index(const TD& t, i64 i) {
     i64 off = t.offset;
-    for (int d = t.rank - 1; d >= 0; --d) {
-        i64 n = t.shape[d];
-        off += (i % n) * t.strides[d];
-        i /= n;
+#pragma unroll
+    for (int d = SD3_MAX_RANK - 1; d >= 0; --d) {
+        if (d < t.rank) {
+            i64 n = t.shape[d];
+            off += (i % n) * t.strides[d];
+            i /= n;
+        }
     }
     return off;
 }
 
-// Element index of (row r, column j) where rows enumerate all dims but the last.
-__device__ __forceinline__ i64 td_row(const TD& t, i64 r) {
+// The same with 32-bit division, for tensors of fewer than 2^32 elements (64-bit division is many times slower).
+__device__ __forceinline__ i64 td_index32(const TD& t, unsigned i) {
     i64 off = t.offset;
-    for (int d = t.rank - 2; d >= 0; --d) {
-        i64 n = t.shape[d];
-        off += (r % n) * t.strides[d];
-        r /= n;
+#pragma unroll
+    for (int d = SD3_MAX_RANK - 1; d >= 0; --d) {
+        if (d < t.rank) {
+            unsigned n = (unsigned)t.shape[d];
+            off += (i64)(i % n) * t.strides[d];
+            i /= n;
+        }
     }
     return off;
+}
+
+// Element index of (row r, column 0) where rows enumerate all dims but the last.
+__device__ __forceinline__ i64 td_row(const TD& t, i64 r) {
+    i64 off = t.offset;
+#pragma unroll
+    for (int d = SD3_MAX_RANK - 2; d >= 0; --d) {
+        if (d < t.rank - 1) {
+            i64 n = t.shape[d];
+            off += (r % n) * t.strides[d];
+            r /= n;
+        }
+    }
+    return off;
+}
+
+// The last dim's stride of a view, read with constant indices.
+__device__ __forceinline__ i64 td_last_stride(const TD& t) {
+    i64 s = 1;
+#pragma unroll
+    for (int d = 0; d < SD3_MAX_RANK; ++d)
+        if (d == t.rank - 1) s = t.strides[d];
+    return s;
 }
 
 __device__ __forceinline__ float warp_sum(float v) {

@@ -18,7 +18,7 @@ struct EwParams {
     float f0;
     float f1;
     int contiguous;  // every operand contiguous with the output's shape: index = offset + i
-    int pad;
+    int small;       // n < 2^32: index with 32-bit division
 };
 
 __device__ __forceinline__ float sigmoidf_(float x) { return 1.f / (1.f + expf(-x)); }
@@ -58,11 +58,12 @@ __device__ __forceinline__ float binary_op(int f, float a, float b) {
 
 extern "C" __global__ void ew(EwParams p) {
     for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < p.n; i += (i64)gridDim.x * blockDim.x) {
-        i64 o = p.contiguous ? p.out.offset + i : td_index(p.out, i);
+#define EW_INDEX(t) (p.contiguous ? (t).offset + i : p.small ? td_index32((t), (unsigned)i) : td_index((t), i))
+        i64 o = EW_INDEX(p.out);
         i64 e0 = 0, e1 = 0, e2 = 0;
-        if (p.op != EW_FILL) e0 = p.contiguous ? p.in[0].offset + i : td_index(p.in[0], i);
-        if (p.op == EW_BINARY || p.op >= EW_MODULATE) e1 = p.contiguous ? p.in[1].offset + i : td_index(p.in[1], i);
-        if (p.op >= EW_MODULATE) e2 = p.contiguous ? p.in[2].offset + i : td_index(p.in[2], i);
+        if (p.op != EW_FILL) e0 = EW_INDEX(p.in[0]);
+        if (p.op == EW_BINARY || p.op >= EW_MODULATE) e1 = EW_INDEX(p.in[1]);
+        if (p.op >= EW_MODULATE) e2 = EW_INDEX(p.in[2]);
         switch (p.op) {
             case EW_COPY: {
                 int di = p.in[0].dtype, dout = p.out.dtype;
@@ -140,5 +141,78 @@ extern "C" __global__ void gather_rows(GatherParams p) {
         i64 e = p.table.offset + id * p.table.strides[0] + j * p.table.strides[1];
         stf(p.out.dtype, p.out.ptr, p.out.offset + r * p.out.strides[0] + j * p.out.strides[1],
             ldf(p.table.dtype, p.table.ptr, e));
+    }
+}
+
+// The fast path of `ew`: every operand of one float dtype, viewed as [d0, d1, d2] with unit stride in the last
+// dim, d2 and every offset and stride multiples of 8. Each thread handles 8 consecutive elements with 16-byte
+// loads and stores (two for f32), and computes their index once.
+struct EwVecParams {
+    u64 ptr[4];  // out, in0, in1, in2
+    i64 off[4];
+    i64 s0[4];
+    i64 s1[4];
+    i64 d0, d1, d2;
+    i64 nvec;
+    int op, sub, n_in, dtype;
+    float f0, f1;
+};
+
+__device__ __forceinline__ void load8(int dt, u64 ptr, i64 e, float* v) {
+    if (dt == DT_F32) {
+        const F4* p = (const F4*)((const float*)ptr + e);
+        F4 a = p[0], b = p[1];
+        v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+    } else {
+        U4 q = *(const U4*)((const unsigned short*)ptr + e);
+        unsigned w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            unsigned short lo = (unsigned short)(w[j] & 0xffff), hi = (unsigned short)(w[j] >> 16);
+            v[2 * j] = dt == DT_F16 ? h2f(lo) : bf2f(lo);
+            v[2 * j + 1] = dt == DT_F16 ? h2f(hi) : bf2f(hi);
+        }
+    }
+}
+
+__device__ __forceinline__ void store8(int dt, u64 ptr, i64 e, const float* v) {
+    if (dt == DT_F32) {
+        F4* p = (F4*)((float*)ptr + e);
+        p[0] = F4{v[0], v[1], v[2], v[3]};
+        p[1] = F4{v[4], v[5], v[6], v[7]};
+    } else {
+        unsigned w[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            unsigned short lo = dt == DT_F16 ? f2h(v[2 * j]) : f2bf(v[2 * j]);
+            unsigned short hi = dt == DT_F16 ? f2h(v[2 * j + 1]) : f2bf(v[2 * j + 1]);
+            w[j] = (unsigned)lo | ((unsigned)hi << 16);
+        }
+        *(U4*)((unsigned short*)ptr + e) = U4{w[0], w[1], w[2], w[3]};
+    }
+}
+
+extern "C" __global__ void ew_vec(EwVecParams p) {
+    for (i64 vi = blockIdx.x * (i64)blockDim.x + threadIdx.x; vi < p.nvec; vi += (i64)gridDim.x * blockDim.x) {
+        i64 i = vi * 8;
+        i64 c = i % p.d2, r = i / p.d2;
+        i64 i1 = r % p.d1, i0 = r / p.d1;
+        float a[8], b[8], cc[8], y[8];
+        if (p.n_in > 0) load8(p.dtype, p.ptr[1], p.off[1] + i0 * p.s0[1] + i1 * p.s1[1] + c, a);
+        if (p.n_in > 1) load8(p.dtype, p.ptr[2], p.off[2] + i0 * p.s0[2] + i1 * p.s1[2] + c, b);
+        if (p.n_in > 2) load8(p.dtype, p.ptr[3], p.off[3] + i0 * p.s0[3] + i1 * p.s1[3] + c, cc);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            switch (p.op) {
+                case EW_COPY: y[j] = a[j]; break;
+                case EW_FILL: y[j] = p.f0; break;
+                case EW_UNARY: y[j] = unary_op(p.sub, a[j]); break;
+                case EW_BINARY: y[j] = binary_op(p.sub, a[j], b[j]); break;
+                case EW_AFFINE: y[j] = a[j] * p.f0 + p.f1; break;
+                case EW_MODULATE: y[j] = a[j] * (1.f + b[j]) + cc[j]; break;
+                default: y[j] = a[j] + b[j] * cc[j]; break;
+            }
+        }
+        store8(p.dtype, p.ptr[0], p.off[0] + i0 * p.s0[0] + i1 * p.s1[0] + c, y);
     }
 }

@@ -24,7 +24,7 @@ extern "C" __global__ void row_op(RowParams p) {
     __shared__ float scratch[32];
     for (i64 r = blockIdx.x; r < p.rows; r += gridDim.x) {
         i64 xo = td_row(p.x, r), oo = td_row(p.out, r);
-        i64 xs = p.x.strides[p.x.rank - 1], os = p.out.strides[p.out.rank - 1];
+        i64 xs = td_last_stride(p.x), os = td_last_stride(p.out);
         if (p.op == ROW_SOFTMAX) {
             i64 last = p.causal_base < 0 ? p.d - 1 : p.causal_base + r % p.causal_rows;  // last unmasked column
             if (last > p.d - 1) last = p.d - 1;
@@ -53,10 +53,12 @@ extern "C" __global__ void row_op(RowParams p) {
             ss += v * v;
         }
         float inv = rsqrtf(block_sum(ss, scratch) / (float)p.d + p.eps);
-        i64 ao = 0, bo = 0;
+        i64 ao = 0, bo = 0, as_ = 0, bs_ = 0;
         if (p.op == ROW_LN_MODULATE) {
             ao = td_row(p.a, r);
             bo = td_row(p.b, r);
+            as_ = td_last_stride(p.a);
+            bs_ = td_last_stride(p.b);
         }
         for (i64 j = threadIdx.x; j < p.d; j += blockDim.x) {
             float v = (ldf(p.x.dtype, p.x.ptr, xo + j * xs) - mean) * inv;
@@ -66,8 +68,8 @@ extern "C" __global__ void row_op(RowParams p) {
             } else if (p.op == ROW_RMS_NORM) {
                 v = v * ldf(p.a.dtype, p.a.ptr, p.a.offset + j * p.a.strides[0]);
             } else if (p.op == ROW_LN_MODULATE) {
-                float sc = ldf(p.a.dtype, p.a.ptr, ao + j * p.a.strides[p.a.rank - 1]);
-                float sh = ldf(p.b.dtype, p.b.ptr, bo + j * p.b.strides[p.b.rank - 1]);
+                float sc = ldf(p.a.dtype, p.a.ptr, ao + j * as_);
+                float sh = ldf(p.b.dtype, p.b.ptr, bo + j * bs_);
                 v = v * (1.f + sc) + sh;
             }
             stf(p.out.dtype, p.out.ptr, oo + j * os, v);

@@ -1,14 +1,15 @@
-//! Multi-head attention as chunked products through cuBLAS: for each batch and chunk of queries,
-//! `S = scale·Q·Kᵀ (+ bias)` in f32, a row softmax (with the causal mask) written straight into the value
-//! dtype, then `O = P·V`, all heads of a batch in one strided-batched call.
-//!
-//! The score matrix exists only one query chunk at a time (at most `CHUNK_BYTES`), never whole. This is the
-//! first CUDA attention; a fused tensor-core kernel that keeps scores in registers is the planned next step
-//! (see docs/performance.md).
+//! Multi-head attention, two ways:
+//! - f16/bf16 with head dim 64 or 128 and no mask or bias (the MM-DiT's joint attention): the fused
+//!   tensor-core kernel in `kernels/flash.cu`, which never writes scores to memory;
+//! - everything else (CLIP's causal mask, T5's position bias, f32, other head dims): chunked products through
+//!   cuBLAS. For each batch and chunk of queries, `S = scale·Q·Kᵀ (+ bias)` in f32, a row softmax (with the
+//!   causal mask) written straight into the value dtype, then `O = P·V`, all heads of a batch in one
+//!   strided-batched call. Scores exist one query chunk at a time (at most `CHUNK_BYTES`), never whole.
 
 use crate::device::CudaDevice;
 use crate::gemm::{mat_layout, Gemm};
-use crate::params::RowParams;
+use crate::params::{FlashParams, RowParams};
+use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 use sd3_core::{DType, Error, Layout, OpCall, Result, TensorDesc};
 
 const CHUNK_BYTES: usize = 256 << 20;
@@ -31,6 +32,11 @@ pub fn attention(
     }
     if nk == 0 {
         return Err(Error::InvalidArgument("attention over zero keys".into()));
+    }
+    if !has_bias && !causal {
+        if let Some(kernel) = flash_kernel(dev, q, k, v, out) {
+            return flash(dev, call, kernel, scale, qk_norm, norm_eps);
+        }
     }
     let mut temps: Vec<TensorDesc> = Vec::new();
     // Q and K: same dtype, each [N, Dh] matrix readable by cuBLAS; RMS-normed per head when asked.
@@ -188,4 +194,102 @@ pub fn attention(
         dev.alloc.free(t.buffer);
     }
     result
+}
+
+/// The tensor-core kernel for these operands, if it applies: f16/bf16 throughout, head dim 64 or 128,
+/// unit feature stride, rows aligned for vector loads (offsets and strides multiples of 8 for K and V, 2 for Q and O).
+fn flash_kernel<'a>(
+    dev: &'a CudaDevice,
+    q: &TensorDesc,
+    k: &TensorDesc,
+    v: &TensorDesc,
+    out: &TensorDesc,
+) -> Option<&'a CudaFunction> {
+    let dt = q.dtype;
+    if !matches!(dt, DType::F16 | DType::BF16) || [k.dtype, v.dtype, out.dtype].iter().any(|&d| d != dt) {
+        return None;
+    }
+    let dh = q.shape()[3];
+    if !(dh == 64 || dh == 128)
+        || v.shape()[3] != dh
+        || q.shape()[0] * q.shape()[1] > 65535
+        || q.shape()[2] > i32::MAX as usize
+        || k.shape()[2] > i32::MAX as usize
+    {
+        return None;
+    }
+    // K and V rows are read 8 elements (16 bytes) at a time; Q and O 2 at a time.
+    let aligned = |t: &TensorDesc, n: usize| {
+        t.strides()[3] == 1 && t.layout.offset % n == 0 && t.strides()[..3].iter().all(|s| s % n == 0)
+    };
+    if !(aligned(q, 2) && aligned(out, 2) && aligned(k, 8) && aligned(v, 8)) {
+        return None;
+    }
+    Some(&dev.kernels.flash[(dt == DType::BF16) as usize][(dh == 128) as usize])
+}
+
+fn flash(
+    dev: &CudaDevice,
+    call: &OpCall,
+    kernel: &CudaFunction,
+    scale: f32,
+    qk_norm: bool,
+    norm_eps: f32,
+) -> Result<()> {
+    let (q, k, v, out) = (&call.inputs[0], &call.inputs[1], &call.inputs[2], &call.outputs[0]);
+    let mut temps = Vec::new();
+    // q/k RMS norm first, into contiguous temporaries of the same dtype.
+    let normed = |t: &TensorDesc, w: &TensorDesc, temps: &mut Vec<TensorDesc>| -> Result<TensorDesc> {
+        let tmp = dev.temp(t.shape(), t.dtype)?;
+        let d = t.shape()[3];
+        dev.row_op(RowParams {
+            x: dev.td(t),
+            a: dev.td(w),
+            out: dev.td(&tmp),
+            rows: (t.elem_count() / d) as i64,
+            d: d as i64,
+            op: 2,
+            eps: norm_eps,
+            causal_base: -1,
+            causal_rows: 1,
+            ..Default::default()
+        })?;
+        temps.push(tmp.clone());
+        Ok(tmp)
+    };
+    let (qn, kn) = if qk_norm {
+        (normed(q, &call.inputs[3], &mut temps)?, normed(k, &call.inputs[4], &mut temps)?)
+    } else {
+        (q.clone(), k.clone())
+    };
+    let s3 = |t: &TensorDesc| [t.strides()[0] as i64, t.strides()[1] as i64, t.strides()[2] as i64];
+    let (b, h, nq) = (q.shape()[0], q.shape()[1], q.shape()[2]);
+    let p = FlashParams {
+        q: qn.buffer.0,
+        k: kn.buffer.0,
+        v: v.buffer.0,
+        o: out.buffer.0,
+        q_s: s3(&qn),
+        k_s: s3(&kn),
+        v_s: s3(v),
+        o_s: s3(out),
+        q_off: qn.layout.offset as i64,
+        k_off: kn.layout.offset as i64,
+        v_off: v.layout.offset as i64,
+        o_off: out.layout.offset as i64,
+        heads: h as i32,
+        nq: nq as i32,
+        nk: k.shape()[2] as i32,
+        scale_log2: scale * std::f32::consts::LOG2_E,
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (nq.div_ceil(128) as u32, (b * h) as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let launched = unsafe { dev.stream.launch_builder(kernel).arg(&p).launch(cfg) };
+    for t in temps {
+        dev.alloc.free(t.buffer);
+    }
+    launched.map(|_| ()).map_err(crate::device::drv)
 }

@@ -2,6 +2,7 @@
 
 use crate::gemm::{collapse_batch, mat_layout, Gemm};
 use crate::kernels::Kernels;
+use crate::lt::{BiasGemm, Lt};
 use crate::memory::Allocator;
 use crate::params::*;
 use cudarc::cublas::CudaBlas;
@@ -21,6 +22,8 @@ pub struct CudaDevice {
     pub(crate) blas: Mutex<CudaBlas>,
     pub(crate) kernels: Kernels,
     pub(crate) alloc: Allocator,
+    /// cuBLASLt with its workspace, for linears with a fused bias.
+    lt: Lt,
     /// Device int set by kernels that meet bad data (gather ids out of range); checked at each synchronisation.
     error_flag: BufferId,
     info: DeviceInfo,
@@ -63,13 +66,14 @@ impl CudaDevice {
                 format!("multiprocessors={sms}"),
                 format!("tensor_cores={}", major >= 7),
                 "gemm=cublas".into(),
-                "attention=cublas-chunked".into(),
+                "attention=flash-mma (f16/bf16, head dim 64/128; chunked cuBLAS otherwise)".into(),
             ],
         };
         let alloc = Allocator::default();
         let error_flag = alloc.alloc(4)?;
+        let lt = Lt::new(alloc.alloc(Lt::WORKSPACE_BYTES)?.0)?;
         unsafe { result::memset_d8_async(error_flag.0, 0, 4, stream.cu_stream()) }.map_err(drv)?;
-        Ok(CudaDevice { ctx, stream, blas: Mutex::new(blas), kernels, alloc, error_flag, info })
+        Ok(CudaDevice { ctx, stream, blas: Mutex::new(blas), kernels, alloc, lt, error_flag, info })
     }
 
     pub(crate) fn launch<P: DeviceRepr>(&self, f: &CudaFunction, grid: u64, block: u32, params: P) -> Result<()> {
@@ -91,24 +95,28 @@ impl CudaDevice {
     }
 
     pub(crate) fn ew(&self, op: i32, sub: i32, f: [f32; 2], inputs: &[&TensorDesc], out: &TensorDesc) -> Result<()> {
-        let mut p = EwParams {
-            out: self.td(out),
-            n: out.elem_count() as i64,
-            op,
-            sub,
-            f0: f[0],
-            f1: f[1],
-            ..Default::default()
-        };
-        let mut contiguous = out.is_contiguous();
-        for (i, t) in inputs.iter().enumerate() {
-            p.inputs[i] = self.td(t);
-            contiguous &= t.is_contiguous() && t.shape() == out.shape();
-        }
-        p.contiguous = contiguous as i32;
-        if p.n == 0 {
+        let n = out.elem_count();
+        if n == 0 {
             return Ok(());
         }
+        // Merge dims that are contiguous with each other in every operand: fewer index divisions per element.
+        let mut layouts: Vec<Layout> =
+            std::iter::once(&out.layout).chain(inputs.iter().map(|t| &t.layout)).cloned().collect();
+        collapse_dims(&mut layouts);
+        if let Some(p) = vec_params(op, sub, f, inputs, out, &layouts) {
+            return self.launch(&self.kernels.ew_vec, (p.nvec as u64).div_ceil(256), 256, p);
+        }
+        let td = |t: &TensorDesc, l: &Layout| {
+            Td::new(&TensorDesc { buffer: t.buffer, dtype: t.dtype, layout: l.clone() }, t.buffer.0)
+        };
+        let mut p =
+            EwParams { out: td(out, &layouts[0]), n: n as i64, op, sub, f0: f[0], f1: f[1], ..Default::default() };
+        let contiguous = layouts.iter().all(|l| l.is_contiguous());
+        for (i, t) in inputs.iter().enumerate() {
+            p.inputs[i] = td(t, &layouts[i + 1]);
+        }
+        p.contiguous = contiguous as i32;
+        p.small = (p.n < 1 << 32) as i32;
         self.launch(&self.kernels.ew, (p.n as u64).div_ceil(256), 256, p)
     }
 
@@ -166,6 +174,39 @@ impl CudaDevice {
             temps.push(t.clone());
             t
         };
+        let es = ct.size_in_bytes() as u64;
+        let batch_count = collapse_batch(&a2.shape()[..r - 2], &a2.strides()[..r - 2]).unwrap().0;
+        if let Some(bias) = bias {
+            let fused = batch_count == 1
+                && target.buffer == out.buffer
+                && bias.dtype == ct
+                && (bias.strides()[0] == 1 || n == 1)
+                && m > 0
+                && n > 0
+                && k > 0;
+            if fused {
+                let ldc = if m == 1 { n as i64 } else { target.strides()[r - 2] as i64 };
+                let g = BiasGemm {
+                    m: m as i64,
+                    n: n as i64,
+                    k: k as i64,
+                    a: a2.buffer.0 + a2.layout.offset as u64 * es,
+                    a_layout: mat_layout(m, k, a2.strides()[r - 2], a2.strides()[r - 1]).unwrap(),
+                    b: b2.buffer.0 + b2.layout.offset as u64 * es,
+                    b_layout: mat_layout(k, n, b2.strides()[r - 2], b2.strides()[r - 1]).unwrap(),
+                    d: target.buffer.0 + target.layout.offset as u64 * es,
+                    ldc: ldc.max(n as i64),
+                    bias: bias.buffer.0 + bias.layout.offset as u64 * es,
+                    dtype: ct,
+                };
+                let _blas = self.blas.lock().unwrap();
+                let result = unsafe { self.lt.run(&g, self.stream.cu_stream() as *mut _) };
+                for t in temps {
+                    self.alloc.free(t.buffer);
+                }
+                return result;
+            }
+        }
         let mut beta = 0.0;
         if let Some(bias) = bias {
             // Pre-fill C with the bias broadcast along rows; the product then accumulates onto it (beta = 1).
@@ -176,7 +217,6 @@ impl CudaDevice {
             self.copy(&TensorDesc { buffer: bias.buffer, dtype: bias.dtype, layout: bl }, &target)?;
             beta = 1.0;
         }
-        let es = ct.size_in_bytes() as u64;
         let (batch, a_bs) = collapse_batch(&a2.shape()[..r - 2], &a2.strides()[..r - 2]).unwrap();
         let (_, b_bs) = collapse_batch(&b2.shape()[..r - 2], &b2.strides()[..r - 2]).unwrap();
         let (_, c_bs) = collapse_batch(&target.shape()[..r - 2], &target.strides()[..r - 2]).unwrap();
@@ -461,5 +501,82 @@ impl Device for CudaDevice {
     }
     fn stats(&self) -> Vec<String> {
         self.alloc.stats()
+    }
+}
+
+/// Parameters of the vectorised elementwise kernel, when it applies: one float dtype throughout (a copy must
+/// not cast), collapsed rank at most 3, unit last stride, and 8-element alignment of the last dim, offsets and
+/// strides.
+fn vec_params(
+    op: i32,
+    sub: i32,
+    f: [f32; 2],
+    inputs: &[&TensorDesc],
+    out: &TensorDesc,
+    layouts: &[Layout],
+) -> Option<EwVecParams> {
+    let dt = out.dtype;
+    if !dt.is_float() || inputs.iter().any(|t| t.dtype != dt) || layouts[0].shape.len() > 3 {
+        return None;
+    }
+    let rank = layouts[0].shape.len();
+    let dims: Vec<usize> = (0..3).map(|i| if i + rank >= 3 { layouts[0].shape[i + rank - 3] } else { 1 }).collect();
+    if dims[2] % 8 != 0 {
+        return None;
+    }
+    let mut p = EwVecParams {
+        d0: dims[0] as i64,
+        d1: dims[1] as i64,
+        d2: dims[2] as i64,
+        nvec: (out.elem_count() / 8) as i64,
+        op,
+        sub,
+        n_in: inputs.len() as i32,
+        dtype: dt as i32,
+        f0: f[0],
+        f1: f[1],
+        ..Default::default()
+    };
+    let buffers = std::iter::once(out.buffer).chain(inputs.iter().map(|t| t.buffer));
+    for (k, (l, buffer)) in layouts.iter().zip(buffers).enumerate() {
+        let st = |i: usize| if i + rank >= 3 { l.strides[i + rank - 3] } else { 0 };
+        if st(2) != 1 || l.offset % 8 != 0 || st(0) % 8 != 0 || st(1) % 8 != 0 {
+            return None;
+        }
+        p.ptr[k] = buffer.0;
+        p.off[k] = l.offset as i64;
+        p.s0[k] = st(0) as i64;
+        p.s1[k] = st(1) as i64;
+    }
+    Some(p)
+}
+
+/// Merge adjacent dims `d, d+1` wherever every layout has `stride[d] == stride[d+1]·shape[d+1]` (and drop
+/// size-1 dims), so the kernels index a lower-rank view of the same elements in the same order.
+fn collapse_dims(layouts: &mut [Layout]) {
+    let rank = layouts[0].shape.len();
+    let mut keep: Vec<usize> = (0..rank).filter(|&d| layouts[0].shape[d] != 1).collect();
+    if keep.is_empty() {
+        keep.push(0.min(rank.saturating_sub(1)));
+    }
+    let mut out: Vec<(usize, Vec<usize>)> = Vec::new(); // (size, strides per layout)
+    for &d in &keep {
+        if rank == 0 {
+            break;
+        }
+        let size = layouts[0].shape[d];
+        let strides: Vec<usize> = layouts.iter().map(|l| l.strides[d]).collect();
+        if let Some((psize, pstrides)) = out.last_mut() {
+            if pstrides.iter().zip(&strides).all(|(&ps, &s)| ps == s * size) {
+                *psize *= size;
+                *pstrides = strides;
+                continue;
+            }
+        }
+        out.push((size, strides));
+    }
+    for (i, l) in layouts.iter_mut().enumerate() {
+        l.shape = out.iter().map(|o| o.0).collect();
+        l.strides = out.iter().map(|o| o.1[i]).collect();
     }
 }

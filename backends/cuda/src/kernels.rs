@@ -9,18 +9,25 @@ use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-const SOURCES: [&str; 3] = [include_str!("../kernels/elementwise.cu"), include_str!("../kernels/rows.cu"), ""];
+const SOURCES: [&str; 3] = [
+    include_str!("../kernels/elementwise.cu"),
+    include_str!("../kernels/rows.cu"),
+    include_str!("../kernels/flash.cu"),
+];
 const COMMON: &str = include_str!("../kernels/common.cuh");
 
 /// Every kernel entry point, loaded once per device.
 pub struct Kernels {
     _module: Arc<CudaModule>,
     pub ew: CudaFunction,
+    pub ew_vec: CudaFunction,
     pub upsample: CudaFunction,
     pub gather: CudaFunction,
     pub row_op: CudaFunction,
     pub group_norm: CudaFunction,
     pub im2col: CudaFunction,
+    /// Tensor-core attention, indexed `[bf16 as usize][head_dim == 128]`.
+    pub flash: [[CudaFunction; 2]; 2],
 }
 
 fn source() -> String {
@@ -81,11 +88,13 @@ impl Kernels {
         };
         Ok(Kernels {
             ew: f("ew")?,
+            ew_vec: f("ew_vec")?,
             upsample: f("upsample_nearest2d")?,
             gather: f("gather_rows")?,
             row_op: f("row_op")?,
             group_norm: f("group_norm")?,
             im2col: f("im2col")?,
+            flash: [[f("flash_f16_64")?, f("flash_f16_128")?], [f("flash_bf16_64")?, f("flash_bf16_128")?]],
             _module: module,
         })
     }

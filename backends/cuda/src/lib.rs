@@ -6,13 +6,15 @@
 //!
 //! - `device.rs`: the `Device` implementation and op dispatch
 //! - `kernels.rs` + `kernels/*.cu`: NVRTC-compiled kernels, cached on disk
-//! - `gemm.rs`: matrix products through cuBLAS; `attention.rs`: attention on top of them
+//! - `gemm.rs`: matrix products through cuBLAS; `lt.rs`: linears with a fused bias through cuBLASLt;
+//!   `attention.rs`: the tensor-core flash kernel, or products through cuBLAS
 //! - `memory.rs`: the caching allocator
 
 mod attention;
 mod device;
 mod gemm;
 mod kernels;
+mod lt;
 mod memory;
 mod params;
 
@@ -21,10 +23,11 @@ use sd3_core::{BackendProvider, Device, Error, Result};
 use std::sync::Arc;
 
 /// The CUDA libraries the backend needs, each with the file names tried (cudarc's candidates, CUDA 13).
-const LIBRARIES: [(&str, &[&str]); 3] = [
+const LIBRARIES: [(&str, &[&str]); 4] = [
     ("the NVIDIA driver (libcuda)", &["libcuda.so.1", "libcuda.so"]),
     ("NVRTC", &["libnvrtc.so.13", "libnvrtc.so"]),
     ("cuBLAS", &["libcublas.so.13", "libcublas.so"]),
+    ("cuBLASLt", &["libcublasLt.so.13", "libcublasLt.so"]),
 ];
 
 fn probe_libraries() -> Result<()> {

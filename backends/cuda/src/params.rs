@@ -45,7 +45,7 @@ pub struct EwParams {
     pub f0: f32,
     pub f1: f32,
     pub contiguous: i32,
-    pub pad: i32,
+    pub small: i32,
 }
 
 #[repr(C)]
@@ -118,6 +118,46 @@ pub struct Im2colParams {
     pub pad: i32,
 }
 
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FlashParams {
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub o: u64,
+    pub q_s: [i64; 3],
+    pub k_s: [i64; 3],
+    pub v_s: [i64; 3],
+    pub o_s: [i64; 3],
+    pub q_off: i64,
+    pub k_off: i64,
+    pub v_off: i64,
+    pub o_off: i64,
+    pub heads: i32,
+    pub nq: i32,
+    pub nk: i32,
+    pub scale_log2: f32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EwVecParams {
+    pub ptr: [u64; 4],
+    pub off: [i64; 4],
+    pub s0: [i64; 4],
+    pub s1: [i64; 4],
+    pub d0: i64,
+    pub d1: i64,
+    pub d2: i64,
+    pub nvec: i64,
+    pub op: i32,
+    pub sub: i32,
+    pub n_in: i32,
+    pub dtype: i32,
+    pub f0: f32,
+    pub f1: f32,
+}
+
 // SAFETY: plain-old-data structs of integers and floats with a C layout matching the kernels'.
 unsafe impl DeviceRepr for EwParams {}
 unsafe impl DeviceRepr for UpsampleParams {}
@@ -125,3 +165,5 @@ unsafe impl DeviceRepr for GatherParams {}
 unsafe impl DeviceRepr for RowParams {}
 unsafe impl DeviceRepr for GroupNormParams {}
 unsafe impl DeviceRepr for Im2colParams {}
+unsafe impl DeviceRepr for FlashParams {}
+unsafe impl DeviceRepr for EwVecParams {}

@@ -146,19 +146,29 @@ fn every_op_matches_the_reference() -> Result<()> {
             lim(dt, 1e-9),
         )?;
         // attention: plain long, causal, bias + qk norm, strided q
-        for (nq, nk, causal, bias, norm) in
-            [(67, 1100, false, false, false), (77, 77, true, false, false), (40, 53, false, true, true)]
-        {
-            let (gq, cq) = p.rand(&[2, nq, 3, 64], dt, -1.0, 1.0)?;
-            let (gk, ck) = p.rand(&[2, 3, nk, 64], dt, -1.0, 1.0)?;
-            let (gv, cv) = p.rand(&[2, 3, nk, 64], dt, -1.0, 1.0)?;
+        for (nq, nk, dh, causal, bias, norm) in [
+            (67, 1100, 64, false, false, false),
+            (77, 77, 64, true, false, false),
+            (40, 53, 64, false, true, true),
+            (130, 77, 64, false, false, true),
+            (65, 300, 128, false, false, false),
+            (5, 9, 32, false, false, false),
+        ] {
+            let (gq, cq) = p.rand(&[2, nq, 3, dh], dt, -1.0, 1.0)?;
+            let (gk, ck) = p.rand(&[2, 3, nk, dh], dt, -1.0, 1.0)?;
+            let (gv, cv) = p.rand(&[2, 3, nk, dh], dt, -1.0, 1.0)?;
             let (gbias, cbias) = p.rand(&[1, 3, nq, nk], dt, -1.0, 1.0)?;
-            let (gn, cn) = p.rand(&[64], dt, 0.5, 1.5)?;
+            let (gn, cn) = p.rand(&[dh], dt, 0.5, 1.5)?;
             let pg = params(causal, bias.then_some(&gbias), norm.then_some(&gn));
             let pc = params(causal, bias.then_some(&cbias), norm.then_some(&cn));
             let og = Tensor::attention(&gq.permute(&[0, 2, 1, 3])?, &gk, &gv, &pg)?;
             let oc = Tensor::attention(&cq.permute(&[0, 2, 1, 3])?, &ck, &cv, &pc)?;
-            check(&format!("attention {nq}x{nk} c{causal} b{bias} n{norm} {dt}"), &og, &oc, lim(dt, 1e-9).max(1e-8))?;
+            check(
+                &format!("attention {nq}x{nk}x{dh} c{causal} b{bias} n{norm} {dt}"),
+                &og,
+                &oc,
+                lim(dt, 1e-9).max(1e-8),
+            )?;
         }
         // conv2d 3x3 pad 1, 1x1, stride 2; group norm; upsample
         let (gx, cx) = p.rand(&[2, 6, 13, 11], dt, -1.0, 1.0)?;
