@@ -1,5 +1,5 @@
 //! Times one MM-DiT forward (SD3-medium shapes, random weights) on any backend in any dtype, for side-by-side
-//! (`../shared/tools/anchor_diffusers.py`) on the same machine.
+//! comparison with diffusers (`../shared/tools/anchor_diffusers.py`) run on the same card.
 //!
 //! ```text
 //! cargo run --release --example bench_mmdit_gpu -- --backend cuda --dtype bf16 --res 1024 --batch 2 [--layers 24] [--iters 10]
