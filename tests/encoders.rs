@@ -88,19 +88,21 @@ fn clip_l_in_f16_stays_close() {
     check_clip("text_encoder", "clip_l", &[("sd3-cfg", "")], DType::F16, 1e-2);
 }
 
+/// `clip_skip` k gives transformers' `hidden_states[-(k+2)]` (golden by `scripts/make_encoder_extras.py`); with 3
+/// layers, k = 2 reaches the embeddings and k = 3 is out of range. The pooled output does not depend on it.
 #[test]
-fn clip_skip_selects_an_earlier_layer() {
-    let be = cpu();
+fn clip_skip_matches_transformers() {
+    let be = test_backend();
     let model = ClipTextModel::load(&fixtures().join("sd3-tiny/text_encoder"), &be, DType::F32).unwrap();
-    let g = golden("sd3-cfg");
-    let ids = ids(&g, "clip_l_ids");
-    let a = model.forward(&ids, None).unwrap();
-    let b = model.forward(&ids, Some(1)).unwrap();
-    // Pooled output does not depend on clip_skip; the hidden states do.
-    assert_eq!(a.pooled.to_f32_vec().unwrap(), b.pooled.to_f32_vec().unwrap());
-    assert_ne!(a.penultimate.to_f32_vec().unwrap(), b.penultimate.to_f32_vec().unwrap());
-    // 3 layers: hidden_states has 4 entries, so clip_skip 2 reaches the embeddings and 3 is out of range.
-    assert!(model.forward(&ids, Some(2)).is_ok());
+    let g = Weights::open_file(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/clip-skip-golden.safetensors"))
+        .unwrap();
+    let ids = ids(&g, "ids");
+    let plain = model.forward(&ids, None).unwrap();
+    for k in [1, 2] {
+        let out = model.forward(&ids, Some(k)).unwrap();
+        assert_close(&format!("clip_skip {k}"), &out.penultimate, &g, &format!("hidden_clip_skip_{k}"), REL_F32);
+        assert_eq!(out.pooled.to_f32_vec().unwrap(), plain.pooled.to_f32_vec().unwrap());
+    }
     let err = model.forward(&ids, Some(3)).err().unwrap().to_string();
     assert!(err.contains("clip_skip 3"), "{err}");
 }
@@ -250,7 +252,7 @@ fn clip_with_lora_matches_diffusers() {
 }
 
 /// The non-gated variant (`feed_forward_proj: "relu"`, `wi`/`wo`; 8 buckets), shaped like the tiny T5 diffusers'
-/// own SD3 tests use: golden from transformers by `scripts/make_t5_relu_fixture.py` (40 tokens, pads included).
+/// own SD3 tests use: golden from transformers by `scripts/make_encoder_extras.py` (40 tokens, pads included).
 #[test]
 fn t5_relu_variant_matches_transformers() {
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");

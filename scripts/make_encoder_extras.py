@@ -1,8 +1,12 @@
-"""Golden for the non-gated ("relu") T5 encoder variant, which the SD3 fixtures (gated-gelu, like T5 v1.1) do not
-cover: a tiny random `T5EncoderModel` shaped like `hf-internal-testing/tiny-random-t5` (the encoder diffusers'
-own SD3 pipeline tests use), rounded to float16, saved in the transformers layout, and its float32 output.
+"""Goldens for encoder behaviour the SD3 fixtures (fixtures/, made by make_fixtures.py) do not cover:
 
-    python scripts/make_t5_relu_fixture.py        # writes tests/data/t5-relu/ and tests/data/t5-relu-golden.safetensors
+1. the non-gated ("relu") T5 encoder variant: a tiny random `T5EncoderModel` shaped like
+   `hf-internal-testing/tiny-random-t5` (the encoder diffusers' own SD3 pipeline tests use), rounded to float16,
+   saved in the transformers layout, and its float32 output (tests/data/t5-relu/, t5-relu-golden.safetensors);
+2. CLIP `clip_skip`: transformers' `hidden_states[-(k+2)]` of the fixture CLIP-L for k = 1, 2 on the sd3-cfg
+   prompt ids (tests/data/clip-skip-golden.safetensors).
+
+    python scripts/make_encoder_extras.py
 
 Needs torch, transformers and safetensors (scripts/requirements-fixtures.txt). Random weights come from torch's
 RNG (seed 0), so another torch version may write other, equally valid, files.
@@ -12,11 +16,26 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from transformers import T5Config, T5EncoderModel
+from safetensors.torch import load_file
+from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "tests" / "data"
 OUT = DATA / "t5-relu"
 GOLDEN = DATA / "t5-relu-golden.safetensors"
+
+
+def clip_skip():
+    model = CLIPTextModelWithProjection.from_pretrained(ROOT / "fixtures/sd3-tiny/text_encoder", torch_dtype=torch.float32)
+    model.eval()
+    ids = load_file(ROOT / "fixtures/golden/sd3-cfg/golden.safetensors")["clip_l_ids"]
+    with torch.no_grad():
+        hs = model(input_ids=ids, output_hidden_states=True).hidden_states
+    out = {"ids": ids.contiguous()}
+    for k in (1, 2):
+        out[f"hidden_clip_skip_{k}"] = hs[-(k + 2)].float().contiguous()
+    save_file(out, DATA / "clip-skip-golden.safetensors")
+    print("wrote clip-skip-golden.safetensors")
 
 
 def main():
@@ -43,6 +62,7 @@ def main():
         hidden = model(input_ids=ids).last_hidden_state
     save_file({"ids": ids.to(torch.int64).contiguous(), "hidden": hidden.float().contiguous()}, GOLDEN)
     print("wrote", OUT, "hidden std", hidden.std().item())
+    clip_skip()
 
 
 if __name__ == "__main__":
