@@ -24,13 +24,19 @@ pub fn tiny_model_dir() -> std::io::Result<PathBuf> {
     });
     let dir = std::env::temp_dir().join(format!("sd3-tiny-{}-{hash:016x}", env!("CARGO_PKG_VERSION")));
     if !matches_embedded(&dir) {
-        for (name, data) in embedded::FILES {
-            let path = dir.join(name);
-            std::fs::create_dir_all(path.parent().unwrap_or(&dir))?;
-            std::fs::write(path, data)?;
-        }
+        unpack_to(&dir)?;
     }
     Ok(dir)
+}
+
+/// Write the embedded model files under `dir`.
+pub fn unpack_to(dir: &Path) -> std::io::Result<()> {
+    for (name, data) in embedded::FILES {
+        let path = dir.join(name);
+        std::fs::create_dir_all(path.parent().unwrap_or(dir))?;
+        std::fs::write(path, data)?;
+    }
+    Ok(())
 }
 
 /// Whether `dir` holds every embedded file with the embedded size.

@@ -219,3 +219,16 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+#[test]
+fn embedded_copy_of_the_bundled_model_is_complete() {
+    // What a moved binary uses when the source tree is gone: the files embedded by build.rs.
+    let dir = scratch("bundled-unpack").join("sd3-tiny");
+    sd3::bundled::unpack_to(&dir).unwrap();
+    let pipe = sd3::pipeline::StableDiffusion3Pipeline::new(&dir, cpu(), Default::default()).unwrap();
+    assert_eq!(pipe.default_size(), 64);
+    let mut r = sd3::pipeline::GenerationRequest::new("a cat", 64, 64);
+    r.steps = 1;
+    let g = pipe.generate(&r, &mut |_| {}).unwrap();
+    assert_eq!(g.images.len(), 1);
+}
