@@ -83,6 +83,21 @@ fn main() {
         &ins,
         tensor(&dev, &[b, nt, d], DType::F32),
     );
+    let x = tensor(&dev, &[b, nt, d], DType::F32);
+    let out = tensor(&dev, &[b, nt, d], DType::F32);
+    let bytes = 8.0 * (b * nt * d) as f64;
+    time(
+        &dev,
+        "layer_norm 2x4096x1536",
+        bytes,
+        "GB/s",
+        Op::LayerNorm { eps: 1e-6, affine: false },
+        &[x.clone()],
+        out.clone(),
+    );
+    let s = bc(tensor(&dev, &[b, 1, d], DType::F32));
+    time(&dev, "modulate 2x4096x1536", bytes, "GB/s", Op::Modulate, &[x.clone(), s.clone(), s], out.clone());
+    time(&dev, "softmax 2x4096x1536", bytes, "GB/s", Op::Softmax, &[x], out);
     let ins = [tensor(&dev, &[b, nt, 2 * d], DType::F32)];
     for f in [sd3_core::UnaryOp::Neg, sd3_core::UnaryOp::Exp, sd3_core::UnaryOp::GeluTanh, sd3_core::UnaryOp::GeluErf] {
         let name = format!("{} 2x4096x3072", f.name());

@@ -95,9 +95,10 @@ simd_fn! {
         let mut lanes = [0f32; 16];
         let mut chunks = x.chunks_exact_mut(16);
         for c in &mut chunks {
-            for (l, v) in lanes.iter_mut().zip(c.iter_mut()) {
-                *v = exp(*v - sub);
-                *l += *v;
+            let c: &mut [f32; 16] = c.try_into().unwrap();
+            for l in 0..16 {
+                c[l] = exp(c[l] - sub);
+                lanes[l] += c[l];
             }
         }
         let mut s: f64 = 0.0;
@@ -115,8 +116,9 @@ simd_fn! {
         let mut lanes = [f32::NEG_INFINITY; 16];
         let mut chunks = x.chunks_exact(16);
         for c in &mut chunks {
-            for (l, v) in lanes.iter_mut().zip(c) {
-                *l = if *v > *l { *v } else { *l };
+            let c: &[f32; 16] = c.try_into().unwrap();
+            for l in 0..16 {
+                lanes[l] = if c[l] > lanes[l] { c[l] } else { lanes[l] };
             }
         }
         let mut m = lanes.iter().fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
@@ -143,6 +145,7 @@ simd_fn! {
         let (mut s, mut q) = ([0f64; 8], [0f64; 8]);
         let mut chunks = x.chunks_exact(8);
         for c in &mut chunks {
+            let c: &[f32; 8] = c.try_into().unwrap();
             for l in 0..8 {
                 let v = c[l] as f64;
                 s[l] += v;

@@ -65,9 +65,11 @@ simd_fn! {
 }
 
 simd_fn! {
-    /// `o = o · (1 + s) + h`.
-    fn modulate_in_place(o: &mut [f32], s: &[f32], h: &[f32]) {
-        o.iter_mut().zip(s.iter().zip(h)).for_each(|(o, (&s, &h))| *o = *o * (1.0 + s) + h);
+    /// `o = (x - mean) · inv · (1 + s) + h`.
+    fn normalize_modulate(x: &[f32], mean: f32, inv: f32, s: &[f32], h: &[f32], o: &mut [f32]) {
+        for (o, (&x, (&s, &h))) in o.iter_mut().zip(x.iter().zip(s.iter().zip(h))) {
+            *o = (x - mean) * inv * (1.0 + s) + h;
+        }
     }
 }
 
@@ -95,8 +97,9 @@ pub fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, o: &mut [f32]) {
 
 pub fn layer_norm_modulate(x: &View, scale: &View, shift: &View, y: &View, d: usize, eps: f32) {
     map_rows(&[*x, *scale, *shift], y, d, |i, o| {
-        normalize(i[0], eps, o);
-        modulate_in_place(o, i[1], i[2]);
+        let (mean, var) = math::mean_var(i[0]);
+        let inv = (1.0 / (var + eps as f64).sqrt()) as f32;
+        normalize_modulate(i[0], mean as f32, inv, i[1], i[2], o);
     });
 }
 

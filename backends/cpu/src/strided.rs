@@ -150,6 +150,27 @@ impl<'a> View<'a> {
             .then(|| unsafe { std::slice::from_raw_parts(self.elem_ptr::<f32>(self.offset + start), n) })
     }
 
+    /// The f32 elements `start..start + n` when they lie in one unit-stride run of the innermost dim (e.g. a
+    /// row of a broadcast `[B, 1, D]` scale), borrowed in place.
+    pub fn f32_run(&self, start: usize, n: usize) -> Option<&'a [f32]> {
+        let r = self.rank;
+        if self.dtype != DType::F32
+            || r == 0
+            || self.strides[r - 1] != 1
+            || start % self.shape[r - 1] + n > self.shape[r - 1]
+        {
+            return None;
+        }
+        let mut pos = self.offset;
+        let mut rem = start;
+        for d in (0..r).rev() {
+            pos += (rem % self.shape[d]) * self.strides[d];
+            rem /= self.shape[d];
+        }
+        // SAFETY: a run inside the validated view; nothing writes to an input during an op.
+        Some(unsafe { std::slice::from_raw_parts(self.elem_ptr::<f32>(pos), n) })
+    }
+
     /// Mutable form of [`View::f32_slice`] for outputs.
     ///
     /// # Safety
@@ -239,6 +260,9 @@ impl<'a> View<'a> {
         'a: 's,
     {
         if let Some(s) = self.f32_slice(start, n) {
+            return s;
+        }
+        if let Some(s) = self.f32_run(start, n) {
             return s;
         }
         scratch.clear();
