@@ -92,7 +92,7 @@ fn main() {
         bytes,
         "GB/s",
         Op::LayerNorm { eps: 1e-6, affine: false },
-        &[x.clone()],
+        std::slice::from_ref(&x),
         out.clone(),
     );
     let s = bc(tensor(&dev, &[b, 1, d], DType::F32));
