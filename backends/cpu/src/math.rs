@@ -1,8 +1,8 @@
 //! Vectorisable f32 math (exp, erf) and the runtime dispatch that compiles hot loops for AVX2+FMA.
 //!
-//! The crate is built for the baseline x86-64 target; [`simd_fn!`] compiles a loop a second time with
-//! `avx2,fma` enabled and picks that copy at run time when the CPU has it, so the autovectoriser can use
-//! 8-wide registers. gemm does its own dispatch (up to AVX-512).
+//! The crate is built for the baseline x86-64 target; [`simd_fn!`] compiles a loop again with AVX2+FMA and
+//! with AVX-512 enabled and picks the best copy the CPU runs, so the autovectoriser can use 8- or 16-wide
+//! registers. gemm does its own dispatch (up to AVX-512).
 
 /// Define `pub fn NAME(args)` whose body is compiled for the baseline and for AVX2+FMA, chosen at run time.
 macro_rules! simd_fn {
@@ -13,9 +13,17 @@ macro_rules! simd_fn {
             fn body($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx2,fma")]
+                unsafe fn avx512($($arg: $ty),*) {
+                    body($($arg),*)
+                }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2($($arg: $ty),*) {
                     body($($arg),*)
+                }
+                if $crate::math::has_avx512() {
+                    // SAFETY: the CPU supports the features `avx512` was compiled for.
+                    return unsafe { avx512($($arg),*) };
                 }
                 if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                     // SAFETY: the CPU supports the features `avx2` was compiled for.
@@ -27,6 +35,16 @@ macro_rules! simd_fn {
     };
 }
 pub(crate) use simd_fn;
+
+/// Whether the AVX-512 copies of [`simd_fn!`] loops can run here.
+#[cfg(target_arch = "x86_64")]
+pub fn has_avx512() -> bool {
+    std::is_x86_feature_detected!("avx512f")
+        && std::is_x86_feature_detected!("avx512vl")
+        && std::is_x86_feature_detected!("avx512dq")
+        && std::is_x86_feature_detected!("avx2")
+        && std::is_x86_feature_detected!("fma")
+}
 
 /// `e^x` in f32, branch-free so loops over it vectorise. Relative error below 2e-7 (a few ulp); exactly 0 for
 /// `x < -87.3` (including -inf, which attention's masks rely on), +inf above 88.7, NaN for NaN.
