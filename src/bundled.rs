@@ -14,6 +14,12 @@ pub const DESCRIPTION: &str = "the bundled tiny SD3 pipeline (fixtures/sd3-tiny:
 
 /// A folder holding the bundled model: the source tree's, or the embedded copy unpacked under the temp dir.
 pub fn tiny_model_dir() -> std::io::Result<PathBuf> {
+    if embedded::FILES.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "this build has no bundled model (fixtures/sd3-tiny was missing when it was built): pass --model DIR",
+        ));
+    }
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/sd3-tiny");
     if matches_embedded(&source) {
         return Ok(source);

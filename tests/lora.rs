@@ -7,7 +7,7 @@ use sd3::lora::LoraSet;
 use sd3::weights::Weights;
 use sd3_core::DType;
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 const MODULE: &str = "transformer_blocks.0.attn.to_q";
 
@@ -32,8 +32,8 @@ fn write_lora(name: &str, a_suffix: &str, b_suffix: &str, metadata: Option<&str>
 }
 
 /// max |merged − (W + s·B·A)|.
-fn merged_error(path: &PathBuf, user_scale: f32, expected_scale: f32, a: &[f32], b: &[f32]) -> f32 {
-    let set = LoraSet::load(&[(path.clone(), user_scale)]).unwrap();
+fn merged_error(path: &Path, user_scale: f32, expected_scale: f32, a: &[f32], b: &[f32]) -> f32 {
+    let set = LoraSet::load(&[(path.to_path_buf(), user_scale)]).unwrap();
     assert_eq!(set.module_count("transformer"), 1);
     let mut w = tiny_transformer();
     let base = w.host_f32(&format!("{MODULE}.weight")).unwrap();
