@@ -1,5 +1,7 @@
 //! The whole pipeline on the CPU backend against diffusers, for each golden case (with `--init-noise`):
 //! conditioning and final latents stage by stage, and the image within 2/255 of diffusers' PNG.
+//! Observed: conditioning and latents within ~4e-6 of diffusers (f32 both sides); the bounds leave room for
+//! other f32 summation orders only.
 
 mod common;
 use common::*;
@@ -65,7 +67,7 @@ fn run_case(case: &str) {
     let d_embeds = max_abs_diff(&cond.prompt_embeds.to_f32_vec().unwrap(), &want_embeds);
     let d_pooled = max_abs_diff(&cond.pooled.to_f32_vec().unwrap(), &want_pooled);
     eprintln!("{case}: prompt_embeds max |diff| {d_embeds:e}, pooled {d_pooled:e}");
-    assert!(d_embeds < 1e-4 && d_pooled < 1e-4, "{case}: conditioning differs ({d_embeds}, {d_pooled})");
+    assert!(d_embeds < 5e-5 && d_pooled < 5e-5, "{case}: conditioning differs ({d_embeds}, {d_pooled})");
 
     // Stage 3: denoising from the golden's initial noise.
     let latents = pipe.initial_latents(&r).unwrap();
@@ -73,7 +75,7 @@ fn run_case(case: &str) {
     let fin = pipe.denoise(&r, &cond, latents, &mut |_| {}).unwrap();
     let d_lat = max_abs_diff(&fin.to_f32_vec().unwrap(), &golden("final_latents"));
     eprintln!("{case}: final latents max |diff| {d_lat:e}");
-    assert!(d_lat < 1e-3, "{case}: final latents differ by {d_lat}");
+    assert!(d_lat < 1e-4, "{case}: final latents differ by {d_lat}");
 
     // Stage 4: the image, against diffusers' PNG.
     let images = pipe.decode(&fin).unwrap();
