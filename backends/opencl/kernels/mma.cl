@@ -30,3 +30,41 @@ inline void mma_16816(float *d, const uint *a, const uint *b) {
 #endif
 }
 
+#ifdef MMA_MI // the GEMM programs only (attention_mma.cl has its own tiles)
+// MMA_MI x MMA_NJ MMA tiles per warp (build options): 2 x 4 gives 64x64 work-group tiles, 4 x 8 gives 128x128.
+#define BM (32 * MMA_MI)
+#define BN (16 * MMA_NJ)
+#define BK 32
+#define LDS (BK + 8) // row pitch in 16-bit elements (padding spreads the fragment reads over banks)
+
+// Fragments of one BK slice from local memory, and the warp's MMA_MI x MMA_NJ MMAs on them.
+inline void mma_block(local const ushort *As, local const ushort *Bs, float acc[MMA_MI][MMA_NJ][4], uint wm, uint wn,
+                      uint g, uint t) {
+    for (uint ks = 0; ks < BK; ks += 16) {
+        uint af[MMA_MI][4], bf[MMA_NJ][2];
+        for (uint i = 0; i < MMA_MI; ++i) {
+            uint r = wm + i * 16 + g, c = ks + t * 2;
+            af[i][0] = *(local const uint *)&As[r * LDS + c];
+            af[i][1] = *(local const uint *)&As[(r + 8) * LDS + c];
+            af[i][2] = *(local const uint *)&As[r * LDS + c + 8];
+            af[i][3] = *(local const uint *)&As[(r + 8) * LDS + c + 8];
+        }
+        for (uint j = 0; j < MMA_NJ; ++j) {
+            uint n = wn + j * 8 + g, c = ks + t * 2;
+            bf[j][0] = *(local const uint *)&Bs[n * LDS + c];
+            bf[j][1] = *(local const uint *)&Bs[n * LDS + c + 8];
+        }
+        for (uint i = 0; i < MMA_MI; ++i)
+            for (uint j = 0; j < MMA_NJ; ++j) mma_16816(acc[i][j], af[i], bf[j]);
+    }
+}
+
+#endif
+
+// 8 consecutive 16-bit values row[k..k+8) as one uint4, zero past K or where !valid (nothing is read then).
+inline uint4 fetch8(global const ushort *row, uint k, uint K, bool valid) {
+    if (valid && k + 8 <= K) return *(global const uint4 *)(row + k);
+    ushort tmp[8];
+    for (uint q = 0; q < 8; ++q) tmp[q] = (valid && k + q < K) ? row[k + q] : (ushort)0;
+    return as_uint4(vload8(0, tmp));
+}

@@ -14,6 +14,9 @@ fn conformance_suite_passes() {
     println!("{}", String::from_utf8_lossy(&table));
     println!("{}: {:?}", dev.info().name, dev.stats());
     assert!(report.all_passed(), "{}", report.summary());
+    // Where the device has tensor cores, their kernels must have built (a failure would silently fall back).
+    let stats = dev.stats();
+    assert!(!stats.iter().any(|l| l.starts_with("opencl.mma=off")), "{stats:?}");
 }
 
 /// The suite's perf mode (SD3-sized shapes, device only). Ignored by default: it measures, it does not check.

@@ -157,6 +157,15 @@ fn matmul_half_precision_tiles() {
         let y = Spec::new(&[2, 130, 150], F32);
         check(&format!("matmul {dt} k={k}"), Op::Matmul { bias: true }, &[a, b, bias], &y, tol_for(F32, 1e-4));
     }
+    // Large enough for the 128x128 tensor-core tiles, with partial tiles on both sides and a k tail.
+    let (a, b) = (Spec::new(&[520, 136], F16), Spec::permuted(&[136, 530], &[1, 0], F16));
+    check(
+        "matmul f16 large tiles",
+        Op::Matmul { bias: false },
+        &[a, b],
+        &Spec::new(&[520, 530], F16),
+        tol_for(F16, 0.0),
+    );
     // conv2d with dense f16 weights (raw A rows) and K = C·KH·KW = 144.
     let x = Spec::new(&[1, 16, 12, 10], F16);
     let (w, b) = (Spec::new(&[40, 16, 3, 3], F16), Spec::new(&[40], F16));
