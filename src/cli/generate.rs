@@ -72,10 +72,13 @@ pub struct GenerateArgs {
     /// Skip-layer guidance layers, e.g. 7,8,9 for SD3.5-medium (off when not given).
     #[arg(long = "slg-layers", value_delimiter = ',', value_name = "L,L,...")]
     pub slg_layers: Vec<usize>,
+    /// Skip-layer guidance scale.
     #[arg(long = "slg-scale", default_value_t = 2.8)]
     pub slg_scale: f32,
+    /// Skip-layer guidance applies at steps i with steps·start < i < steps·stop.
     #[arg(long = "slg-start", default_value_t = 0.01)]
     pub slg_start: f64,
+    /// See --slg-start.
     #[arg(long = "slg-stop", default_value_t = 0.2)]
     pub slg_stop: f64,
 }
