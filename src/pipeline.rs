@@ -500,3 +500,22 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn skip_layer_guidance_window_is_strict() {
+        let slg = SkipLayerGuidance::with_layers(vec![7, 8, 9]);
+        // 28 steps: 0.28 < i < 5.6.
+        let active: Vec<usize> = (0..28).filter(|&i| slg.active_at(i, 28)).collect();
+        assert_eq!(active, [1, 2, 3, 4, 5]);
+        // The sd35-slg golden: 4 steps, start 0.01, stop 0.6 → 0.04 < i < 2.4.
+        let slg = SkipLayerGuidance { stop: 0.6, ..slg };
+        assert_eq!((0..4).filter(|&i| slg.active_at(i, 4)).collect::<Vec<_>>(), [1, 2]);
+        // Bounds that land on an integer are excluded: 10 steps, stop 0.2 → i < 2.
+        let slg = SkipLayerGuidance { start: 0.1, stop: 0.2, ..slg };
+        assert!(!slg.active_at(1, 10) && !slg.active_at(2, 10));
+    }
+}

@@ -129,6 +129,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
         });
     }
     pipe.validate(&req)?;
+    if req.slg.is_some() && !req.cfg() {
+        say("note: --slg-layers has no effect without classifier-free guidance (--guidance > 1), as in diffusers"
+            .into());
+    }
     let noise = match &req.init_noise {
         Some(f) => format!("noise from {}", f.display()),
         None => format!("seed {}", req.seed),
