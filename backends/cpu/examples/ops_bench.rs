@@ -99,7 +99,14 @@ fn main() {
     time(&dev, "modulate 2x4096x1536", bytes, "GB/s", Op::Modulate, &[x.clone(), s.clone(), s], out.clone());
     time(&dev, "softmax 2x4096x1536", bytes, "GB/s", Op::Softmax, &[x], out);
     let ins = [tensor(&dev, &[b, nt, 2 * d], DType::F32)];
-    for f in [sd3_core::UnaryOp::Neg, sd3_core::UnaryOp::Exp, sd3_core::UnaryOp::GeluTanh, sd3_core::UnaryOp::GeluErf] {
+    for f in [
+        sd3_core::UnaryOp::Exp,
+        sd3_core::UnaryOp::Neg,
+        sd3_core::UnaryOp::Square,
+        sd3_core::UnaryOp::Relu,
+        sd3_core::UnaryOp::GeluTanh,
+        sd3_core::UnaryOp::GeluErf,
+    ] {
         let name = format!("{} 2x4096x3072", f.name());
         let out = tensor(&dev, &[b, nt, 2 * d], DType::F32);
         time(&dev, &name, 8.0 * (b * nt * 2 * d) as f64, "GB/s", Op::Unary(f), &ins, out);

@@ -27,20 +27,11 @@ pub fn map_chunks(ins: &[View], out: &View, f: impl Fn(&[&[f32]], &mut [f32]) + 
     });
 }
 
-/// `y[i] = f(x[i])` in blocks of 16 lanes, a shape the vectoriser handles reliably (a plain iterator loop
-/// with a call-heavy body is often left scalar).
+/// `y[i] = f(x[i])`: a plain loop, which the vectoriser handles when `f` inlines to straight-line code.
+/// (Blocking it by hand into 16-lane chunks made LLVM vectorise across blocks with gathers and scatters.)
 #[inline(always)]
-fn map16(x: &[f32], y: &mut [f32], f: impl Fn(f32) -> f32) {
-    let mut yc = y.chunks_exact_mut(16);
-    let mut xc = x.chunks_exact(16);
-    for (yb, xb) in (&mut yc).zip(&mut xc) {
-        let xb: &[f32; 16] = xb.try_into().unwrap();
-        let yb: &mut [f32; 16] = yb.try_into().unwrap();
-        for l in 0..16 {
-            yb[l] = f(xb[l]);
-        }
-    }
-    for (y, &x) in yc.into_remainder().iter_mut().zip(xc.remainder()) {
+fn map_each(x: &[f32], y: &mut [f32], f: impl Fn(f32) -> f32) {
+    for (y, &x) in y.iter_mut().zip(x) {
         *y = f(x);
     }
 }
@@ -48,28 +39,28 @@ fn map16(x: &[f32], y: &mut [f32], f: impl Fn(f32) -> f32) {
 simd_fn! {
     fn unary_slice(op: UnaryOp, x: &[f32], y: &mut [f32]) {
         match op {
-            UnaryOp::Neg => map16(x, y, |x| -x),
-            UnaryOp::Exp => map16(x, y, math::exp),
-            UnaryOp::Log => map16(x, y, f32::ln),
-            UnaryOp::Sqrt => map16(x, y, f32::sqrt),
-            UnaryOp::Rsqrt => map16(x, y, |x| 1.0 / x.sqrt()),
-            UnaryOp::Recip => map16(x, y, |x| 1.0 / x),
-            UnaryOp::Square => map16(x, y, |x| x * x),
-            UnaryOp::Abs => map16(x, y, f32::abs),
-            UnaryOp::Tanh => map16(x, y, f32::tanh),
-            UnaryOp::Sigmoid => map16(x, y, math::sigmoid),
-            UnaryOp::Relu => map16(x, y, |x| if x > 0.0 { x } else { 0.0 }),
-            UnaryOp::Silu => map16(x, y, |x| x * math::sigmoid(x)),
+            UnaryOp::Neg => map_each(x, y, |x| -x),
+            UnaryOp::Exp => map_each(x, y, math::exp),
+            UnaryOp::Log => map_each(x, y, f32::ln),
+            UnaryOp::Sqrt => map_each(x, y, f32::sqrt),
+            UnaryOp::Rsqrt => map_each(x, y, |x| 1.0 / x.sqrt()),
+            UnaryOp::Recip => map_each(x, y, |x| 1.0 / x),
+            UnaryOp::Square => map_each(x, y, |x| x * x),
+            UnaryOp::Abs => map_each(x, y, f32::abs),
+            UnaryOp::Tanh => map_each(x, y, f32::tanh),
+            UnaryOp::Sigmoid => map_each(x, y, math::sigmoid),
+            UnaryOp::Relu => map_each(x, y, |x| if x > 0.0 { x } else { 0.0 }),
+            UnaryOp::Silu => map_each(x, y, |x| x * math::sigmoid(x)),
             // 1 + erf(x/√2) = erfc(-x/√2), which keeps its precision for very negative x.
-            UnaryOp::GeluErf => map16(x, y, |x| 0.5 * x * math::erfc(-x * std::f32::consts::FRAC_1_SQRT_2)),
+            UnaryOp::GeluErf => map_each(x, y, |x| 0.5 * x * math::erfc(-x * std::f32::consts::FRAC_1_SQRT_2)),
             // 0.5·(1 + tanh(u)) = σ(2u): the same function without tanh's cancellation near -1.
-            UnaryOp::GeluTanh => map16(x, y, |x| {
+            UnaryOp::GeluTanh => map_each(x, y, |x| {
                 const C: f32 = 0.797_884_6; // √(2/π)
                 x * math::sigmoid(2.0 * C * (x + 0.044715 * x * x * x))
             }),
-            UnaryOp::QuickGelu => map16(x, y, |x| x * math::sigmoid(1.702 * x)),
-            UnaryOp::Sin => map16(x, y, f32::sin),
-            UnaryOp::Cos => map16(x, y, f32::cos),
+            UnaryOp::QuickGelu => map_each(x, y, |x| x * math::sigmoid(1.702 * x)),
+            UnaryOp::Sin => map_each(x, y, f32::sin),
+            UnaryOp::Cos => map_each(x, y, f32::cos),
         }
     }
 }

@@ -156,43 +156,77 @@ simd_fn! {
     }
 }
 
-simd_fn! {
-    /// `(Σx, Σ(x - shift)²)` accumulated in f64 over 8 independent lanes (a single running sum would be a
-    /// serial dependency chain: floating-point sums are not reassociated by the compiler).
-    fn sums_f64(x: &[f32], shift: f64, out: &mut (f64, f64)) {
-        let (mut s, mut q) = ([0f64; 8], [0f64; 8]);
-        let mut chunks = x.chunks_exact(8);
-        for c in &mut chunks {
-            let c: &[f32; 8] = c.try_into().unwrap();
-            for l in 0..8 {
-                let v = c[l] as f64;
-                s[l] += v;
-                q[l] += (v - shift) * (v - shift);
-            }
-        }
-        let (mut st, mut qt) = (s.iter().sum::<f64>(), q.iter().sum::<f64>());
-        for &v in chunks.remainder() {
-            st += v as f64;
-            qt += (v as f64 - shift) * (v as f64 - shift);
-        }
-        *out = (st, qt);
-    }
+/// `mean` split into two f32s whose sum is (almost) the f64 value, so `(x - hi) - lo` is the exact deviation
+/// even when the mean is large next to the spread.
+pub fn split(mean: f64) -> (f32, f32) {
+    let hi = mean as f32;
+    (hi, (mean - hi as f64) as f32)
 }
 
-/// `(Σx, Σx²)` accumulated in f64.
+/// `(Σd, Σd²)` with `d = (x - hi) - lo`: f32 lanes within blocks of 256 elements, blocks summed in f64 (a
+/// single running f64 sum is a serial dependency chain, and the compiler does not vectorise these reductions).
+fn block_sums(x: &[f32], hi: f32, lo: f32) -> (f64, f64) {
+    let mut blocks = x.chunks_exact(256);
+    let (mut s, mut q) = (0f64, 0f64);
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        for blk in &mut blocks {
+            // SAFETY: AVX-512F is present; `blk` holds 256 floats.
+            let (bs, bq) = unsafe { block256_avx512(blk, hi, lo) };
+            s += bs;
+            q += bq;
+        }
+    }
+    for blk in &mut blocks {
+        let (mut ls, mut lq) = ([0f32; 16], [0f32; 16]);
+        for c in blk.chunks_exact(16) {
+            for l in 0..16 {
+                let d = (c[l] - hi) - lo;
+                ls[l] += d;
+                lq[l] += d * d;
+            }
+        }
+        s += ls.iter().map(|&v| v as f64).sum::<f64>();
+        q += lq.iter().map(|&v| v as f64).sum::<f64>();
+    }
+    for &v in blocks.remainder() {
+        let d = ((v - hi) - lo) as f64;
+        s += d;
+        q += d * d;
+    }
+    (s, q)
+}
+
+/// One 256-element block of [`block_sums`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn block256_avx512(blk: &[f32], hi: f32, lo: f32) -> (f64, f64) {
+    use std::arch::x86_64::*;
+    let (vh, vl) = (_mm512_set1_ps(hi), _mm512_set1_ps(lo));
+    let (mut s, mut q) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    for c in blk.chunks_exact(16) {
+        // SAFETY: 16 floats.
+        let v = unsafe { _mm512_loadu_ps(c.as_ptr()) };
+        let d = _mm512_sub_ps(_mm512_sub_ps(v, vh), vl);
+        s = _mm512_add_ps(s, d);
+        q = _mm512_fmadd_ps(d, d, q);
+    }
+    (_mm512_reduce_add_ps(s) as f64, _mm512_reduce_add_ps(q) as f64)
+}
+
+/// `(Σx, Σx²)`, accumulated as [`block_sums`] does.
 pub fn sum_and_sq(x: &[f32]) -> (f64, f64) {
-    let mut out = (0.0, 0.0);
-    sums_f64(x, 0.0, &mut out);
-    out
+    block_sums(x, 0.0, 0.0)
 }
 
 /// Mean and biased variance of `x`, two-pass in f64 (the second pass around the mean, like the reference).
 pub fn mean_var(x: &[f32]) -> (f64, f64) {
     let n = x.len().max(1) as f64;
-    let mut first = (0.0, 0.0);
-    sums_f64(x, 0.0, &mut first);
-    let mean = first.0 / n;
-    let mut second = (0.0, 0.0);
-    sums_f64(x, mean, &mut second);
+    // First pass around x[0], so that f32 partial sums stay small when the mean is large next to the spread.
+    let pivot = x.first().copied().unwrap_or(0.0);
+    let first = block_sums(x, pivot, 0.0);
+    let mean = pivot as f64 + first.0 / n;
+    let (hi, lo) = split(mean);
+    let second = block_sums(x, hi, lo);
     (mean, second.1 / n)
 }

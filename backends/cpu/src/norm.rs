@@ -54,21 +54,22 @@ pub fn softmax(x: &View, y: &View, d: usize) {
 fn normalize(x: &[f32], eps: f32, o: &mut [f32]) {
     let (mean, var) = math::mean_var(x);
     let inv = (1.0 / (var + eps as f64).sqrt()) as f32;
-    shift_scale(x, mean as f32, inv, o);
+    let (hi, lo) = math::split(mean);
+    shift_scale(x, hi, lo, inv, o);
 }
 
 simd_fn! {
-    /// `o = (x - shift) · scale`.
-    fn shift_scale(x: &[f32], shift: f32, scale: f32, o: &mut [f32]) {
-        o.iter_mut().zip(x).for_each(|(o, &x)| *o = (x - shift) * scale);
+    /// `o = ((x - hi) - lo) · scale`.
+    fn shift_scale(x: &[f32], hi: f32, lo: f32, scale: f32, o: &mut [f32]) {
+        o.iter_mut().zip(x).for_each(|(o, &x)| *o = ((x - hi) - lo) * scale);
     }
 }
 
 simd_fn! {
-    /// `o = (x - mean) · inv · (1 + s) + h`.
-    fn normalize_modulate(x: &[f32], mean: f32, inv: f32, s: &[f32], h: &[f32], o: &mut [f32]) {
+    /// `o = ((x - hi) - lo) · inv · (1 + s) + h`.
+    fn normalize_modulate(x: &[f32], hi: f32, lo: f32, inv: f32, s: &[f32], h: &[f32], o: &mut [f32]) {
         for (o, (&x, (&s, &h))) in o.iter_mut().zip(x.iter().zip(s.iter().zip(h))) {
-            *o = (x - mean) * inv * (1.0 + s) + h;
+            *o = ((x - hi) - lo) * inv * (1.0 + s) + h;
         }
     }
 }
@@ -99,7 +100,8 @@ pub fn layer_norm_modulate(x: &View, scale: &View, shift: &View, y: &View, d: us
     map_rows(&[*x, *scale, *shift], y, d, |i, o| {
         let (mean, var) = math::mean_var(i[0]);
         let inv = (1.0 / (var + eps as f64).sqrt()) as f32;
-        normalize_modulate(i[0], mean as f32, inv, i[1], i[2], o);
+        let (hi, lo) = math::split(mean);
+        normalize_modulate(i[0], hi, lo, inv, i[1], i[2], o);
     });
 }
 

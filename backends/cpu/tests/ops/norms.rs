@@ -79,3 +79,18 @@ fn group_norm_shapes() {
         }
     }
 }
+
+#[test]
+fn norms_keep_precision_when_the_mean_is_large() {
+    // Values near 1000 with a spread of 2: the deviation from the mean must not lose digits to f32 rounding.
+    let shape = [3, 7, 1536];
+    let x = spec(DType::F32, &shape).gen(Gen::Uniform(1000.0, 1002.0));
+    let op = Op::LayerNorm { eps: 1e-6, affine: false };
+    check("ln large mean", op, std::slice::from_ref(&x), &spec(DType::F32, &shape), NORM);
+    let (s, h) = (spec(DType::F32, &shape).broadcast(&[1]), spec(DType::F32, &shape).broadcast(&[1]));
+    check("lnmod large mean", Op::LayerNormModulate { eps: 1e-6 }, &[x, s, h], &spec(DType::F32, &shape), NORM);
+    let shape = [2, 8, 33, 5];
+    let x = spec(DType::F32, &shape).gen(Gen::Uniform(1000.0, 1002.0));
+    let op = Op::GroupNorm { groups: 4, eps: 1e-6, affine: false };
+    check("gn large mean", op, &[x], &spec(DType::F32, &shape), NORM);
+}
