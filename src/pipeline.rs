@@ -268,7 +268,7 @@ impl StableDiffusion3Pipeline {
         if let Some(slg) = &r.slg {
             if let Some(l) = slg.layers.iter().find(|&&l| l >= c.num_layers) {
                 return bad(format!(
-                    "--slg-layers names layer {l}, but the transformer has {} (0..{})",
+                    "--slg-layers names layer {l}, but the transformer has {} layers (0 to {})",
                     c.num_layers,
                     c.num_layers - 1
                 ));
