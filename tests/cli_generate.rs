@@ -125,6 +125,7 @@ fn bad_sizes() {
     must_fail(&["--prompt", "x", "--steps", "0"], &["--steps"]);
     must_fail(&["--prompt", "x", "--dtype", "f8"], &["--dtype", "f8"]);
     must_fail(&["--steps", "2"], &["--prompt"]);
+    must_fail(&["--prompt", "x", "--slg-layers", "5"], &["--slg-layers", "layer 5", "2 layers"]);
 }
 
 #[test]
