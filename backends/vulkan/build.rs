@@ -1,0 +1,48 @@
+//! Compiles `shaders/*.comp` (GLSL) to SPIR-V with `glslc` into `$OUT_DIR/<name>.spv`, which `src/pipelines.rs`
+//! embeds with `include_bytes!`. `$GLSLC` overrides the compiler's path.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn main() {
+    let shader_dir = Path::new("shaders");
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let glslc = std::env::var("GLSLC").unwrap_or_else(|_| "glslc".to_string());
+    println!("cargo:rerun-if-env-changed=GLSLC");
+    println!("cargo:rerun-if-changed=shaders");
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(shader_dir)
+        .expect("backends/vulkan/shaders exists")
+        .map(|e| e.expect("reading backends/vulkan/shaders").path())
+        .collect();
+    entries.sort();
+    for path in entries {
+        println!("cargo:rerun-if-changed={}", path.display());
+        if path.extension().and_then(|e| e.to_str()) != Some("comp") {
+            continue;
+        }
+        let stem = path.file_stem().and_then(|s| s.to_str()).expect("shader file names are UTF-8");
+        let out = out_dir.join(format!("{stem}.spv"));
+        let result = Command::new(&glslc)
+            .args(["-fshader-stage=compute", "--target-env=vulkan1.2", "-O", "-I"])
+            .arg(shader_dir)
+            .arg(&path)
+            .arg("-o")
+            .arg(&out)
+            .output();
+        match result {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+                "sd3-backend-vulkan: the GLSL compiler `{glslc}` was not found; it compiles the compute shaders to \
+                 SPIR-V at build time. Install it (Debian/Ubuntu: `apt-get install glslc`; or the LunarG Vulkan \
+                 SDK), or point $GLSLC at it."
+            ),
+            Err(e) => panic!("sd3-backend-vulkan: running `{glslc}` failed: {e}"),
+            Ok(o) if !o.status.success() => panic!(
+                "sd3-backend-vulkan: `{glslc}` failed on {}:\n{}{}",
+                path.display(),
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Ok(_) => {}
+        }
+    }
+}

@@ -1,0 +1,95 @@
+// Shared by every shader: the bindings, element loads/stores for every storage dtype, and strided indexing.
+//
+// Binding 0 holds the dispatch's parameters as 32-bit words (`P`); binding 1 is the output, bindings 2..7 the
+// inputs in the op's input order. Tensors are bound as arrays of 32-bit words so that f16/bf16 (two per word)
+// need no 16-bit storage feature: they are converted to f32 on load and rounded to nearest-even on store.
+// Dtype codes are the core's DType ids: 0 f32, 1 f16, 2 bf16, 3 i32, 4 i64 (read as its low word).
+
+layout(std430, set = 0, binding = 0) readonly buffer Params { uint P[]; };
+layout(std430, set = 0, binding = 1) buffer Out { uint b1[]; };
+layout(std430, set = 0, binding = 2) readonly buffer In2 { uint b2[]; };
+layout(std430, set = 0, binding = 3) readonly buffer In3 { uint b3[]; };
+layout(std430, set = 0, binding = 4) readonly buffer In4 { uint b4[]; };
+layout(std430, set = 0, binding = 5) readonly buffer In5 { uint b5[]; };
+layout(std430, set = 0, binding = 6) readonly buffer In6 { uint b6[]; };
+layout(std430, set = 0, binding = 7) readonly buffer In7 { uint b7[]; };
+
+float pf(uint i) { return uintBitsToFloat(P[i]); }
+
+#define DEFINE_LOAD(NAME, BUF)                                                                 \
+    float NAME(uint dt, uint i) {                                                              \
+        if (dt == 0u) return uintBitsToFloat(BUF[i]);                                          \
+        if (dt == 1u) return unpackHalf2x16((BUF[i >> 1] >> ((i & 1u) * 16u)) & 0xffffu).x;    \
+        if (dt == 2u) return uintBitsToFloat(((BUF[i >> 1] >> ((i & 1u) * 16u)) & 0xffffu) << 16); \
+        if (dt == 3u) return float(int(BUF[i]));                                               \
+        return float(int(BUF[2u * i]));                                                        \
+    }
+
+DEFINE_LOAD(ld1, b1)
+DEFINE_LOAD(ld2, b2)
+DEFINE_LOAD(ld3, b3)
+DEFINE_LOAD(ld4, b4)
+DEFINE_LOAD(ld5, b5)
+DEFINE_LOAD(ld6, b6)
+DEFINE_LOAD(ld7, b7)
+
+// f32 -> f16 bits, round to nearest even (GLSL leaves packHalf2x16's rounding to the implementation).
+uint f32_to_f16(float f) {
+    uint x = floatBitsToUint(f);
+    uint sign = (x >> 16) & 0x8000u;
+    uint ex = (x >> 23) & 0xffu;
+    uint man = x & 0x7fffffu;
+    if (ex == 0xffu) return sign | 0x7c00u | (man != 0u ? 0x200u : 0u);
+    int e = int(ex) - 112;
+    if (e >= 31) return sign | 0x7c00u;
+    if (e <= 0) {
+        if (e < -10) return sign;
+        man |= 0x800000u;
+        uint shift = uint(14 - e);
+        uint h = man >> shift;
+        uint rem = man & ((1u << shift) - 1u);
+        uint halfway = 1u << (shift - 1u);
+        if (rem > halfway || (rem == halfway && (h & 1u) != 0u)) h++;
+        return sign | h;
+    }
+    uint h = sign | (uint(e) << 10) | (man >> 13);
+    uint rem = man & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (h & 1u) != 0u)) h++;
+    return h;
+}
+
+uint f32_to_bf16(float f) {
+    uint x = floatBitsToUint(f);
+    if ((x & 0x7fffffffu) > 0x7f800000u) return (x >> 16) | 0x40u;
+    return (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
+}
+
+// Rust's `as i32`: saturating, NaN -> 0.
+int f32_to_i32(float v) {
+    if (isnan(v)) return 0;
+    if (v >= 2147483647.0) return 2147483647;
+    if (v <= -2147483648.0) return -2147483647 - 1;
+    return int(v);
+}
+
+void st(uint dt, uint i, float v) {
+    if (dt == 0u) { b1[i] = floatBitsToUint(v); return; }
+    if (dt == 3u) { b1[i] = uint(f32_to_i32(v)); return; }
+    uint h = dt == 1u ? f32_to_f16(v) : f32_to_bf16(v);
+    uint sh = (i & 1u) * 16u;
+    // Two invocations may own the two halves of one word: update only this half, atomically.
+    atomicAnd(b1[i >> 1], ~(0xffffu << sh));
+    atomicOr(b1[i >> 1], h << sh);
+}
+
+// Element offset of logical row-major index `lin` of a view: shape at P[shape_at..], rank `rank`,
+// the view's offset at P[view_at] and its strides at P[view_at + 1 ..].
+uint view_offset(uint lin, uint rank, uint shape_at, uint view_at) {
+    uint off = P[view_at];
+    for (int d = int(rank) - 1; d >= 0; --d) {
+        uint n = P[shape_at + uint(d)];
+        off += (lin % n) * P[view_at + 1u + uint(d)];
+        lin /= n;
+    }
+    return off;
+}

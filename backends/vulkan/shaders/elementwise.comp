@@ -1,0 +1,105 @@
+#version 450
+// Every elementwise op over strided views: copy/cast, fill, unary, binary, affine, modulate, gated residual and
+// nearest upsampling. One invocation per output element, grid-stride over the whole output.
+//
+// P: [0] mode, [1] sub (unary/binary function, upsample factor), [2] n, [3] rank, [4..12) output shape,
+// [12..16) dtypes of y, a, b, c, [16] f0, [17] f1, views (offset + 8 strides) y@20, a@29, b@38, c@47.
+#include "common.glsl"
+layout(local_size_x = 256) in;
+
+const float SQRT1_2 = 0.70710678118654752;
+
+float erf_approx(float x) {
+    // Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7).
+    float t = 1.0 / (1.0 + 0.3275911 * abs(x));
+    float y = 1.0 - (((((1.061405429 * t - 1.453152027) * t) + 1.421413741) * t - 0.284496736) * t + 0.254829592) * t * exp(-x * x);
+    return x < 0.0 ? -y : y;
+}
+
+float tanh_safe(float x) {
+    float t = exp(-2.0 * abs(x));
+    float y = (1.0 - t) / (1.0 + t);
+    return x < 0.0 ? -y : y;
+}
+
+float sigmoid(float x) { return 1.0 / (1.0 + exp(-x)); }
+
+float unary(uint f, float x) {
+    switch (f) {
+        case 0u: return -x;
+        case 1u: return exp(x);
+        case 2u: return log(x);
+        case 3u: return sqrt(x);
+        case 4u: return 1.0 / sqrt(x);
+        case 5u: return 1.0 / x;
+        case 6u: return x * x;
+        case 7u: return abs(x);
+        case 8u: return tanh_safe(x);
+        case 9u: return sigmoid(x);
+        case 10u: return max(x, 0.0);
+        case 11u: return x * sigmoid(x);
+        case 12u: return 0.5 * x * (1.0 + erf_approx(x * SQRT1_2));
+        case 13u: return 0.5 * x * (1.0 + tanh_safe(0.7978845608028654 * (x + 0.044715 * x * x * x)));
+        case 14u: return x * sigmoid(1.702 * x);
+        case 15u: return sin(x);
+        default: return cos(x);
+    }
+}
+
+float binary(uint f, float a, float b) {
+    switch (f) {
+        case 0u: return a + b;
+        case 1u: return a - b;
+        case 2u: return a * b;
+        case 3u: return a / b;
+        // NaN propagates like f64::max/min in the reference: the non-NaN operand wins.
+        case 4u: return isnan(a) ? b : (isnan(b) ? a : max(a, b));
+        default: return isnan(a) ? b : (isnan(b) ? a : min(a, b));
+    }
+}
+
+// Offset in the input view of output index `lin`, with the last two dims divided by the upsample factor.
+uint upsample_offset(uint lin, uint rank, uint factor) {
+    uint off = P[29];
+    for (int d = int(rank) - 1; d >= 0; --d) {
+        uint n = P[4u + uint(d)];
+        uint c = lin % n;
+        lin /= n;
+        if (uint(d) + 2u >= rank) c /= factor;
+        off += c * P[30u + uint(d)];
+    }
+    return off;
+}
+
+void main() {
+    uint mode = P[0], sub = P[1], n = P[2], rank = P[3];
+    uint dy = P[12], da = P[13], db = P[14], dc = P[15];
+    uint step = gl_NumWorkGroups.x * 256u;
+    for (uint i = gl_GlobalInvocationID.x; i < n; i += step) {
+        uint oy = view_offset(i, rank, 4u, 20u);
+        float v;
+        if (mode == 1u) {
+            v = pf(16);
+        } else if (mode == 7u) {
+            v = ld2(da, upsample_offset(i, rank, sub));
+        } else {
+            float a = ld2(da, view_offset(i, rank, 4u, 29u));
+            if (mode == 0u) {
+                v = a;
+            } else if (mode == 2u) {
+                v = unary(sub, a);
+            } else if (mode == 4u) {
+                v = a * pf(16) + pf(17);
+            } else {
+                float b = ld3(db, view_offset(i, rank, 4u, 38u));
+                if (mode == 3u) {
+                    v = binary(sub, a, b);
+                } else {
+                    float c = ld4(dc, view_offset(i, rank, 4u, 47u));
+                    v = mode == 5u ? a * (1.0 + b) + c : a + b * c;
+                }
+            }
+        }
+        st(dy, oy, v);
+    }
+}

@@ -1,0 +1,96 @@
+#version 450
+// Row ops over the last dim: softmax, layer norm (optionally affine), RMS norm, fused layer-norm + modulate.
+// One workgroup per row (grid-stride over rows); statistics are two-pass (mean, then variance) like the reference.
+//
+// P: [0] mode (0 softmax, 1 layer norm, 2 rms norm, 3 layer norm modulate), [1] affine, [2] rows, [3] D,
+// [4] outer rank, [5..12) outer shape, [13..17) dtypes y, x, t2, t3, [19] eps,
+// views y@20, x@29, t2@38, t3@47: offset, 7 outer strides, stride along D.
+// t2/t3 are (weight, bias) for layer norm, (weight, -) for RMS norm, (scale, shift) for modulate.
+#include "common.glsl"
+layout(local_size_x = 256) in;
+
+shared float red[256];
+
+float reduce_sum(float v) {
+    uint t = gl_LocalInvocationID.x;
+    red[t] = v;
+    barrier();
+    for (uint s = 128u; s > 0u; s >>= 1) {
+        if (t < s) red[t] += red[t + s];
+        barrier();
+    }
+    float r = red[0];
+    barrier();
+    return r;
+}
+
+float reduce_max(float v) {
+    uint t = gl_LocalInvocationID.x;
+    red[t] = v;
+    barrier();
+    for (uint s = 128u; s > 0u; s >>= 1) {
+        if (t < s) red[t] = max(red[t], red[t + s]);
+        barrier();
+    }
+    float r = red[0];
+    barrier();
+    return r;
+}
+
+uint row_base(uint row, uint orank, uint view_at) {
+    uint off = P[view_at];
+    for (int d = int(orank) - 1; d >= 0; --d) {
+        uint n = P[5u + uint(d)];
+        off += (row % n) * P[view_at + 1u + uint(d)];
+        row /= n;
+    }
+    return off;
+}
+
+void main() {
+    uint mode = P[0], affine = P[1], rows = P[2], D = P[3], orank = P[4];
+    uint dy = P[13], dx = P[14], d2 = P[15], d3 = P[16];
+    float eps = pf(19);
+    uint t = gl_LocalInvocationID.x;
+    for (uint row = gl_WorkGroupID.x; row < rows; row += gl_NumWorkGroups.x) {
+        uint by = row_base(row, orank, 20u), bx = row_base(row, orank, 29u);
+        uint b2 = row_base(row, orank, 38u), b3 = row_base(row, orank, 47u);
+        uint sy = P[28], sx = P[37], s2 = P[46], s3 = P[55];
+        if (mode == 0u) {
+            float m = uintBitsToFloat(0xff800000u);
+            for (uint j = t; j < D; j += 256u) m = max(m, ld2(dx, bx + j * sx));
+            m = reduce_max(m);
+            float s = 0.0;
+            for (uint j = t; j < D; j += 256u) s += exp(ld2(dx, bx + j * sx) - m);
+            s = reduce_sum(s);
+            for (uint j = t; j < D; j += 256u) st(dy, by + j * sy, exp(ld2(dx, bx + j * sx) - m) / s);
+        } else if (mode == 2u) {
+            float s = 0.0;
+            for (uint j = t; j < D; j += 256u) {
+                float v = ld2(dx, bx + j * sx);
+                s += v * v;
+            }
+            float inv = 1.0 / sqrt(reduce_sum(s) / float(D) + eps);
+            for (uint j = t; j < D; j += 256u) st(dy, by + j * sy, ld2(dx, bx + j * sx) * inv * ld3(d2, b2 + j * s2));
+        } else {
+            float s = 0.0;
+            for (uint j = t; j < D; j += 256u) s += ld2(dx, bx + j * sx);
+            float mean = reduce_sum(s) / float(D);
+            float q = 0.0;
+            for (uint j = t; j < D; j += 256u) {
+                float v = ld2(dx, bx + j * sx) - mean;
+                q += v * v;
+            }
+            float inv = 1.0 / sqrt(reduce_sum(q) / float(D) + eps);
+            for (uint j = t; j < D; j += 256u) {
+                float v = (ld2(dx, bx + j * sx) - mean) * inv;
+                if (mode == 3u) {
+                    v = v * (1.0 + ld3(d2, b2 + j * s2)) + ld4(d3, b3 + j * s3);
+                } else if (affine != 0u) {
+                    v = v * ld3(d2, b2 + j * s2) + ld4(d3, b3 + j * s3);
+                }
+                st(dy, by + j * sy, v);
+            }
+        }
+    }
+}

@@ -1,0 +1,502 @@
+//! [`VulkanDevice`]: one logical device with one compute queue. Ops are recorded into a command buffer (one
+//! dispatch each, a full memory barrier between them) and submitted as a batch when the host needs results
+//! (`download`, `synchronize`, `upload`) or when the batch's descriptor pool or parameter ring is full.
+
+use crate::instance::{PhysicalDevice, VkInstance};
+use crate::memory::{Allocator, HostBuffer};
+use crate::pipelines::{Kernel, Pipelines, BINDINGS};
+use crate::{ops, vk_error};
+use ash::vk;
+use sd3_core::{BufferId, Device, DeviceInfo, Error, OpCall, Result, TensorDesc};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Descriptor sets (= dispatches) per batch.
+const SETS_PER_BATCH: u32 = 1024;
+const PARAM_RING_BYTES: u64 = 4 << 20;
+const STAGING_BYTES: u64 = 32 << 20;
+
+pub struct VulkanDevice {
+    pub phys: PhysicalDevice,
+    device: ash::Device,
+    queue: vk::Queue,
+    state: Mutex<State>,
+    // Declared last: the instance outlives the device (fields drop in order, after `Drop::drop`).
+    _instance: Arc<VkInstance>,
+}
+
+pub(crate) struct State {
+    pub alloc: Allocator,
+    pipelines: Pipelines,
+    cmd_pool: vk::CommandPool,
+    cmd: vk::CommandBuffer,
+    fence: vk::Fence,
+    desc_pool: vk::DescriptorPool,
+    sets_in_batch: u32,
+    params: HostBuffer,
+    params_used: u64,
+    param_align: u64,
+    staging: Option<HostBuffer>,
+    recording: bool,
+    /// Bound to the bindings a dispatch does not use (every binding of the layout must be valid).
+    dummy: BufferId,
+    max_range: u64,
+    mem_props: vk::PhysicalDeviceMemoryProperties,
+    pub dispatches: u64,
+    submits: u64,
+}
+
+/// A tensor as a shader sees it: the buffer range bound and the view's element offset inside that range.
+pub(crate) struct Bound {
+    pub info: vk::DescriptorBufferInfo,
+    pub elem_offset: u32,
+}
+
+impl VulkanDevice {
+    pub fn open(instance: Arc<VkInstance>, phys: PhysicalDevice) -> Result<VulkanDevice> {
+        let family = phys
+            .compute_family
+            .ok_or_else(|| Error::backend("vulkan", format!("{}: no queue family supports compute", phys.name)))?;
+        let l = &phys.limits;
+        if l.max_per_stage_descriptor_storage_buffers < BINDINGS || l.max_compute_shared_memory_size < 16384 {
+            return Err(Error::backend(
+                "vulkan",
+                format!(
+                    "{}: needs {BINDINGS} storage buffers per stage and 16 KiB of shared memory; the device has {} and {}",
+                    phys.name, l.max_per_stage_descriptor_storage_buffers, l.max_compute_shared_memory_size
+                ),
+            ));
+        }
+        let i = &instance.instance;
+        let prio = [1.0f32];
+        let qinfo = [vk::DeviceQueueCreateInfo::default().queue_family_index(family).queue_priorities(&prio)];
+        // SAFETY: valid physical device of this instance; every object is destroyed in `Drop`.
+        let device =
+            unsafe { i.create_device(phys.handle, &vk::DeviceCreateInfo::default().queue_create_infos(&qinfo), None) }
+                .map_err(|e| vk_error(&format!("vkCreateDevice on {}", phys.name), e))?;
+        let state = unsafe { Self::create_state(i, &device, &phys, family) };
+        let state = match state {
+            Ok(s) => s,
+            Err(e) => {
+                // SAFETY: nothing else uses the device yet. (Objects created before the failure are reclaimed
+                // with the device.)
+                unsafe { device.destroy_device(None) };
+                return Err(e);
+            }
+        };
+        // SAFETY: the queue was requested at creation.
+        let queue = unsafe { device.get_device_queue(family, 0) };
+        Ok(VulkanDevice { phys, device, queue, state: Mutex::new(state), _instance: instance })
+    }
+
+    unsafe fn create_state(i: &ash::Instance, d: &ash::Device, phys: &PhysicalDevice, family: u32) -> Result<State> {
+        let mem_props = i.get_physical_device_memory_properties(phys.handle);
+        let align = phys.limits.min_storage_buffer_offset_alignment;
+        let mut alloc = Allocator::new(d, &mem_props, align, phys.max_memory_allocation)?;
+        let pipelines = Pipelines::new(d)?;
+        let cmd_pool = d
+            .create_command_pool(
+                &vk::CommandPoolCreateInfo::default()
+                    .queue_family_index(family)
+                    .flags(vk::CommandPoolCreateFlags::RESET_COMMAND_BUFFER),
+                None,
+            )
+            .map_err(|e| vk_error("vkCreateCommandPool", e))?;
+        let cmd = d
+            .allocate_command_buffers(
+                &vk::CommandBufferAllocateInfo::default().command_pool(cmd_pool).command_buffer_count(1),
+            )
+            .map_err(|e| vk_error("vkAllocateCommandBuffers", e))?[0];
+        let fence = d.create_fence(&vk::FenceCreateInfo::default(), None).map_err(|e| vk_error("vkCreateFence", e))?;
+        let sizes = [vk::DescriptorPoolSize::default()
+            .ty(vk::DescriptorType::STORAGE_BUFFER)
+            .descriptor_count(SETS_PER_BATCH * BINDINGS)];
+        let desc_pool = d
+            .create_descriptor_pool(
+                &vk::DescriptorPoolCreateInfo::default().max_sets(SETS_PER_BATCH).pool_sizes(&sizes),
+                None,
+            )
+            .map_err(|e| vk_error("vkCreateDescriptorPool", e))?;
+        let params = HostBuffer::new(d, &mem_props, PARAM_RING_BYTES)?;
+        let dummy = alloc.alloc(d, 16)?;
+        Ok(State {
+            alloc,
+            pipelines,
+            cmd_pool,
+            cmd,
+            fence,
+            desc_pool,
+            sets_in_batch: 0,
+            params,
+            params_used: 0,
+            param_align: align.max(16),
+            staging: None,
+            recording: false,
+            dummy,
+            max_range: phys.limits.max_storage_buffer_range as u64,
+            mem_props,
+            dispatches: 0,
+            submits: 0,
+        })
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn raw(&self) -> &ash::Device {
+        &self.device
+    }
+
+    /// Check `bytes` at `offset` lie inside `buffer`; returns its allocation.
+    fn checked(
+        &self,
+        st: &State,
+        buffer: BufferId,
+        offset: usize,
+        bytes: usize,
+        what: &str,
+    ) -> Result<crate::memory::Allocation> {
+        let a = st.alloc.get(buffer)?;
+        if offset.checked_add(bytes).is_none_or(|end| end as u64 > a.size) {
+            return Err(Error::InvalidArgument(format!(
+                "vulkan: {what} of {bytes} bytes at offset {offset} overflows buffer {} ({} bytes)",
+                buffer.0, a.size
+            )));
+        }
+        Ok(a)
+    }
+
+    fn staging<'a>(&self, st: &'a mut State) -> Result<&'a HostBuffer> {
+        if st.staging.is_none() {
+            st.staging = Some(HostBuffer::new(&self.device, &st.mem_props, STAGING_BYTES)?);
+        }
+        Ok(st.staging.as_ref().expect("just created"))
+    }
+}
+
+impl State {
+    fn begin(&mut self, d: &ash::Device) -> Result<()> {
+        if !self.recording {
+            // SAFETY: the command buffer is not pending (the last submit was waited for).
+            unsafe {
+                d.reset_command_buffer(self.cmd, vk::CommandBufferResetFlags::empty())
+                    .and_then(|_| {
+                        d.begin_command_buffer(
+                            self.cmd,
+                            &vk::CommandBufferBeginInfo::default().flags(vk::CommandBufferUsageFlags::ONE_TIME_SUBMIT),
+                        )
+                    })
+                    .map_err(|e| vk_error("vkBeginCommandBuffer", e))?;
+            }
+            self.recording = true;
+        }
+        Ok(())
+    }
+
+    fn barrier(&self, d: &ash::Device, dst_stage: vk::PipelineStageFlags, dst_access: vk::AccessFlags) {
+        let b = [vk::MemoryBarrier::default()
+            .src_access_mask(vk::AccessFlags::SHADER_WRITE | vk::AccessFlags::TRANSFER_WRITE)
+            .dst_access_mask(dst_access)];
+        // SAFETY: recording.
+        unsafe {
+            d.cmd_pipeline_barrier(
+                self.cmd,
+                vk::PipelineStageFlags::COMPUTE_SHADER | vk::PipelineStageFlags::TRANSFER,
+                dst_stage,
+                vk::DependencyFlags::empty(),
+                &b,
+                &[],
+                &[],
+            )
+        }
+    }
+
+    fn barrier_device(&self, d: &ash::Device) {
+        self.barrier(
+            d,
+            vk::PipelineStageFlags::COMPUTE_SHADER | vk::PipelineStageFlags::TRANSFER,
+            vk::AccessFlags::SHADER_READ
+                | vk::AccessFlags::SHADER_WRITE
+                | vk::AccessFlags::TRANSFER_READ
+                | vk::AccessFlags::TRANSFER_WRITE,
+        );
+    }
+
+    /// Submit what is recorded and wait for it.
+    pub fn flush(&mut self, d: &ash::Device, queue: vk::Queue) -> Result<()> {
+        if self.recording {
+            self.barrier(d, vk::PipelineStageFlags::HOST, vk::AccessFlags::HOST_READ);
+            self.recording = false;
+            let cmds = [self.cmd];
+            let submit = [vk::SubmitInfo::default().command_buffers(&cmds)];
+            // SAFETY: the command buffer is fully recorded; the fence is unsignalled.
+            unsafe {
+                d.end_command_buffer(self.cmd).map_err(|e| vk_error("vkEndCommandBuffer", e))?;
+                d.queue_submit(queue, &submit, self.fence).map_err(|e| vk_error("vkQueueSubmit", e))?;
+                let waited = d.wait_for_fences(&[self.fence], true, u64::MAX);
+                let reset = d.reset_fences(&[self.fence]);
+                waited.map_err(|e| vk_error("waiting for the queue", e))?;
+                reset.map_err(|e| vk_error("vkResetFences", e))?;
+            }
+            self.submits += 1;
+        }
+        // SAFETY: nothing is pending: descriptor sets and retired blocks are no longer used.
+        unsafe { d.reset_descriptor_pool(self.desc_pool, vk::DescriptorPoolResetFlags::empty()) }
+            .map_err(|e| vk_error("vkResetDescriptorPool", e))?;
+        self.sets_in_batch = 0;
+        self.params_used = 0;
+        self.alloc.release_retired(d);
+        Ok(())
+    }
+
+    /// Bind the buffer range a view touches. The whole buffer is bound when it fits `maxStorageBufferRange`;
+    /// otherwise only the view's span (from an aligned start), which must itself fit.
+    pub fn bind(&self, t: &TensorDesc) -> Result<Bound> {
+        let a = self.alloc.get(t.buffer)?;
+        let es = t.dtype.size_in_bytes() as u64;
+        let span = t.byte_span();
+        if span.end as u64 > a.size {
+            return Err(Error::InvalidArgument(format!(
+                "vulkan: tensor view {:?} ({}) overflows buffer {} of {} bytes",
+                t.layout, t.dtype, t.buffer.0, a.size
+            )));
+        }
+        let buffer = self.alloc.block(a.block).buffer;
+        if a.size <= self.max_range {
+            let elem_offset = u32::try_from(t.layout.offset)
+                .map_err(|_| Error::InvalidArgument("vulkan: tensor offset beyond 2^32 elements".into()))?;
+            return Ok(Bound {
+                info: vk::DescriptorBufferInfo { buffer, offset: a.offset, range: a.size },
+                elem_offset,
+            });
+        }
+        let align = self.param_align.max(es);
+        let start = (span.start as u64 / align) * align;
+        let end = (span.end as u64).div_ceil(4) * 4;
+        let range = end - start;
+        if range > self.max_range {
+            return Err(Error::Unsupported {
+                backend: "vulkan".into(),
+                op: "binding".into(),
+                detail: format!(
+                    "a tensor view spanning {range} bytes exceeds maxStorageBufferRange ({} bytes)",
+                    self.max_range
+                ),
+            });
+        }
+        Ok(Bound {
+            info: vk::DescriptorBufferInfo { buffer, offset: a.offset + start, range },
+            elem_offset: (t.layout.offset as u64 - start / es) as u32,
+        })
+    }
+
+    /// Record one dispatch of `kernel` with parameter words `params` and buffers `bound` (binding, range).
+    pub fn dispatch(
+        &mut self,
+        d: &ash::Device,
+        queue: vk::Queue,
+        kernel: Kernel,
+        params: &[u32],
+        bound: &[(u32, vk::DescriptorBufferInfo)],
+        groups: [u32; 3],
+    ) -> Result<()> {
+        let pbytes = (params.len() * 4) as u64;
+        if self.sets_in_batch == SETS_PER_BATCH || self.params_used + pbytes > self.params.size {
+            self.flush(d, queue)?;
+        }
+        let pipeline = self.pipelines.get(d, kernel)?;
+        self.begin(d)?;
+        let poff = self.params_used;
+        // SAFETY: the ring region [poff, poff + pbytes) is inside the mapping and not used by pending work.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                params.as_ptr().cast::<u8>(),
+                self.params.ptr.add(poff as usize),
+                pbytes as usize,
+            )
+        };
+        self.params_used = (poff + pbytes).div_ceil(self.param_align) * self.param_align;
+        let dummy = self.alloc.get(self.dummy)?;
+        let dummy = vk::DescriptorBufferInfo {
+            buffer: self.alloc.block(dummy.block).buffer,
+            offset: dummy.offset,
+            range: dummy.size,
+        };
+        let mut infos = [dummy; BINDINGS as usize];
+        infos[0] = vk::DescriptorBufferInfo { buffer: self.params.buffer, offset: poff, range: pbytes };
+        for &(b, info) in bound {
+            infos[b as usize] = info;
+        }
+        let layouts = [self.pipelines.set_layout];
+        // SAFETY: the pool has room (checked above); the set is written before use and freed by the pool reset.
+        unsafe {
+            let set = d
+                .allocate_descriptor_sets(
+                    &vk::DescriptorSetAllocateInfo::default().descriptor_pool(self.desc_pool).set_layouts(&layouts),
+                )
+                .map_err(|e| vk_error("vkAllocateDescriptorSets", e))?[0];
+            let writes: Vec<vk::WriteDescriptorSet> = (0..BINDINGS as usize)
+                .map(|b| {
+                    vk::WriteDescriptorSet::default()
+                        .dst_set(set)
+                        .dst_binding(b as u32)
+                        .descriptor_type(vk::DescriptorType::STORAGE_BUFFER)
+                        .buffer_info(std::slice::from_ref(&infos[b]))
+                })
+                .collect();
+            d.update_descriptor_sets(&writes, &[]);
+            d.cmd_bind_pipeline(self.cmd, vk::PipelineBindPoint::COMPUTE, pipeline);
+            d.cmd_bind_descriptor_sets(self.cmd, vk::PipelineBindPoint::COMPUTE, self.pipelines.layout, 0, &[set], &[]);
+            d.cmd_dispatch(self.cmd, groups[0], groups[1], groups[2]);
+        }
+        self.barrier_device(d);
+        self.sets_in_batch += 1;
+        self.dispatches += 1;
+        Ok(())
+    }
+}
+
+impl Device for VulkanDevice {
+    fn info(&self) -> DeviceInfo {
+        self.phys.info()
+    }
+
+    fn alloc(&self, bytes: usize) -> Result<BufferId> {
+        self.lock().alloc.alloc(&self.device, bytes)
+    }
+
+    fn free(&self, buffer: BufferId) {
+        // Safe while queued work still uses it: later work is ordered after it by the barriers, and dedicated
+        // blocks are only destroyed after the next wait.
+        self.lock().alloc.free(buffer)
+    }
+
+    fn upload(&self, buffer: BufferId, offset: usize, data: &[u8]) -> Result<()> {
+        let mut st = self.lock();
+        let a = self.checked(&st, buffer, offset, data.len(), "upload")?;
+        st.flush(&self.device, self.queue)?;
+        if let Some(base) = st.alloc.block(a.block).mapped {
+            // SAFETY: in bounds (checked) and the queue is idle.
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), base.add(a.offset as usize + offset), data.len()) };
+            return Ok(());
+        }
+        let dst = st.alloc.block(a.block).buffer;
+        for (i, chunk) in data.chunks(STAGING_BYTES as usize).enumerate() {
+            let staging = self.staging(&mut st)?;
+            let (sbuf, sptr) = (staging.buffer, staging.ptr);
+            // SAFETY: the staging buffer is idle and large enough for a chunk.
+            unsafe { std::ptr::copy_nonoverlapping(chunk.as_ptr(), sptr, chunk.len()) };
+            st.begin(&self.device)?;
+            let region = vk::BufferCopy {
+                src_offset: 0,
+                dst_offset: a.offset + (offset + i * STAGING_BYTES as usize) as u64,
+                size: chunk.len() as u64,
+            };
+            // SAFETY: recording; both ranges are in bounds.
+            unsafe { self.device.cmd_copy_buffer(st.cmd, sbuf, dst, &[region]) };
+            st.flush(&self.device, self.queue)?;
+        }
+        Ok(())
+    }
+
+    fn download(&self, buffer: BufferId, offset: usize, out: &mut [u8]) -> Result<()> {
+        let mut st = self.lock();
+        let a = self.checked(&st, buffer, offset, out.len(), "download")?;
+        st.flush(&self.device, self.queue)?;
+        if let Some(base) = st.alloc.block(a.block).mapped {
+            // SAFETY: in bounds (checked) and the queue is idle.
+            unsafe { std::ptr::copy_nonoverlapping(base.add(a.offset as usize + offset), out.as_mut_ptr(), out.len()) };
+            return Ok(());
+        }
+        let src = st.alloc.block(a.block).buffer;
+        for (i, chunk) in out.chunks_mut(STAGING_BYTES as usize).enumerate() {
+            let sbuf = self.staging(&mut st)?.buffer;
+            st.begin(&self.device)?;
+            let region = vk::BufferCopy {
+                src_offset: a.offset + (offset + i * STAGING_BYTES as usize) as u64,
+                dst_offset: 0,
+                size: chunk.len() as u64,
+            };
+            // SAFETY: recording; both ranges are in bounds.
+            unsafe { self.device.cmd_copy_buffer(st.cmd, src, sbuf, &[region]) };
+            st.flush(&self.device, self.queue)?;
+            let sptr = self.staging(&mut st)?.ptr;
+            // SAFETY: the copy finished (flush waited).
+            unsafe { std::ptr::copy_nonoverlapping(sptr, chunk.as_mut_ptr(), chunk.len()) };
+        }
+        Ok(())
+    }
+
+    fn copy_buffer(&self, src: BufferId, so: usize, dst: BufferId, d_o: usize, bytes: usize) -> Result<()> {
+        let mut st = self.lock();
+        let sa = self.checked(&st, src, so, bytes, "copy (source)")?;
+        let da = self.checked(&st, dst, d_o, bytes, "copy (destination)")?;
+        if bytes == 0 {
+            return Ok(());
+        }
+        st.begin(&self.device)?;
+        let region = vk::BufferCopy {
+            src_offset: sa.offset + so as u64,
+            dst_offset: da.offset + d_o as u64,
+            size: bytes as u64,
+        };
+        let (sb, db) = (st.alloc.block(sa.block).buffer, st.alloc.block(da.block).buffer);
+        // SAFETY: recording; both ranges are in bounds.
+        unsafe { self.device.cmd_copy_buffer(st.cmd, sb, db, &[region]) };
+        st.barrier_device(&self.device);
+        Ok(())
+    }
+
+    fn supports(&self, call: &OpCall) -> bool {
+        ops::supports(call)
+    }
+
+    fn execute(&self, call: &OpCall) -> Result<()> {
+        ops::execute(self, call)
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.lock().flush(&self.device, self.queue)
+    }
+
+    fn stats(&self) -> Vec<String> {
+        let st = self.lock();
+        vec![
+            format!("vulkan.bytes_in_use={}", st.alloc.bytes_in_use),
+            format!("vulkan.bytes_reserved={}", st.alloc.bytes_reserved),
+            format!("vulkan.memory_blocks={}", st.alloc.block_count()),
+            format!("vulkan.host_visible_memory={}", st.alloc.host_visible),
+            format!("vulkan.pipelines_created={}", st.pipelines.created),
+            format!("vulkan.dispatches={}", st.dispatches),
+            format!("vulkan.submits={}", st.submits),
+        ]
+    }
+}
+
+impl VulkanDevice {
+    pub(crate) fn queue(&self) -> vk::Queue {
+        self.queue
+    }
+}
+
+impl Drop for VulkanDevice {
+    fn drop(&mut self) {
+        let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        let d = &self.device;
+        // SAFETY: waiting for idle first; then every object of this device is destroyed exactly once.
+        unsafe {
+            let _ = st.flush(d, self.queue);
+            let _ = d.device_wait_idle();
+            st.alloc.destroy_all(d);
+            st.pipelines.destroy(d);
+            st.params.destroy(d);
+            if let Some(s) = st.staging.take() {
+                s.destroy(d);
+            }
+            d.destroy_descriptor_pool(st.desc_pool, None);
+            d.destroy_fence(st.fence, None);
+            d.destroy_command_pool(st.cmd_pool, None);
+            d.destroy_device(None);
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! The Vulkan loader, the instance, and what each physical device offers (`sd3 devices` shows it).
+//!
+//! The loader (`libvulkan.so.1`) is opened at run time through `ash`'s `loaded` feature, so a machine without it
+//! gets an error naming the reason instead of a failed link.
+
+use crate::vk_error;
+use ash::vk;
+use sd3_core::{DType, DeviceInfo, DeviceKind, Error, Result};
+use std::ffi::CStr;
+use std::sync::Arc;
+
+/// The loaded library and one instance; destroyed when the provider and every device opened from it are gone.
+pub struct VkInstance {
+    pub entry: ash::Entry,
+    pub instance: ash::Instance,
+}
+
+impl Drop for VkInstance {
+    fn drop(&mut self) {
+        // SAFETY: every child object (devices) holds an `Arc` to this instance and is dropped first.
+        unsafe { self.instance.destroy_instance(None) };
+    }
+}
+
+impl VkInstance {
+    /// Load the Vulkan loader and create a Vulkan 1.2 instance.
+    pub fn new() -> Result<Arc<VkInstance>> {
+        // SAFETY: loading the system's Vulkan loader library; ash resolves its entry points.
+        let entry = unsafe { ash::Entry::load() }.map_err(|e| {
+            Error::backend(
+                "vulkan",
+                format!(
+                    "cannot load the Vulkan loader (libvulkan.so.1): {e}; install it (Debian/Ubuntu: \
+                     `apt-get install libvulkan1` plus a driver, e.g. mesa-vulkan-drivers for the CPU device)"
+                ),
+            )
+        })?;
+        let app = vk::ApplicationInfo::default()
+            .application_name(c"sd3")
+            .engine_name(c"sd3")
+            .api_version(vk::API_VERSION_1_2);
+        let info = vk::InstanceCreateInfo::default().application_info(&app);
+        // SAFETY: valid create info; no layers or extensions.
+        let instance = unsafe { entry.create_instance(&info, None) }
+            .map_err(|e| vk_error("vkCreateInstance (does the installed driver support Vulkan 1.2?)", e))?;
+        Ok(Arc::new(VkInstance { entry, instance }))
+    }
+}
+
+/// One physical device and the properties the backend uses or reports.
+#[derive(Clone, Debug)]
+pub struct PhysicalDevice {
+    pub handle: vk::PhysicalDevice,
+    pub name: String,
+    pub kind: DeviceKind,
+    pub vendor_id: u32,
+    pub device_id: u32,
+    pub api_version: u32,
+    pub driver: String,
+    /// (size in bytes, device-local) of each memory heap.
+    pub heaps: Vec<(u64, bool)>,
+    pub shader_float16: bool,
+    pub storage_16bit: bool,
+    pub cooperative_matrix: bool,
+    pub limits: vk::PhysicalDeviceLimits,
+    pub max_memory_allocation: u64,
+    /// A queue family with compute support.
+    pub compute_family: Option<u32>,
+}
+
+fn c_chars(s: &[std::ffi::c_char]) -> String {
+    CStr::from_bytes_until_nul(bytemuck_chars(s)).map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+fn bytemuck_chars(s: &[std::ffi::c_char]) -> &[u8] {
+    // SAFETY: c_char and u8 have the same size and alignment.
+    unsafe { std::slice::from_raw_parts(s.as_ptr().cast(), s.len()) }
+}
+
+/// Every physical device of the instance that supports Vulkan 1.2.
+pub fn enumerate(inst: &VkInstance) -> Result<(Vec<PhysicalDevice>, Vec<String>)> {
+    let i = &inst.instance;
+    // SAFETY: valid instance.
+    let handles = unsafe { i.enumerate_physical_devices() }.map_err(|e| vk_error("vkEnumeratePhysicalDevices", e))?;
+    let mut out = Vec::new();
+    let mut skipped = Vec::new();
+    for h in handles {
+        // SAFETY: `h` comes from this instance; the chained structs live through each call.
+        unsafe {
+            let props = i.get_physical_device_properties(h);
+            let name = c_chars(&props.device_name);
+            if props.api_version < vk::API_VERSION_1_2 {
+                skipped.push(format!(
+                    "{name}: Vulkan {}.{} < 1.2",
+                    vk::api_version_major(props.api_version),
+                    vk::api_version_minor(props.api_version)
+                ));
+                continue;
+            }
+            let mut driver = vk::PhysicalDeviceDriverProperties::default();
+            let mut maint3 = vk::PhysicalDeviceMaintenance3Properties::default();
+            let mut p2 = vk::PhysicalDeviceProperties2::default().push_next(&mut driver).push_next(&mut maint3);
+            i.get_physical_device_properties2(h, &mut p2);
+            let mut f12 = vk::PhysicalDeviceVulkan12Features::default();
+            let mut f16s = vk::PhysicalDevice16BitStorageFeatures::default();
+            let mut f2 = vk::PhysicalDeviceFeatures2::default().push_next(&mut f12).push_next(&mut f16s);
+            i.get_physical_device_features2(h, &mut f2);
+            let exts = i.enumerate_device_extension_properties(h).unwrap_or_default();
+            let cooperative_matrix = exts.iter().any(|e| c_chars(&e.extension_name) == "VK_KHR_cooperative_matrix");
+            let mem = i.get_physical_device_memory_properties(h);
+            let heaps = mem.memory_heaps[..mem.memory_heap_count as usize]
+                .iter()
+                .map(|hp| (hp.size, hp.flags.contains(vk::MemoryHeapFlags::DEVICE_LOCAL)))
+                .collect();
+            let families = i.get_physical_device_queue_family_properties(h);
+            let compute_family =
+                families.iter().position(|f| f.queue_flags.contains(vk::QueueFlags::COMPUTE)).map(|p| p as u32);
+            let kind = match props.device_type {
+                vk::PhysicalDeviceType::CPU => DeviceKind::Cpu,
+                vk::PhysicalDeviceType::DISCRETE_GPU
+                | vk::PhysicalDeviceType::INTEGRATED_GPU
+                | vk::PhysicalDeviceType::VIRTUAL_GPU => DeviceKind::Gpu,
+                _ => DeviceKind::Other,
+            };
+            out.push(PhysicalDevice {
+                handle: h,
+                name,
+                kind,
+                vendor_id: props.vendor_id,
+                device_id: props.device_id,
+                api_version: props.api_version,
+                driver: format!("{} {}", c_chars(&driver.driver_name), c_chars(&driver.driver_info)),
+                heaps,
+                shader_float16: f12.shader_float16 != 0,
+                storage_16bit: f16s.storage_buffer16_bit_access != 0,
+                cooperative_matrix,
+                limits: props.limits,
+                max_memory_allocation: maint3.max_memory_allocation_size,
+                compute_family,
+            });
+        }
+    }
+    Ok((out, skipped))
+}
+
+impl PhysicalDevice {
+    pub fn info(&self) -> DeviceInfo {
+        let device_local: u64 = self.heaps.iter().filter(|h| h.1).map(|h| h.0).sum();
+        let l = &self.limits;
+        let heaps: Vec<String> = self
+            .heaps
+            .iter()
+            .map(|(s, local)| format!("{}MiB{}", s >> 20, if *local { "(device-local)" } else { "" }))
+            .collect();
+        DeviceInfo {
+            name: self.name.clone(),
+            kind: self.kind,
+            memory_bytes: if self.kind == DeviceKind::Cpu { 0 } else { device_local },
+            free_memory_bytes: 0,
+            pci_id: None,
+            dtypes: vec![DType::F32, DType::F16, DType::BF16],
+            capabilities: vec![
+                format!(
+                    "vulkan_api={}.{}.{}",
+                    vk::api_version_major(self.api_version),
+                    vk::api_version_minor(self.api_version),
+                    vk::api_version_patch(self.api_version)
+                ),
+                format!("vendor_id=0x{:04x}", self.vendor_id),
+                format!("device_id=0x{:04x}", self.device_id),
+                format!("driver={}", self.driver.trim()),
+                format!("memory_heaps={}", heaps.join(",")),
+                format!("shaderFloat16={}", self.shader_float16),
+                format!("storageBuffer16BitAccess={}", self.storage_16bit),
+                format!("VK_KHR_cooperative_matrix={}", self.cooperative_matrix),
+                format!("maxStorageBufferRange={}", l.max_storage_buffer_range),
+                format!("maxMemoryAllocationSize={}", self.max_memory_allocation),
+                format!("maxComputeWorkGroupCount={:?}", l.max_compute_work_group_count),
+                format!("maxComputeWorkGroupInvocations={}", l.max_compute_work_group_invocations),
+                format!("maxComputeSharedMemorySize={}", l.max_compute_shared_memory_size),
+                // f16/bf16 are storage formats: packed in 32-bit words, computed in f32.
+                "f16_compute=f32".to_string(),
+            ],
+        }
+    }
+}

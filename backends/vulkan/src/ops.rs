@@ -1,0 +1,370 @@
+//! Which calls the Vulkan device runs (`supports`) and how each becomes a dispatch (`execute`): the parameter
+//! words each shader reads (layouts documented at the top of each `shaders/*.comp`) and its buffer bindings.
+
+use crate::device::{Bound, VulkanDevice};
+use crate::pipelines::Kernel;
+use ash::vk;
+use sd3_core::{DType, Error, Op, OpCall, Result, TensorDesc};
+
+const PARAM_WORDS: usize = 64;
+/// Grid-stride shaders launch at most this many workgroups along x (the guaranteed minimum of the limit).
+const MAX_GROUPS: u32 = 65535;
+/// Head dims the attention shader holds in registers and shared memory (`MAXD` in attention.comp).
+const ATTN_MAX_D: usize = 64;
+
+fn is_float(d: DType) -> bool {
+    matches!(d, DType::F32 | DType::F16 | DType::BF16)
+}
+
+/// Every element index the shaders compute must fit 32 bits (i64 elements take two words).
+fn indexable(t: &TensorDesc) -> bool {
+    let words_per = if t.dtype == DType::I64 { 2 } else { 1 };
+    t.rank() <= 8
+        && (t.layout.span_end() as u64) * words_per < (1u64 << 32)
+        && t.strides().iter().all(|&s| s < (1 << 31))
+}
+
+pub fn supports(call: &OpCall) -> bool {
+    let all = || call.inputs.iter().chain(call.outputs);
+    if call.outputs.len() != 1 || call.inputs.len() != call.op.n_inputs() || !all().all(indexable) {
+        return false;
+    }
+    let y = &call.outputs[0];
+    let floats = all().all(|t| is_float(t.dtype));
+    let rank = y.rank();
+    match call.op {
+        Op::Gather => {
+            let (table, ids) = (&call.inputs[0], &call.inputs[1]);
+            is_float(table.dtype)
+                && is_float(y.dtype)
+                && matches!(ids.dtype, DType::I32 | DType::I64)
+                && table.rank() == 2
+                && ids.rank() == 1
+                && rank == 2
+        }
+        Op::Matmul { .. } => {
+            let tiles = |n: usize| n.div_ceil(64) <= MAX_GROUPS as usize;
+            floats
+                && (2..=8).contains(&rank)
+                && call.inputs[..2].iter().all(|t| t.rank() == rank)
+                && tiles(y.shape()[rank - 2])
+                && tiles(y.shape()[rank - 1])
+                && y.shape()[..rank - 2].iter().product::<usize>() <= MAX_GROUPS as usize
+        }
+        Op::Attention { .. } => {
+            let q = &call.inputs[0];
+            let v = &call.inputs[2];
+            floats
+                && rank == 4
+                && call.inputs[..3].iter().all(|t| t.rank() == 4)
+                && q.shape()[3] <= ATTN_MAX_D
+                && v.shape()[3] <= ATTN_MAX_D
+                && q.shape()[0] * q.shape()[1] <= MAX_GROUPS as usize
+                && q.shape()[2].div_ceil(64) <= MAX_GROUPS as usize
+        }
+        Op::Conv2d { .. } => floats && rank == 4 && call.inputs[..2].iter().all(|t| t.rank() == 4),
+        Op::GroupNorm { groups, .. } => {
+            floats && (2..=8).contains(&rank) && groups > 0 && y.shape()[1].is_multiple_of(groups)
+        }
+        Op::UpsampleNearest2d { factor } => floats && rank == 4 && call.inputs[0].rank() == 4 && factor > 0,
+        Op::Softmax | Op::LayerNorm { .. } | Op::RmsNorm { .. } | Op::LayerNormModulate { .. } => {
+            floats && rank >= 1 && call.inputs.iter().all(|t| t.rank() >= 1 && t.rank() <= rank)
+        }
+        Op::Copy
+        | Op::Fill { .. }
+        | Op::Unary(_)
+        | Op::Binary(_)
+        | Op::Affine { .. }
+        | Op::Modulate
+        | Op::GatedResidual => floats && call.inputs.iter().all(|t| t.rank() == rank),
+    }
+}
+
+/// Parameter words of one dispatch.
+struct Params([u32; PARAM_WORDS]);
+
+impl Params {
+    fn new() -> Params {
+        Params([0; PARAM_WORDS])
+    }
+    fn u(&mut self, i: usize, v: usize) {
+        self.0[i] = v as u32;
+    }
+    fn f(&mut self, i: usize, v: f32) {
+        self.0[i] = v.to_bits();
+    }
+    /// A view at `at`: offset, then the strides of dims `dims` of `t`.
+    fn view(&mut self, at: usize, b: &Bound, t: &TensorDesc, dims: std::ops::Range<usize>) {
+        self.0[at] = b.elem_offset;
+        for (k, d) in dims.enumerate() {
+            self.0[at + 1 + k] = t.strides()[d] as u32;
+        }
+    }
+}
+
+fn groups_for(n: usize) -> u32 {
+    (n.div_ceil(256) as u64).clamp(1, MAX_GROUPS as u64) as u32
+}
+
+pub fn execute(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
+    if !supports(call) {
+        return Err(Error::Unsupported {
+            backend: "vulkan".into(),
+            op: call.op.name(),
+            detail: "declined by supports()".into(),
+        });
+    }
+    if let Op::Gather = call.op {
+        check_ids(dev, call)?;
+    }
+    let y = &call.outputs[0];
+    if y.elem_count() == 0 {
+        return Ok(());
+    }
+    let mut st = dev.lock();
+    let by = st.bind(y)?;
+    let bins: Vec<Bound> = call.inputs.iter().map(|t| st.bind(t)).collect::<Result<_>>()?;
+    let mut p = Params::new();
+    let mut bindings: Vec<(u32, vk::DescriptorBufferInfo)> = vec![(1, by.info)];
+    let dt = |t: &TensorDesc| t.dtype as usize;
+    let (kernel, groups) = match call.op {
+        Op::Copy
+        | Op::Fill { .. }
+        | Op::Unary(_)
+        | Op::Binary(_)
+        | Op::Affine { .. }
+        | Op::Modulate
+        | Op::GatedResidual
+        | Op::UpsampleNearest2d { .. } => {
+            let (mode, sub) = match call.op {
+                Op::Copy => (0, 0),
+                Op::Fill { value } => {
+                    p.f(16, value);
+                    (1, 0)
+                }
+                Op::Unary(u) => (2, u as usize),
+                Op::Binary(b) => (3, b as usize),
+                Op::Affine { mul, add } => {
+                    p.f(16, mul);
+                    p.f(17, add);
+                    (4, 0)
+                }
+                Op::Modulate => (5, 0),
+                Op::GatedResidual => (6, 0),
+                Op::UpsampleNearest2d { factor } => (7, factor),
+                _ => unreachable!("matched above"),
+            };
+            let rank = y.rank();
+            p.u(0, mode);
+            p.u(1, sub);
+            p.u(2, y.elem_count());
+            p.u(3, rank);
+            for (d, &n) in y.shape().iter().enumerate() {
+                p.u(4 + d, n);
+            }
+            p.u(12, dt(y));
+            p.view(20, &by, y, 0..rank);
+            for (k, (t, b)) in call.inputs.iter().zip(&bins).enumerate() {
+                p.u(13 + k, dt(t));
+                p.view(29 + 9 * k, b, t, 0..rank);
+                bindings.push((2 + k as u32, b.info));
+            }
+            (Kernel::Elementwise, [groups_for(y.elem_count()), 1, 1])
+        }
+        Op::Softmax | Op::LayerNorm { .. } | Op::RmsNorm { .. } | Op::LayerNormModulate { .. } => {
+            let (mode, affine, eps) = match call.op {
+                Op::Softmax => (0, false, 0.0),
+                Op::LayerNorm { eps, affine } => (1, affine, eps),
+                Op::RmsNorm { eps } => (2, false, eps),
+                Op::LayerNormModulate { eps } => (3, false, eps),
+                _ => unreachable!("matched above"),
+            };
+            let rank = y.rank();
+            let d = y.shape()[rank - 1];
+            let rows = y.elem_count() / d;
+            p.u(0, mode);
+            p.u(1, affine as usize);
+            p.u(2, rows);
+            p.u(3, d);
+            p.u(4, rank - 1);
+            for (k, &n) in y.shape()[..rank - 1].iter().enumerate() {
+                p.u(5 + k, n);
+            }
+            p.f(19, eps);
+            let tensors: Vec<(&TensorDesc, &Bound)> =
+                std::iter::once((y, &by)).chain(call.inputs.iter().zip(&bins)).collect();
+            for (k, (t, b)) in tensors.iter().enumerate() {
+                let at = 20 + 9 * k;
+                p.u(13 + k, dt(t));
+                p.0[at] = b.elem_offset;
+                // Right-align the tensor's dims to the output's; missing outer dims broadcast (stride 0).
+                let lead = rank - t.rank();
+                for od in 0..rank - 1 {
+                    p.u(at + 1 + od, if od >= lead { t.strides()[od - lead] } else { 0 });
+                }
+                p.u(at + 8, t.strides()[t.rank() - 1]);
+                if k > 0 {
+                    bindings.push((1 + k as u32, b.info));
+                }
+            }
+            (Kernel::Rows, [rows.clamp(1, MAX_GROUPS as usize) as u32, 1, 1])
+        }
+        Op::GroupNorm { groups, eps, affine } => {
+            let (x, rank) = (&call.inputs[0], y.rank());
+            let (n, c) = (y.shape()[0], y.shape()[1]);
+            p.u(0, n * groups);
+            p.u(1, groups);
+            p.u(2, c / groups);
+            p.u(3, y.shape()[2..].iter().product());
+            p.u(4, rank - 2);
+            for (k, &s) in y.shape()[2..].iter().enumerate() {
+                p.u(5 + k, s);
+            }
+            p.u(11, dt(y));
+            p.u(12, dt(x));
+            p.u(15, affine as usize);
+            p.f(16, eps);
+            p.view(20, &by, y, 0..rank);
+            p.view(29, &bins[0], x, 0..rank);
+            bindings.push((2, bins[0].info));
+            if affine {
+                for k in 0..2 {
+                    let t = &call.inputs[1 + k];
+                    p.u(13 + k, dt(t));
+                    p.view(38 + 2 * k, &bins[1 + k], t, t.rank() - 1..t.rank());
+                    bindings.push((3 + k as u32, bins[1 + k].info));
+                }
+            }
+            (Kernel::GroupNorm, [(n * groups).clamp(1, MAX_GROUPS as usize) as u32, 1, 1])
+        }
+        Op::Matmul { bias } => {
+            let (a, b, rank) = (&call.inputs[0], &call.inputs[1], y.rank());
+            let (m, n, k) = (y.shape()[rank - 2], y.shape()[rank - 1], a.shape()[rank - 1]);
+            let batch: usize = y.shape()[..rank - 2].iter().product();
+            p.u(0, m);
+            p.u(1, n);
+            p.u(2, k);
+            p.u(3, batch);
+            p.u(4, rank - 2);
+            for (d, &s) in y.shape()[..rank - 2].iter().enumerate() {
+                p.u(5 + d, s);
+            }
+            for (slot, (t, bd, at)) in [(y, &by, 34), (a, &bins[0], 16), (b, &bins[1], 25)].into_iter().enumerate() {
+                p.u(11 + slot, dt(t));
+                p.view(at, bd, t, rank - 2..rank);
+                for d in 0..rank - 2 {
+                    p.u(at + 3 + d, t.strides()[d]);
+                }
+            }
+            bindings.push((2, bins[0].info));
+            bindings.push((3, bins[1].info));
+            if bias {
+                let t = &call.inputs[2];
+                p.u(14, dt(t));
+                p.u(15, 1);
+                p.view(43, &bins[2], t, t.rank() - 1..t.rank());
+                bindings.push((4, bins[2].info));
+            }
+            (Kernel::Matmul, [n.div_ceil(64) as u32, m.div_ceil(64) as u32, batch as u32])
+        }
+        Op::Attention { scale, causal, bias, qk_norm, norm_eps } => {
+            let (q, k, v) = (&call.inputs[0], &call.inputs[1], &call.inputs[2]);
+            let (b, h, nq, dh) = (q.shape()[0], q.shape()[1], q.shape()[2], q.shape()[3]);
+            for (i, val) in [b, h, nq, k.shape()[2], dh, v.shape()[3], causal as usize, bias as usize, qk_norm as usize]
+                .into_iter()
+                .enumerate()
+            {
+                p.u(i, val);
+            }
+            p.f(9, scale);
+            p.f(10, norm_eps);
+            p.u(11, dt(y));
+            p.view(20, &by, y, 0..4);
+            for (i, (t, bd)) in call.inputs.iter().zip(&bins).take(3).enumerate() {
+                p.u(12 + i, dt(t));
+                p.view(25 + 5 * i, bd, t, 0..4);
+                bindings.push((2 + i as u32, bd.info));
+            }
+            let mut next = 3;
+            if bias {
+                let t = &call.inputs[3];
+                p.u(15, dt(t));
+                p.view(40, &bins[3], t, 0..4);
+                bindings.push((5, bins[3].info));
+                next = 4;
+            }
+            if qk_norm {
+                for j in 0..2 {
+                    let t = &call.inputs[next + j];
+                    p.u(16 + j, dt(t));
+                    p.view(45 + 2 * j, &bins[next + j], t, t.rank() - 1..t.rank());
+                    bindings.push((6 + j as u32, bins[next + j].info));
+                }
+            }
+            (Kernel::Attention, [nq.div_ceil(64) as u32, (b * h) as u32, 1])
+        }
+        Op::Conv2d { stride, padding, bias } => {
+            let (x, w) = (&call.inputs[0], &call.inputs[1]);
+            let (xs, ws, ys) = (x.shape(), w.shape(), y.shape());
+            let vals = [
+                xs[0], xs[1], xs[2], xs[3], ws[0], ws[2], ws[3], ys[2], ys[3], stride[0], stride[1], padding[0],
+                padding[1],
+            ];
+            for (i, val) in vals.into_iter().enumerate() {
+                p.u(i, val);
+            }
+            p.u(13, bias as usize);
+            p.u(14, dt(y));
+            p.view(20, &by, y, 0..4);
+            for (i, (t, bd)) in call.inputs.iter().zip(&bins).take(2).enumerate() {
+                p.u(15 + i, dt(t));
+                p.view(25 + 5 * i, bd, t, 0..4);
+                bindings.push((2 + i as u32, bd.info));
+            }
+            if bias {
+                let t = &call.inputs[2];
+                p.u(17, dt(t));
+                p.view(35, &bins[2], t, t.rank() - 1..t.rank());
+                bindings.push((4, bins[2].info));
+            }
+            (Kernel::Conv2d, [groups_for(y.elem_count()), 1, 1])
+        }
+        Op::Gather => {
+            let (table, ids) = (&call.inputs[0], &call.inputs[1]);
+            p.u(0, y.shape()[0]);
+            p.u(1, y.shape()[1]);
+            p.u(2, dt(y));
+            p.u(3, dt(table));
+            p.u(4, dt(ids));
+            p.view(8, &by, y, 0..2);
+            p.view(11, &bins[0], table, 0..2);
+            p.view(14, &bins[1], ids, 0..1);
+            bindings.push((2, bins[0].info));
+            bindings.push((3, bins[1].info));
+            (Kernel::Gather, [groups_for(y.elem_count()), 1, 1])
+        }
+    };
+    st.dispatch(dev.raw(), dev.queue(), kernel, &p.0, &bindings, groups)
+}
+
+/// Gather's contract: an id outside `0..V` is an error. The ids are read back and checked before the dispatch.
+fn check_ids(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
+    use sd3_core::Device;
+    let (table, ids) = (&call.inputs[0], &call.inputs[1]);
+    let v = table.shape()[0];
+    let es = ids.dtype.size_in_bytes();
+    let span = ids.byte_span();
+    let mut bytes = vec![0u8; span.len()];
+    dev.download(ids.buffer, span.start, &mut bytes)?;
+    for i in 0..ids.shape()[0] {
+        let at = (ids.layout.offset + i * ids.strides()[0]) * es - span.start;
+        let id: i64 = match ids.dtype {
+            DType::I32 => i32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as i64,
+            _ => i64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes")),
+        };
+        if id < 0 || id as u64 >= v as u64 {
+            return Err(Error::InvalidArgument(format!("gather: id {id} (at position {i}) outside 0..{v}")));
+        }
+    }
+    Ok(())
+}

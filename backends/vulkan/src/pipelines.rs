@@ -1,0 +1,134 @@
+//! The compute shaders (SPIR-V compiled from `shaders/*.comp` by `build.rs`) and their pipelines, created on first
+//! use and cached for the device's life. Every shader has the same interface: binding 0 the parameter words,
+//! binding 1 the output, bindings 2..=7 the inputs (`shaders/common.glsl`), so one descriptor-set layout and one
+//! pipeline layout serve them all.
+
+use crate::vk_error;
+use ash::vk;
+use sd3_core::Result;
+
+/// Storage-buffer bindings per dispatch: parameters, output, up to six inputs.
+pub const BINDINGS: u32 = 8;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    Elementwise,
+    Rows,
+    Matmul,
+    Attention,
+    Conv2d,
+    GroupNorm,
+    Gather,
+}
+
+impl Kernel {
+    pub const ALL: [Kernel; 7] = [
+        Kernel::Elementwise,
+        Kernel::Rows,
+        Kernel::Matmul,
+        Kernel::Attention,
+        Kernel::Conv2d,
+        Kernel::GroupNorm,
+        Kernel::Gather,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Elementwise => "elementwise",
+            Kernel::Rows => "rows",
+            Kernel::Matmul => "matmul",
+            Kernel::Attention => "attention",
+            Kernel::Conv2d => "conv2d",
+            Kernel::GroupNorm => "group_norm",
+            Kernel::Gather => "gather",
+        }
+    }
+
+    fn spirv(self) -> &'static [u8] {
+        macro_rules! spv {
+            ($n:literal) => {
+                include_bytes!(concat!(env!("OUT_DIR"), "/", $n, ".spv"))
+            };
+        }
+        match self {
+            Kernel::Elementwise => spv!("elementwise"),
+            Kernel::Rows => spv!("rows"),
+            Kernel::Matmul => spv!("matmul"),
+            Kernel::Attention => spv!("attention"),
+            Kernel::Conv2d => spv!("conv2d"),
+            Kernel::GroupNorm => spv!("group_norm"),
+            Kernel::Gather => spv!("gather"),
+        }
+    }
+}
+
+pub struct Pipelines {
+    pub set_layout: vk::DescriptorSetLayout,
+    pub layout: vk::PipelineLayout,
+    cache: [Option<vk::Pipeline>; 7],
+    pub created: usize,
+}
+
+impl Pipelines {
+    pub fn new(device: &ash::Device) -> Result<Pipelines> {
+        let bindings: Vec<vk::DescriptorSetLayoutBinding> = (0..BINDINGS)
+            .map(|b| {
+                vk::DescriptorSetLayoutBinding::default()
+                    .binding(b)
+                    .descriptor_type(vk::DescriptorType::STORAGE_BUFFER)
+                    .descriptor_count(1)
+                    .stage_flags(vk::ShaderStageFlags::COMPUTE)
+            })
+            .collect();
+        // SAFETY: valid create infos; the layouts are destroyed in `destroy`.
+        unsafe {
+            let set_layout = device
+                .create_descriptor_set_layout(&vk::DescriptorSetLayoutCreateInfo::default().bindings(&bindings), None)
+                .map_err(|e| vk_error("vkCreateDescriptorSetLayout", e))?;
+            let layouts = [set_layout];
+            let layout = device
+                .create_pipeline_layout(&vk::PipelineLayoutCreateInfo::default().set_layouts(&layouts), None)
+                .map_err(|e| vk_error("vkCreatePipelineLayout", e))?;
+            Ok(Pipelines { set_layout, layout, cache: [None; 7], created: 0 })
+        }
+    }
+
+    /// The pipeline of `k`, created on first use. A driver that fails to build it gives an error naming the shader.
+    pub fn get(&mut self, device: &ash::Device, k: Kernel) -> Result<vk::Pipeline> {
+        let slot = Kernel::ALL.iter().position(|&x| x == k).expect("every kernel is in ALL");
+        if let Some(p) = self.cache[slot] {
+            return Ok(p);
+        }
+        let code = ash::util::read_spv(&mut std::io::Cursor::new(k.spirv())).map_err(|e| {
+            sd3_core::Error::backend("vulkan", format!("embedded SPIR-V of {} is invalid: {e}", k.name()))
+        })?;
+        // SAFETY: valid SPIR-V from glslc; the module is destroyed once the pipeline exists.
+        unsafe {
+            let module = device
+                .create_shader_module(&vk::ShaderModuleCreateInfo::default().code(&code), None)
+                .map_err(|e| vk_error(&format!("vkCreateShaderModule({})", k.name()), e))?;
+            let stage = vk::PipelineShaderStageCreateInfo::default()
+                .stage(vk::ShaderStageFlags::COMPUTE)
+                .module(module)
+                .name(c"main");
+            let info = vk::ComputePipelineCreateInfo::default().stage(stage).layout(self.layout);
+            let result = device.create_compute_pipelines(vk::PipelineCache::null(), &[info], None);
+            device.destroy_shader_module(module, None);
+            let p = result.map_err(|(_, e)| vk_error(&format!("building the {} compute pipeline", k.name()), e))?[0];
+            self.cache[slot] = Some(p);
+            self.created += 1;
+            Ok(p)
+        }
+    }
+
+    pub fn destroy(&mut self, device: &ash::Device) {
+        // SAFETY: the queue is idle.
+        unsafe {
+            for p in self.cache.iter_mut().filter_map(|p| p.take()) {
+                device.destroy_pipeline(p, None);
+            }
+            device.destroy_pipeline_layout(self.layout, None);
+            device.destroy_descriptor_set_layout(self.set_layout, None);
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! The core's conformance suite (`sd3_core::conformance`) on the Vulkan device: no case may fail (cases the
+//! device declines, the integer copies and fills, are reported as unsupported). Skips, with the reason printed,
+//! only on a machine without a Vulkan loader or device.
+
+mod common;
+
+#[test]
+fn conformance_suite_passes() {
+    let Some(dev) = common::device() else { return };
+    let report = sd3_core::conformance::run(dev.as_ref(), &Default::default());
+    let mut table = Vec::new();
+    report.write_table(&mut table).unwrap();
+    println!("{}", String::from_utf8_lossy(&table));
+    assert!(report.all_passed(), "{}", report.summary());
+}

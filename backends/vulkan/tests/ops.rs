@@ -1,0 +1,250 @@
+//! Every op of the core's op set on the Vulkan device against `ReferenceDevice`: random inputs, odd sizes,
+//! strided and broadcast views, f32 and f16 (some bf16). Skips, with the reason printed, only on a machine
+//! without a Vulkan loader or device.
+
+mod common;
+
+use common::{check, device, run_both, tol_for, Gen, Spec, EXACT};
+use sd3_core::{BinaryOp, DType, Op, UnaryOp};
+
+macro_rules! need_device {
+    () => {
+        if device().is_none() {
+            return;
+        }
+    };
+}
+
+const F32: DType = DType::F32;
+const F16: DType = DType::F16;
+const BF16: DType = DType::BF16;
+
+#[test]
+fn copy_casts_and_views() {
+    need_device!();
+    // Transposed f32 -> f16 (through f32, rounded once).
+    check(
+        "copy t f32->f16",
+        Op::Copy,
+        &[Spec::permuted(&[7, 9, 5], &[2, 0, 1], F32)],
+        &Spec::new(&[7, 9, 5], F16),
+        EXACT,
+    );
+    // Same dtype, bit exact, into a narrowed output view (row stride 11, offset 3).
+    let out = Spec::strided(&[6, 8], &[11, 1], 3, BF16);
+    check("copy bf16 view", Op::Copy, &[Spec::permuted(&[6, 8], &[1, 0], BF16)], &out, EXACT);
+    // Broadcast source.
+    check("copy bcast", Op::Copy, &[Spec::strided(&[4, 6], &[0, 1], 2, F16)], &Spec::new(&[4, 6], F32), EXACT);
+}
+
+#[test]
+fn fill() {
+    need_device!();
+    check("fill view", Op::Fill { value: -1.25 }, &[], &Spec::strided(&[5, 3], &[7, 2], 1, F32), EXACT);
+    check("fill f16", Op::Fill { value: 0.1 }, &[], &Spec::new(&[3, 3], F16), EXACT);
+}
+
+/// Inputs inside each function's domain.
+fn unary_input(f: UnaryOp, shape: &[usize], dtype: DType) -> Spec {
+    let s = Spec::permuted(shape, &[1, 0], dtype);
+    match f {
+        UnaryOp::Log | UnaryOp::Sqrt | UnaryOp::Rsqrt => s.range(0.1, 4.0),
+        UnaryOp::Recip => s.range(0.5, 3.0),
+        UnaryOp::Exp => s.range(-3.0, 3.0),
+        _ => s.range(-4.0, 4.0),
+    }
+}
+
+#[test]
+fn unary_all() {
+    need_device!();
+    for f in UnaryOp::ALL {
+        let tol = tol_for(F32, 2e-5);
+        check(
+            &format!("unary {}", f.name()),
+            Op::Unary(f),
+            &[unary_input(f, &[13, 7], F32)],
+            &Spec::new(&[13, 7], F32),
+            tol,
+        );
+    }
+    for f in [UnaryOp::GeluTanh, UnaryOp::Silu, UnaryOp::Exp] {
+        let s = unary_input(f, &[9, 17], F16);
+        check(&format!("unary f16 {}", f.name()), Op::Unary(f), &[s], &Spec::new(&[9, 17], F16), tol_for(F16, 0.0));
+    }
+}
+
+#[test]
+fn binary_broadcast_and_maps() {
+    need_device!();
+    let shape = [3, 5, 11];
+    for f in BinaryOp::ALL {
+        let a = Spec::new(&shape, F32);
+        // b: a [5, 1] column broadcast over dims 0 and 2.
+        let b = Spec::strided(&shape, &[0, 1, 0], 2, F32).range(0.5, 2.0);
+        check(&format!("binary {}", f.name()), Op::Binary(f), &[a, b], &Spec::new(&shape, F32), tol_for(F32, 1e-6));
+    }
+    let a = Spec::permuted(&shape, &[2, 1, 0], F16);
+    let b = Spec::strided(&shape, &[0, 0, 1], 0, BF16);
+    check("binary mixed dtypes", Op::Binary(BinaryOp::Mul), &[a, b], &Spec::new(&shape, F16), tol_for(F16, 0.0));
+    let x = Spec::new(&shape, F32);
+    check(
+        "affine",
+        Op::Affine { mul: 0.75, add: -0.5 },
+        std::slice::from_ref(&x),
+        &Spec::new(&shape, F32),
+        tol_for(F32, 1e-6),
+    );
+    // adaLN forms with [B, 1, D] conditioning broadcast over tokens.
+    let cond = Spec::strided(&shape, &[11, 0, 1], 0, F32);
+    check(
+        "modulate",
+        Op::Modulate,
+        &[x.clone(), cond.clone(), cond.clone()],
+        &Spec::new(&shape, F32),
+        tol_for(F32, 1e-6),
+    );
+    let r = Spec::permuted(&shape, &[1, 0, 2], F32);
+    check("gated residual", Op::GatedResidual, &[x, cond, r], &Spec::new(&shape, F32), tol_for(F32, 1e-6));
+}
+
+#[test]
+fn matmul_shapes_layouts_dtypes() {
+    need_device!();
+    let tol = tol_for(F32, 1e-4);
+    // Odd sizes, batch, row-major.
+    let (a, b) = (Spec::new(&[3, 37, 53], F32), Spec::new(&[3, 53, 29], F32));
+    check("matmul batch", Op::Matmul { bias: false }, &[a, b], &Spec::new(&[3, 37, 29], F32), tol);
+    // b column-major (a linear layer's transposed weight), bias, larger than one tile.
+    let a = Spec::new(&[130, 70], F32);
+    let b = Spec::permuted(&[70, 150], &[1, 0], F32);
+    let bias = Spec::new(&[150], F32);
+    check("matmul linear", Op::Matmul { bias: true }, &[a, b, bias], &Spec::new(&[130, 150], F32), tol);
+    // a column-major, b batch-broadcast (stride 0), output a strided view.
+    let a = Spec::strided(&[2, 19, 23], &[23 * 19, 1, 19], 0, F32);
+    let b = Spec::strided(&[2, 23, 17], &[0, 17, 1], 0, F32);
+    let y = Spec::strided(&[2, 19, 17], &[19 * 20, 20, 1], 1, F32);
+    check("matmul strided", Op::Matmul { bias: false }, &[a, b], &y, tol);
+    // f16 storage (f32 accumulation), and bf16 weights.
+    let (a, b) = (Spec::new(&[33, 64], F16), Spec::permuted(&[64, 40], &[1, 0], F16));
+    check(
+        "matmul f16",
+        Op::Matmul { bias: true },
+        &[a.clone(), b, Spec::new(&[40], F16)],
+        &Spec::new(&[33, 40], F16),
+        tol_for(F16, 0.0),
+    );
+    let b = Spec::new(&[64, 40], BF16);
+    check("matmul bf16 weight", Op::Matmul { bias: false }, &[a, b], &Spec::new(&[33, 40], F32), tol);
+}
+
+#[test]
+fn softmax_and_norms() {
+    need_device!();
+    let tol = tol_for(F32, 2e-5);
+    // Rows longer than a work-group, and odd ones.
+    check(
+        "softmax long",
+        Op::Softmax,
+        &[Spec::new(&[3, 1000], F32).range(-8.0, 8.0)],
+        &Spec::new(&[3, 1000], F32),
+        tol,
+    );
+    check(
+        "softmax strided",
+        Op::Softmax,
+        &[Spec::permuted(&[5, 37], &[1, 0], F16)],
+        &Spec::new(&[5, 37], F16),
+        tol_for(F16, 0.0),
+    );
+    let x = Spec::new(&[2, 7, 333], F32).range(-3.0, 5.0);
+    let w = Spec::strided(&[333], &[2], 1, F32);
+    let b = Spec::new(&[333], F32);
+    check(
+        "layer norm",
+        Op::LayerNorm { eps: 1e-6, affine: false },
+        std::slice::from_ref(&x),
+        &Spec::new(&[2, 7, 333], F32),
+        tol,
+    );
+    let y = Spec::new(&[2, 7, 333], F32);
+    check("layer norm affine", Op::LayerNorm { eps: 1e-5, affine: true }, &[x.clone(), w.clone(), b], &y, tol);
+    check("rms norm", Op::RmsNorm { eps: 1e-6 }, &[Spec::permuted(&[2, 7, 333], &[0, 2, 1], F32), w], &y, tol);
+    let cond = Spec::strided(&[2, 7, 333], &[333, 0, 1], 0, F32);
+    let op = Op::LayerNormModulate { eps: 1e-6 };
+    check("layer norm modulate", op, &[x, cond.clone(), cond], &y, tol);
+    let x = Spec::new(&[2, 6, 5, 7], F16);
+    let (w, b) = (Spec::new(&[6], F32), Spec::new(&[6], F32));
+    let op = Op::GroupNorm { groups: 3, eps: 1e-5, affine: true };
+    check("group norm f16", op, &[x, w, b], &Spec::new(&[2, 6, 5, 7], F16), tol_for(F16, 0.0));
+    let x = Spec::new(&[1, 8, 40, 40], F32);
+    check(
+        "group norm",
+        Op::GroupNorm { groups: 2, eps: 1e-6, affine: false },
+        &[x],
+        &Spec::new(&[1, 8, 40, 40], F32),
+        tol,
+    );
+}
+
+#[test]
+fn attention_long_masked_normed() {
+    need_device!();
+    let tol = tol_for(F32, 2e-4);
+    // SD3's layout: q, k, v are [B, N, H, Dh] in memory, seen as [B, H, N, Dh]; 1030 keys.
+    let (b, h, nq, nk, dh) = (1, 2, 37, 1030, 64);
+    let q = Spec::permuted(&[b, h, nq, dh], &[0, 2, 1, 3], F32);
+    let k = Spec::permuted(&[b, h, nk, dh], &[0, 2, 1, 3], F32);
+    let v = Spec::permuted(&[b, h, nk, dh], &[0, 2, 1, 3], F32);
+    let op = Op::Attention { scale: 0.125, causal: false, bias: false, qk_norm: false, norm_eps: 0.0 };
+    check("attention long", op, &[q.clone(), k.clone(), v.clone()], &Spec::new(&[b, h, nq, dh], F32), tol);
+    // qk RMS norm (SD3.5), and an additive bias broadcast over heads and queries.
+    let bias = Spec::strided(&[b, h, nq, nk], &[nk, 0, 0, 1], 0, F32);
+    let (qn, kn) = (Spec::new(&[dh], F32).range(0.5, 1.5), Spec::new(&[dh], F32).range(0.5, 1.5));
+    let op = Op::Attention { scale: 0.125, causal: false, bias: true, qk_norm: true, norm_eps: 1e-6 };
+    check("attention bias qk-norm", op, &[q, k, v, bias, qn, kn], &Spec::new(&[b, h, nq, dh], F32), tol);
+    // Causal (CLIP), odd head dims, f16.
+    let (b, h, n, dh, dv) = (2, 3, 45, 40, 24);
+    let (q, k, v) = (Spec::new(&[b, h, n, dh], F16), Spec::new(&[b, h, n, dh], F16), Spec::new(&[b, h, n, dv], F16));
+    let op = Op::Attention { scale: 0.158, causal: true, bias: false, qk_norm: false, norm_eps: 0.0 };
+    check("attention causal f16", op, &[q, k, v], &Spec::new(&[b, h, n, dv], F16), tol_for(F16, 0.0));
+}
+
+#[test]
+fn conv2d_and_upsample() {
+    need_device!();
+    let tol = tol_for(F32, 1e-4);
+    let x = Spec::new(&[2, 5, 11, 13], F32);
+    let (w, b) = (Spec::new(&[7, 5, 3, 3], F32), Spec::new(&[7], F32));
+    let op = Op::Conv2d { stride: [1, 1], padding: [1, 1], bias: true };
+    check("conv 3x3 pad", op, &[x.clone(), w.clone(), b], &Spec::new(&[2, 7, 11, 13], F32), tol);
+    let op = Op::Conv2d { stride: [2, 2], padding: [0, 0], bias: false };
+    check("conv stride 2", op, &[x, w], &Spec::new(&[2, 7, 5, 6], F32), tol);
+    // SD3's patch embedding: 2x2 stride 2, f16, strided input.
+    let x = Spec::permuted(&[1, 16, 8, 10], &[0, 2, 3, 1], F16);
+    let (w, b) = (Spec::new(&[24, 16, 2, 2], F16), Spec::new(&[24], F16));
+    let op = Op::Conv2d { stride: [2, 2], padding: [0, 0], bias: true };
+    check("conv patch f16", op, &[x, w, b], &Spec::new(&[1, 24, 4, 5], F16), tol_for(F16, 0.0));
+    let x = Spec::permuted(&[2, 3, 5, 7], &[0, 2, 1, 3], F32);
+    check("upsample x2", Op::UpsampleNearest2d { factor: 2 }, &[x], &Spec::new(&[2, 3, 10, 14], F32), EXACT);
+}
+
+#[test]
+fn gather_rows_and_bad_ids() {
+    need_device!();
+    let table = Spec::new(&[50, 19], F16);
+    for idt in [DType::I32, DType::I64] {
+        let ids = Spec::new(&[23], idt).gen(Gen::Ids(50));
+        check("gather", Op::Gather, &[table.clone(), ids], &Spec::new(&[23, 19], F16), EXACT);
+    }
+    let ids = Spec::new(&[4], DType::I64).gen(Gen::Ids(60)); // some ids >= 50
+    let mut failed = false;
+    for seed in 0..8 {
+        if let Err(e) = run_both(Op::Gather, &[table.clone(), ids.clone()], &Spec::new(&[4, 19], F16), seed) {
+            assert!(e.to_string().contains("outside 0..50"), "{e}");
+            failed = true;
+            break;
+        }
+    }
+    assert!(failed, "an out-of-range id was not reported");
+}
