@@ -93,3 +93,8 @@ uint view_offset(uint lin, uint rank, uint shape_at, uint view_at) {
     }
     return off;
 }
+
+// Grid-stride kernels are launched on a 2-D grid of workgroups (x at most 65535), so that each invocation handles
+// about one item: the flat workgroup index, and the number of workgroups launched.
+uint flat_group() { return gl_WorkGroupID.y * gl_NumWorkGroups.x + gl_WorkGroupID.x; }
+uint group_count() { return gl_NumWorkGroups.x * gl_NumWorkGroups.y; }

@@ -11,8 +11,8 @@ void main() {
     uint C = P[1], H = P[2], W = P[3], O = P[4], KH = P[5], KW = P[6], OH = P[7], OW = P[8];
     uint dy = P[14], dx = P[15], dw = P[16], db = P[17];
     uint total = P[0] * O * OH * OW;
-    uint step = gl_NumWorkGroups.x * 256u;
-    for (uint e = gl_GlobalInvocationID.x; e < total; e += step) {
+    uint step = group_count() * 256u;
+    for (uint e = flat_group() * 256u + gl_LocalInvocationID.x; e < total; e += step) {
         uint ox = e % OW, oy = (e / OW) % OH, o = (e / (OW * OH)) % O, n = e / (OW * OH * O);
         float acc = P[13] != 0u ? ld4(db, P[35] + o * P[36]) : 0.0;
         int iy0 = int(oy * P[9]) - int(P[11]);

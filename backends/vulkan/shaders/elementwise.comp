@@ -74,8 +74,8 @@ uint upsample_offset(uint lin, uint rank, uint factor) {
 void main() {
     uint mode = P[0], sub = P[1], n = P[2], rank = P[3];
     uint dy = P[12], da = P[13], db = P[14], dc = P[15];
-    uint step = gl_NumWorkGroups.x * 256u;
-    for (uint i = gl_GlobalInvocationID.x; i < n; i += step) {
+    uint step = group_count() * 256u;
+    for (uint i = flat_group() * 256u + gl_LocalInvocationID.x; i < n; i += step) {
         uint oy = view_offset(i, rank, 4u, 20u);
         float v;
         if (mode == 1u) {

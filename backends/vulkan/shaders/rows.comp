@@ -52,7 +52,7 @@ void main() {
     uint dy = P[13], dx = P[14], d2 = P[15], d3 = P[16];
     float eps = pf(19);
     uint t = gl_LocalInvocationID.x;
-    for (uint row = gl_WorkGroupID.x; row < rows; row += gl_NumWorkGroups.x) {
+    for (uint row = flat_group(); row < rows; row += group_count()) {
         uint by = row_base(row, orank, 20u), bx = row_base(row, orank, 29u);
         uint b2 = row_base(row, orank, 38u), b3 = row_base(row, orank, 47u);
         uint sy = P[28], sx = P[37], s2 = P[46], s3 = P[55];

@@ -4,13 +4,15 @@
 use crate::device::{Bound, VulkanDevice};
 use crate::pipelines::Kernel;
 use ash::vk;
-use sd3_core::{DType, Error, Op, OpCall, Result, TensorDesc};
+use sd3_core::{DType, Error, Layout, Op, OpCall, Result, TensorDesc};
 
 const PARAM_WORDS: usize = 64;
 /// Grid-stride shaders launch at most this many workgroups along x (the guaranteed minimum of the limit).
 const MAX_GROUPS: u32 = 65535;
 /// Head dims the attention shader holds in registers and shared memory (`MAXD` in attention.comp).
 const ATTN_MAX_D: usize = 64;
+/// Elements of a group one group-norm workgroup reduces (`group_norm.comp`).
+const GN_CHUNK: usize = 8192;
 
 fn is_float(d: DType) -> bool {
     matches!(d, DType::F32 | DType::F16 | DType::BF16)
@@ -102,8 +104,15 @@ impl Params {
     }
 }
 
-fn groups_for(n: usize) -> u32 {
-    (n.div_ceil(256) as u64).clamp(1, MAX_GROUPS as u64) as u32
+/// A 2-D grid of `groups` workgroups (x at most [`MAX_GROUPS`]); the shaders flatten it and grid-stride past it.
+fn grid(groups: usize) -> [u32; 3] {
+    let x = groups.clamp(1, MAX_GROUPS as usize);
+    [x as u32, groups.div_ceil(x).clamp(1, MAX_GROUPS as usize) as u32, 1]
+}
+
+/// The grid of a kernel with one invocation per element (256 per workgroup).
+fn groups_for(n: usize) -> [u32; 3] {
+    grid(n.div_ceil(256))
 }
 
 pub fn execute(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
@@ -127,6 +136,7 @@ pub fn execute(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
     let mut p = Params::new();
     let mut bindings: Vec<(u32, vk::DescriptorBufferInfo)> = vec![(1, by.info)];
     let dt = |t: &TensorDesc| t.dtype as usize;
+    let mut scratch = None;
     let (kernel, groups) = match call.op {
         Op::Copy
         | Op::Fill { .. }
@@ -169,7 +179,7 @@ pub fn execute(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
                 p.view(29 + 9 * k, b, t, 0..rank);
                 bindings.push((2 + k as u32, b.info));
             }
-            (Kernel::Elementwise, [groups_for(y.elem_count()), 1, 1])
+            (Kernel::Elementwise, groups_for(y.elem_count()))
         }
         Op::Softmax | Op::LayerNorm { .. } | Op::RmsNorm { .. } | Op::LayerNormModulate { .. } => {
             let (mode, affine, eps) = match call.op {
@@ -207,15 +217,17 @@ pub fn execute(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
                     bindings.push((1 + k as u32, b.info));
                 }
             }
-            (Kernel::Rows, [rows.clamp(1, MAX_GROUPS as usize) as u32, 1, 1])
+            (Kernel::Rows, grid(rows))
         }
         Op::GroupNorm { groups, eps, affine } => {
             let (x, rank) = (&call.inputs[0], y.rank());
             let (n, c) = (y.shape()[0], y.shape()[1]);
+            let spatial: usize = y.shape()[2..].iter().product();
+            let chunks = ((c / groups) * spatial).div_ceil(GN_CHUNK).max(1);
             p.u(0, n * groups);
             p.u(1, groups);
             p.u(2, c / groups);
-            p.u(3, y.shape()[2..].iter().product());
+            p.u(3, spatial);
             p.u(4, rank - 2);
             for (k, &s) in y.shape()[2..].iter().enumerate() {
                 p.u(5 + k, s);
@@ -224,6 +236,8 @@ pub fn execute(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
             p.u(12, dt(x));
             p.u(15, affine as usize);
             p.f(16, eps);
+            p.u(18, chunks);
+            p.u(19, GN_CHUNK);
             p.view(20, &by, y, 0..rank);
             p.view(29, &bins[0], x, 0..rank);
             bindings.push((2, bins[0].info));
@@ -235,7 +249,31 @@ pub fn execute(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
                     bindings.push((3 + k as u32, bins[1 + k].info));
                 }
             }
-            (Kernel::GroupNorm, [(n * groups).clamp(1, MAX_GROUPS as usize) as u32, 1, 1])
+            // Per-chunk partial sums, then partial squared deviations, in a scratch buffer; the last pass
+            // (below) normalises. The scratch is freed once recorded: later work is ordered after it.
+            let elems = 2 * n * groups * chunks;
+            let id = st.alloc.alloc(dev.raw(), elems * 4)?;
+            scratch = Some(id);
+            let sdesc = TensorDesc { buffer: id, dtype: DType::F32, layout: Layout::contiguous(&[elems]) };
+            let sb = st.bind(&sdesc);
+            let stats = sb.and_then(|sb| {
+                p.0[42] = sb.elem_offset;
+                for mode in 0..2 {
+                    p.u(17, mode);
+                    let b = [(1, sb.info), (2, bins[0].info)];
+                    st.dispatch(dev.raw(), dev.queue(), Kernel::GroupNorm, &p.0, &b, grid(n * groups * chunks))?;
+                }
+                Ok(sb)
+            });
+            match stats {
+                Ok(sb) => bindings.push((5, sb.info)),
+                Err(e) => {
+                    st.alloc.free(id);
+                    return Err(e);
+                }
+            }
+            p.u(17, 2);
+            (Kernel::GroupNorm, grid(n * groups * chunks))
         }
         Op::Matmul { bias } => {
             let (a, b, rank) = (&call.inputs[0], &call.inputs[1], y.rank());
@@ -327,7 +365,7 @@ pub fn execute(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
                 p.view(35, &bins[2], t, t.rank() - 1..t.rank());
                 bindings.push((4, bins[2].info));
             }
-            (Kernel::Conv2d, [groups_for(y.elem_count()), 1, 1])
+            (Kernel::Conv2d, groups_for(y.elem_count()))
         }
         Op::Gather => {
             let (table, ids) = (&call.inputs[0], &call.inputs[1]);
@@ -341,10 +379,14 @@ pub fn execute(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
             p.view(14, &bins[1], ids, 0..1);
             bindings.push((2, bins[0].info));
             bindings.push((3, bins[1].info));
-            (Kernel::Gather, [groups_for(y.elem_count()), 1, 1])
+            (Kernel::Gather, groups_for(y.elem_count()))
         }
     };
-    st.dispatch(dev.raw(), dev.queue(), kernel, &p.0, &bindings, groups)
+    let result = st.dispatch(dev.raw(), dev.queue(), kernel, &p.0, &bindings, groups);
+    if let Some(id) = scratch {
+        st.alloc.free(id);
+    }
+    result
 }
 
 /// Gather's contract: an id outside `0..V` is an error. The ids are read back and checked before the dispatch.

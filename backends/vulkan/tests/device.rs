@@ -1,0 +1,194 @@
+//! The Vulkan device as a whole: enumeration and properties, clear errors (invalid device, out of memory,
+//! views beyond `maxStorageBufferRange`), buffers larger than one binding, large grids, a group norm over
+//! more elements than one workgroup can loop over on lavapipe, and the plugin loaded through the C ABI.
+//! Skips, with the reason printed, only on a machine without a Vulkan loader or device.
+
+mod common;
+
+use sd3_backend_vulkan::VulkanProvider;
+use sd3_core::plugin::PluginLibrary;
+use sd3_core::reference::ReferenceDevice;
+use sd3_core::{Backend, BackendProvider, BufferId, DType, Device, Error, Layout, Op, OpCall, Tensor, TensorDesc};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+fn provider() -> Option<VulkanProvider> {
+    common::device()?;
+    Some(VulkanProvider::new().unwrap())
+}
+
+fn f32_desc(buffer: BufferId, layout: Layout) -> TensorDesc {
+    TensorDesc { buffer, dtype: DType::F32, layout }
+}
+
+#[test]
+fn enumerates_devices_with_their_properties() {
+    let Some(p) = provider() else { return };
+    assert_eq!(p.name(), "vulkan");
+    assert!(p.device_count() >= 1);
+    let info = common::device().unwrap().info();
+    assert!(!info.name.is_empty());
+    for key in [
+        "vulkan_api=",
+        "vendor_id=",
+        "driver=",
+        "memory_heaps=",
+        "shaderFloat16=",
+        "VK_KHR_cooperative_matrix=",
+        "maxStorageBufferRange=",
+        "maxComputeWorkGroupCount=",
+    ] {
+        assert!(info.capabilities.iter().any(|c| c.starts_with(key)), "{key} missing in {:?}", info.capabilities);
+    }
+}
+
+#[test]
+fn invalid_device_index_is_a_clear_error() {
+    let Some(p) = provider() else { return };
+    let err = p.open(p.device_count() + 7).err().expect("opening a missing device fails");
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
+    assert!(err.to_string().contains(&format!("no device {}", p.device_count() + 7)), "{err}");
+}
+
+#[test]
+fn allocation_beyond_the_device_is_out_of_memory() {
+    let Some(dev) = common::device() else { return };
+    match dev.alloc(1usize << 50) {
+        Err(Error::OutOfMemory { requested, .. }) => assert!(requested >= 1 << 50),
+        other => panic!("expected out of memory, got {other:?}"),
+    }
+}
+
+/// A buffer larger than `maxStorageBufferRange`: views near its end are bound at their own span; a view
+/// spanning more than one binding is refused with an error naming the limit.
+#[test]
+fn buffers_beyond_one_binding() {
+    let Some(dev) = common::device() else { return };
+    let max_range = dev.phys.limits.max_storage_buffer_range as usize;
+    if max_range > 1 << 30 {
+        eprintln!("SKIPPED: maxStorageBufferRange is {max_range} bytes; the test allocates more than that");
+        return;
+    }
+    let elems = max_range / 4 + 4096;
+    let big = dev.alloc(elems * 4).unwrap();
+    let tail: Vec<f32> = (0..1000).map(|i| i as f32 * 0.5 - 7.0).collect();
+    let start = elems - 1003;
+    dev.upload(big, start * 4, &DType::F32.f32_to_bytes(&tail)).unwrap();
+    let out = dev.alloc(1000 * 4).unwrap();
+    let src = f32_desc(big, Layout { shape: vec![10, 100], strides: vec![100, 1], offset: start });
+    let dst = f32_desc(out, Layout::contiguous(&[10, 100]));
+    dev.execute(&OpCall { op: Op::Copy, inputs: std::slice::from_ref(&src), outputs: std::slice::from_ref(&dst) })
+        .unwrap();
+    let mut bytes = vec![0u8; 4000];
+    dev.download(out, 0, &mut bytes).unwrap();
+    assert_eq!(DType::F32.bytes_to_f32(&bytes), tail);
+    // A view from the first to the last element cannot be bound.
+    let whole = f32_desc(big, Layout { shape: vec![2], strides: vec![elems - 1], offset: 0 });
+    let two = f32_desc(out, Layout::contiguous(&[2]));
+    let err = dev
+        .execute(&OpCall { op: Op::Copy, inputs: std::slice::from_ref(&whole), outputs: std::slice::from_ref(&two) })
+        .unwrap_err();
+    assert!(err.to_string().contains("maxStorageBufferRange"), "{err}");
+    dev.free(big);
+    dev.free(out);
+}
+
+/// More elements than one row of workgroups covers (65535 · 256).
+#[test]
+fn fill_and_affine_beyond_one_grid_row() {
+    let Some(dev) = common::device() else { return };
+    let n = 65535 * 256 + 1000;
+    let buf = dev.alloc(n * 4).unwrap();
+    let y = f32_desc(buf, Layout::contiguous(&[n]));
+    dev.execute(&OpCall { op: Op::Fill { value: 1.5 }, inputs: &[], outputs: std::slice::from_ref(&y) }).unwrap();
+    let out = dev.alloc(n * 4).unwrap();
+    let z = f32_desc(out, Layout::contiguous(&[n]));
+    let op = Op::Affine { mul: 2.0, add: 1.0 };
+    dev.execute(&OpCall { op, inputs: std::slice::from_ref(&y), outputs: std::slice::from_ref(&z) }).unwrap();
+    let mut bytes = vec![0u8; n * 4];
+    dev.download(out, 0, &mut bytes).unwrap();
+    let v = DType::F32.bytes_to_f32(&bytes);
+    assert!(v.iter().all(|&x| x == 4.0), "first wrong element at {:?}", v.iter().position(|&x| x != 4.0));
+    dev.free(buf);
+    dev.free(out);
+}
+
+/// Groups of four million elements (as in the VAE's last group norms at 1024²) against the reference.
+#[test]
+fn group_norm_over_large_groups() {
+    let Some(dev) = common::device() else { return };
+    let vk = Backend::new("vulkan", dev.clone());
+    let reference = Backend::new("reference", Arc::new(ReferenceDevice::new()));
+    let shape = [1usize, 8, 1024, 1024];
+    let n: usize = shape.iter().product();
+    let x: Vec<f32> = (0..n).map(|i| ((i * 7919 % 1009) as f32 / 500.0) - 1.0 + (i / (n / 2)) as f32).collect();
+    let run = |b: &Backend| -> Vec<f32> {
+        let x = b.from_f32(&x, &shape, DType::F32).unwrap();
+        x.group_norm(2, None, None, 1e-6).unwrap().to_f32_vec().unwrap()
+    };
+    let (got, want) = (run(&vk), run(&reference));
+    let worst = got.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
+    assert!(worst < 1e-4, "max |diff| {worst}");
+    assert!(vk.fallback_counts().is_empty());
+}
+
+/// A reduction dim longer than lavapipe's 65535 loop iterations per invocation would allow with per-element loops.
+#[test]
+fn matmul_with_long_k() {
+    let Some(dev) = common::device() else { return };
+    let vk = Backend::new("vulkan", dev.clone());
+    let reference = Backend::new("reference", Arc::new(ReferenceDevice::new()));
+    let (m, k, n) = (5usize, 70_001usize, 7usize);
+    let a: Vec<f32> = (0..m * k).map(|i| ((i * 31 % 997) as f32 / 498.0) - 1.0).collect();
+    let b: Vec<f32> = (0..k * n).map(|i| ((i * 17 % 991) as f32 / 495.0) - 1.0).collect();
+    let run = |be: &Backend| -> Vec<f32> {
+        let a = be.from_f32(&a, &[m, k], DType::F32).unwrap();
+        let b = be.from_f32(&b, &[k, n], DType::F32).unwrap();
+        a.matmul(&b).unwrap().to_f32_vec().unwrap()
+    };
+    let (got, want) = (run(&vk), run(&reference));
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!((g - w).abs() <= 1e-3 * (1.0 + w.abs()), "element {i}: {g} vs {w}");
+    }
+    assert!(vk.fallback_counts().is_empty());
+}
+
+/// The cdylib cargo built with this test (`target/<profile>/deps/`, or the uplifted copy beside it).
+fn plugin_path() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let deps = exe.parent().unwrap();
+    let name = sd3_core::plugin::registry::plugin_file_name("vulkan");
+    [deps.join(&name), deps.parent().unwrap().join(&name)]
+        .into_iter()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("{name} not found near {}", deps.display()))
+}
+
+#[test]
+fn runs_through_the_plugin_abi() {
+    if provider().is_none() {
+        return;
+    }
+    let lib = PluginLibrary::open(&plugin_path()).unwrap();
+    assert_eq!(lib.name(), "vulkan");
+    let plugin = lib.init("").unwrap();
+    let dev = plugin.open_device(0).unwrap();
+    let vk = Backend::new("vulkan", dev);
+    let reference = Backend::new("reference", Arc::new(ReferenceDevice::new()));
+    let x: Vec<f32> = (0..5 * 24).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
+    let w: Vec<f32> = (0..24 * 7).map(|i| ((i * 53 % 97) as f32 / 48.0) - 1.0).collect();
+    let run = |b: &Backend| -> Vec<f32> {
+        let x = b.from_f32(&x, &[5, 24], DType::F16).unwrap();
+        let w = b.from_f32(&w, &[7, 24], DType::F32).unwrap();
+        let y = x.linear(&w, None).unwrap().gelu_tanh().unwrap().layer_norm(None, None, 1e-6).unwrap();
+        Tensor::to_f32_vec(&y).unwrap()
+    };
+    let (got, want) = (run(&vk), run(&reference));
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!((g - w).abs() <= 4e-3 * (1.0 + w.abs()), "element {i}: {g} vs {w}");
+    }
+    assert!(vk.fallback_counts().is_empty());
+    // Out of memory crosses the boundary as out of memory.
+    let err = vk.empty(&[1usize << 50], DType::U8).unwrap_err();
+    assert!(matches!(err, Error::OutOfMemory { .. }), "{err:?}");
+}
