@@ -2,7 +2,8 @@
 //!
 //! q/k/v projections of a stream are fused into one linear (`[3D, D]`); its output `[B, N, 3D]` is viewed as
 //! `[B, N, 3, H, Dh]`, so q, k and v are strided views `[B, H, N, Dh]` (reshape then permute, no copies).
-//! Joint attention concatenates **image tokens first**, then text, along the sequence.
+//! Joint attention concatenates **image tokens first**, then text, along the sequence; that concatenation is the
+//! one copy, and it produces contiguous `[B, H, N+S, Dh]`.
 
 use super::params::{Linear, Params};
 use super::MmditError;
@@ -150,12 +151,13 @@ impl JointAttention {
         let (n, s) = (x.dim(1), c.dim(1));
         let [qx, kx, vx] = self.image.forward(x)?;
         let [qc, kc, vc] = self.context.forward(c)?;
-        let k = heads_first(&Tensor::cat(&[&kx, &kc], 1)?)?;
-        let v = heads_first(&Tensor::cat(&[&vx, &vc], 1)?)?;
+        // The concatenation copies anyway, so it writes the head-first layout: contiguous [B, H, N+S, Dh].
+        let joint = |a: &Tensor, b: &Tensor| Tensor::cat(&[&heads_first(a)?, &heads_first(b)?], 2);
+        let (k, v) = (joint(&kx, &kc)?, joint(&vx, &vc)?);
         let params = AttentionParams::new(self.scale);
         match &self.to_add_out {
             Some(to_add_out) => {
-                let q = heads_first(&Tensor::cat(&[&qx, &qc], 1)?)?;
+                let q = joint(&qx, &qc)?;
                 let o = Tensor::attention(&q, &k, &v, &params)?;
                 let ox = self.to_out.forward(&merge_heads(&o, 0, n)?)?;
                 let oc = to_add_out.forward(&merge_heads(&o, n, s)?)?;
