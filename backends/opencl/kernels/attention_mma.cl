@@ -16,7 +16,16 @@ inline float shfl_xor(float v, uint lane_mask) {
     return as_float(r);
 }
 
-inline uint pack2(float lo, float hi) { return (uint)to_mma_bits(lo) | ((uint)to_mma_bits(hi) << 16); }
+// Two floats rounded to the MMA operand type and packed (lo in the low half), in one instruction.
+inline uint pack2(float lo, float hi) {
+    uint r;
+#if MMA_BF16
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#else
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#endif
+    return r;
+}
 
 // Stage a [rows x D] block (rows r0.., dims 0..D) of a [.., N, D] view into local memory, 16-bit, zero past N.
 // Rows whose D elements are contiguous, 16-byte aligned MMA_DT data are copied 8 at a time.
