@@ -80,9 +80,14 @@ impl CpuDevice {
         CpuDevice::default()
     }
 
+    /// The op queue's lock. A panic in an earlier op only poisons it; the device stays usable.
+    fn queue(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn run(&self, call: &OpCall) -> Result<()> {
         shapes::check(call)?;
-        let _q = self.queue.lock().unwrap();
+        let _q = self.queue();
         let bufs: Vec<Arc<Buffer>> =
             call.inputs.iter().chain(call.outputs).map(|t| self.mem.get(t.buffer)).collect::<Result<_>>()?;
         let n_in = call.inputs.len();
@@ -249,15 +254,15 @@ impl Device for CpuDevice {
         self.mem.free(buffer)
     }
     fn upload(&self, buffer: BufferId, offset: usize, data: &[u8]) -> Result<()> {
-        let _q = self.queue.lock().unwrap();
+        let _q = self.queue();
         self.mem.upload(buffer, offset, data)
     }
     fn download(&self, buffer: BufferId, offset: usize, out: &mut [u8]) -> Result<()> {
-        let _q = self.queue.lock().unwrap();
+        let _q = self.queue();
         self.mem.download(buffer, offset, out)
     }
     fn copy_buffer(&self, src: BufferId, so: usize, dst: BufferId, d_o: usize, bytes: usize) -> Result<()> {
-        let _q = self.queue.lock().unwrap();
+        let _q = self.queue();
         self.mem.copy(src, so, dst, d_o, bytes)
     }
     fn supports(&self, call: &OpCall) -> bool {
