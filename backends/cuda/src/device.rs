@@ -455,19 +455,44 @@ impl Device for CudaDevice {
             }
             Op::GroupNorm { groups, eps, affine } => {
                 let s = out.shape();
-                let p = GroupNormParams {
+                let spatial = s[2..].iter().product::<usize>();
+                let len = s[1] / groups * spatial;
+                let mut p = GroupNormParams {
                     x: self.td(ins[0]),
                     w: if affine { self.td(ins[1]) } else { Td::default() },
                     b: if affine { self.td(ins[2]) } else { Td::default() },
                     out: self.td(out),
                     channels: s[1] as i64,
-                    spatial: s[2..].iter().product::<usize>() as i64,
+                    spatial: spatial as i64,
                     groups: groups as i32,
                     affine: affine as i32,
                     eps,
-                    pad: 0,
+                    contiguous: (ins[0].is_contiguous() && out.is_contiguous()) as i32,
+                    stats: 0,
+                    chunk: 0,
                 };
-                self.launch(&self.kernels.group_norm, (s[0] * groups) as u64, 256, p)
+                if len < 1 << 16 {
+                    // Small groups: one block per group, exact two-pass statistics.
+                    return self.launch(&self.kernels.group_norm, (s[0] * groups) as u64, 256, p);
+                }
+                // Large groups (the VAE): statistics over many blocks, then a parallel normalisation.
+                let stats = self.alloc.alloc(2 * 8 * s[0] * groups)?;
+                let zeroed =
+                    unsafe { result::memset_d8_async(stats.0, 0, 16 * s[0] * groups, self.stream.cu_stream()) };
+                let run = zeroed.map_err(drv).and_then(|_| {
+                    p.stats = stats.0;
+                    p.chunk = 16384;
+                    let cfg = LaunchConfig {
+                        grid_dim: (len.div_ceil(16384) as u32, (s[0] * groups) as u32, 1),
+                        block_dim: (256, 1, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    unsafe { self.stream.launch_builder(&self.kernels.group_norm_stats).arg(&p).launch(cfg) }
+                        .map_err(drv)?;
+                    self.launch(&self.kernels.group_norm_apply, (out.elem_count() as u64).div_ceil(256), 256, p)
+                });
+                self.alloc.free(stats);
+                run
             }
             Op::UpsampleNearest2d { factor } => {
                 let p = UpsampleParams {

@@ -25,6 +25,8 @@ pub struct Kernels {
     pub gather: CudaFunction,
     pub row_op: CudaFunction,
     pub group_norm: CudaFunction,
+    pub group_norm_stats: CudaFunction,
+    pub group_norm_apply: CudaFunction,
     pub im2col: CudaFunction,
     /// Tensor-core attention, indexed `[bf16 as usize][head_dim == 128]`.
     pub flash: [[CudaFunction; 2]; 2],
@@ -93,6 +95,8 @@ impl Kernels {
             gather: f("gather_rows")?,
             row_op: f("row_op")?,
             group_norm: f("group_norm")?,
+            group_norm_stats: f("group_norm_stats")?,
+            group_norm_apply: f("group_norm_apply")?,
             im2col: f("im2col")?,
             flash: [[f("flash_f16_64")?, f("flash_f16_128")?], [f("flash_bf16_64")?, f("flash_bf16_128")?]],
             _module: module,

@@ -97,7 +97,9 @@ pub struct GroupNormParams {
     pub groups: i32,
     pub affine: i32,
     pub eps: f32,
-    pub pad: i32,
+    pub contiguous: i32,
+    pub stats: u64,
+    pub chunk: i64,
 }
 
 #[repr(C)]

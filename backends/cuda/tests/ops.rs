@@ -193,6 +193,21 @@ fn every_op_matches_the_reference() -> Result<()> {
             &cx.group_norm(3, Some(&cg), Some(&cg), 1e-6)?,
             lim(dt, 1e-10),
         )?;
+        // Groups of more than 65536 elements take the two-pass, many-block path (the VAE's shapes).
+        let (gbig, cbig) = p.rand(&[1, 32, 128, 128], dt, -1.0, 3.0)?;
+        let (gw4, cw4) = p.rand(&[32], dt, 0.5, 1.5)?;
+        check(
+            &format!("group_norm large {dt}"),
+            &gbig.group_norm(4, Some(&gw4), Some(&gw4), 1e-6)?,
+            &cbig.group_norm(4, Some(&cw4), Some(&cw4), 1e-6)?,
+            lim(dt, 1e-10),
+        )?;
+        check(
+            &format!("group_norm large strided {dt}"),
+            &gbig.transpose(2, 3)?.group_norm(4, None, None, 1e-6)?,
+            &cbig.transpose(2, 3)?.group_norm(4, None, None, 1e-6)?,
+            lim(dt, 1e-10),
+        )?;
         check(&format!("upsample {dt}"), &gx.upsample_nearest2d(2)?, &cx.upsample_nearest2d(2)?, 0.0)?;
         let ids = [3i64, 0, 7, 7, 1];
         let (gt, ct) = p.rand(&[9, 12], dt, -1.0, 1.0)?;
