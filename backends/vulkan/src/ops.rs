@@ -9,8 +9,10 @@ use sd3_core::{DType, Error, Layout, Op, OpCall, Result, TensorDesc};
 const PARAM_WORDS: usize = 64;
 /// Grid-stride shaders launch at most this many workgroups along x (the guaranteed minimum of the limit).
 const MAX_GROUPS: u32 = 65535;
-/// Head dims the attention shader holds in registers and shared memory (`MAXD` in attention.comp).
-const ATTN_MAX_D: usize = 64;
+/// Head dims the attention shaders hold in registers and shared memory (`MAXD` in attention.comp and
+/// attention128.comp), and their query rows per workgroup (`WG`).
+const ATTN_MAX_D: usize = 128;
+const ATTN_SMALL_D: usize = 64;
 /// Elements of a group one group-norm workgroup reduces (`group_norm.comp`).
 const GN_CHUNK: usize = 8192;
 
@@ -62,7 +64,7 @@ pub fn supports(call: &OpCall) -> bool {
                 && q.shape()[3] <= ATTN_MAX_D
                 && v.shape()[3] <= ATTN_MAX_D
                 && q.shape()[0] * q.shape()[1] <= MAX_GROUPS as usize
-                && q.shape()[2].div_ceil(64) <= MAX_GROUPS as usize
+                && q.shape()[2].div_ceil(32) <= MAX_GROUPS as usize
         }
         Op::Conv2d { .. } => floats && rank == 4 && call.inputs[..2].iter().all(|t| t.rank() == 4),
         Op::GroupNorm { groups, .. } => {
@@ -339,7 +341,9 @@ pub fn execute(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
                     bindings.push((6 + j as u32, bins[next + j].info));
                 }
             }
-            (Kernel::Attention, [nq.div_ceil(64) as u32, (b * h) as u32, 1])
+            let (kernel, rows) =
+                if dh.max(v.shape()[3]) <= ATTN_SMALL_D { (Kernel::Attention, 64) } else { (Kernel::Attention128, 32) };
+            (kernel, [nq.div_ceil(rows) as u32, (b * h) as u32, 1])
         }
         Op::Conv2d { stride, padding, bias } => {
             let (x, w) = (&call.inputs[0], &call.inputs[1]);

@@ -16,17 +16,20 @@ pub enum Kernel {
     Rows,
     Matmul,
     Attention,
+    /// Attention for head dims 65..=128.
+    Attention128,
     Conv2d,
     GroupNorm,
     Gather,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 7] = [
+    pub const ALL: [Kernel; 8] = [
         Kernel::Elementwise,
         Kernel::Rows,
         Kernel::Matmul,
         Kernel::Attention,
+        Kernel::Attention128,
         Kernel::Conv2d,
         Kernel::GroupNorm,
         Kernel::Gather,
@@ -38,6 +41,7 @@ impl Kernel {
             Kernel::Rows => "rows",
             Kernel::Matmul => "matmul",
             Kernel::Attention => "attention",
+            Kernel::Attention128 => "attention128",
             Kernel::Conv2d => "conv2d",
             Kernel::GroupNorm => "group_norm",
             Kernel::Gather => "gather",
@@ -55,6 +59,7 @@ impl Kernel {
             Kernel::Rows => spv!("rows"),
             Kernel::Matmul => spv!("matmul"),
             Kernel::Attention => spv!("attention"),
+            Kernel::Attention128 => spv!("attention128"),
             Kernel::Conv2d => spv!("conv2d"),
             Kernel::GroupNorm => spv!("group_norm"),
             Kernel::Gather => spv!("gather"),
@@ -65,7 +70,7 @@ impl Kernel {
 pub struct Pipelines {
     pub set_layout: vk::DescriptorSetLayout,
     pub layout: vk::PipelineLayout,
-    cache: [Option<vk::Pipeline>; 7],
+    cache: [Option<vk::Pipeline>; Kernel::ALL.len()],
     pub created: usize,
 }
 
@@ -89,7 +94,7 @@ impl Pipelines {
             let layout = device
                 .create_pipeline_layout(&vk::PipelineLayoutCreateInfo::default().set_layouts(&layouts), None)
                 .map_err(|e| vk_error("vkCreatePipelineLayout", e))?;
-            Ok(Pipelines { set_layout, layout, cache: [None; 7], created: 0 })
+            Ok(Pipelines { set_layout, layout, cache: [None; Kernel::ALL.len()], created: 0 })
         }
     }
 

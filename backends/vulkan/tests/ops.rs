@@ -208,6 +208,15 @@ fn attention_long_masked_normed() {
     let (q, k, v) = (Spec::new(&[b, h, n, dh], F16), Spec::new(&[b, h, n, dh], F16), Spec::new(&[b, h, n, dv], F16));
     let op = Op::Attention { scale: 0.158, causal: true, bias: false, qk_norm: false, norm_eps: 0.0 };
     check("attention causal f16", op, &[q, k, v], &Spec::new(&[b, h, n, dv], F16), tol_for(F16, 0.0));
+    // Head dims above 64 (the 128-wide shader), qk norm, bias over keys only, a long key sequence.
+    let (b, h, nq, nk, dh) = (1, 2, 40, 700, 128);
+    let q = Spec::permuted(&[b, h, nq, dh], &[0, 2, 1, 3], F32);
+    let k = Spec::new(&[b, h, nk, dh], F32);
+    let v = Spec::new(&[b, h, nk, 80], BF16);
+    let bias = Spec::strided(&[b, h, nq, nk], &[nk, 0, 0, 1], 0, F32);
+    let (qn, kn) = (Spec::new(&[dh], F32).range(0.5, 1.5), Spec::new(&[dh], F32).range(0.5, 1.5));
+    let op = Op::Attention { scale: 0.088, causal: false, bias: true, qk_norm: true, norm_eps: 1e-6 };
+    check("attention dh 128", op, &[q, k, v, bias, qn, kn], &Spec::new(&[b, h, nq, 80], F32), tol_for(F32, 2e-4));
 }
 
 #[test]
