@@ -36,7 +36,12 @@ impl Backend {
 
     /// A backend whose unsupported ops run on `host` (normally the CPU backend), unless `strict`,
     /// in which case they are errors naming the op.
-    pub fn with_fallback(name: impl Into<String>, device: Arc<dyn Device>, host: Arc<dyn Device>, strict: bool) -> Backend {
+    pub fn with_fallback(
+        name: impl Into<String>,
+        device: Arc<dyn Device>,
+        host: Arc<dyn Device>,
+        strict: bool,
+    ) -> Backend {
         Backend(Arc::new(BackendInner {
             name: name.into(),
             device,
@@ -214,7 +219,11 @@ fn run_on_host(device: &dyn Device, host: &dyn Device, call: &OpCall) -> Result<
         }
         let mut layout = t.layout.clone();
         layout.offset -= span.start / es;
-        Ok(Staged { host_desc: TensorDesc { buffer: buf, dtype: t.dtype, layout }, span_start: span.start, span_len: span.len() })
+        Ok(Staged {
+            host_desc: TensorDesc { buffer: buf, dtype: t.dtype, layout },
+            span_start: span.start,
+            span_len: span.len(),
+        })
     };
     let mut staged_in = Vec::new();
     let mut staged_out = Vec::new();

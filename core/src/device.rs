@@ -66,7 +66,14 @@ pub trait Device: Send + Sync {
     /// Copy bytes of `buffer` starting at byte `offset` into `out` (synchronises).
     fn download(&self, buffer: BufferId, offset: usize, out: &mut [u8]) -> Result<()>;
     /// Device-to-device byte copy.
-    fn copy_buffer(&self, src: BufferId, src_offset: usize, dst: BufferId, dst_offset: usize, bytes: usize) -> Result<()>;
+    fn copy_buffer(
+        &self,
+        src: BufferId,
+        src_offset: usize,
+        dst: BufferId,
+        dst_offset: usize,
+        bytes: usize,
+    ) -> Result<()>;
 
     /// Whether [`Device::execute`] can run this call (op, dtypes, layouts). Must be cheap and never fail.
     fn supports(&self, call: &OpCall) -> bool;

@@ -120,7 +120,7 @@ impl TensorDesc {
     /// Byte range of the buffer this view can touch.
     pub fn byte_span(&self) -> std::ops::Range<usize> {
         let es = self.dtype.size_in_bytes();
-        let start = if self.elem_count() == 0 { self.layout.offset } else { self.layout.offset };
-        start * es..self.layout.span_end() * es
+        // Strides are never negative, so the view's first element is its lowest.
+        self.layout.offset * es..self.layout.span_end() * es
     }
 }

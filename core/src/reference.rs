@@ -5,7 +5,9 @@
 //! is computed in f64, and the result is rounded once into the output's dtype and strides.
 //! `docs/ops.md` is the prose form of this file; keep the two in agreement.
 
-use crate::{BinaryOp, BufferId, DType, Device, DeviceInfo, DeviceKind, Error, Op, OpCall, Result, TensorDesc, UnaryOp};
+use crate::{
+    BinaryOp, BufferId, DType, Device, DeviceInfo, DeviceKind, Error, Op, OpCall, Result, TensorDesc, UnaryOp,
+};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -422,24 +424,30 @@ pub fn validate(call: &OpCall) -> Result<()> {
     let name = call.op.name();
     let bad = |msg: String| Err(Error::shape(name.clone(), msg));
     if call.inputs.len() != call.op.n_inputs() || call.outputs.len() != 1 {
-        return bad(format!("{} inputs / {} outputs given, {} / 1 expected", call.inputs.len(), call.outputs.len(), call.op.n_inputs()));
+        return bad(format!(
+            "{} inputs / {} outputs given, {} / 1 expected",
+            call.inputs.len(),
+            call.outputs.len(),
+            call.op.n_inputs()
+        ));
     }
     let out = &call.outputs[0];
     let same_shape = |t: &TensorDesc| t.shape() == out.shape();
     let floats = call.inputs.iter().chain(call.outputs).all(|t| t.dtype.is_float());
     match call.op {
-        Op::Copy => {
-            if !same_shape(&call.inputs[0]) {
-                return bad("copy between different shapes".into());
-            }
+        Op::Copy if !same_shape(&call.inputs[0]) => return bad("copy between different shapes".into()),
+        Op::Copy | Op::Fill { .. } => {}
+        Op::Gather if !matches!(call.inputs[1].dtype, DType::I32 | DType::I64) || !out.dtype.is_float() => {
+            return bad("gather needs float table and i32/i64 ids".into());
         }
-        Op::Fill { .. } => {}
-        Op::Gather => {
-            if !matches!(call.inputs[1].dtype, DType::I32 | DType::I64) || !out.dtype.is_float() {
-                return bad("gather needs float table and i32/i64 ids".into());
-            }
-        }
-        Op::Unary(_) | Op::Binary(_) | Op::Affine { .. } | Op::Softmax | Op::Modulate | Op::GatedResidual | Op::LayerNormModulate { .. } => {
+        Op::Gather => {}
+        Op::Unary(_)
+        | Op::Binary(_)
+        | Op::Affine { .. }
+        | Op::Softmax
+        | Op::Modulate
+        | Op::GatedResidual
+        | Op::LayerNormModulate { .. } => {
             if !floats {
                 return bad("float operands expected".into());
             }

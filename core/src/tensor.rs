@@ -127,7 +127,9 @@ impl Tensor {
     /// Overwrite this tensor's elements from host bytes. The tensor must be contiguous.
     pub fn write_bytes(&self, bytes: &[u8]) -> Result<()> {
         if !self.is_contiguous() || bytes.len() != self.elem_count() * self.dtype.size_in_bytes() {
-            return Err(Error::InvalidArgument("write_bytes needs a contiguous tensor and a matching byte count".into()));
+            return Err(Error::InvalidArgument(
+                "write_bytes needs a contiguous tensor and a matching byte count".into(),
+            ));
         }
         self.backend().device().upload(self.buffer(), self.layout.offset * self.dtype.size_in_bytes(), bytes)
     }
@@ -150,7 +152,8 @@ impl Tensor {
 
     pub fn permute(&self, dims: &[usize]) -> Result<Tensor> {
         let mut seen = vec![false; self.rank()];
-        if dims.len() != self.rank() || dims.iter().any(|&d| d >= self.rank() || std::mem::replace(&mut seen[d], true)) {
+        if dims.len() != self.rank() || dims.iter().any(|&d| d >= self.rank() || std::mem::replace(&mut seen[d], true))
+        {
             return shape_err("permute", format!("{dims:?} is not a permutation of the dims of {:?}", self.shape()));
         }
         let l = &self.layout;
@@ -447,13 +450,21 @@ impl Tensor {
         Ok(out)
     }
 
-    pub fn group_norm(&self, groups: usize, weight: Option<&Tensor>, bias: Option<&Tensor>, eps: f32) -> Result<Tensor> {
-        if self.rank() < 2 || groups == 0 || self.dim(1) % groups != 0 {
+    pub fn group_norm(
+        &self,
+        groups: usize,
+        weight: Option<&Tensor>,
+        bias: Option<&Tensor>,
+        eps: f32,
+    ) -> Result<Tensor> {
+        if self.rank() < 2 || groups == 0 || !self.dim(1).is_multiple_of(groups) {
             return shape_err("group_norm", format!("{groups} groups for {:?}", self.shape()));
         }
         let out = self.new_like(self.shape(), self.dtype)?;
         match (weight, bias) {
-            (Some(w), Some(b)) => self.backend().run(Op::GroupNorm { groups, eps, affine: true }, &[self, w, b], &[&out])?,
+            (Some(w), Some(b)) => {
+                self.backend().run(Op::GroupNorm { groups, eps, affine: true }, &[self, w, b], &[&out])?
+            }
             (None, None) => self.backend().run(Op::GroupNorm { groups, eps, affine: false }, &[self], &[&out])?,
             _ => return Err(Error::InvalidArgument("group_norm needs both weight and bias, or neither".into())),
         }

@@ -220,7 +220,7 @@ fn flash_kernel<'a>(
     }
     // K and V rows are read 8 elements (16 bytes) at a time; Q and O 2 at a time.
     let aligned = |t: &TensorDesc, n: usize| {
-        t.strides()[3] == 1 && t.layout.offset % n == 0 && t.strides()[..3].iter().all(|s| s % n == 0)
+        t.strides()[3] == 1 && t.layout.offset.is_multiple_of(n) && t.strides()[..3].iter().all(|s| s.is_multiple_of(n))
     };
     if !(aligned(q, 2) && aligned(out, 2) && aligned(k, 8) && aligned(v, 8)) {
         return None;

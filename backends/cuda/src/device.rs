@@ -546,7 +546,7 @@ fn vec_params(
     }
     let rank = layouts[0].shape.len();
     let dims: Vec<usize> = (0..3).map(|i| if i + rank >= 3 { layouts[0].shape[i + rank - 3] } else { 1 }).collect();
-    if dims[2] % 8 != 0 {
+    if !dims[2].is_multiple_of(8) {
         return None;
     }
     let mut p = EwVecParams {
@@ -565,7 +565,7 @@ fn vec_params(
     let buffers = std::iter::once(out.buffer).chain(inputs.iter().map(|t| t.buffer));
     for (k, (l, buffer)) in layouts.iter().zip(buffers).enumerate() {
         let st = |i: usize| if i + rank >= 3 { l.strides[i + rank - 3] } else { 0 };
-        if st(2) != 1 || l.offset % 8 != 0 || st(0) % 8 != 0 || st(1) % 8 != 0 {
+        if st(2) != 1 || !l.offset.is_multiple_of(8) || !st(0).is_multiple_of(8) || !st(1).is_multiple_of(8) {
             return None;
         }
         p.ptr[k] = buffer.0;
@@ -582,7 +582,7 @@ fn collapse_dims(layouts: &mut [Layout]) {
     let rank = layouts[0].shape.len();
     let mut keep: Vec<usize> = (0..rank).filter(|&d| layouts[0].shape[d] != 1).collect();
     if keep.is_empty() {
-        keep.push(0.min(rank.saturating_sub(1)));
+        keep.push(0);
     }
     let mut out: Vec<(usize, Vec<usize>)> = Vec::new(); // (size, strides per layout)
     for &d in &keep {
