@@ -14,10 +14,21 @@ use rayon::prelude::*;
 pub(crate) const MR: usize = 12;
 /// Columns of the micro-kernel's C tile: two 16-lane vectors.
 pub(crate) const NR: usize = 32;
-/// Depth of one packed block: the B micro-panel (KC×NR) stays in L1.
-const KC: usize = 256;
-/// Rows of one packed A block (MC×KC stays in L2).
-const MC: usize = 192;
+/// Depth of one packed block: the B micro-panel (KC×NR) stays in L1. `SD3_CPU_SGEMM_KC` overrides (tuning).
+const KC_DEFAULT: usize = 256;
+/// Rows of one packed A block (MC×KC stays in L2). `SD3_CPU_SGEMM_MC` overrides (tuning; rounded to MR).
+const MC_DEFAULT: usize = 192;
+
+/// The blocking in force: `(KC, MC)`.
+fn blocking() -> (usize, usize) {
+    static B: std::sync::OnceLock<(usize, usize)> = std::sync::OnceLock::new();
+    *B.get_or_init(|| {
+        let var = |name: &str, default: usize| {
+            std::env::var(name).ok().and_then(|v| v.parse::<usize>().ok()).filter(|&v| v > 0).unwrap_or(default)
+        };
+        (var("SD3_CPU_SGEMM_KC", KC_DEFAULT), var("SD3_CPU_SGEMM_MC", MC_DEFAULT).next_multiple_of(MR))
+    })
+}
 
 /// Whether this CPU can run the kernel.
 pub fn available() -> bool {
@@ -76,7 +87,8 @@ pub unsafe fn sgemm(
     if m == 0 || n == 0 {
         return;
     }
-    // Task grid: split columns first (each task then packs only its share of B), rows when columns run out.
+    // Task grid: split columns first, so each task's packed slice of B stays small enough for L2 (A's rows are
+    // packed by every column group, which is cheap next to the products); rows when columns run out.
     let col_groups = threads.min(n.div_ceil(4 * NR)).max(1);
     let row_groups = threads.div_ceil(col_groups).min(m.div_ceil(MR)).max(1);
     let cols = n.div_ceil(col_groups).next_multiple_of(NR);
@@ -99,9 +111,10 @@ pub unsafe fn sgemm(
 /// One task: rows `r0..r0+mt`, columns `c0..c0+nt` of C.
 #[allow(clippy::too_many_arguments)]
 unsafe fn tile(r0: usize, mt: usize, c0: usize, nt: usize, k: usize, c: Strided, acc: bool, a: Strided, b: Strided) {
+    let (kc_max, mc_max) = blocking();
     let n_panels = nt.div_ceil(NR);
-    let mut bp = vec![0f32; KC * NR * n_panels];
-    let mut ap = vec![0f32; MC * KC];
+    let mut bp = vec![0f32; kc_max * NR * n_panels];
+    let mut ap = vec![0f32; mc_max * kc_max];
     if k == 0 {
         if !acc {
             for i in 0..mt {
@@ -112,21 +125,21 @@ unsafe fn tile(r0: usize, mt: usize, c0: usize, nt: usize, k: usize, c: Strided,
         }
         return;
     }
-    for pc in (0..k).step_by(KC) {
-        let kc = KC.min(k - pc);
+    for pc in (0..k).step_by(kc_max) {
+        let kc = kc_max.min(k - pc);
         unsafe { pack_b(&mut bp, b, pc, kc, c0, nt) };
         let overwrite = pc == 0 && !acc;
-        for ic in (0..mt).step_by(MC) {
-            let mc = MC.min(mt - ic);
+        for ic in (0..mt).step_by(mc_max) {
+            let mc = mc_max.min(mt - ic);
             unsafe { pack_a(&mut ap, a, r0 + ic, mc, pc, kc) };
             for jp in 0..n_panels {
                 let nr = NR.min(nt - jp * NR);
-                let bpanel = &bp[jp * KC * NR..];
+                let bpanel = &bp[jp * kc * NR..];
                 for ip in 0..mc.div_ceil(MR) {
                     let mr = MR.min(mc - ip * MR);
                     let cptr = unsafe { c.at(r0 + ic + ip * MR, c0 + jp * NR) };
                     let ct = Strided { ptr: cptr, rs: c.rs, cs: c.cs };
-                    unsafe { kernel(kc, ap[ip * KC * MR..].as_ptr(), bpanel.as_ptr(), ct, overwrite, mr, nr) };
+                    unsafe { kernel(kc, ap[ip * kc * MR..].as_ptr(), bpanel.as_ptr(), ct, overwrite, mr, nr) };
                 }
             }
         }
@@ -135,7 +148,7 @@ unsafe fn tile(r0: usize, mt: usize, c0: usize, nt: usize, k: usize, c: Strided,
 
 /// B rows `pc..pc+kc`, columns `c0..c0+nt` into NR-wide panels (row p of a panel: NR floats), zero-padded.
 unsafe fn pack_b(bp: &mut [f32], b: Strided, pc: usize, kc: usize, c0: usize, nt: usize) {
-    for (jp, panel) in bp.chunks_exact_mut(KC * NR).enumerate().take(nt.div_ceil(NR)) {
+    for (jp, panel) in bp.chunks_exact_mut(kc * NR).enumerate().take(nt.div_ceil(NR)) {
         let nr = NR.min(nt - jp * NR);
         let col0 = c0 + jp * NR;
         if b.cs == 1 {
@@ -160,7 +173,7 @@ unsafe fn pack_b(bp: &mut [f32], b: Strided, pc: usize, kc: usize, c0: usize, nt
 
 /// A rows `r0..r0+mc`, columns `pc..pc+kc` into MR-tall panels (column p of a panel: MR floats), zero-padded.
 unsafe fn pack_a(ap: &mut [f32], a: Strided, r0: usize, mc: usize, pc: usize, kc: usize) {
-    for (ip, panel) in ap.chunks_exact_mut(KC * MR).enumerate().take(mc.div_ceil(MR)) {
+    for (ip, panel) in ap.chunks_exact_mut(kc * MR).enumerate().take(mc.div_ceil(MR)) {
         let mr = MR.min(mc - ip * MR);
         for i in 0..MR {
             if i < mr {
