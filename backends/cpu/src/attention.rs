@@ -1,6 +1,7 @@
 //! Fused multi-head attention, flash style: for each block of queries, walk the keys block by block keeping a
 //! running max and denominator per row (online softmax), so only a `BQ×BK` tile of scores ever exists.
 //! Tile products go through gemm. Parallel over batch×heads, and over query blocks within a head.
+//! This is the portable path; where the AVX-512 kernel is enabled, [`attention`] hands over to [`crate::flash`].
 
 use crate::math;
 use crate::matmul::{gemm_f32, Mat};

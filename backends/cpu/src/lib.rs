@@ -2,7 +2,10 @@
 //!
 //! - [`memory`]: 64-byte aligned host buffers behind [`BufferId`]s.
 //! - [`strided`]: views in logical order, gather/scatter between any dtype/strides and f32 (or f64) runs.
-//! - [`elementwise`], [`norm`], [`matmul`] (gemm crate), [`attention`] (flash style), [`conv`] (im2col + gemm).
+//! - [`elementwise`], [`norm`], [`matmul`], [`attention`] (flash style), [`conv`] (im2col + GEMM).
+//! - [`sgemm`]: the AVX-512 f32 GEMM micro-kernel used where the CPU has AVX-512F ([`flash`] builds attention on
+//!   it); elsewhere, or with `SD3_CPU_SGEMM=0`, products go to the `gemm` crate.
+//! - [`math`]: vectorisable exp/erf and the run-time AVX2/AVX-512 dispatch of hot loops.
 //!
 //! Threads: one rayon pool per process, `SD3_NUM_THREADS` threads if set, else rayon's default. Ops run
 //! synchronously, one at a time per device (the queue is trivially in order).

@@ -1,6 +1,6 @@
 //! Vectorisable f32 math (exp, erf) and the runtime dispatch that compiles hot loops for AVX2+FMA.
 //!
-//! The crate is built for the baseline x86-64 target; [`simd_fn!`] compiles a loop again with AVX2+FMA and
+//! The crate is built for the baseline x86-64 target; `simd_fn!` compiles a loop again with AVX2+FMA and
 //! with AVX-512 enabled and picks the best copy the CPU runs, so the autovectoriser can use 8- or 16-wide
 //! registers. gemm does its own dispatch (up to AVX-512).
 
@@ -36,7 +36,7 @@ macro_rules! simd_fn {
 }
 pub(crate) use simd_fn;
 
-/// Whether the AVX-512 copies of [`simd_fn!`] loops can run here.
+/// Whether the AVX-512 copies of `simd_fn!` loops can run here.
 #[cfg(target_arch = "x86_64")]
 pub fn has_avx512() -> bool {
     std::is_x86_feature_detected!("avx512f")
@@ -197,7 +197,7 @@ fn block_sums(x: &[f32], hi: f32, lo: f32) -> (f64, f64) {
     (s, q)
 }
 
-/// One 256-element block of [`block_sums`].
+/// One 256-element block of `block_sums`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn block256_avx512(blk: &[f32], hi: f32, lo: f32) -> (f64, f64) {
@@ -214,7 +214,7 @@ unsafe fn block256_avx512(blk: &[f32], hi: f32, lo: f32) -> (f64, f64) {
     (_mm512_reduce_add_ps(s) as f64, _mm512_reduce_add_ps(q) as f64)
 }
 
-/// `(Σx, Σx²)`, accumulated as [`block_sums`] does.
+/// `(Σx, Σx²)`, accumulated as `block_sums` does.
 pub fn sum_and_sq(x: &[f32]) -> (f64, f64) {
     block_sums(x, 0.0, 0.0)
 }

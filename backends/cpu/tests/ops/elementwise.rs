@@ -170,3 +170,14 @@ fn views_overflowing_their_buffer_are_rejected() {
     let err = d.execute(&OpCall { op: Op::Unary(UnaryOp::Neg), inputs: &ins, outputs: &outs }).unwrap_err();
     assert!(err.to_string().contains("overflows"), "{err}");
 }
+
+#[test]
+fn self_overlapping_output_is_written_in_logical_order() {
+    // An output with a stride-0 dim: every row lands on the same memory, the last one written wins (as in the
+    // reference, which writes in logical order).
+    for dt in FLOATS {
+        let x = spec(dt, &[3, 33]);
+        let y = spec(dt, &[3, 33]).broadcast(&[0]);
+        check(&format!("overlap {dt}"), Op::Unary(UnaryOp::Neg), &[x], &y, EW);
+    }
+}
