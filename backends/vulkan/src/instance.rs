@@ -41,8 +41,16 @@ impl VkInstance {
             .api_version(vk::API_VERSION_1_2);
         let info = vk::InstanceCreateInfo::default().application_info(&app);
         // SAFETY: valid create info; no layers or extensions.
-        let instance = unsafe { entry.create_instance(&info, None) }
-            .map_err(|e| vk_error("vkCreateInstance (does the installed driver support Vulkan 1.2?)", e))?;
+        let instance = unsafe { entry.create_instance(&info, None) }.map_err(|e| match e {
+            vk::Result::ERROR_INCOMPATIBLE_DRIVER => Error::backend(
+                "vulkan",
+                format!(
+                    "vkCreateInstance: {e}: the loader found no usable Vulkan 1.2 driver (ICD); install one \
+                     (the GPU vendor's, or mesa-vulkan-drivers for the CPU device); VK_LOADER_DEBUG=driver shows why"
+                ),
+            ),
+            e => vk_error("vkCreateInstance", e),
+        })?;
         Ok(Arc::new(VkInstance { entry, instance }))
     }
 }
