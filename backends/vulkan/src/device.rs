@@ -43,6 +43,12 @@ pub(crate) struct State {
     mem_props: vk::PhysicalDeviceMemoryProperties,
     pub dispatches: u64,
     submits: u64,
+    /// Two timestamps bracketing each submitted batch (None where the queue has no timestamps).
+    timestamps: Option<vk::QueryPool>,
+    timestamp_mask: u64,
+    timestamp_period_ns: f64,
+    /// Device time of all submitted batches, from the timestamps.
+    gpu_ns: f64,
 }
 
 /// A tensor as a shader sees it: the buffer range bound and the view's element offset inside that range.
@@ -117,6 +123,12 @@ impl VulkanDevice {
             )
             .map_err(|e| vk_error("vkCreateDescriptorPool", e))?;
         let params = HostBuffer::new(d, &mem_props, PARAM_RING_BYTES)?;
+        let timestamps = if phys.timestamp_bits > 0 {
+            let info = vk::QueryPoolCreateInfo::default().query_type(vk::QueryType::TIMESTAMP).query_count(2);
+            Some(d.create_query_pool(&info, None).map_err(|e| vk_error("vkCreateQueryPool", e))?)
+        } else {
+            None
+        };
         let dummy = alloc.alloc(d, 16)?;
         Ok(State {
             alloc,
@@ -136,6 +148,10 @@ impl VulkanDevice {
             mem_props,
             dispatches: 0,
             submits: 0,
+            timestamps,
+            timestamp_mask: if phys.timestamp_bits >= 64 { u64::MAX } else { (1u64 << phys.timestamp_bits) - 1 },
+            timestamp_period_ns: phys.limits.timestamp_period as f64,
+            gpu_ns: 0.0,
         })
     }
 
@@ -187,6 +203,10 @@ impl State {
                         )
                     })
                     .map_err(|e| vk_error("vkBeginCommandBuffer", e))?;
+                if let Some(pool) = self.timestamps {
+                    d.cmd_reset_query_pool(self.cmd, pool, 0, 2);
+                    d.cmd_write_timestamp(self.cmd, vk::PipelineStageFlags::TOP_OF_PIPE, pool, 0);
+                }
             }
             self.recording = true;
         }
@@ -226,6 +246,10 @@ impl State {
     pub fn flush(&mut self, d: &ash::Device, queue: vk::Queue) -> Result<()> {
         if self.recording {
             self.barrier(d, vk::PipelineStageFlags::HOST, vk::AccessFlags::HOST_READ);
+            if let Some(pool) = self.timestamps {
+                // SAFETY: recording; the query was reset at the start of this command buffer.
+                unsafe { d.cmd_write_timestamp(self.cmd, vk::PipelineStageFlags::BOTTOM_OF_PIPE, pool, 1) };
+            }
             self.recording = false;
             let cmds = [self.cmd];
             let submit = [vk::SubmitInfo::default().command_buffers(&cmds)];
@@ -237,6 +261,14 @@ impl State {
                 let reset = d.reset_fences(&[self.fence]);
                 waited.map_err(|e| vk_error("waiting for the queue", e))?;
                 reset.map_err(|e| vk_error("vkResetFences", e))?;
+                if let Some(pool) = self.timestamps {
+                    let mut t = [0u64; 2];
+                    if d.get_query_pool_results(pool, 0, &mut t, vk::QueryResultFlags::TYPE_64).is_ok() {
+                        let ticks =
+                            (t[1] & self.timestamp_mask).wrapping_sub(t[0] & self.timestamp_mask) & self.timestamp_mask;
+                        self.gpu_ns += ticks as f64 * self.timestamp_period_ns;
+                    }
+                }
             }
             self.submits += 1;
         }
@@ -469,6 +501,10 @@ impl Device for VulkanDevice {
             format!("vulkan.pipelines_created={}", st.pipelines.created),
             format!("vulkan.dispatches={}", st.dispatches),
             format!("vulkan.submits={}", st.submits),
+            match st.timestamps {
+                Some(_) => format!("vulkan.gpu_time_ms={:.3}", st.gpu_ns / 1e6),
+                None => "vulkan.gpu_time_ms=unavailable (no timestamp queries on the compute queue)".to_string(),
+            },
         ]
     }
 }
@@ -492,6 +528,9 @@ impl Drop for VulkanDevice {
             st.params.destroy(d);
             if let Some(s) = st.staging.take() {
                 s.destroy(d);
+            }
+            if let Some(pool) = st.timestamps {
+                d.destroy_query_pool(pool, None);
             }
             d.destroy_descriptor_pool(st.desc_pool, None);
             d.destroy_fence(st.fence, None);

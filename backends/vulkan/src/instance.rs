@@ -74,6 +74,8 @@ pub struct PhysicalDevice {
     pub max_memory_allocation: u64,
     /// A queue family with compute support.
     pub compute_family: Option<u32>,
+    /// Valid bits of that family's timestamps (0: no timestamp queries).
+    pub timestamp_bits: u32,
 }
 
 fn c_chars(s: &[std::ffi::c_char]) -> String {
@@ -123,6 +125,7 @@ pub fn enumerate(inst: &VkInstance) -> Result<(Vec<PhysicalDevice>, Vec<String>)
             let families = i.get_physical_device_queue_family_properties(h);
             let compute_family =
                 families.iter().position(|f| f.queue_flags.contains(vk::QueueFlags::COMPUTE)).map(|p| p as u32);
+            let timestamp_bits = compute_family.map_or(0, |f| families[f as usize].timestamp_valid_bits);
             let kind = match props.device_type {
                 vk::PhysicalDeviceType::CPU => DeviceKind::Cpu,
                 vk::PhysicalDeviceType::DISCRETE_GPU
@@ -145,6 +148,7 @@ pub fn enumerate(inst: &VkInstance) -> Result<(Vec<PhysicalDevice>, Vec<String>)
                 limits: props.limits,
                 max_memory_allocation: maint3.max_memory_allocation_size,
                 compute_family,
+                timestamp_bits,
             });
         }
     }

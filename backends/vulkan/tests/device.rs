@@ -111,6 +111,12 @@ fn fill_and_affine_beyond_one_grid_row() {
     assert!(v.iter().all(|&x| x == 4.0), "first wrong element at {:?}", v.iter().position(|&x| x != 4.0));
     dev.free(buf);
     dev.free(out);
+    // The batches' device time, from timestamp queries, where the queue has them.
+    let stats = dev.stats();
+    let gpu = stats.iter().find(|l| l.starts_with("vulkan.gpu_time_ms=")).expect("gpu time stat");
+    if let Ok(ms) = gpu["vulkan.gpu_time_ms=".len()..].parse::<f64>() {
+        assert!(ms > 0.0, "{gpu}");
+    }
 }
 
 /// Groups of four million elements (as in the VAE's last group norms at 1024²) against the reference.
