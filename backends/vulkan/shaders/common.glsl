@@ -3,7 +3,7 @@
 // Binding 0 holds the dispatch's parameters as 32-bit words (`P`); binding 1 is the output, bindings 2..7 the
 // inputs in the op's input order. Tensors are bound as arrays of 32-bit words so that f16/bf16 (two per word)
 // need no 16-bit storage feature: they are converted to f32 on load and rounded to nearest-even on store.
-// Dtype codes are the core's DType ids: 0 f32, 1 f16, 2 bf16, 3 i32, 4 i64 (read as its low word).
+// Dtype codes are the core's DType ids: 0 f32, 1 f16, 2 bf16, 3 i32, 4 i64 (two words), 5 u8 (four per word).
 
 layout(std430, set = 0, binding = 0) readonly buffer Params { uint P[]; };
 layout(std430, set = 0, binding = 1) buffer Out { uint b1[]; };
@@ -16,13 +16,20 @@ layout(std430, set = 0, binding = 7) readonly buffer In7 { uint b7[]; };
 
 float pf(uint i) { return uintBitsToFloat(P[i]); }
 
+// An i64 (low word, high word) as f32: exact to 2^24, like the reference's conversion.
+float i64_to_f32(uint lo, uint hi) {
+    if ((hi == 0u && lo < 0x80000000u) || (hi == 0xffffffffu && lo >= 0x80000000u)) return float(int(lo));
+    return float(int(hi)) * 4294967296.0 + float(lo);
+}
+
 #define DEFINE_LOAD(NAME, BUF)                                                                 \
     float NAME(uint dt, uint i) {                                                              \
         if (dt == 0u) return uintBitsToFloat(BUF[i]);                                          \
         if (dt == 1u) return unpackHalf2x16((BUF[i >> 1] >> ((i & 1u) * 16u)) & 0xffffu).x;    \
         if (dt == 2u) return uintBitsToFloat(((BUF[i >> 1] >> ((i & 1u) * 16u)) & 0xffffu) << 16); \
         if (dt == 3u) return float(int(BUF[i]));                                               \
-        return float(int(BUF[2u * i]));                                                        \
+        if (dt == 5u) return float((BUF[i >> 2] >> ((i & 3u) * 8u)) & 0xffu);                  \
+        return i64_to_f32(BUF[2u * i], BUF[2u * i + 1u]);                                      \
     }
 
 DEFINE_LOAD(ld1, b1)
@@ -72,14 +79,54 @@ int f32_to_i32(float v) {
     return int(v);
 }
 
+// Rust's `as u8`: saturating, NaN -> 0.
+uint f32_to_u8(float v) {
+    if (isnan(v) || v <= 0.0) return 0u;
+    return v >= 255.0 ? 255u : uint(v);
+}
+
+// Write the sub-word `bits` (width `mask`) at bit `sh` of word `w` of the output, atomically: other invocations
+// may own the rest of the word.
+void st_part(uint w, uint sh, uint mask, uint bits) {
+    atomicAnd(b1[w], ~(mask << sh));
+    atomicOr(b1[w], (bits & mask) << sh);
+}
+
 void st(uint dt, uint i, float v) {
     if (dt == 0u) { b1[i] = floatBitsToUint(v); return; }
     if (dt == 3u) { b1[i] = uint(f32_to_i32(v)); return; }
+    if (dt == 5u) { st_part(i >> 2, (i & 3u) * 8u, 0xffu, f32_to_u8(v)); return; }
+    if (dt == 4u) {
+        // Rust's `as i64`: truncate, saturate, NaN -> 0.
+        if (v >= 9223372036854775808.0) { b1[2u * i] = 0xffffffffu; b1[2u * i + 1u] = 0x7fffffffu; return; }
+        float t = isnan(v) ? 0.0 : trunc(max(v, -9223372036854775808.0));
+        if (abs(t) < 2147483648.0) {
+            b1[2u * i] = uint(int(t));
+            b1[2u * i + 1u] = t < 0.0 ? 0xffffffffu : 0u;
+            return;
+        }
+        // |t| >= 2^31 has at most 24 significant bits, all at or above bit 8: split |t| exactly, then negate.
+        float a = abs(t);
+        float hi = floor(a / 4294967296.0);
+        uint lo_u = uint(a - hi * 4294967296.0), hi_u = uint(hi);
+        if (t < 0.0) {
+            lo_u = ~lo_u + 1u;
+            hi_u = ~hi_u + (lo_u == 0u ? 1u : 0u);
+        }
+        b1[2u * i] = lo_u;
+        b1[2u * i + 1u] = hi_u;
+        return;
+    }
     uint h = dt == 1u ? f32_to_f16(v) : f32_to_bf16(v);
-    uint sh = (i & 1u) * 16u;
-    // Two invocations may own the two halves of one word: update only this half, atomically.
-    atomicAnd(b1[i >> 1], ~(0xffffu << sh));
-    atomicOr(b1[i >> 1], h << sh);
+    st_part(i >> 1, (i & 1u) * 16u, 0xffffu, h);
+}
+
+// Bit-exact copy of element `src` of binding 2 to element `dst` of the output, both of dtype `dt`.
+void copy_raw(uint dt, uint src, uint dst) {
+    if (dt == 0u || dt == 3u) { b1[dst] = b2[src]; return; }
+    if (dt == 4u) { b1[2u * dst] = b2[2u * src]; b1[2u * dst + 1u] = b2[2u * src + 1u]; return; }
+    if (dt == 5u) { st_part(dst >> 2, (dst & 3u) * 8u, 0xffu, b2[src >> 2] >> ((src & 3u) * 8u)); return; }
+    st_part(dst >> 1, (dst & 1u) * 16u, 0xffffu, b2[src >> 1] >> ((src & 1u) * 16u));
 }
 
 // Element offset of logical row-major index `lin` of a view: shape at P[shape_at..], rank `rank`,

@@ -82,6 +82,9 @@ void main() {
             v = pf(16);
         } else if (mode == 7u) {
             v = ld2(da, upsample_offset(i, rank, sub));
+        } else if (mode == 0u && da == dy) {
+            copy_raw(dy, view_offset(i, rank, 4u, 29u), oy);
+            continue;
         } else {
             float a = ld2(da, view_offset(i, rank, 4u, 29u));
             if (mode == 0u) {

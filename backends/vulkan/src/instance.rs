@@ -170,7 +170,7 @@ impl PhysicalDevice {
             memory_bytes: if self.kind == DeviceKind::Cpu { 0 } else { device_local },
             free_memory_bytes: 0,
             pci_id: None,
-            dtypes: vec![DType::F32, DType::F16, DType::BF16],
+            dtypes: DType::ALL.to_vec(),
             capabilities: vec![
                 format!(
                     "vulkan_api={}.{}.{}",
@@ -190,7 +190,8 @@ impl PhysicalDevice {
                 format!("maxComputeWorkGroupCount={:?}", l.max_compute_work_group_count),
                 format!("maxComputeWorkGroupInvocations={}", l.max_compute_work_group_invocations),
                 format!("maxComputeSharedMemorySize={}", l.max_compute_shared_memory_size),
-                // f16/bf16 are storage formats: packed in 32-bit words, computed in f32.
+                // f16/bf16 are storage formats: packed in 32-bit words, computed in f32. Integer dtypes: copies
+                // and fills (and gather ids) only.
                 "f16_compute=f32".to_string(),
             ],
         }

@@ -1,6 +1,6 @@
 //! `sd3-backend-vulkan`: sd3's Vulkan backend. Every op of the core's op set runs as a GLSL compute shader
 //! (`shaders/*.comp`, compiled to SPIR-V by `build.rs` with `glslc` and embedded) on any Vulkan 1.2 device,
-//! in f32, f16 and bf16 (f16/bf16 as storage formats with f32 arithmetic). The Vulkan loader is opened at run
+//! in f32, f16 and bf16 (f16/bf16 as storage formats with f32 arithmetic); copies and fills also take i32, i64, u8. The Vulkan loader is opened at run
 //! time (`ash`'s `loaded` feature): the plugin has no link dependency on it.
 //!
 //! - [`instance`]: the loader, the instance, physical devices and their properties.

@@ -74,13 +74,11 @@ pub fn supports(call: &OpCall) -> bool {
         Op::Softmax | Op::LayerNorm { .. } | Op::RmsNorm { .. } | Op::LayerNormModulate { .. } => {
             floats && rank >= 1 && call.inputs.iter().all(|t| t.rank() >= 1 && t.rank() <= rank)
         }
-        Op::Copy
-        | Op::Fill { .. }
-        | Op::Unary(_)
-        | Op::Binary(_)
-        | Op::Affine { .. }
-        | Op::Modulate
-        | Op::GatedResidual => floats && call.inputs.iter().all(|t| t.rank() == rank),
+        // Copies and fills take every dtype (same-dtype copies are bit exact; casts go through f32).
+        Op::Copy | Op::Fill { .. } => call.inputs.iter().all(|t| t.rank() == rank),
+        Op::Unary(_) | Op::Binary(_) | Op::Affine { .. } | Op::Modulate | Op::GatedResidual => {
+            floats && call.inputs.iter().all(|t| t.rank() == rank)
+        }
     }
 }
 

@@ -35,6 +35,23 @@ fn copy_casts_and_views() {
     check("copy bf16 view", Op::Copy, &[Spec::permuted(&[6, 8], &[1, 0], BF16)], &out, EXACT);
     // Broadcast source.
     check("copy bcast", Op::Copy, &[Spec::strided(&[4, 6], &[0, 1], 2, F16)], &Spec::new(&[4, 6], F32), EXACT);
+    // Integers: exact between integer types (bit exact for equal ones, beyond f32's 2^24), truncating
+    // float -> int, int -> float.
+    let ids = Spec::new(&[5, 7], DType::I64).gen(Gen::Ids(100_000));
+    check("copy i64->i32", Op::Copy, std::slice::from_ref(&ids), &Spec::new(&[5, 7], DType::I32), EXACT);
+    check("copy i64->f32", Op::Copy, &[ids], &Spec::new(&[5, 7], F32), EXACT);
+    check("copy f32->i32", Op::Copy, &[Spec::new(&[33], F32).range(-50.0, 50.0)], &Spec::new(&[33], DType::I32), EXACT);
+    check("copy u8->bf16", Op::Copy, &[Spec::new(&[19], DType::U8).gen(Gen::Ids(256))], &Spec::new(&[19], BF16), EXACT);
+    check("copy f32->i64", Op::Copy, &[Spec::new(&[21], F32).range(-1e6, 1e6)], &Spec::new(&[21], DType::I64), EXACT);
+    // Beyond 32 bits, both signs (two's complement across both words).
+    let wide = Spec::new(&[37], F32).range(-1e12, 1e12);
+    check("copy f32->i64 wide", Op::Copy, &[wide], &Spec::new(&[37], DType::I64), EXACT);
+    let wide_ids = Spec::new(&[37], DType::I64).gen(Gen::Ids(1 << 40));
+    check("copy i64->f32 wide", Op::Copy, &[wide_ids], &Spec::new(&[37], F32), EXACT);
+    let big = Spec::permuted(&[6, 9], &[1, 0], DType::I32).gen(Gen::Ids(2_000_000_000));
+    check("copy i32 view bit exact", Op::Copy, &[big], &Spec::strided(&[6, 9], &[11, 1], 2, DType::I32), EXACT);
+    let u8s = Spec::strided(&[5, 7], &[9, 1], 1, DType::U8).gen(Gen::Ids(256));
+    check("copy u8 view", Op::Copy, &[u8s], &Spec::strided(&[5, 7], &[8, 1], 3, DType::U8), EXACT);
 }
 
 #[test]
@@ -42,6 +59,8 @@ fn fill() {
     need_device!();
     check("fill view", Op::Fill { value: -1.25 }, &[], &Spec::strided(&[5, 3], &[7, 2], 1, F32), EXACT);
     check("fill f16", Op::Fill { value: 0.1 }, &[], &Spec::new(&[3, 3], F16), EXACT);
+    check("fill i64", Op::Fill { value: 123456.0 }, &[], &Spec::new(&[9], DType::I64), EXACT);
+    check("fill u8 view", Op::Fill { value: 77.0 }, &[], &Spec::strided(&[3, 5], &[7, 1], 2, DType::U8), EXACT);
 }
 
 /// Inputs inside each function's domain.
