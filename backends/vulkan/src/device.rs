@@ -59,6 +59,12 @@ pub(crate) struct Bound {
 
 impl VulkanDevice {
     pub fn open(instance: Arc<VkInstance>, phys: PhysicalDevice) -> Result<VulkanDevice> {
+        VulkanDevice::open_with(instance, phys, false)
+    }
+
+    /// Open with `unmapped_memory`: never map the tensors' memory, so uploads and downloads take the staging path
+    /// that devices without host-visible device-local memory (discrete GPUs) use. For tests on lavapipe.
+    pub fn open_with(instance: Arc<VkInstance>, phys: PhysicalDevice, unmapped_memory: bool) -> Result<VulkanDevice> {
         let family = phys
             .compute_family
             .ok_or_else(|| Error::backend("vulkan", format!("{}: no queue family supports compute", phys.name)))?;
@@ -79,7 +85,7 @@ impl VulkanDevice {
         let device =
             unsafe { i.create_device(phys.handle, &vk::DeviceCreateInfo::default().queue_create_infos(&qinfo), None) }
                 .map_err(|e| vk_error(&format!("vkCreateDevice on {}", phys.name), e))?;
-        let state = unsafe { Self::create_state(i, &device, &phys, family) };
+        let state = unsafe { Self::create_state(i, &device, &phys, family, unmapped_memory) };
         let state = match state {
             Ok(s) => s,
             Err(e) => {
@@ -94,10 +100,19 @@ impl VulkanDevice {
         Ok(VulkanDevice { phys, device, queue, state: Mutex::new(state), _instance: instance })
     }
 
-    unsafe fn create_state(i: &ash::Instance, d: &ash::Device, phys: &PhysicalDevice, family: u32) -> Result<State> {
+    unsafe fn create_state(
+        i: &ash::Instance,
+        d: &ash::Device,
+        phys: &PhysicalDevice,
+        family: u32,
+        unmapped_memory: bool,
+    ) -> Result<State> {
         let mem_props = i.get_physical_device_memory_properties(phys.handle);
         let align = phys.limits.min_storage_buffer_offset_alignment;
         let mut alloc = Allocator::new(d, &mem_props, align, phys.max_memory_allocation)?;
+        if unmapped_memory {
+            alloc.host_visible = false;
+        }
         let pipelines = Pipelines::new(d)?;
         let cmd_pool = d
             .create_command_pool(

@@ -63,6 +63,12 @@ impl VulkanProvider {
 
     /// Open device `index` as the concrete type.
     pub fn open(&self, index: usize) -> Result<VulkanDevice> {
+        self.open_with(index, false)
+    }
+
+    /// Open device `index`; `unmapped_memory` forces uploads/downloads through the staging buffer
+    /// (see [`VulkanDevice::open_with`]).
+    pub fn open_with(&self, index: usize, unmapped_memory: bool) -> Result<VulkanDevice> {
         let phys = self.devices.get(index).ok_or_else(|| {
             let names: Vec<String> = self.devices.iter().enumerate().map(|(i, d)| format!("{i}: {}", d.name)).collect();
             Error::InvalidArgument(format!(
@@ -71,7 +77,7 @@ impl VulkanProvider {
                 names.join(", ")
             ))
         })?;
-        VulkanDevice::open(self.instance.clone(), phys.clone())
+        VulkanDevice::open_with(self.instance.clone(), phys.clone(), unmapped_memory)
     }
 }
 

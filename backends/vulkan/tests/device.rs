@@ -198,3 +198,27 @@ fn runs_through_the_plugin_abi() {
     let err = vk.empty(&[1usize << 50], DType::U8).unwrap_err();
     assert!(matches!(err, Error::OutOfMemory { .. }), "{err:?}");
 }
+
+/// The staging path of devices whose memory is not host-visible (discrete GPUs), forced on this device:
+/// uploads and downloads larger than the 32 MiB staging buffer, at odd offsets, and an op in between.
+#[test]
+fn uploads_and_downloads_through_staging() {
+    let Some(p) = provider() else { return };
+    let dev = p.open_with(0, true).unwrap();
+    assert!(dev.stats().contains(&"vulkan.host_visible_memory=false".to_string()), "{:?}", dev.stats());
+    let n = (40 << 20) / 4 + 3;
+    let data: Vec<f32> = (0..n).map(|i| (i % 1000) as f32 - 500.0).collect();
+    let buf = dev.alloc(n * 4 + 8).unwrap();
+    dev.upload(buf, 4, &DType::F32.f32_to_bytes(&data)).unwrap();
+    let out = dev.alloc(n * 4).unwrap();
+    let x = f32_desc(buf, Layout { shape: vec![n], strides: vec![1], offset: 1 });
+    let y = f32_desc(out, Layout::contiguous(&[n]));
+    let op = Op::Affine { mul: 0.5, add: 1.0 };
+    dev.execute(&OpCall { op, inputs: std::slice::from_ref(&x), outputs: std::slice::from_ref(&y) }).unwrap();
+    let mut bytes = vec![0u8; n * 4 - 2];
+    dev.download(out, 2, &mut bytes).unwrap();
+    let mut want = DType::F32.f32_to_bytes(&data.iter().map(|v| v * 0.5 + 1.0).collect::<Vec<_>>());
+    want.drain(..2);
+    want.truncate(n * 4 - 2);
+    assert!(bytes == want, "staged round trip differs");
+}
