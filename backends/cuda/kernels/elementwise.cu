@@ -144,15 +144,16 @@ extern "C" __global__ void gather_rows(GatherParams p) {
     }
 }
 
-// The fast path of `ew`: every operand of one float dtype, viewed as [d0, d1, d2] with unit stride in the last
-// dim, d2 and every offset and stride multiples of 8. Each thread handles 8 consecutive elements with 16-byte
+// The fast path of `ew`: every operand of one float dtype, viewed as [d0, d1, d2, d3] with unit stride in the
+// last dim, d3 and every offset and stride multiples of 8. Each thread handles 8 consecutive elements with 16-byte
 // loads and stores (two for f32), and computes their index once.
 struct EwVecParams {
     u64 ptr[4];  // out, in0, in1, in2
     i64 off[4];
     i64 s0[4];
     i64 s1[4];
-    i64 d0, d1, d2;
+    i64 s2[4];
+    i64 d0, d1, d2, d3;
     i64 nvec;
     int op, sub, n_in, dtype;
     float f0, f1;
@@ -195,12 +196,14 @@ __device__ __forceinline__ void store8(int dt, u64 ptr, i64 e, const float* v) {
 extern "C" __global__ void ew_vec(EwVecParams p) {
     for (i64 vi = blockIdx.x * (i64)blockDim.x + threadIdx.x; vi < p.nvec; vi += (i64)gridDim.x * blockDim.x) {
         i64 i = vi * 8;
-        i64 c = i % p.d2, r = i / p.d2;
+        i64 c = i % p.d3, r = i / p.d3;
+        i64 i2 = r % p.d2;
+        r /= p.d2;
         i64 i1 = r % p.d1, i0 = r / p.d1;
         float a[8], b[8], cc[8], y[8];
-        if (p.n_in > 0) load8(p.dtype, p.ptr[1], p.off[1] + i0 * p.s0[1] + i1 * p.s1[1] + c, a);
-        if (p.n_in > 1) load8(p.dtype, p.ptr[2], p.off[2] + i0 * p.s0[2] + i1 * p.s1[2] + c, b);
-        if (p.n_in > 2) load8(p.dtype, p.ptr[3], p.off[3] + i0 * p.s0[3] + i1 * p.s1[3] + c, cc);
+        if (p.n_in > 0) load8(p.dtype, p.ptr[1], p.off[1] + i0 * p.s0[1] + i1 * p.s1[1] + i2 * p.s2[1] + c, a);
+        if (p.n_in > 1) load8(p.dtype, p.ptr[2], p.off[2] + i0 * p.s0[2] + i1 * p.s1[2] + i2 * p.s2[2] + c, b);
+        if (p.n_in > 2) load8(p.dtype, p.ptr[3], p.off[3] + i0 * p.s0[3] + i1 * p.s1[3] + i2 * p.s2[3] + c, cc);
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
             switch (p.op) {
@@ -213,6 +216,6 @@ extern "C" __global__ void ew_vec(EwVecParams p) {
                 default: y[j] = a[j] + b[j] * cc[j]; break;
             }
         }
-        store8(p.dtype, p.ptr[0], p.off[0] + i0 * p.s0[0] + i1 * p.s1[0] + c, y);
+        store8(p.dtype, p.ptr[0], p.off[0] + i0 * p.s0[0] + i1 * p.s1[0] + i2 * p.s2[0] + c, y);
     }
 }

@@ -530,7 +530,7 @@ impl Device for CudaDevice {
 }
 
 /// Parameters of the vectorised elementwise kernel, when it applies: one float dtype throughout (a copy must
-/// not cast), collapsed rank at most 3, unit last stride, and 8-element alignment of the last dim, offsets and
+/// not cast), collapsed rank at most 4, unit last stride, and 8-element alignment of the last dim, offsets and
 /// strides.
 fn vec_params(
     op: i32,
@@ -540,19 +540,23 @@ fn vec_params(
     out: &TensorDesc,
     layouts: &[Layout],
 ) -> Option<EwVecParams> {
+    const R: usize = 4;
     let dt = out.dtype;
-    if !dt.is_float() || inputs.iter().any(|t| t.dtype != dt) || layouts[0].shape.len() > 3 {
+    if !dt.is_float() || inputs.iter().any(|t| t.dtype != dt) || layouts[0].shape.len() > R {
         return None;
     }
     let rank = layouts[0].shape.len();
-    let dims: Vec<usize> = (0..3).map(|i| if i + rank >= 3 { layouts[0].shape[i + rank - 3] } else { 1 }).collect();
-    if !dims[2].is_multiple_of(8) {
+    // Dims and strides right-aligned into R slots (missing outer dims have size 1).
+    let dim = |l: &Layout, i: usize| if i + rank >= R { l.shape[i + rank - R] } else { 1 };
+    let stride = |l: &Layout, i: usize| if i + rank >= R { l.strides[i + rank - R] } else { 0 };
+    if !dim(&layouts[0], R - 1).is_multiple_of(8) {
         return None;
     }
     let mut p = EwVecParams {
-        d0: dims[0] as i64,
-        d1: dims[1] as i64,
-        d2: dims[2] as i64,
+        d0: dim(&layouts[0], 0) as i64,
+        d1: dim(&layouts[0], 1) as i64,
+        d2: dim(&layouts[0], 2) as i64,
+        d3: dim(&layouts[0], 3) as i64,
         nvec: (out.elem_count() / 8) as i64,
         op,
         sub,
@@ -564,14 +568,15 @@ fn vec_params(
     };
     let buffers = std::iter::once(out.buffer).chain(inputs.iter().map(|t| t.buffer));
     for (k, (l, buffer)) in layouts.iter().zip(buffers).enumerate() {
-        let st = |i: usize| if i + rank >= 3 { l.strides[i + rank - 3] } else { 0 };
-        if st(2) != 1 || !l.offset.is_multiple_of(8) || !st(0).is_multiple_of(8) || !st(1).is_multiple_of(8) {
+        let aligned = (0..R - 1).all(|i| stride(l, i).is_multiple_of(8));
+        if stride(l, R - 1) != 1 || !l.offset.is_multiple_of(8) || !aligned {
             return None;
         }
         p.ptr[k] = buffer.0;
         p.off[k] = l.offset as i64;
-        p.s0[k] = st(0) as i64;
-        p.s1[k] = st(1) as i64;
+        p.s0[k] = stride(l, 0) as i64;
+        p.s1[k] = stride(l, 1) as i64;
+        p.s2[k] = stride(l, 2) as i64;
     }
     Some(p)
 }

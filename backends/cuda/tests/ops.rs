@@ -108,6 +108,12 @@ fn every_op_matches_the_reference() -> Result<()> {
             &c.transpose(0, 2)?.contiguous()?,
             0.0,
         )?;
+        // Head-split permutes (rank-4 views with a unit, 8-aligned last dim: the vectorised path).
+        let (g4, c4) = p.rand(&[2, 5, 3, 16], dt, -1.0, 1.0)?;
+        let (gp, cp) = (g4.permute(&[0, 2, 1, 3])?, c4.permute(&[0, 2, 1, 3])?);
+        check(&format!("permute copy rank 4 {dt}"), &gp.contiguous()?, &cp.contiguous()?, 0.0)?;
+        let (gr, cr) = p.rand(&[3, 1, 16], dt, -1.0, 1.0)?;
+        check(&format!("add rank 4 broadcast {dt}"), &gp.add(&gr)?, &cp.add(&cr)?, lim(dt, 1e-10))?;
         check(&format!("cast {dt}->f32"), &g.to_dtype(DType::F32)?, &c.to_dtype(DType::F32)?, 0.0)?;
         check(&format!("softmax {dt}"), &g.softmax()?, &c.softmax()?, lim(dt, 1e-10))?;
         let (gw, cw) = p.rand(&[17], dt, 0.5, 1.5)?;
