@@ -40,7 +40,8 @@ fn bench_op(c: &mut Criterion, name: &str, work: u64, op: Op, ins: &[TensorDesc]
 fn matmul(c: &mut Criterion) {
     let dev = CpuDevice::new();
     let n = 2048;
-    let (a, b, y) = (tensor(&dev, &[n, n], DType::F32), tensor(&dev, &[n, n], DType::F32), tensor(&dev, &[n, n], DType::F32));
+    let (a, b, y) =
+        (tensor(&dev, &[n, n], DType::F32), tensor(&dev, &[n, n], DType::F32), tensor(&dev, &[n, n], DType::F32));
     bench_op(c, "matmul_2048_f32 (flop)", 2 * (n as u64).pow(3), Op::Matmul { bias: false }, &[a, b], &y, &dev);
 }
 
@@ -74,10 +75,19 @@ fn layer_norm_modulate(c: &mut Criterion) {
     let x = tensor(&dev, &[b, n, d], DType::F32);
     let out = tensor(&dev, &[b, n, d], DType::F32);
     // adaLN: per-sample scale and shift broadcast over the tokens.
-    let bcast = |t: TensorDesc| TensorDesc { layout: Layout { shape: vec![b, n, d], strides: vec![d, 0, 1], offset: 0 }, ..t };
+    let bcast =
+        |t: TensorDesc| TensorDesc { layout: Layout { shape: vec![b, n, d], strides: vec![d, 0, 1], offset: 0 }, ..t };
     let (s, h) = (bcast(tensor(&dev, &[b, 1, d], DType::F32)), bcast(tensor(&dev, &[b, 1, d], DType::F32)));
     let bytes = 2 * (b * n * d * 4) as u64;
-    bench_op(c, "layer_norm_modulate_2x4096x1536_f32 (byte)", bytes, Op::LayerNormModulate { eps: 1e-6 }, &[x, s, h], &out, &dev);
+    bench_op(
+        c,
+        "layer_norm_modulate_2x4096x1536_f32 (byte)",
+        bytes,
+        Op::LayerNormModulate { eps: 1e-6 },
+        &[x, s, h],
+        &out,
+        &dev,
+    );
 }
 
 fn conv2d(c: &mut Criterion) {

@@ -9,7 +9,12 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser, Debug)]
-#[command(name = "sd3", version, about = "Stable Diffusion 3 on any accelerator", args_conflicts_with_subcommands = true)]
+#[command(
+    name = "sd3",
+    version,
+    about = "Stable Diffusion 3 on any accelerator",
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
