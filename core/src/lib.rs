@@ -5,7 +5,7 @@
 //! - [`Device`] / [`BackendProvider`]: what a backend implements; built-ins register with `inventory`.
 //! - [`Backend`] / [`Tensor`]: what models are written in; unsupported ops fall back to the host.
 //! - [`plugin`]: the versioned C ABI, the loader (host side) and the export macro (plugin side).
-//! - [`conformance`]: the suite every backend must pass.
+//! - [`conformance`]: the suite every backend must pass; [`testing`]: op-by-op differential tests for backends.
 
 pub mod backend;
 pub mod conformance;
@@ -17,6 +17,7 @@ pub mod op;
 pub mod plugin;
 pub mod reference;
 pub mod tensor;
+pub mod testing;
 
 pub use backend::Backend;
 pub use device::{builtin_backends, BackendProvider, BuiltinBackend, Device, DeviceInfo, DeviceKind};
