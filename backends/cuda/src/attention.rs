@@ -49,21 +49,7 @@ pub fn attention(
         let tmp = dev.temp(t.shape(), qk_dtype)?;
         temps.push(tmp.clone());
         match norm {
-            Some(w) => {
-                let d = t.shape()[3];
-                dev.row_op(RowParams {
-                    x: dev.td(t),
-                    a: dev.td(w),
-                    out: dev.td(&tmp),
-                    rows: (t.elem_count() / d) as i64,
-                    d: d as i64,
-                    op: 2,
-                    eps: norm_eps,
-                    causal_base: -1,
-                    causal_rows: 1,
-                    ..Default::default()
-                })?;
-            }
+            Some(w) => rms_norm_heads(dev, t, w, norm_eps, &tmp)?,
             None => dev.copy(t, &tmp)?,
         }
         Ok(tmp)
@@ -241,20 +227,8 @@ fn flash(
     // q/k RMS norm first, into contiguous temporaries of the same dtype.
     let normed = |t: &TensorDesc, w: &TensorDesc, temps: &mut Vec<TensorDesc>| -> Result<TensorDesc> {
         let tmp = dev.temp(t.shape(), t.dtype)?;
-        let d = t.shape()[3];
-        dev.row_op(RowParams {
-            x: dev.td(t),
-            a: dev.td(w),
-            out: dev.td(&tmp),
-            rows: (t.elem_count() / d) as i64,
-            d: d as i64,
-            op: 2,
-            eps: norm_eps,
-            causal_base: -1,
-            causal_rows: 1,
-            ..Default::default()
-        })?;
         temps.push(tmp.clone());
+        rms_norm_heads(dev, t, w, norm_eps, &tmp)?;
         Ok(tmp)
     };
     let (qn, kn) = if qk_norm {
@@ -292,4 +266,21 @@ fn flash(
         dev.alloc.free(t.buffer);
     }
     launched.map(|_| ()).map_err(crate::device::drv)
+}
+
+/// Per-head RMS norm of `t [B,H,N,Dh]` with weight `w [Dh]` into `out` (the q/k norm of SD3.5).
+fn rms_norm_heads(dev: &CudaDevice, t: &TensorDesc, w: &TensorDesc, eps: f32, out: &TensorDesc) -> Result<()> {
+    let d = t.shape()[3];
+    dev.row_op(RowParams {
+        x: dev.td(t),
+        a: dev.td(w),
+        out: dev.td(out),
+        rows: (t.elem_count() / d) as i64,
+        d: d as i64,
+        op: 2,
+        eps,
+        causal_base: -1,
+        causal_rows: 1,
+        ..Default::default()
+    })
 }
