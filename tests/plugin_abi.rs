@@ -208,7 +208,8 @@ fn broken_libraries_are_rejected_with_a_reason_and_the_host_carries_on() {
             .clone()
     };
     let r = reason(&lib_name("wrong_major"));
-    assert!(r.contains("ABI major version mismatch") && r.contains("99.3") && r.contains("1.0"), "{r}");
+    let host = format!("{}.{}", abi::ABI_MAJOR, abi::ABI_MINOR);
+    assert!(r.contains("ABI major version mismatch") && r.contains("99.3") && r.contains(&host), "{r}");
     let r = reason(&lib_name("no_entry"));
     assert!(r.contains("no `sd3_backend_entry` symbol"), "{r}");
     let r = reason(&lib_name("failing_init"));
@@ -358,6 +359,8 @@ fn rust_template_plugin_loads_through_the_abi() {
         assert_eq!(y.to_f32_vec().unwrap(), vec![2.5, 7., 13.5, 22., 32.5, 45.]);
         let fb = b.fallback_counts();
         assert_eq!(fb.get("binary.mul"), Some(&1), "{fb:?}");
+        // The template has no timing markers: the shim answers UNSUPPORTED, the host reports none.
+        assert_eq!(b.device().record_marker().unwrap(), None);
         assert!(!fb.contains_key("fill") && !fb.contains_key("binary.add"), "{fb:?}");
 
         // While its devices live, a second discovery shares the initialised plugin; other options are refused.
@@ -375,6 +378,47 @@ fn rust_template_plugin_loads_through_the_abi() {
     let reg = discover(&BackendRequest { options: "template.fail=1".into(), ..only(vec![lib], vec![], "template") });
     let r = &reg.rejected[0].reason;
     assert!(r.contains("init failed") && r.contains("template.fail=1"), "{r}");
+}
+
+/// ABI 1.1 timing markers through the C table: device seconds come back, every marker is released; a 1.0-sized
+/// device table (same pointers past its `struct_size`) and a plugin answering UNSUPPORTED both mean "no markers".
+#[test]
+fn c_plugin_timing_markers_and_their_absence() {
+    let Some(cc) = c_compiler() else {
+        eprintln!("SKIPPED: no C compiler found (set CC, or install cc/gcc/clang)");
+        return;
+    };
+    let build = |variant: &str, defines: &[&str]| {
+        let dir = temp_dir(&format!("markers-{variant}"));
+        let lib = dir.join(lib_name("markers"));
+        build_shared(&cc, &[format!("{ROOT}/tests/plugin_fixtures/markers.c").into()], &lib, defines);
+        open_backend(&only(vec![lib], vec![], "markers")).unwrap()
+    };
+
+    let b = build("1_1", &[]);
+    assert_eq!(stat(&b, "record_calls"), 0);
+    let device = b.device();
+    let timer = sd3_core::DeviceTimer::start(device).unwrap();
+    assert!(timer.is_timing());
+    // Markers 100 and 101 on the fixture's clock of 1/8 s per marker.
+    assert_eq!(timer.stop().unwrap(), Some(0.125));
+    assert_eq!((stat(&b, "recorded"), stat(&b, "released")), (2, 2));
+    // A plugin error comes back with its message.
+    let e = device.marker_elapsed(sd3_core::MarkerId(7), sd3_core::MarkerId(9)).unwrap_err().to_string();
+    assert!(e.contains("unknown markers 7..9"), "{e}");
+    drop(b);
+
+    let b = build("1_0", &["-DTABLE_1_0"]);
+    assert_eq!(b.device().record_marker().unwrap(), None);
+    assert!(!sd3_core::DeviceTimer::start(b.device()).unwrap().is_timing());
+    assert!(b.device().marker_elapsed(sd3_core::MarkerId(100), sd3_core::MarkerId(101)).is_err());
+    b.device().release_marker(sd3_core::MarkerId(100));
+    assert_eq!((stat(&b, "record_calls"), stat(&b, "elapsed_calls"), stat(&b, "released")), (0, 0, 0));
+
+    let b = build("decline", &["-DDECLINE_MARKERS"]);
+    assert_eq!(b.device().record_marker().unwrap(), None);
+    assert_eq!(b.device().record_marker().unwrap(), None);
+    assert_eq!(stat(&b, "record_calls"), 1, "the host stops asking after UNSUPPORTED");
 }
 
 /// The C plugin passes the conformance suite for every case it accepts (the rest is reported unsupported).
@@ -425,7 +469,7 @@ fn sd3_devices_lists_backends_devices_and_rejections() {
     assert_eq!(backend("cpu").unwrap()["origin"], "built-in");
     let minimal = backend("minimal").unwrap();
     assert_eq!(minimal["origin"], dir.join(lib_name("minimal")).display().to_string());
-    assert_eq!(minimal["abi"], "1.0");
+    assert_eq!(minimal["abi"], format!("{}.{}", abi::ABI_MAJOR, abi::ABI_MINOR));
     let dev = &minimal["devices"][0];
     assert_eq!((dev["kind"].as_str(), dev["dtypes"][0].as_str()), (Some("CPU"), Some("f32")));
     assert_eq!(dev["name"], "minimal C example (host memory)");

@@ -1,6 +1,6 @@
 //! The [`Device`] trait every backend implements, and [`BackendProvider`], which enumerates a backend's devices.
 
-use crate::{BufferId, DType, OpCall, Result};
+use crate::{BufferId, DType, Error, OpCall, Result};
 use std::sync::Arc;
 
 /// What kind of processor a device is (`SD3_DEVICE_KIND_*`).
@@ -49,6 +49,11 @@ pub struct DeviceInfo {
     pub capabilities: Vec<String>,
 }
 
+/// A timestamp queued on a device's queue by [`Device::record_marker`]: an opaque handle, valid until
+/// [`Device::release_marker`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MarkerId(pub u64);
+
 /// One accelerator (or the host) as the core sees it.
 ///
 /// Execution is in order on one queue per device: `execute`, `upload` and `copy` may return before the work is
@@ -85,6 +90,26 @@ pub trait Device: Send + Sync {
     /// Backend-specific statistics as `key=value` lines (allocator figures, copy counts...), for `--benchmark`.
     fn stats(&self) -> Vec<String> {
         Vec::new()
+    }
+
+    /// Optional device timing: queue a timestamp that completes after all work queued so far. `Ok(None)` (the
+    /// default) means the device has no timing markers. Must not synchronise.
+    fn record_marker(&self) -> Result<Option<MarkerId>> {
+        Ok(None)
+    }
+    /// Seconds of device time between two markers from [`Device::record_marker`], `start` recorded first.
+    /// Waits for `end` to complete.
+    fn marker_elapsed(&self, start: MarkerId, end: MarkerId) -> Result<f64> {
+        let _ = (start, end);
+        Err(Error::Unsupported {
+            backend: self.info().name,
+            op: "marker_elapsed".into(),
+            detail: "this device records no timing markers".into(),
+        })
+    }
+    /// Release a marker; it is not used afterwards.
+    fn release_marker(&self, marker: MarkerId) {
+        let _ = marker;
     }
 }
 

@@ -6,6 +6,7 @@
 //! - [`Backend`] / [`Tensor`]: what models are written in; unsupported ops fall back to the host.
 //! - [`plugin`]: the versioned C ABI, the loader (host side) and the export macro (plugin side).
 //! - [`conformance`]: the suite every backend must pass; [`testing`]: op-by-op differential tests for backends.
+//! - [`timing`]: [`DeviceTimer`], device time from the device's own timestamps (`--benchmark`).
 
 pub mod backend;
 pub mod conformance;
@@ -18,14 +19,16 @@ pub mod plugin;
 pub mod reference;
 pub mod tensor;
 pub mod testing;
+pub mod timing;
 
 pub use backend::Backend;
-pub use device::{builtin_backends, BackendProvider, BuiltinBackend, Device, DeviceInfo, DeviceKind};
+pub use device::{builtin_backends, BackendProvider, BuiltinBackend, Device, DeviceInfo, DeviceKind, MarkerId};
 pub use dtype::DType;
 pub use error::{Error, Result};
 pub use layout::{BufferId, Layout, TensorDesc, MAX_RANK};
 pub use op::{BinaryOp, EncodedOp, Op, OpCall, UnaryOp};
 pub use tensor::{broadcast_shape, AttentionParams, Tensor};
+pub use timing::DeviceTimer;
 
 /// Re-exported so backends register built-ins without depending on `inventory` themselves.
 pub use inventory;

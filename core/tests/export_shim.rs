@@ -5,9 +5,11 @@ use sd3_core::error::status;
 use sd3_core::plugin::abi::{self, sd3_device, sd3_op_desc};
 use sd3_core::plugin::host::tensor_to_abi;
 use sd3_core::reference::ReferenceDevice;
-use sd3_core::{BackendProvider, BufferId, DType, Device, DeviceInfo, Error, Layout, Op, OpCall, Result, TensorDesc};
+use sd3_core::{
+    BackendProvider, BufferId, DType, Device, DeviceInfo, Error, Layout, MarkerId, Op, OpCall, Result, TensorDesc,
+};
 use std::ffi::{CStr, CString};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 struct Provider;
 impl Provider {
@@ -29,12 +31,18 @@ impl BackendProvider for Provider {
         1
     }
     fn open_device(&self, _index: usize) -> Result<Arc<dyn Device>> {
-        Ok(Arc::new(Panicky(ReferenceDevice::new())))
+        Ok(Arc::new(Panicky(ReferenceDevice::new(), Mutex::default())))
     }
 }
 
-/// The reference device, except that unary ops panic and allocations over 1 MiB fail.
-struct Panicky(ReferenceDevice);
+/// The reference device, except that unary ops panic, allocations over 1 MiB fail, and timing markers read a
+/// fake clock of 0.5 s per executed op (marker 13 panics, to show the shim catches it).
+struct Panicky(ReferenceDevice, Mutex<Clock>);
+#[derive(Default)]
+struct Clock {
+    now: f64,
+    markers: Vec<Option<f64>>,
+}
 impl Device for Panicky {
     fn info(&self) -> DeviceInfo {
         self.0.info()
@@ -66,6 +74,7 @@ impl Device for Panicky {
         self.0.supports(call)
     }
     fn execute(&self, call: &OpCall) -> Result<()> {
+        self.1.lock().unwrap().now += 0.5;
         if let Op::Unary(u) = call.op {
             panic!("kernel for {} exploded", u.name());
         }
@@ -73,6 +82,23 @@ impl Device for Panicky {
     }
     fn synchronize(&self) -> Result<()> {
         Ok(())
+    }
+    fn record_marker(&self) -> Result<Option<MarkerId>> {
+        let mut c = self.1.lock().unwrap();
+        let now = c.now;
+        c.markers.push(Some(now));
+        Ok(Some(MarkerId(c.markers.len() as u64 - 1)))
+    }
+    fn marker_elapsed(&self, start: MarkerId, end: MarkerId) -> Result<f64> {
+        if end.0 == 13 {
+            panic!("marker 13");
+        }
+        let c = self.1.lock().unwrap();
+        let at = |m: MarkerId| c.markers[m.0 as usize].ok_or_else(|| Error::msg(format!("marker {} released", m.0)));
+        Ok(at(end)? - at(start)?)
+    }
+    fn release_marker(&self, m: MarkerId) {
+        self.1.lock().unwrap().markers[m.0 as usize] = None;
     }
 }
 
@@ -147,6 +173,24 @@ fn the_shim_reports_errors_and_catches_panics() {
 
     let info = unsafe { &*d.get_info.unwrap()(d.self_) };
     assert_eq!(info.dtype_mask & DType::F32.mask_bit(), DType::F32.mask_bit());
+    // ABI 1.1 timing markers through the table: two executes between the markers are 1 s on the fake clock.
+    assert_eq!(d.struct_size as usize, abi::DEVICE_MARKERS_SIZE);
+    let (record, elapsed, release) = (d.record_marker.unwrap(), d.marker_elapsed.unwrap(), d.release_marker.unwrap());
+    let (mut m0, mut m1, mut secs) = (0u64, 0u64, 0f64);
+    assert_eq!(unsafe { record(d.self_, &mut m0) }, status::OK);
+    assert_eq!(unsafe { d.execute.unwrap()(d.self_, &fill) }, status::OK);
+    assert_eq!(unsafe { d.execute.unwrap()(d.self_, &fill) }, status::OK);
+    assert_eq!(unsafe { record(d.self_, &mut m1) }, status::OK);
+    assert_eq!(unsafe { elapsed(d.self_, m0, m1, &mut secs) }, status::OK);
+    assert_eq!(secs, 1.0);
+    unsafe { release(d.self_, m1) };
+    assert_eq!(unsafe { elapsed(d.self_, m0, m1, &mut secs) }, status::ERROR);
+    assert!(err().contains(&format!("marker {m1} released")), "{}", err());
+    assert_eq!(unsafe { elapsed(d.self_, m0, 13, &mut secs) }, status::PANIC);
+    assert!(err().contains("panic: marker 13"), "{}", err());
+    assert_eq!(unsafe { record(d.self_, std::ptr::null_mut()) }, status::INVALID_ARGUMENT);
+    unsafe { release(d.self_, m0) };
+
     unsafe { d.free.unwrap()(d.self_, buf) };
     unsafe { d.destroy.unwrap()(d.self_) };
     unsafe { table.shutdown.unwrap()() };

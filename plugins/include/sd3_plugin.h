@@ -35,7 +35,7 @@ extern "C" {
 #endif
 
 #define SD3_ABI_MAJOR 1
-#define SD3_ABI_MINOR 0
+#define SD3_ABI_MINOR 1
 #define SD3_MAX_RANK 8
 
 /* ------------------------------------------------------------------------------------------ status codes */
@@ -172,7 +172,7 @@ typedef struct sd3_device_info {
 
 /* One opened device. Filled by the plugin (struct_size = its sizeof); every function gets `self` back.
  * Execution is in order on one queue: upload, copy and execute may return before the work is done; download and
- * synchronize wait for everything queued before them. Required: all but copy and stats. */
+ * synchronize wait for everything queued before them. Required: all but copy, stats and the 1.1 markers. */
 typedef struct sd3_device {
     uint32_t struct_size;
     uint32_t reserved;
@@ -200,6 +200,16 @@ typedef struct sd3_device {
     const char *(*last_error)(void *self);
     /* Release the device (every buffer is already freed). The table is not used afterwards. */
     void (*destroy)(void *self);
+
+    /* ---- ABI 1.1: optional device timing markers (all three, or none). The host calls them only when
+     * struct_size covers them and all three are non-NULL; otherwise the device "has no markers". */
+    /* Queue a timestamp that completes after all work queued so far; never waits. *out_marker = a handle.
+     * SD3_STATUS_UNSUPPORTED: this device cannot time (the host reports no device times). */
+    int32_t (*record_marker)(void *self, uint64_t *out_marker);
+    /* *out_seconds = device time from marker `start` to marker `end` (recorded in that order); waits for `end`. */
+    int32_t (*marker_elapsed)(void *self, uint64_t start, uint64_t end, double *out_seconds);
+    /* Release a marker from record_marker. The host releases every marker it recorded before destroy(). */
+    void (*release_marker)(void *self, uint64_t marker);
 } sd3_device;
 
 /* The plugin. Returned by sd3_backend_entry; owned by the plugin, valid while the library is loaded. */

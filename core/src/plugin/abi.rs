@@ -10,7 +10,7 @@ use std::ffi::c_void;
 /// Bumped on any incompatible change; a plugin built for another major is refused.
 pub const ABI_MAJOR: u32 = 1;
 /// Bumped when fields or functions are appended; older plugins keep working.
-pub const ABI_MINOR: u32 = 0;
+pub const ABI_MINOR: u32 = 1;
 /// The one symbol a plugin library exports.
 pub const ENTRY_SYMBOL: &str = "sd3_backend_entry";
 
@@ -92,6 +92,11 @@ pub struct sd3_device {
     pub stats: Option<unsafe extern "C" fn(self_: *mut c_void) -> *const c_char>,
     pub last_error: Option<unsafe extern "C" fn(self_: *mut c_void) -> *const c_char>,
     pub destroy: Option<unsafe extern "C" fn(self_: *mut c_void)>,
+    // ABI 1.1: optional device timing markers (all three or none); absent in a 1.0 plugin's shorter table.
+    pub record_marker: Option<unsafe extern "C" fn(self_: *mut c_void, out_marker: *mut u64) -> i32>,
+    pub marker_elapsed:
+        Option<unsafe extern "C" fn(self_: *mut c_void, start: u64, end: u64, out_seconds: *mut f64) -> i32>,
+    pub release_marker: Option<unsafe extern "C" fn(self_: *mut c_void, marker: u64)>,
 }
 
 /// `sd3_plugin`: the table `sd3_backend_entry` returns. Filled by the plugin; `struct_size` is its `sizeof`.
@@ -114,7 +119,9 @@ pub struct sd3_plugin {
 /// Size of the ABI 1.0 `sd3_plugin` (everything up to and including `shutdown`): the least the host accepts.
 pub const PLUGIN_MIN_SIZE: usize = std::mem::size_of::<sd3_plugin>();
 /// Size of the ABI 1.0 `sd3_device` (up to and including `destroy`).
-pub const DEVICE_MIN_SIZE: usize = std::mem::size_of::<sd3_device>();
+pub const DEVICE_MIN_SIZE: usize = std::mem::offset_of!(sd3_device, record_marker);
+/// Size of the ABI 1.1 `sd3_device` (up to and including `release_marker`): the least that has the markers.
+pub const DEVICE_MARKERS_SIZE: usize = std::mem::size_of::<sd3_device>();
 /// Size of the ABI 1.0 `sd3_device_info` (up to and including `capabilities`).
 pub const DEVICE_INFO_MIN_SIZE: usize = std::mem::size_of::<sd3_device_info>();
 
@@ -164,6 +171,9 @@ pub fn layout_table() -> Vec<(&'static str, usize)> {
         ("sd3_device.stats", offset_of!(sd3_device, stats)),
         ("sd3_device.last_error", offset_of!(sd3_device, last_error)),
         ("sd3_device.destroy", offset_of!(sd3_device, destroy)),
+        ("sd3_device.record_marker", offset_of!(sd3_device, record_marker)),
+        ("sd3_device.marker_elapsed", offset_of!(sd3_device, marker_elapsed)),
+        ("sd3_device.release_marker", offset_of!(sd3_device, release_marker)),
         ("sizeof(sd3_plugin)", size_of::<sd3_plugin>()),
         ("sd3_plugin.struct_size", offset_of!(sd3_plugin, struct_size)),
         ("sd3_plugin.abi_major", offset_of!(sd3_plugin, abi_major)),

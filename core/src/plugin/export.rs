@@ -16,7 +16,9 @@
 
 use super::abi::{self, sd3_device, sd3_device_info, sd3_op_desc, sd3_plugin, sd3_tensor_desc};
 use crate::error::status;
-use crate::{BackendProvider, BufferId, DType, Device, EncodedOp, Error, Layout, Op, OpCall, Result, TensorDesc};
+use crate::{
+    BackendProvider, BufferId, DType, Device, EncodedOp, Error, Layout, MarkerId, Op, OpCall, Result, TensorDesc,
+};
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -215,6 +217,9 @@ impl DeviceShim {
                 stats: Some(dev_stats),
                 last_error: Some(dev_last_error),
                 destroy: Some(dev_destroy),
+                record_marker: Some(dev_record_marker),
+                marker_elapsed: Some(dev_marker_elapsed),
+                release_marker: Some(dev_release_marker),
             },
             device,
             state: Mutex::new(ShimState::default()),
@@ -416,6 +421,43 @@ unsafe extern "C" fn dev_stats(p: *mut c_void) -> *const c_char {
 unsafe extern "C" fn dev_last_error(p: *mut c_void) -> *const c_char {
     let st = lock(&shim(p).state);
     st.last_error.as_ref().map_or(c"".as_ptr(), |c| c.as_ptr())
+}
+
+/// `Ok(None)` from the device (no markers) is `SD3_STATUS_UNSUPPORTED`, which the host reads as "no markers".
+unsafe extern "C" fn dev_record_marker(p: *mut c_void, out: *mut u64) -> i32 {
+    shim(p).run(|d| {
+        if out.is_null() {
+            return Err(Error::InvalidArgument("record_marker: null out pointer".into()));
+        }
+        match d.record_marker()? {
+            Some(m) => {
+                *out = m.0;
+                Ok(())
+            }
+            None => Err(Error::Unsupported {
+                backend: d.info().name,
+                op: "record_marker".into(),
+                detail: "this device records no timing markers".into(),
+            }),
+        }
+    })
+}
+
+unsafe extern "C" fn dev_marker_elapsed(p: *mut c_void, start: u64, end: u64, out: *mut f64) -> i32 {
+    shim(p).run(|d| {
+        if out.is_null() {
+            return Err(Error::InvalidArgument("marker_elapsed: null out pointer".into()));
+        }
+        *out = d.marker_elapsed(MarkerId(start), MarkerId(end))?;
+        Ok(())
+    })
+}
+
+unsafe extern "C" fn dev_release_marker(p: *mut c_void, marker: u64) {
+    shim(p).run(|d| {
+        d.release_marker(MarkerId(marker));
+        Ok(())
+    });
 }
 
 unsafe extern "C" fn dev_destroy(p: *mut c_void) {

@@ -16,7 +16,9 @@
 
 use super::abi::{self, sd3_device, sd3_device_info, sd3_op_desc, sd3_plugin, sd3_tensor_desc};
 use crate::error::status;
-use crate::{BackendProvider, BufferId, DType, Device, DeviceInfo, DeviceKind, Error, OpCall, Result, TensorDesc};
+use crate::{
+    BackendProvider, BufferId, DType, Device, DeviceInfo, DeviceKind, Error, MarkerId, OpCall, Result, TensorDesc,
+};
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::mem::ManuallyDrop;
 use std::path::{Path, PathBuf};
@@ -377,7 +379,19 @@ impl PluginProvider {
                 ),
             ));
         }
-        Ok(PluginDevice { plugin: p.clone(), table, lock: Mutex::new(()), label: format!("{}:{index}", p.name) })
+        // ABI 1.1 markers: only when the table is long enough for them and all three are there.
+        let markers = size >= abi::DEVICE_MARKERS_SIZE
+            && table.record_marker.is_some()
+            && table.marker_elapsed.is_some()
+            && table.release_marker.is_some();
+        Ok(PluginDevice {
+            plugin: p.clone(),
+            table,
+            markers,
+            markers_declined: false.into(),
+            lock: Mutex::new(()),
+            label: format!("{}:{index}", p.name),
+        })
     }
 }
 
@@ -401,6 +415,10 @@ pub struct PluginDevice {
     /// Keeps the plugin initialised (and loaded) while this device lives.
     plugin: Arc<LoadedPlugin>,
     table: sd3_device,
+    /// Whether the table has the ABI 1.1 timing markers (long enough, all three entries present).
+    markers: bool,
+    /// Set when `record_marker` answered UNSUPPORTED: the host stops asking.
+    markers_declined: std::sync::atomic::AtomicBool,
     /// Serialises calls into this device, and ties `last_error` to the call that failed.
     lock: Mutex<()>,
     label: String,
@@ -646,6 +664,47 @@ impl Device for PluginDevice {
         // SAFETY: present and within the table; the string is valid until the next call on this device.
         let s = unsafe { c_str(stats(self.table.self_)) };
         s.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect()
+    }
+
+    fn record_marker(&self) -> Result<Option<MarkerId>> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let Some(record) = self.table.record_marker.filter(|_| self.markers && !self.markers_declined.load(Relaxed))
+        else {
+            return Ok(None);
+        };
+        let _g = self.lock.lock().unwrap();
+        let mut marker = 0u64;
+        // SAFETY: present and within the plugin's table (checked at open); `marker` is a valid out-pointer.
+        let rc = unsafe { record(self.table.self_, &mut marker) };
+        if rc == status::UNSUPPORTED {
+            self.markers_declined.store(true, Relaxed);
+            return Ok(None);
+        }
+        self.check(rc, "record_marker", 0)?;
+        Ok(Some(MarkerId(marker)))
+    }
+
+    fn marker_elapsed(&self, start: MarkerId, end: MarkerId) -> Result<f64> {
+        let Some(elapsed) = self.table.marker_elapsed.filter(|_| self.markers) else {
+            return Err(Error::Unsupported {
+                backend: self.label.clone(),
+                op: "marker_elapsed".into(),
+                detail: "the plugin has no timing markers".into(),
+            });
+        };
+        let _g = self.lock.lock().unwrap();
+        let mut seconds = 0f64;
+        // SAFETY: present and within the table; `seconds` is a valid out-pointer.
+        let rc = unsafe { elapsed(self.table.self_, start.0, end.0, &mut seconds) };
+        self.check(rc, "marker_elapsed", 0)?;
+        Ok(seconds)
+    }
+
+    fn release_marker(&self, marker: MarkerId) {
+        let Some(release) = self.table.release_marker.filter(|_| self.markers) else { return };
+        let _g = self.lock.lock().unwrap();
+        // SAFETY: present and within the table; the marker came from this device's record_marker.
+        unsafe { release(self.table.self_, marker.0) }
     }
 }
 
