@@ -24,7 +24,7 @@ use crate::noise::{load_init_noise, seeded_latents, InitNoiseError};
 use crate::scheduler::{FlowMatchEulerDiscreteScheduler, SchedulerConfig, SchedulerError};
 use crate::tokenizer::{Sd3Tokenizers, TokenizerError};
 use crate::weights::{read_config, Weights, WeightsError};
-use sd3_core::{Backend, DType, Tensor};
+use sd3_core::{Backend, DType, DeviceTimer, Tensor};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -89,6 +89,9 @@ pub struct GenerationRequest {
     pub init_noise: Option<PathBuf>,
     pub num_images: usize,
     pub slg: Option<SkipLayerGuidance>,
+    /// Time stages and steps on the device too (`--benchmark`): device markers at each boundary, where the device
+    /// has them. Off, no marker is recorded.
+    pub device_timing: bool,
 }
 
 impl GenerationRequest {
@@ -105,6 +108,7 @@ impl GenerationRequest {
             init_noise: None,
             num_images: 1,
             slg: None,
+            device_timing: false,
         }
     }
     /// Classifier-free guidance is on iff guidance > 1.
@@ -129,13 +133,14 @@ impl Default for PipelineOptions {
     }
 }
 
-/// Progress reported while generating.
+/// Progress reported while generating. `seconds` is wall time; `device_seconds` is device time from device
+/// markers, `None` unless [`GenerationRequest::device_timing`] is on and the device has markers.
 #[derive(Clone, Debug)]
 pub enum Event {
     /// A stage finished (`tokenize`, `clip_l`, `clip_g`, `t5`, `transformer_load`, `denoise`, `vae`, ...).
-    Stage { name: &'static str, seconds: f64 },
+    Stage { name: &'static str, seconds: f64, device_seconds: Option<f64> },
     /// Denoising step `index` (0-based) of `total` finished.
-    Step { index: usize, total: usize, seconds: f64 },
+    Step { index: usize, total: usize, seconds: f64, device_seconds: Option<f64> },
 }
 
 /// Timings and memory of one generation (what `--benchmark` prints).
@@ -144,6 +149,11 @@ pub struct Report {
     pub stages: Vec<(&'static str, f64)>,
     pub steps: Vec<f64>,
     pub total_seconds: f64,
+    /// Device seconds of each stage and step (same order as `stages` / `steps`) and of the whole generation,
+    /// from device markers; `None` unless device timing was asked for and the device has markers.
+    pub stage_device_seconds: Vec<Option<f64>>,
+    pub step_device_seconds: Vec<Option<f64>>,
+    pub total_device_seconds: Option<f64>,
     /// Peak resident memory of this process (`VmHWM`), where the OS reports it.
     pub peak_rss_bytes: Option<u64>,
     /// Ops that ran on the host instead of the device, by op name.
@@ -281,12 +291,18 @@ impl StableDiffusion3Pipeline {
     /// dropped after it, so at most one of them is resident at a time.
     pub fn generate(&self, r: &GenerationRequest, on_event: &mut dyn FnMut(&Event)) -> Result<Generation> {
         self.validate(r)?;
-        let start = Instant::now();
+        let start = self.clock(r)?;
         let mut report = Report::default();
         let mut emit = |e: Event, report: &mut Report| {
             match &e {
-                Event::Stage { name, seconds } => report.stages.push((name, *seconds)),
-                Event::Step { seconds, .. } => report.steps.push(*seconds),
+                Event::Stage { name, seconds, device_seconds } => {
+                    report.stages.push((name, *seconds));
+                    report.stage_device_seconds.push(*device_seconds);
+                }
+                Event::Step { seconds, device_seconds, .. } => {
+                    report.steps.push(*seconds);
+                    report.step_device_seconds.push(*device_seconds);
+                }
             }
             on_event(&e);
         };
@@ -294,10 +310,10 @@ impl StableDiffusion3Pipeline {
         let latents = self.initial_latents(r)?;
         let latents = self.denoise(r, &cond, latents, &mut |e| emit(e.clone(), &mut report))?;
         drop(cond);
-        let t = Instant::now();
+        let t = self.clock(r)?;
         let images = self.decode(&latents)?;
-        emit(Event::Stage { name: "vae", seconds: t.elapsed().as_secs_f64() }, &mut report);
-        report.total_seconds = start.elapsed().as_secs_f64();
+        emit(t.stage("vae")?, &mut report);
+        (report.total_seconds, report.total_device_seconds) = start.stop()?;
         report.peak_rss_bytes = peak_rss_bytes();
         report.fallbacks = self.backend.fallback_counts();
         Ok(Generation { images, report })
@@ -319,7 +335,7 @@ impl StableDiffusion3Pipeline {
 
     /// Tokenise and run the text encoders: conditioning for `num_images` rows (twice that under CFG, uncond first).
     pub fn encode(&self, r: &GenerationRequest, on_event: &mut dyn FnMut(&Event)) -> Result<Conditioning> {
-        let t = Instant::now();
+        let t = self.clock(r)?;
         let negative = r.negative_prompt.clone().unwrap_or_default();
         let mut prompts = vec![r.prompt.as_str()];
         if r.cfg() {
@@ -327,12 +343,12 @@ impl StableDiffusion3Pipeline {
         }
         let ids =
             prompts.iter().map(|p| self.tokenizers.encode(p, r.max_sequence_length)).collect::<Result<Vec<_>, _>>()?;
-        on_event(&Event::Stage { name: "tokenize", seconds: t.elapsed().as_secs_f64() });
+        on_event(&t.stage("tokenize")?);
 
         let dtype = self.options.dtype;
         let mut clip = Vec::new(); // per encoder: per prompt (hidden, pooled)
         for (name, folder, component) in [("clip_l", "text_encoder", 0usize), ("clip_g", "text_encoder_2", 1)] {
-            let t = Instant::now();
+            let t = self.clock(r)?;
             let dir = self.model_dir.join(folder);
             let weights = self.component_weights(folder)?;
             let model = ClipTextModel::load_with_weights(&dir, &weights, &self.backend, dtype)
@@ -347,12 +363,12 @@ impl StableDiffusion3Pipeline {
             drop(model);
             self.backend.synchronize()?;
             clip.push(outs);
-            on_event(&Event::Stage { name, seconds: t.elapsed().as_secs_f64() });
+            on_event(&t.stage(name)?);
         }
 
         let joint = self.transformer_config.joint_attention_dim;
         let t5_out: Vec<Tensor> = if self.uses_t5() {
-            let t = Instant::now();
+            let t = self.clock(r)?;
             let dir = self.model_dir.join("text_encoder_3");
             let weights = self.component_weights("text_encoder_3")?;
             let model = T5EncoderModel::load_with_weights(&dir, &weights, &self.backend, dtype)
@@ -365,7 +381,7 @@ impl StableDiffusion3Pipeline {
                 .map_err(PipelineError::Encoder)?;
             drop(model);
             self.backend.synchronize()?;
-            on_event(&Event::Stage { name: "t5", seconds: t.elapsed().as_secs_f64() });
+            on_event(&t.stage("t5")?);
             outs
         } else {
             let zeros = self.backend.zeros(&[1, r.max_sequence_length, joint], dtype)?;
@@ -425,11 +441,11 @@ impl StableDiffusion3Pipeline {
         latents: Tensor,
         on_event: &mut dyn FnMut(&Event),
     ) -> Result<Tensor> {
-        let t = Instant::now();
+        let t = self.clock(r)?;
         let transformer = self.load_transformer()?;
         self.backend.synchronize()?;
-        on_event(&Event::Stage { name: "transformer_load", seconds: t.elapsed().as_secs_f64() });
-        let loop_start = Instant::now();
+        on_event(&t.stage("transformer_load")?);
+        let loop_start = self.clock(r)?;
         let sched = FlowMatchEulerDiscreteScheduler::new(self.scheduler.clone(), r.steps)?;
         let n = r.num_images;
         let (cond_embeds, cond_pooled) = if r.cfg() {
@@ -439,7 +455,7 @@ impl StableDiffusion3Pipeline {
         };
         let mut latents = latents.to_dtype(self.options.dtype)?;
         for (i, &timestep) in sched.timesteps.iter().enumerate() {
-            let step_start = Instant::now();
+            let step_start = self.clock(r)?;
             let x_in = if r.cfg() { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
             let ts = vec![timestep; x_in.dim(0)];
             let v = transformer.forward(&x_in, &cond.prompt_embeds, &cond.pooled, &ts, &[])?;
@@ -456,11 +472,17 @@ impl StableDiffusion3Pipeline {
             };
             latents = sched.step(i, &v, &latents)?;
             self.backend.synchronize()?;
-            on_event(&Event::Step { index: i, total: sched.len(), seconds: step_start.elapsed().as_secs_f64() });
+            let (seconds, device_seconds) = step_start.stop()?;
+            on_event(&Event::Step { index: i, total: sched.len(), seconds, device_seconds });
         }
         drop(transformer);
-        on_event(&Event::Stage { name: "denoise", seconds: loop_start.elapsed().as_secs_f64() });
+        on_event(&loop_start.stage("denoise")?);
         Ok(latents.to_dtype(DType::F32)?)
+    }
+
+    /// Start timing a stage or step: wall clock, and device markers when the request asks for device timing.
+    fn clock(&self, r: &GenerationRequest) -> Result<Clock> {
+        Ok(Clock { wall: Instant::now(), device: DeviceTimer::start_if(r.device_timing, self.backend.device())? })
     }
 
     pub fn load_transformer(&self) -> Result<Sd3Transformer2DModel> {
@@ -490,6 +512,24 @@ impl StableDiffusion3Pipeline {
             self.lora.apply(component, &mut w)?;
         }
         Ok(w)
+    }
+}
+
+/// Wall and device time of one stage or step.
+struct Clock {
+    wall: Instant,
+    device: DeviceTimer,
+}
+
+impl Clock {
+    /// (wall seconds, device seconds); the device figure waits for the device to reach this point.
+    fn stop(self) -> Result<(f64, Option<f64>)> {
+        let wall = self.wall.elapsed().as_secs_f64();
+        Ok((wall, self.device.stop()?))
+    }
+    fn stage(self, name: &'static str) -> Result<Event> {
+        let (seconds, device_seconds) = self.stop()?;
+        Ok(Event::Stage { name, seconds, device_seconds })
     }
 }
 

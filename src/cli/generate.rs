@@ -57,7 +57,8 @@ pub struct GenerateArgs {
     /// Images per prompt (one batch).
     #[arg(long = "num-images", default_value_t = 1)]
     pub num_images: usize,
-    /// Print per-stage timings, each step, peak memory and host fallbacks.
+    /// Print per-stage timings (wall clock, and device time from device events where the backend has them), each
+    /// step, peak memory and host fallbacks.
     #[arg(long)]
     pub benchmark: bool,
     /// Print nothing but errors.
@@ -120,6 +121,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
     req.seed = args.seed.unwrap_or_else(random_seed);
     req.init_noise = args.init_noise.clone();
     req.num_images = args.num_images;
+    req.device_timing = args.benchmark;
     if !args.slg_layers.is_empty() {
         req.slg = Some(SkipLayerGuidance {
             layers: args.slg_layers.clone(),
@@ -243,18 +245,22 @@ fn png_text(
 
 fn print_benchmark(g: &Generation, backend: &sd3_core::Backend) {
     let r = &g.report;
-    println!("stage               seconds");
-    for (name, s) in &r.stages {
-        println!("{name:<18} {s:>8.3}");
+    // Device seconds come from device markers (CUDA events, ...); "-" where the device has none.
+    let device = |d: Option<f64>| d.map_or_else(|| "-".to_string(), |d| format!("{d:.3}"));
+    let row = |label: &str, wall: f64, dev: Option<f64>| println!("{label:<18} {wall:>8.3} {:>9}", device(dev));
+    println!("{:<18} {:>8} {:>9}", "stage", "wall s", "device s");
+    for (i, (name, s)) in r.stages.iter().enumerate() {
+        row(name, *s, r.stage_device_seconds.get(i).copied().flatten());
     }
     for (i, s) in r.steps.iter().enumerate() {
-        println!("  step {i:<11} {s:>8.3}");
+        row(&format!("  step {i}"), *s, r.step_device_seconds.get(i).copied().flatten());
     }
     if !r.steps.is_empty() {
-        let mean = r.steps.iter().sum::<f64>() / r.steps.len() as f64;
-        println!("  mean step       {mean:>8.3}");
+        let n = r.steps.len() as f64;
+        let device_sum: Option<f64> = r.step_device_seconds.iter().copied().sum();
+        row("  mean step", r.steps.iter().sum::<f64>() / n, device_sum.map(|d| d / n));
     }
-    println!("total              {:>8.3}", r.total_seconds);
+    row("total", r.total_seconds, r.total_device_seconds);
     match r.peak_rss_bytes {
         Some(b) => println!("peak host memory   {:>8.1} MiB (VmHWM)", b as f64 / (1 << 20) as f64),
         None => println!("peak host memory   unknown on this OS"),
