@@ -84,7 +84,7 @@ fn main() -> anyhow::Result<()> {
         times[times.len() - 1]
     );
     println!("host fallbacks: {:?}", backend.fallback_counts());
-    for s in backend.device().stats() {
+    for s in backend.stats() {
         println!("{s}");
     }
     Ok(())

@@ -1,5 +1,8 @@
-//! [`Backend`]: a device as the models use it, with transparent host fallback for ops the device declines.
+//! [`Backend`]: a device as the models use it. A call the device declines is first rewritten into calls it accepts
+//! ([`crate::legalize`]: contiguous copies of odd layouts, fused forms split), and only when no rewrite is
+//! accepted does it run on the host fallback.
 
+use crate::legalize::{self, LegalizeStats};
 use crate::{BufferId, DType, Device, DeviceInfo, Error, Layout, Op, OpCall, Result, Tensor, TensorDesc};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -16,6 +19,7 @@ pub(crate) struct BackendInner {
     strict: bool,
     fallbacks: Mutex<BTreeMap<String, u64>>,
     op_counts: Mutex<BTreeMap<String, u64>>,
+    legalized: Mutex<LegalizeStats>,
     /// Per-op wall time (count, seconds) when profiling is on; `None` when off.
     profile: Mutex<Option<BTreeMap<String, (u64, f64)>>>,
 }
@@ -30,6 +34,7 @@ impl Backend {
             strict: false,
             fallbacks: Mutex::default(),
             op_counts: Mutex::default(),
+            legalized: Mutex::default(),
             profile: Mutex::default(),
         }))
     }
@@ -49,6 +54,7 @@ impl Backend {
             strict,
             fallbacks: Mutex::default(),
             op_counts: Mutex::default(),
+            legalized: Mutex::default(),
             profile: Mutex::default(),
         }))
     }
@@ -72,6 +78,16 @@ impl Backend {
     /// Ops that ran on the host instead of the device, by op name.
     pub fn fallback_counts(&self) -> BTreeMap<String, u64> {
         self.0.fallbacks.lock().unwrap().clone()
+    }
+    /// What device-side legalisation did (rewritten calls, the copies they cost).
+    pub fn legalize_stats(&self) -> LegalizeStats {
+        self.0.legalized.lock().unwrap().clone()
+    }
+    /// The device's statistics ([`Device::stats`]) followed by legalisation's ([`LegalizeStats::lines`]).
+    pub fn stats(&self) -> Vec<String> {
+        let mut v = self.0.device.stats();
+        v.extend(self.legalize_stats().lines());
+        v
     }
     /// Ops executed (on the device or by fallback), by op name.
     pub fn op_counts(&self) -> BTreeMap<String, u64> {
@@ -155,11 +171,15 @@ impl Backend {
         let profiling = self.0.profile.lock().unwrap().is_some();
         if profiling {
             self.0.device.synchronize()?;
+            let copies_before = self.0.legalized.lock().unwrap().copies;
             let start = std::time::Instant::now();
             let r = self.run_call(&call);
             self.0.device.synchronize()?;
             let secs = start.elapsed().as_secs_f64();
-            let key = format!("{} {}", op.name(), describe(&call));
+            // Calls that needed legalisation copies are timed (copies included) under their own key.
+            let copies = self.0.legalized.lock().unwrap().copies - copies_before;
+            let legalized = if copies > 0 { format!(" [+{copies} legalize copies]") } else { String::new() };
+            let key = format!("{} {}{legalized}", op.name(), describe(&call));
             if let Some(m) = self.0.profile.lock().unwrap().as_mut() {
                 let e = m.entry(key).or_insert((0, 0.0));
                 e.0 += 1;
@@ -174,6 +194,9 @@ impl Backend {
         let op = call.op;
         if self.0.device.supports(call) {
             return self.0.device.execute(call);
+        }
+        if legalize::run_on_device(self.0.device.as_ref(), call, &self.0.legalized)? {
+            return Ok(());
         }
         let unsupported = |detail: &str| Error::Unsupported {
             backend: self.name().to_string(),

@@ -271,7 +271,7 @@ fn print_benchmark(g: &Generation, backend: &sd3_core::Backend) {
         let list: Vec<String> = r.fallbacks.iter().map(|(op, n)| format!("{op} ×{n}")).collect();
         println!("host fallbacks     {}", list.join(", "));
     }
-    for line in backend.device().stats() {
+    for line in backend.stats() {
         println!("device             {line}");
     }
 }

@@ -1,0 +1,183 @@
+//! Device-side legalisation: when a device declines a call, rewrite it into calls the device accepts before the
+//! host fallback is considered.
+//!
+//! Rewrites, cheapest first:
+//! 1. **Relayout**: some operands that are not plain contiguous (strided, permuted, broadcast or offset views)
+//!    are replaced by contiguous temporaries. An input is copied into its temporary with the device's own `Copy`;
+//!    an output is computed into its temporary, then copied into the view. Every subset of such operands is tried
+//!    in order of the bytes it copies, so a device that declines only one odd operand pays for that one copy.
+//!
+//! Only `supports` decides, and a whole plan is accepted before anything is queued, so a declined rewrite costs
+//! no device work. Temporaries are freed as soon as their work is queued (a device keeps a buffer alive until
+//! queued work that uses it is done, see [`Device`]).
+
+use crate::{BufferId, Device, Layout, Op, OpCall, Result, TensorDesc};
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+/// What legalisation did on a backend: shown by `--benchmark` ([`crate::Backend::stats`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LegalizeStats {
+    /// Calls that ran on the device through a rewrite, by op name.
+    pub rewritten: BTreeMap<String, u64>,
+    /// Fused calls that ran as their parts, by op name.
+    pub decomposed: BTreeMap<String, u64>,
+    /// Copies into or out of temporaries, and the bytes they moved (counted once, at the destination).
+    pub copies: u64,
+    pub copy_bytes: u64,
+}
+
+impl LegalizeStats {
+    /// `key=value` lines in the style of [`Device::stats`]; empty when nothing was legalised.
+    pub fn lines(&self) -> Vec<String> {
+        if self.rewritten.is_empty() {
+            return Vec::new();
+        }
+        let list = |m: &BTreeMap<String, u64>| m.iter().map(|(k, n)| format!("{k}:{n}")).collect::<Vec<_>>().join(",");
+        let mut v = vec![
+            format!("legalize.copies={}", self.copies),
+            format!("legalize.copy_bytes={}", self.copy_bytes),
+            format!("legalize.rewritten={}", list(&self.rewritten)),
+        ];
+        if !self.decomposed.is_empty() {
+            v.push(format!("legalize.decomposed={}", list(&self.decomposed)));
+        }
+        v
+    }
+}
+
+/// Run `call`, which `dev` declined as it is, through a rewrite the device accepts. `Ok(false)` when there is none
+/// (the caller falls back to the host); errors are those of the device while running the rewrite.
+pub(crate) fn run_on_device(dev: &dyn Device, call: &OpCall, stats: &Mutex<LegalizeStats>) -> Result<bool> {
+    let mut temps = Temps { dev, buffers: Vec::new() };
+    let plan = match rewrite(dev, call, &mut temps)? {
+        Some(p) => p,
+        None => return Ok(false),
+    };
+    let mut counts = Counts::default();
+    execute(dev, call, &plan, &mut counts)?;
+    let mut s = stats.lock().unwrap();
+    *s.rewritten.entry(call.op.name()).or_default() += 1;
+    s.copies += counts.copies;
+    s.copy_bytes += counts.bytes;
+    Ok(true)
+}
+
+/// How to run a call on the device.
+#[derive(Debug)]
+enum Plan {
+    /// With the inputs at these indices, and the output if given, replaced by these contiguous temporaries.
+    Relayout { inputs: Vec<(usize, TensorDesc)>, output: Option<TensorDesc> },
+}
+
+/// Device buffers of one legalised call, freed when it has been queued.
+struct Temps<'a> {
+    dev: &'a dyn Device,
+    buffers: Vec<BufferId>,
+}
+
+impl Temps<'_> {
+    fn contiguous_like(&mut self, t: &TensorDesc) -> Result<TensorDesc> {
+        let bytes = t.elem_count() * t.dtype.size_in_bytes();
+        let buffer = self.dev.alloc(bytes.max(1))?;
+        self.buffers.push(buffer);
+        Ok(TensorDesc { buffer, dtype: t.dtype, layout: Layout::contiguous(t.shape()) })
+    }
+}
+
+impl Drop for Temps<'_> {
+    fn drop(&mut self) {
+        for &b in &self.buffers {
+            self.dev.free(b);
+        }
+    }
+}
+
+/// The cheapest plan other than running the call as it is, if any.
+fn rewrite(dev: &dyn Device, call: &OpCall, temps: &mut Temps) -> Result<Option<Plan>> {
+    if let Some(p) = relayout(dev, call, temps)? {
+        return Ok(Some(p));
+    }
+    Ok(None)
+}
+
+/// Whether an operand is a candidate for a contiguous temporary.
+fn is_plain(t: &TensorDesc) -> bool {
+    t.layout.offset == 0 && t.is_contiguous()
+}
+
+/// The cheapest set of operands to make contiguous so that the device takes the call and the copies it needs.
+fn relayout(dev: &dyn Device, call: &OpCall, temps: &mut Temps) -> Result<Option<Plan>> {
+    // Copy and fill are the rewrite's own tools; a device that declines them has nothing to rewrite them into.
+    if matches!(call.op, Op::Copy | Op::Fill { .. }) || call.outputs.len() != 1 {
+        return Ok(None);
+    }
+    let n_in = call.inputs.len();
+    let operand = |i: usize| if i < n_in { &call.inputs[i] } else { &call.outputs[0] };
+    let candidates: Vec<usize> = (0..=n_in).filter(|&i| !is_plain(operand(i))).collect();
+    if candidates.is_empty() {
+        return Ok(None);
+    }
+    let bytes = |i: usize| operand(i).elem_count() * operand(i).dtype.size_in_bytes();
+    let subset_bytes = |mask: u32| -> usize {
+        candidates.iter().enumerate().filter(|(j, _)| mask & (1 << j) != 0).map(|(_, &i)| bytes(i)).sum()
+    };
+    let mut subsets: Vec<u32> = (1..1u32 << candidates.len()).collect();
+    subsets.sort_by_key(|&m| (subset_bytes(m), m.count_ones()));
+    let mut temp_of: Vec<Option<TensorDesc>> = vec![None; candidates.len()];
+    for mask in subsets {
+        for (j, &i) in candidates.iter().enumerate() {
+            if mask & (1 << j) != 0 && temp_of[j].is_none() {
+                temp_of[j] = Some(temps.contiguous_like(operand(i))?);
+            }
+        }
+        let chosen = |i: usize| {
+            candidates.iter().position(|&c| c == i).filter(|&j| mask & (1 << j) != 0).and_then(|j| temp_of[j].clone())
+        };
+        let inputs: Vec<(usize, TensorDesc)> = (0..n_in).filter_map(|i| chosen(i).map(|t| (i, t))).collect();
+        let output = chosen(n_in);
+        let ins: Vec<TensorDesc> = (0..n_in).map(|i| chosen(i).unwrap_or_else(|| call.inputs[i].clone())).collect();
+        let outs = [output.clone().unwrap_or_else(|| call.outputs[0].clone())];
+        let copies_ok = inputs.iter().all(|(i, t)| supports_copy(dev, &call.inputs[*i], t))
+            && output.as_ref().is_none_or(|t| supports_copy(dev, t, &call.outputs[0]));
+        if copies_ok && dev.supports(&OpCall { op: call.op, inputs: &ins, outputs: &outs }) {
+            return Ok(Some(Plan::Relayout { inputs, output }));
+        }
+    }
+    Ok(None)
+}
+
+fn supports_copy(dev: &dyn Device, src: &TensorDesc, dst: &TensorDesc) -> bool {
+    dev.supports(&OpCall { op: Op::Copy, inputs: std::slice::from_ref(src), outputs: std::slice::from_ref(dst) })
+}
+
+#[derive(Default)]
+struct Counts {
+    copies: u64,
+    bytes: u64,
+}
+
+fn copy(dev: &dyn Device, src: &TensorDesc, dst: &TensorDesc, counts: &mut Counts) -> Result<()> {
+    dev.execute(&OpCall { op: Op::Copy, inputs: std::slice::from_ref(src), outputs: std::slice::from_ref(dst) })?;
+    counts.copies += 1;
+    counts.bytes += (dst.elem_count() * dst.dtype.size_in_bytes()) as u64;
+    Ok(())
+}
+
+fn execute(dev: &dyn Device, call: &OpCall, plan: &Plan, counts: &mut Counts) -> Result<()> {
+    match plan {
+        Plan::Relayout { inputs, output } => {
+            let mut ins = call.inputs.to_vec();
+            for (i, t) in inputs {
+                copy(dev, &call.inputs[*i], t, counts)?;
+                ins[*i] = t.clone();
+            }
+            let outs = [output.clone().unwrap_or_else(|| call.outputs[0].clone())];
+            dev.execute(&OpCall { op: call.op, inputs: &ins, outputs: &outs })?;
+            if let Some(t) = output {
+                copy(dev, t, &call.outputs[0], counts)?;
+            }
+            Ok(())
+        }
+    }
+}
