@@ -77,6 +77,70 @@ extern "C" __global__ void row_op(RowParams p) {
     }
 }
 
+// Layer norm, RMS norm and fused adaLN for rows of at most 32·8·ROW_VEC elements with unit last stride and
+// 16-byte aligned rows (the host checks): one warp per row, the row read once into registers with 16-byte loads,
+// statistics by warp shuffles. The block-per-row `row_op` reads the row three times with per-element dtype
+// switches and leaves most of each block idle at D = 1536.
+#define ROW_VEC 12
+extern "C" __global__ void __launch_bounds__(256) row_warp(RowParams p) {
+    const int lane = threadIdx.x & 31;
+    const i64 warps = (i64)gridDim.x * (blockDim.x >> 5);
+    for (i64 r = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); r < p.rows; r += warps) {
+    const i64 xo = td_row(p.x, r), oo = td_row(p.out, r);
+    const int d = (int)p.d;
+    float v[ROW_VEC][8];
+    float s = 0.f;
+#pragma unroll
+    for (int i = 0; i < ROW_VEC; ++i) {
+        const int c = (i * 32 + lane) * 8;
+        if (c < d) {
+            load8(p.x.dtype, p.x.ptr, xo + c, v[i]);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) s += v[i][j];
+        }
+    }
+    const float mean = p.op == ROW_RMS_NORM ? 0.f : warp_sum(s) / (float)d;
+    float ss = 0.f;
+#pragma unroll
+    for (int i = 0; i < ROW_VEC; ++i) {
+        if ((i * 32 + lane) * 8 < d) {
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                v[i][j] -= mean;
+                ss += v[i][j] * v[i][j];
+            }
+        }
+    }
+    const float inv = rsqrtf(warp_sum(ss) / (float)d + p.eps);
+    const i64 ao = p.op == ROW_LN_MODULATE ? td_row(p.a, r) : p.a.offset;
+    const i64 bo = p.op == ROW_LN_MODULATE ? td_row(p.b, r) : p.b.offset;
+#pragma unroll
+    for (int i = 0; i < ROW_VEC; ++i) {
+        const int c = (i * 32 + lane) * 8;
+        if (c >= d) continue;
+        float y[8], a[8], b[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) y[j] = v[i][j] * inv;
+        if (p.op == ROW_LN_MODULATE) {
+            load8(p.a.dtype, p.a.ptr, ao + c, a);
+            load8(p.b.dtype, p.b.ptr, bo + c, b);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) y[j] = y[j] * (1.f + a[j]) + b[j];
+        } else if (p.op == ROW_RMS_NORM || p.affine) {
+            load8(p.a.dtype, p.a.ptr, ao + c, a);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) y[j] *= a[j];
+            if (p.op == ROW_LAYER_NORM) {
+                load8(p.b.dtype, p.b.ptr, bo + c, b);
+#pragma unroll
+                for (int j = 0; j < 8; ++j) y[j] += b[j];
+            }
+        }
+        store8(p.out.dtype, p.out.ptr, oo + c, y);
+    }
+    }
+}
+
 struct GroupNormParams {
     TD x;
     TD w;

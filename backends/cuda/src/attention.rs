@@ -211,7 +211,7 @@ fn flash_kernel<'a>(
     if !(aligned(q, 2) && aligned(out, 2) && aligned(k, 8) && aligned(v, 8)) {
         return None;
     }
-    Some(&dev.kernels.flash[(dt == DType::BF16) as usize][(dh == 128) as usize])
+    Some(&dev.kernels.flash.as_ref()?[(dt == DType::BF16) as usize][(dh == 128) as usize])
 }
 
 fn flash(
@@ -237,7 +237,7 @@ fn flash(
         (q.clone(), k.clone())
     };
     let s3 = |t: &TensorDesc| [t.strides()[0] as i64, t.strides()[1] as i64, t.strides()[2] as i64];
-    let (b, h, nq) = (q.shape()[0], q.shape()[1], q.shape()[2]);
+    let (b, h, nq, dh) = (q.shape()[0], q.shape()[1], q.shape()[2], q.shape()[3]);
     let p = FlashParams {
         q: qn.buffer.0,
         k: kn.buffer.0,
@@ -256,10 +256,11 @@ fn flash(
         nk: k.shape()[2] as i32,
         scale_log2: scale * std::f32::consts::LOG2_E,
     };
+    // 128 query rows per block: 4 warps of 32 rows at head dim 64, 8 warps of 16 at 128 (see flash.cu).
     let cfg = LaunchConfig {
         grid_dim: (nq.div_ceil(128) as u32, (b * h) as u32, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
+        block_dim: (if dh == 64 { 128 } else { 256 }, 1, 1),
+        shared_mem_bytes: crate::kernels::flash_smem_bytes(dh, 64),
     };
     let launched = unsafe { dev.stream.launch_builder(kernel).arg(&p).launch(cfg) };
     for t in temps {

@@ -104,7 +104,8 @@ impl CudaDevice {
             std::iter::once(&out.layout).chain(inputs.iter().map(|t| &t.layout)).cloned().collect();
         collapse_dims(&mut layouts);
         if let Some(p) = vec_params(op, sub, f, inputs, out, &layouts) {
-            return self.launch(&self.kernels.ew_vec, (p.nvec as u64).div_ceil(256), 256, p);
+            let kernel = if p.nvec < (1 << 28) { &self.kernels.ew_vec32 } else { &self.kernels.ew_vec };
+            return self.launch(kernel, (p.nvec as u64).div_ceil(256), 256, p);
         }
         let td = |t: &TensorDesc, l: &Layout| {
             Td::new(&TensorDesc { buffer: t.buffer, dtype: t.dtype, layout: l.clone() }, t.buffer.0)
@@ -138,6 +139,10 @@ impl CudaDevice {
     pub(crate) fn row_op(&self, p: RowParams) -> Result<()> {
         if p.rows == 0 {
             return Ok(());
+        }
+        if row_warp_applies(&p) {
+            // 8 rows (warps) per block.
+            return self.launch(&self.kernels.row_warp, (p.rows as u64).div_ceil(8), 256, p);
         }
         self.launch(&self.kernels.row_op, p.rows as u64, 256, p)
     }
@@ -579,6 +584,34 @@ fn vec_params(
         p.s2[k] = stride(l, 2) as i64;
     }
     Some(p)
+}
+
+/// Whether `row_warp` (kernels/rows.cu) can run these row params: a norm (not softmax) over rows of at most
+/// 32·8·12 elements, a multiple of 8, every operand with unit last stride and rows starting 8-element aligned
+/// (16-byte loads). Per-`[D]` weights need the same of their one dim.
+fn row_warp_applies(p: &RowParams) -> bool {
+    const ROW_OP_SOFTMAX: i32 = 0;
+    const ROW_OP_LN_MODULATE: i32 = 3;
+    let rows_aligned = |t: &Td| {
+        let r = t.rank as usize;
+        r >= 1 && t.strides[r - 1] == 1 && t.offset % 8 == 0 && t.strides[..r - 1].iter().all(|s| s % 8 == 0)
+    };
+    let vector_aligned = |t: &Td| t.rank == 1 && t.strides[0] == 1 && t.offset % 8 == 0;
+    let float = |t: &Td| (0..3).contains(&t.dtype);
+    let operands_ok = match p.op {
+        ROW_OP_SOFTMAX => false,
+        ROW_OP_LN_MODULATE => rows_aligned(&p.a) && rows_aligned(&p.b) && float(&p.a) && float(&p.b),
+        1 if p.affine == 0 => true,
+        1 => vector_aligned(&p.a) && vector_aligned(&p.b) && float(&p.a) && float(&p.b),
+        _ => vector_aligned(&p.a) && float(&p.a),
+    };
+    operands_ok
+        && p.d % 8 == 0
+        && p.d <= 32 * 8 * 12
+        && rows_aligned(&p.x)
+        && rows_aligned(&p.out)
+        && float(&p.x)
+        && float(&p.out)
 }
 
 /// Merge adjacent dims `d, d+1` wherever every layout has `stride[d] == stride[d+1]·shape[d+1]` (and drop

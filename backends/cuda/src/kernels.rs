@@ -21,15 +21,19 @@ pub struct Kernels {
     _module: Arc<CudaModule>,
     pub ew: CudaFunction,
     pub ew_vec: CudaFunction,
+    /// `ew_vec` with 32-bit index arithmetic, for fewer than 2^31 elements.
+    pub ew_vec32: CudaFunction,
     pub upsample: CudaFunction,
     pub gather: CudaFunction,
     pub row_op: CudaFunction,
+    pub row_warp: CudaFunction,
     pub group_norm: CudaFunction,
     pub group_norm_stats: CudaFunction,
     pub group_norm_apply: CudaFunction,
     pub im2col: CudaFunction,
-    /// Tensor-core attention, indexed `[bf16 as usize][head_dim == 128]`.
-    pub flash: [[CudaFunction; 2]; 2],
+    /// Tensor-core attention, indexed `[bf16 as usize][head_dim == 128]`; `None` before sm_80 (no cp.async or
+    /// bf16 mma there).
+    pub flash: Option<[[CudaFunction; 2]; 2]>,
 }
 
 fn source() -> String {
@@ -91,15 +95,46 @@ impl Kernels {
         Ok(Kernels {
             ew: f("ew")?,
             ew_vec: f("ew_vec")?,
+            ew_vec32: f("ew_vec32")?,
             upsample: f("upsample_nearest2d")?,
             gather: f("gather_rows")?,
             row_op: f("row_op")?,
+            row_warp: f("row_warp")?,
             group_norm: f("group_norm")?,
             group_norm_stats: f("group_norm_stats")?,
             group_norm_apply: f("group_norm_apply")?,
             im2col: f("im2col")?,
-            flash: [[f("flash_f16_64")?, f("flash_f16_128")?], [f("flash_bf16_64")?, f("flash_bf16_128")?]],
+            flash: if major >= 8 { Some(load_flash(&f)?) } else { None },
             _module: module,
         })
     }
+}
+
+/// Dynamic shared memory of the flash kernels: double-buffered K and V tiles of `key_tile` rows, rows padded by
+/// 8 elements (mirrors `kernels/flash.cu`).
+pub fn flash_smem_bytes(head_dim: usize, key_tile: usize) -> u32 {
+    (4 * key_tile * (head_dim + 8) * 2) as u32
+}
+
+fn flash_fn(
+    f: &dyn Fn(&str) -> Result<CudaFunction>,
+    name: &str,
+    head_dim: usize,
+    key_tile: usize,
+) -> Result<CudaFunction> {
+    let func = f(name)?;
+    // Above 48 KiB a kernel must opt in to dynamic shared memory.
+    func.set_attribute(
+        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        flash_smem_bytes(head_dim, key_tile) as i32,
+    )
+    .map_err(|e| Error::backend("cuda", format!("kernel `{name}`: cannot reserve shared memory: {e}")))?;
+    Ok(func)
+}
+
+fn load_flash(f: &dyn Fn(&str) -> Result<CudaFunction>) -> Result<[[CudaFunction; 2]; 2]> {
+    Ok([
+        [flash_fn(f, "flash_f16_64", 64, 64)?, flash_fn(f, "flash_f16_128", 128, 64)?],
+        [flash_fn(f, "flash_bf16_64", 64, 64)?, flash_fn(f, "flash_bf16_128", 128, 64)?],
+    ])
 }

@@ -1,0 +1,155 @@
+//! The CUDA backend's specialised kernels against the reference device, at the shapes and layouts that select
+//! them: the warp-per-row norms (`row_warp`), the 32-bit-index vectorised elementwise kernel (`ew_vec32`), and
+//! the tensor-core attention on the strided views of a fused `[B, N, 3, H, Dh]` projection (the MM-DiT's joint
+//! attention layout), with sequence lengths that are not multiples of the tiles. Skips without a CUDA device.
+
+use sd3_backend_cuda::CudaProvider;
+use sd3_core::reference::ReferenceDevice;
+use sd3_core::{AttentionParams, Backend, BackendProvider, DType, Result, Tensor, UnaryOp};
+use std::sync::Arc;
+
+struct Pair {
+    gpu: Backend,
+    cpu: Backend,
+    state: u64,
+}
+
+impl Pair {
+    fn new() -> Option<Pair> {
+        match CudaProvider::new("").and_then(|p| p.open_device(0)) {
+            Ok(d) => Some(Pair {
+                gpu: Backend::new("cuda", d),
+                cpu: Backend::new("ref", Arc::new(ReferenceDevice::new())),
+                state: 7,
+            }),
+            Err(e) => {
+                eprintln!("skipping CUDA tests: {e}");
+                None
+            }
+        }
+    }
+
+    fn rand(&mut self, shape: &[usize], dt: DType, lo: f32, hi: f32) -> Result<(Tensor, Tensor)> {
+        let v: Vec<f32> = (0..shape.iter().product::<usize>())
+            .map(|_| {
+                self.state = self.state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                lo + (hi - lo) * ((self.state >> 40) as f32 / (1u64 << 24) as f32)
+            })
+            .collect();
+        Ok((self.gpu.from_f32(&v, shape, dt)?, self.cpu.from_f32(&v, shape, dt)?))
+    }
+}
+
+/// Normalised mean squared error against the reference, with a limit per dtype: f32 near its roundoff, f16
+/// and bf16 at their unit roundoff squared with headroom (one rounding of the output dominates).
+fn check(name: &str, got: &Tensor, want: &Tensor, f32_limit: f64) -> Result<()> {
+    assert_eq!(got.shape(), want.shape(), "{name}");
+    let (g, w) = (got.to_f32_vec()?, want.to_f32_vec()?);
+    assert!(g.iter().all(|v| v.is_finite()), "{name}: non-finite output");
+    let num: f64 = g.iter().zip(&w).map(|(a, b)| ((*a - *b) as f64).powi(2)).sum();
+    let den: f64 = w.iter().map(|b| (*b as f64).powi(2)).sum::<f64>().max(1e-30);
+    let limit = match got.dtype() {
+        DType::F32 => f32_limit,
+        DType::F16 => 2e-6,
+        _ => 1e-4,
+    };
+    let e = num / den;
+    eprintln!("{name:<48} nmse {e:.3e} (limit {limit:.0e})");
+    assert!(e <= limit, "{name}: nmse {e:e} > {limit:e}");
+    Ok(())
+}
+
+#[test]
+fn warp_per_row_norms() -> Result<()> {
+    let Some(mut p) = Pair::new() else { return Ok(()) };
+    for dt in [DType::F32, DType::F16, DType::BF16] {
+        // 1536: SD3-medium's width; 8: the smallest row; 3072: the largest row_warp takes; 3080: one past.
+        for d in [1536, 8, 3072, 3080] {
+            let (gx, cx) = p.rand(&[2, 37, d], dt, -3.0, 3.0)?;
+            let (gw, cw) = p.rand(&[d], dt, 0.5, 1.5)?;
+            let (gb, cb) = p.rand(&[d], dt, -0.5, 0.5)?;
+            check(
+                &format!("layer_norm affine d{d} {dt}"),
+                &gx.layer_norm(Some(&gw), Some(&gb), 1e-6)?,
+                &cx.layer_norm(Some(&cw), Some(&cb), 1e-6)?,
+                1e-10,
+            )?;
+            check(
+                &format!("layer_norm plain d{d} {dt}"),
+                &gx.layer_norm(None, None, 1e-6)?,
+                &cx.layer_norm(None, None, 1e-6)?,
+                1e-10,
+            )?;
+            check(&format!("rms_norm d{d} {dt}"), &gx.rms_norm(&gw, 1e-6)?, &cx.rms_norm(&cw, 1e-6)?, 1e-10)?;
+            // adaLN: scale and shift broadcast over tokens, as the MM-DiT's modulation.
+            let (gs, cs) = p.rand(&[2, 1, d], dt, -0.5, 0.5)?;
+            let (gh, ch) = p.rand(&[2, 1, d], dt, -0.5, 0.5)?;
+            check(
+                &format!("ln_modulate d{d} {dt}"),
+                &gx.layer_norm_modulate(&gs, &gh, 1e-6)?,
+                &cx.layer_norm_modulate(&cs, &ch, 1e-6)?,
+                1e-10,
+            )?;
+        }
+        // Rows of a strided view (every other token): row starts stay 8-aligned.
+        let (gx, cx) = p.rand(&[2, 20, 64], dt, -3.0, 3.0)?;
+        let (gs, cs) = p.rand(&[2, 1, 64], dt, -0.5, 0.5)?;
+        let (gv, cv) = (gx.narrow(1, 3, 9)?, cx.narrow(1, 3, 9)?);
+        check(
+            &format!("ln_modulate strided rows {dt}"),
+            &gv.layer_norm_modulate(&gs, &gs, 1e-6)?,
+            &cv.layer_norm_modulate(&cs, &cs, 1e-6)?,
+            1e-10,
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn vectorised_elementwise_at_size() -> Result<()> {
+    let Some(mut p) = Pair::new() else { return Ok(()) };
+    for dt in [DType::F16, DType::BF16, DType::F32] {
+        let (gx, cx) = p.rand(&[2, 333, 6144], dt, -4.0, 4.0)?;
+        check(
+            &format!("gelu_tanh [2,333,6144] {dt}"),
+            &gx.unary(UnaryOp::GeluTanh)?,
+            &cx.unary(UnaryOp::GeluTanh)?,
+            1e-10,
+        )?;
+        let (gy, cy) = p.rand(&[2, 333, 6144], dt, -1.0, 1.0)?;
+        let (gg, cg) = p.rand(&[2, 1, 6144], dt, -1.0, 1.0)?;
+        check(
+            &format!("gated_residual broadcast gate {dt}"),
+            &gx.gated_residual(&gg, &gy)?,
+            &cx.gated_residual(&cg, &cy)?,
+            1e-10,
+        )?;
+        // Head split of a fused projection: [B, N, 3, H, Dh] → q as [B, H, N, Dh].
+        let (gq, cq) = p.rand(&[2, 77, 3, 6, 64], dt, -1.0, 1.0)?;
+        let head_first = |t: &Tensor| t.narrow(2, 1, 1)?.squeeze(2)?.permute(&[0, 2, 1, 3])?.contiguous();
+        check(&format!("head split copy {dt}"), &head_first(&gq)?, &head_first(&cq)?, 0.0)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn flash_attention_on_joint_layout_views() -> Result<()> {
+    let Some(mut p) = Pair::new() else { return Ok(()) };
+    for dt in [DType::F16, DType::BF16] {
+        // (queries = keys, heads, head dim): tile-aligned, ragged, and shorter than one tile.
+        for (n, h, dh) in [(256, 2, 64), (333, 3, 64), (45, 2, 64), (200, 2, 128), (70, 1, 128)] {
+            let (gx, cx) = p.rand(&[2, n, 3, h, dh], dt, -2.0, 2.0)?;
+            let split = |t: &Tensor, i: usize| t.narrow(2, i, 1)?.squeeze(2)?.permute(&[0, 2, 1, 3]);
+            let params = AttentionParams::new((dh as f32).powf(-0.5));
+            let og = Tensor::attention(&split(&gx, 0)?, &split(&gx, 1)?, &split(&gx, 2)?, &params)?;
+            let oc = Tensor::attention(&split(&cx, 0)?, &split(&cx, 1)?, &split(&cx, 2)?, &params)?;
+            check(&format!("attention joint views n{n} h{h} d{dh} {dt}"), &og, &oc, 1e-8)?;
+            // Only a prefix of the queries (the last MM-DiT block's image-only queries).
+            let q = |t: &Tensor| split(t, 0)?.narrow(2, 0, n / 2 + 1);
+            let og = Tensor::attention(&q(&gx)?, &split(&gx, 1)?, &split(&gx, 2)?, &params)?;
+            let oc = Tensor::attention(&q(&cx)?, &split(&cx, 1)?, &split(&cx, 2)?, &params)?;
+            check(&format!("attention query prefix n{n} h{h} d{dh} {dt}"), &og, &oc, 1e-8)?;
+        }
+    }
+    Ok(())
+}
