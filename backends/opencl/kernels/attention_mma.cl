@@ -4,6 +4,7 @@
 // operand type (the C fragment of S has the layout of P's A fragment, so P never leaves registers). The score
 // matrix is never written. Used for f16/bf16 q, k, v with head dim D = Dh = Dv (build option, a multiple of 16
 // up to 64: local memory), without bias, causal mask or qk norm (those run on attention.cl). Helpers: mma.cl.
+// ATTN_PREFETCH (build option, 0 or 1): load the next K/V tile into registers during the current one.
 
 #define BQ 64
 #define BKV 64
@@ -27,24 +28,55 @@ inline uint pack2(float lo, float hi) {
     return r;
 }
 
-// Stage a [rows x D] block (rows r0.., dims 0..D) of a [.., N, D] view into local memory, 16-bit, zero past N.
-// Rows whose D elements are contiguous, 16-byte aligned MMA_DT data are copied 8 at a time.
+// Whether a [.., N, D] view's rows are contiguous, 16-byte aligned MMA_DT data (copied 16 bytes at a time).
+#define RAW_ROWS(dt, base, row_st, d_st) ((dt) == MMA_DT && (d_st) == 1 && (base) % 8 == 0 && (row_st) % 8 == 0)
+
+// Stage a [64 x D] block (rows r0.., dims 0..D) of a [.., N, D] view into local memory as 16-bit MMA operands,
+// zero past N: row-major (dst[r * pitch + d]) or transposed (dst[d * pitch + r]). The general path, for views
+// that are not RAW_ROWS; MMA_DT data is copied as bits (a float round trip would cost a conversion each way).
 inline void stage_rows(local ushort *dst, uint pitch, uint transpose, global const uchar *p, uint dt, ulong base,
                        ulong row_st, ulong d_st, uint r0, uint N, uint tid) {
-    const bool raw = dt == MMA_DT && d_st == 1 && base % 8 == 0 && row_st % 8 == 0 && !transpose;
-    if (raw) {
-        for (uint c = tid; c < 64 * D / 8; c += 128) {
-            uint r = c / (D / 8), d = (c - r * (D / 8)) * 8;
-            uint4 v = (uint4)(0u);
-            if (r0 + r < N) v = *(global const uint4 *)((global const ushort *)p + base + (r0 + r) * row_st + d);
-            *(local uint4 *)&dst[r * pitch + d] = v;
-        }
-        return;
-    }
     for (uint e = tid; e < 64 * D; e += 128) {
         uint r = e / D, d = e - r * D;
-        float x = r0 + r < N ? ld(p, dt, base + (r0 + r) * row_st + d * d_st) : 0.0f;
-        dst[transpose ? d * pitch + r : r * pitch + d] = to_mma_bits(x);
+        ushort x = 0;
+        if (r0 + r < N) {
+            ulong i = base + (r0 + r) * row_st + d * d_st;
+            x = dt == MMA_DT ? ((global const ushort *)p)[i] : to_mma_bits(ld(p, dt, i));
+        }
+        dst[transpose ? d * pitch + r : r * pitch + d] = x;
+    }
+}
+
+// The RAW_ROWS path, split so that a tile's global loads can be issued before the MMAs on the previous tile:
+// fetch_rows loads this thread's D / 16 chunks of 8 values into registers, put_rows stores them.
+// Row-major tiles (Q, K) map consecutive threads along a row (coalesced loads, 16-byte local stores); the
+// transposed tile (V) maps consecutive threads to consecutive rows, so that each 16-bit local store of a warp
+// covers 16 consecutive words (conflict free).
+#define CHUNKS (64 * D / 8 / 128)
+inline uint2 chunk_pos(uint c, uint transpose) {
+    return transpose ? (uint2)(c % 64, (c / 64) * 8) : (uint2)(c / (D / 8), (c % (D / 8)) * 8);
+}
+
+inline void fetch_rows(uint4 *regs, uint transpose, global const ushort *p, ulong base, ulong row_st, uint r0,
+                       uint N, uint tid) {
+    for (uint i = 0; i < CHUNKS; ++i) {
+        uint2 rd = chunk_pos(tid + i * 128, transpose);
+        regs[i] = r0 + rd.x < N ? *(global const uint4 *)(p + base + (r0 + rd.x) * row_st + rd.y) : (uint4)(0u);
+    }
+}
+
+inline void put_rows(local ushort *dst, uint pitch, uint transpose, const uint4 *regs, uint tid) {
+    for (uint i = 0; i < CHUNKS; ++i) {
+        uint2 rd = chunk_pos(tid + i * 128, transpose);
+        if (transpose) {
+            uint w[4] = {regs[i].x, regs[i].y, regs[i].z, regs[i].w};
+            for (uint q = 0; q < 4; ++q) {
+                dst[(rd.y + 2 * q) * pitch + rd.x] = (ushort)(w[q] & 0xffffu);
+                dst[(rd.y + 2 * q + 1) * pitch + rd.x] = (ushort)(w[q] >> 16);
+            }
+        } else {
+            *(local uint4 *)&dst[rd.x * pitch + rd.y] = regs[i];
+        }
     }
 }
 
@@ -60,13 +92,20 @@ void attention_mma(uint H, uint Nq, uint Nk, float scale,
     const uint tid = get_local_id(0), lane = tid & 31u, warp = tid >> 5;
     const uint g = lane >> 2, t = lane & 3u;
     const uint q0 = get_group_id(0) * BQ;
+    const float scale2 = scale * M_LOG2E_F;
     const uint bh = get_group_id(1), b = bh / H, h = bh - (bh / H) * H;
     const ulong qb = qv.off + b * qv.st[0] + h * qv.st[1];
     const ulong kb = kv.off + b * kv.st[0] + h * kv.st[1];
     const ulong vb = vv.off + b * vv.st[0] + h * vv.st[1];
     const ulong ob = ov.off + b * ov.st[0] + h * ov.st[1];
 
-    stage_rows(Qs, LDQ, 0, q, qdt, qb, qv.st[2], qv.st[3], q0, Nq, tid);
+    if (RAW_ROWS(qdt, qb, qv.st[2], qv.st[3])) {
+        uint4 rq[CHUNKS];
+        fetch_rows(rq, 0, (global const ushort *)q, qb, qv.st[2], q0, Nq, tid);
+        put_rows(Qs, LDQ, 0, rq, tid);
+    } else {
+        stage_rows(Qs, LDQ, 0, q, qdt, qb, qv.st[2], qv.st[3], q0, Nq, tid);
+    }
     barrier(CLK_LOCAL_MEM_FENCE);
     uint qf[D / 16][4];
     const uint wr = warp * 16;
@@ -82,10 +121,28 @@ void attention_mma(uint H, uint Nq, uint Nk, float scale,
         for (uint r = 0; r < 4; ++r) acc[j][r] = 0.0f;
     float m_row[2] = {-INFINITY, -INFINITY}, l_row[2] = {0.0f, 0.0f}; // rows g and g + 8 of this warp
 
+    // K and V tiles: raw rows are prefetched into registers one tile ahead (their loads overlap the MMAs and the
+    // softmax of the previous tile); other views are staged with conversion after the barrier.
+    const bool pf = ATTN_PREFETCH && RAW_ROWS(kdt, kb, kv.st[2], kv.st[3]) && RAW_ROWS(vdt, vb, vv.st[2], vv.st[3]);
+    global const ushort *k16 = (global const ushort *)k, *v16 = (global const ushort *)v;
+    uint4 rk[CHUNKS], rv[CHUNKS];
+    if (pf) {
+        fetch_rows(rk, 0, k16, kb, kv.st[2], 0, Nk, tid);
+        fetch_rows(rv, 1, v16, vb, vv.st[2], 0, Nk, tid);
+    }
     for (uint j0 = 0; j0 < Nk; j0 += BKV) {
         barrier(CLK_LOCAL_MEM_FENCE);
-        stage_rows(Ks, LDQ, 0, k, kdt, kb, kv.st[2], kv.st[3], j0, Nk, tid);
-        stage_rows(Vt, LDV, 1, v, vdt, vb, vv.st[2], vv.st[3], j0, Nk, tid);
+        if (pf) {
+            put_rows(Ks, LDQ, 0, rk, tid);
+            put_rows(Vt, LDV, 1, rv, tid);
+            if (j0 + BKV < Nk) {
+                fetch_rows(rk, 0, k16, kb, kv.st[2], j0 + BKV, Nk, tid);
+                fetch_rows(rv, 1, v16, vb, vv.st[2], j0 + BKV, Nk, tid);
+            }
+        } else {
+            stage_rows(Ks, LDQ, 0, k, kdt, kb, kv.st[2], kv.st[3], j0, Nk, tid);
+            stage_rows(Vt, LDV, 1, v, vdt, vb, vv.st[2], vv.st[3], j0, Nk, tid);
+        }
         barrier(CLK_LOCAL_MEM_FENCE);
 
         float s[BKV / 8][4];
@@ -99,12 +156,13 @@ void attention_mma(uint H, uint Nq, uint Nk, float scale,
                 mma_16816(s[jn], qf[ks], kf);
             }
         }
-        // Scale, mask keys past Nk, and update the running max of each of the two rows.
+        // Scale (to base 2: exp(x) = 2^(x·log2 e), so each exponential is one ex2), mask keys past Nk, and update
+        // the running max of each of the two rows.
         float mt[2] = {-INFINITY, -INFINITY};
         for (uint jn = 0; jn < BKV / 8; ++jn) {
             for (uint r = 0; r < 4; ++r) {
                 uint key = j0 + jn * 8 + t * 2 + (r & 1u);
-                s[jn][r] = key < Nk ? s[jn][r] * scale : -INFINITY;
+                s[jn][r] = key < Nk ? s[jn][r] * scale2 : -INFINITY;
                 mt[r >> 1] = fmax(mt[r >> 1], s[jn][r]);
             }
         }
@@ -113,7 +171,7 @@ void attention_mma(uint H, uint Nq, uint Nk, float scale,
             mt[i] = fmax(mt[i], shfl_xor(mt[i], 1));
             mt[i] = fmax(mt[i], shfl_xor(mt[i], 2));
             float mn = fmax(m_row[i], mt[i]);
-            corr[i] = mn == -INFINITY ? 1.0f : exp(m_row[i] - mn);
+            corr[i] = mn == -INFINITY ? 1.0f : native_exp2(m_row[i] - mn);
             m_row[i] = mn;
             l_row[i] *= corr[i];
         }
@@ -122,7 +180,7 @@ void attention_mma(uint H, uint Nq, uint Nk, float scale,
         for (uint jn = 0; jn < BKV / 8; ++jn) {
             for (uint r = 0; r < 4; ++r) {
                 float m = m_row[r >> 1];
-                float p = m == -INFINITY ? 0.0f : exp(s[jn][r] - m);
+                float p = m == -INFINITY ? 0.0f : native_exp2(s[jn][r] - m);
                 s[jn][r] = p;
                 l_row[r >> 1] += p;
             }

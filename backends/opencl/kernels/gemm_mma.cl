@@ -16,6 +16,13 @@ void GEMM_NAME(GEMM_ARGS) {
     const uint m0 = get_group_id(1) * BM, n0 = get_group_id(0) * BN;
     GEMM_PROLOGUE
     const bool a_raw = A_RAW_OK, b_raw = B_RAW_OK;
+#ifdef B_COLUMN // see gemm_tile.cl
+#if 128 % BN != 0
+#error "B_COLUMN needs whole columns per thread"
+#endif
+    const uint bnn = tid % BN, bkk0 = tid / BN, bn = n0 + bnn;
+    B_COLUMN(bn)
+#endif
     float acc[MMA_MI][MMA_NJ][4];
     for (uint i = 0; i < MMA_MI; ++i)
         for (uint j = 0; j < MMA_NJ; ++j)
@@ -92,6 +99,12 @@ void GEMM_NAME(GEMM_ARGS) {
                     }
                 }
             } else {
+#ifdef B_COLUMN
+                for (uint kk = bkk0; kk < BK; kk += 128 / BN) {
+                    uint k = k0 + kk;
+                    Bs[bnn * LDS + kk] = (k < K && bn < N) ? B_COLUMN_BITS(k) : (ushort)0;
+                }
+#else
                 for (uint e = tid; e < BK * BN; e += 128) {
                     uint kk, nn;
                     if (B_NFAST) {
@@ -104,6 +117,7 @@ void GEMM_NAME(GEMM_ARGS) {
                     uint k = k0 + kk, n = n0 + nn;
                     Bs[nn * LDS + kk] = to_mma_bits((k < K && n < N) ? B_AT(k, n) : 0.0f);
                 }
+#endif
             }
             barrier(CLK_LOCAL_MEM_FENCE);
             mma_block(As, Bs, acc, wm, wn, g, t);
@@ -134,3 +148,7 @@ void GEMM_NAME(GEMM_ARGS) {
 #undef A_RAW_ROW
 #undef B_RAW_OK
 #undef B_RAW_COL
+#undef B_COLUMN
+#undef B_COLUMN_INDEX
+#undef B_COLUMN_AT
+#undef B_COLUMN_BITS

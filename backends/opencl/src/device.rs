@@ -59,6 +59,8 @@ pub struct OpenClDevice {
     /// Set when the tensor-core GEMM failed to build here (the message is kept for `stats`); the SIMT GEMM
     /// then runs everything.
     pub(crate) mma_failure: Mutex<Option<String>>,
+    /// Set when the f16-arithmetic elementwise program failed to build here; f32 arithmetic is used then.
+    pub(crate) half_math_failure: Mutex<Option<String>>,
     exec: Mutex<Exec>,
 }
 
@@ -81,6 +83,7 @@ impl OpenClDevice {
             tuning: Tuning::for_device(&cl),
             exec: Mutex::new(Exec { kernels: HashMap::new(), error_flag: None }),
             mma_failure: Mutex::new(None),
+            half_math_failure: Mutex::new(None),
             cl,
             context,
             queue,
@@ -156,6 +159,11 @@ impl Device for OpenClDevice {
                 (false, _) => "opencl.mma=unavailable".to_string(),
                 (true, None) => "opencl.mma=on".to_string(),
                 (true, Some(e)) => format!("opencl.mma=off (build failed: {})", e.lines().next().unwrap_or("")),
+            },
+            match (ops::half_math_wanted(&self.cl), self.half_math_failure.lock().unwrap().as_ref()) {
+                (false, _) => "opencl.half_math=off".to_string(),
+                (true, None) => "opencl.half_math=on".to_string(),
+                (true, Some(e)) => format!("opencl.half_math=off (build failed: {})", e.lines().next().unwrap_or("")),
             },
         ]
     }

@@ -4,6 +4,7 @@ use crate::device::Tuning;
 
 const COMMON: &str = include_str!("../kernels/common.cl");
 const ELEMENTWISE: &str = include_str!("../kernels/elementwise.cl");
+const ELEMENTWISE_HALF: &str = include_str!("../kernels/elementwise_half.cl");
 const REDUCE: &str = include_str!("../kernels/reduce.cl");
 const GEMM_TILE: &str = include_str!("../kernels/gemm_tile.cl");
 const MATMUL: &str = include_str!("../kernels/matmul.cl");
@@ -16,6 +17,8 @@ const ATTENTION_MMA: &str = include_str!("../kernels/attention_mma.cl");
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ProgramKind {
     Elementwise,
+    /// f16 arithmetic for the elementwise ops that allow it (needs `-DHALF_MATH=1`; see elementwise_half.cl).
+    ElementwiseHalf,
     Reduce,
     Gemm,
     /// The tensor-core GEMM (NVIDIA sm_80+ only; needs `-DMMA_BF16=0|1`).
@@ -29,6 +32,7 @@ impl ProgramKind {
     pub fn name(self) -> &'static str {
         match self {
             ProgramKind::Elementwise => "elementwise",
+            ProgramKind::ElementwiseHalf => "elementwise_half",
             ProgramKind::Reduce => "reduce",
             ProgramKind::Gemm => "gemm",
             ProgramKind::GemmMma => "gemm_mma",
@@ -43,6 +47,7 @@ impl ProgramKind {
 pub fn source(kind: ProgramKind) -> String {
     let parts: &[&str] = match kind {
         ProgramKind::Elementwise => &[COMMON, ELEMENTWISE],
+        ProgramKind::ElementwiseHalf => &[COMMON, ELEMENTWISE_HALF],
         ProgramKind::Reduce => &[COMMON, REDUCE],
         ProgramKind::Gemm => &[COMMON, MATMUL, GEMM_TILE, CONV2D, GEMM_TILE],
         ProgramKind::GemmMma => &[COMMON, MMA, MATMUL, GEMM_MMA, CONV2D, GEMM_MMA],

@@ -54,6 +54,13 @@ impl ClDevice {
         self.extensions.split_whitespace().any(|e| e == ext)
     }
 
+    /// Whether the OpenCL C compiler may take f16 arithmetic: the device reports `cl_khr_fp16`, or it is
+    /// NVIDIA's, whose compiler has accepted `half` arithmetic (not its math built-ins) since its NVVM 7
+    /// version without reporting the extension. Where the build still fails, the f32 path is kept.
+    pub fn half_math_capable(&self) -> bool {
+        self.has_extension("cl_khr_fp16") || self.vendor.to_ascii_uppercase().contains("NVIDIA")
+    }
+
     /// `name (platform)`, for messages.
     pub fn display_name(&self) -> String {
         format!("{} ({})", self.name, self.platform_name)
@@ -79,7 +86,10 @@ impl ClDevice {
                 format!("tensor_cores={}", if self.tensor_cores { "mma.sync (f16/bf16 matmul, conv2d)" } else { "no" }),
                 format!("max_alloc_bytes={}", self.max_alloc),
                 format!("local_mem_bytes={}", self.local_mem),
-                "arithmetic=f32".into(),
+                format!(
+                    "arithmetic={}",
+                    if self.half_math_capable() { "f32, f16 for f16 add/sub/mul/modulate/gated residual" } else { "f32" }
+                ),
             ],
         }
     }

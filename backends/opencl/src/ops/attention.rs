@@ -38,7 +38,9 @@ pub fn run(cx: &mut Ctx, call: &OpCall) -> Result<()> {
             None
         };
         if let (Some(bf16), true) = (variant, cx.mma_enabled()) {
-            let options = format!("-DMMA_BF16={bf16} -DD={dh}");
+            // `SD3_OPENCL_ATTN_PREFETCH=0` stages each K/V tile after the barrier instead (for measuring).
+            let prefetch = std::env::var("SD3_OPENCL_ATTN_PREFETCH").map_or(true, |v| v != "0");
+            let options = format!("-DMMA_BF16={bf16} -DD={dh} -DATTN_PREFETCH={}", prefetch as u32);
             match cx.kernel(ProgramKind::AttentionMma, "attention_mma", &options) {
                 Ok(kern) => {
                     Args::new(&kern)

@@ -4,7 +4,8 @@
 use super::args::{collapse, contig_bits, Args, ClView};
 use super::{is_int, Ctx};
 use crate::kernels::ProgramKind;
-use sd3_core::{Error, Op, OpCall, Result, TensorDesc};
+use ocl::core::Kernel;
+use sd3_core::{BinaryOp, DType, Error, Op, OpCall, Result, TensorDesc, UnaryOp};
 
 // `EW_*` in elementwise.cl.
 const EW_COPY: u32 = 0;
@@ -22,7 +23,10 @@ fn ew(cx: &mut Ctx, op: u32, sub: u32, p: [f32; 2], inputs: &[&TensorDesc], y: &
     let views: Vec<(&[usize], usize)> = inputs.iter().chain([&y]).map(|t| (t.strides(), t.layout.offset)).collect();
     let (shape, v, contig) = collapse(y.shape(), &views);
     let bits: Vec<u32> = (0..inputs.len() as u32).chain([3]).collect();
-    let k = cx.kernel(ProgramKind::Elementwise, "ew", "")?;
+    let k = match half_kernel(cx, op, sub, inputs, y) {
+        Some(k) => k,
+        None => cx.kernel(ProgramKind::Elementwise, "ew", "")?,
+    };
     let ymem = cx.mem(y)?;
     let n = y.elem_count();
     let mut a = Args::new(&k);
@@ -35,6 +39,28 @@ fn ew(cx: &mut Ctx, op: u32, sub: u32, p: [f32; 2], inputs: &[&TensorDesc], y: &
     }
     a.operand(&ymem, y.dtype, &v[inputs.len()]).done()?;
     cx.launch(&k, [n, 1, 1], [WG, 1, 1])
+}
+
+/// The f16-arithmetic kernel (elementwise_half.cl) where it applies: f16 operands, an op it computes, and a
+/// device that takes it. A build failure is recorded and the f32 kernel used from then on.
+fn half_kernel(cx: &mut Ctx, op: u32, sub: u32, inputs: &[&TensorDesc], y: &TensorDesc) -> Option<Kernel> {
+    let all_f16 = inputs.iter().all(|t| t.dtype == DType::F16) && y.dtype == DType::F16;
+    let computes = match op {
+        EW_UNARY => [UnaryOp::Neg, UnaryOp::Square, UnaryOp::Relu].iter().any(|&u| u as u32 == sub),
+        EW_BINARY => [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul].iter().any(|&b| b as u32 == sub),
+        EW_MODULATE | EW_GATED => true,
+        _ => false,
+    };
+    if !all_f16 || !computes || !cx.half_math_enabled() {
+        return None;
+    }
+    match cx.kernel(ProgramKind::ElementwiseHalf, "ew_half", "") {
+        Ok(k) => Some(k),
+        Err(e) => {
+            cx.half_math_failed(e);
+            None
+        }
+    }
 }
 
 pub fn fill(cx: &mut Ctx, value: f32, y: &TensorDesc) -> Result<()> {

@@ -91,6 +91,17 @@ impl Ctx<'_> {
             && self.dev.mma_failure.lock().unwrap().is_none()
     }
 
+    /// Whether f16 operands may use f16 arithmetic in the elementwise ops that allow it (elementwise_half.cl):
+    /// [`half_math_wanted`], and its program did not fail to build here.
+    pub fn half_math_enabled(&self) -> bool {
+        half_math_wanted(&self.dev.cl) && self.dev.half_math_failure.lock().unwrap().is_none()
+    }
+
+    /// Record that the f16-arithmetic program failed to build: from now on f32 arithmetic runs everything.
+    pub fn half_math_failed(&self, e: sd3_core::Error) {
+        *self.dev.half_math_failure.lock().unwrap() = Some(e.to_string());
+    }
+
     /// Record that a tensor-core kernel failed to build: from now on the SIMT kernels run everything.
     pub fn mma_failed(&self, e: sd3_core::Error) {
         *self.dev.mma_failure.lock().unwrap() = Some(e.to_string());
@@ -126,6 +137,16 @@ impl Ctx<'_> {
             )
         }
         .map_err(|e| cl_error("clEnqueueNDRangeKernel", e))
+    }
+}
+
+/// f16 arithmetic where the device's compiler takes it ([`ClDevice::half_math_capable`]); `SD3_OPENCL_HALF_MATH`
+/// `0` turns it off, `1` forces it on (to test the kernel on a device that does not claim it).
+pub fn half_math_wanted(cl: &crate::platform::ClDevice) -> bool {
+    match std::env::var("SD3_OPENCL_HALF_MATH").as_deref() {
+        Ok("0") => false,
+        Ok("1") => true,
+        _ => cl.half_math_capable(),
     }
 }
 
