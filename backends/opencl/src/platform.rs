@@ -88,7 +88,11 @@ impl ClDevice {
                 format!("local_mem_bytes={}", self.local_mem),
                 format!(
                     "arithmetic={}",
-                    if self.half_math_capable() { "f32, f16 for f16 add/sub/mul/modulate/gated residual" } else { "f32" }
+                    if self.half_math_capable() {
+                        "f32, f16 for f16 add/sub/mul/modulate/gated residual"
+                    } else {
+                        "f32"
+                    }
                 ),
             ],
         }
