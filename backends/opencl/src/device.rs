@@ -5,7 +5,7 @@ use crate::platform::ClDevice;
 use crate::program_cache::{default_cache_dir, ProgramCache};
 use crate::{cl_error, ops};
 use ocl::core::{self, CommandQueue, Context, DeviceId, Kernel, Program};
-use sd3_core::{BufferId, Device, DeviceInfo, DeviceKind, OpCall, Result};
+use sd3_core::{BufferId, Device, DeviceInfo, DeviceKind, MarkerId, OpCall, Result};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Mutex, MutexGuard};
@@ -62,6 +62,9 @@ pub struct OpenClDevice {
     /// Set when the f16-arithmetic elementwise program failed to build here; f32 arithmetic is used then.
     pub(crate) half_math_failure: Mutex<Option<String>>,
     exec: Mutex<Exec>,
+    /// Whether the queue has profiling enabled (timing markers need it).
+    pub(crate) queue_profiling: bool,
+    pub(crate) markers: Mutex<crate::timing::Markers>,
 }
 
 impl OpenClDevice {
@@ -75,7 +78,9 @@ impl OpenClDevice {
         let device = unsafe { DeviceId::from_raw(cl.device) };
         let context = core::create_context(None, &[device], None, None)
             .map_err(|e| cl_error(&format!("creating a context on {}", cl.display_name()), e))?;
-        let queue = core::create_command_queue(&context, device, None)
+        let queue_profiling = crate::timing::queue_profiling_wanted();
+        let properties = queue_profiling.then(|| core::CommandQueueProperties::new().profiling());
+        let queue = core::create_command_queue(&context, device, properties)
             .map_err(|e| cl_error(&format!("creating a queue on {}", cl.display_name()), e))?;
         Ok(OpenClDevice {
             memory: Memory::new(cl.global_mem, cl.max_alloc),
@@ -83,6 +88,8 @@ impl OpenClDevice {
             tuning: Tuning::for_device(&cl),
             exec: Mutex::new(Exec { kernels: HashMap::new(), error_flag: None }),
             mma_failure: Mutex::new(None),
+            queue_profiling,
+            markers: Mutex::new(Default::default()),
             half_math_failure: Mutex::new(None),
             cl,
             context,
@@ -147,11 +154,21 @@ impl Device for OpenClDevice {
     fn synchronize(&self) -> Result<()> {
         core::finish(&self.queue).map_err(|e| cl_error("clFinish", e))
     }
+    fn record_marker(&self) -> Result<Option<MarkerId>> {
+        self.record_marker_event()
+    }
+    fn marker_elapsed(&self, start: MarkerId, end: MarkerId) -> Result<f64> {
+        self.marker_seconds(start, end)
+    }
+    fn release_marker(&self, marker: MarkerId) {
+        self.release_marker_event(marker)
+    }
     fn stats(&self) -> Vec<String> {
         let s = &self.programs.stats;
         vec![
             format!("opencl.buffers={}", self.memory.buffer_count()),
             format!("opencl.bytes_in_use={}", self.memory.bytes_in_use()),
+            format!("opencl.queue_profiling={}", if self.queue_profiling { "on" } else { "off" }),
             format!("opencl.programs_built={}", s.built.load(Ordering::Relaxed)),
             format!("opencl.programs_loaded_from_cache={}", s.loaded.load(Ordering::Relaxed)),
             format!("opencl.cache_entries_rebuilt={}", s.rebuilt_corrupt.load(Ordering::Relaxed)),

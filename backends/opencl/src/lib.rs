@@ -5,6 +5,7 @@
 //! - [`device`]: [`OpenClDevice`], the `sd3_core::Device` implementation.
 //! - [`memory`], [`program_cache`]: buffers, and kernel programs built per device and cached on disk.
 //! - `ops`: one module per op family, each launching the kernels of its `.cl` file.
+//! - [`timing`]: device timing markers from OpenCL profiling events.
 
 pub mod device;
 mod kernels;
@@ -12,6 +13,7 @@ pub mod memory;
 mod ops;
 pub mod platform;
 pub mod program_cache;
+pub mod timing;
 
 pub use device::OpenClDevice;
 use sd3_core::{BackendProvider, Device, Error, Result};

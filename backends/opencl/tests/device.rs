@@ -1,6 +1,6 @@
 //! The OpenCL device as a whole: enumeration, clear errors (invalid device, out of memory, kernel build
 //! failure with its log), the on-disk program cache (including a corrupt entry), and the plugin loaded through
-//! the C ABI. Skips, with the reason printed, only on a machine without an OpenCL platform.
+//! the C ABI, and timing markers. Skips, with the reason printed, only on a machine without an OpenCL platform.
 
 mod common;
 
@@ -133,4 +133,31 @@ fn runs_through_the_plugin_abi() {
     let err = ocl.empty(&[1usize << 50], DType::U8).unwrap_err();
     assert!(matches!(err, Error::OutOfMemory { .. }), "{err:?}");
     let _ = Op::Copy;
+    // Timing markers cross the boundary too (ABI 1.1).
+    let dev = ocl.device();
+    let (a, b) = (dev.record_marker().unwrap().unwrap(), dev.record_marker().unwrap().unwrap());
+    assert!(dev.marker_elapsed(a, b).unwrap() >= 0.0);
+    dev.release_marker(a);
+    dev.release_marker(b);
+}
+
+/// Device time between two markers around a matmul: positive, and not more than the wall time that encloses
+/// both markers. A released marker is an error, not a crash.
+#[test]
+fn timing_markers_measure_queued_work() {
+    let Some(dev) = common::device() else { return };
+    let b = Backend::new("opencl", dev.clone());
+    let x = b.from_f32(&vec![0.5f32; 384 * 384], &[384, 384], DType::F32).unwrap();
+    let wall = std::time::Instant::now();
+    let start = dev.record_marker().unwrap().expect("the queue has profiling enabled");
+    let y = x.matmul(&x).unwrap();
+    let end = dev.record_marker().unwrap().unwrap();
+    let seconds = dev.marker_elapsed(start, end).unwrap();
+    let enclosing = wall.elapsed().as_secs_f64();
+    assert!(seconds > 0.0 && seconds <= enclosing + 1e-3, "device {seconds} s, wall {enclosing} s");
+    drop(y);
+    dev.release_marker(start);
+    assert!(matches!(dev.marker_elapsed(start, end), Err(Error::InvalidArgument(_))));
+    dev.release_marker(end);
+    assert!(dev.stats().contains(&"opencl.queue_profiling=on".to_string()), "{:?}", dev.stats());
 }
