@@ -27,6 +27,8 @@ pub struct CudaDevice {
     /// Device int set by kernels that meet bad data (gather ids out of range); checked at each synchronisation.
     error_flag: BufferId,
     info: DeviceInfo,
+    /// `--benchmark` timing markers: CUDA events on `stream`.
+    markers: crate::events::Markers,
 }
 
 // SAFETY: the CUDA context is bound to the calling thread before each use (cudarc does this in launch and
@@ -73,7 +75,8 @@ impl CudaDevice {
         let error_flag = alloc.alloc(4)?;
         let lt = Lt::new(alloc.alloc(Lt::WORKSPACE_BYTES)?.0)?;
         unsafe { result::memset_d8_async(error_flag.0, 0, 4, stream.cu_stream()) }.map_err(drv)?;
-        Ok(CudaDevice { ctx, stream, blas: Mutex::new(blas), kernels, alloc, lt, error_flag, info })
+        let markers = crate::events::Markers::new();
+        Ok(CudaDevice { ctx, stream, blas: Mutex::new(blas), kernels, alloc, lt, error_flag, info, markers })
     }
 
     pub(crate) fn launch<P: DeviceRepr>(&self, f: &CudaFunction, grid: u64, block: u32, params: P) -> Result<()> {
@@ -530,7 +533,18 @@ impl Device for CudaDevice {
         self.check_error_flag()
     }
     fn stats(&self) -> Vec<String> {
-        self.alloc.stats()
+        let mut stats = self.alloc.stats();
+        stats.extend(self.markers.stats());
+        stats
+    }
+    fn record_marker(&self) -> Result<Option<sd3_core::MarkerId>> {
+        self.markers.record(&self.ctx, &self.stream).map(Some)
+    }
+    fn marker_elapsed(&self, start: sd3_core::MarkerId, end: sd3_core::MarkerId) -> Result<f64> {
+        self.markers.elapsed(start, end)
+    }
+    fn release_marker(&self, marker: sd3_core::MarkerId) {
+        self.markers.release(marker)
     }
 }
 

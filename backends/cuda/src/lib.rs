@@ -9,9 +9,11 @@
 //! - `gemm.rs`: matrix products through cuBLAS; `lt.rs`: linears with a fused bias through cuBLASLt;
 //!   `attention.rs`: the tensor-core flash kernel, or products through cuBLAS
 //! - `memory.rs`: the caching allocator
+//! - `events.rs`: `--benchmark` timing markers as CUDA events
 
 mod attention;
 mod device;
+mod events;
 mod gemm;
 mod kernels;
 mod lt;
