@@ -42,7 +42,7 @@ fn matmul(c: &mut Criterion) {
     let n = 2048;
     let (a, b, y) =
         (tensor(&dev, &[n, n], DType::F32), tensor(&dev, &[n, n], DType::F32), tensor(&dev, &[n, n], DType::F32));
-    bench_op(c, "matmul_2048_f32 (flop)", 2 * (n as u64).pow(3), Op::Matmul { bias: false }, &[a, b], &y, &dev);
+    bench_op(c, "matmul_2048_f32 (flop)", 2 * (n as u64).pow(3), Op::Matmul { bias: false, act: None }, &[a, b], &y, &dev);
 }
 
 fn linear(c: &mut Criterion) {
@@ -55,7 +55,7 @@ fn linear(c: &mut Criterion) {
         let bias = tensor(&dev, &[n], wdt);
         let name = format!("linear_8192x1536x1536_w{wdt} (flop)");
         let ins = [x.clone(), w, bias];
-        bench_op(c, &name, 2 * (m * k * n) as u64, Op::Matmul { bias: true }, &ins, &y, &dev);
+        bench_op(c, &name, 2 * (m * k * n) as u64, Op::Matmul { bias: true, act: None }, &ins, &y, &dev);
     }
 }
 

@@ -6,12 +6,15 @@
 //!    are replaced by contiguous temporaries. An input is copied into its temporary with the device's own `Copy`;
 //!    an output is computed into its temporary, then copied into the view. Every subset of such operands is tried
 //!    in order of the bytes it copies, so a device that declines only one odd operand pays for that one copy.
+//! 2. **Decompose** a fused form the device declines: a matmul with an activation epilogue becomes the plain
+//!    matmul into a contiguous temporary and the activation from it into the output (each part relaid out as
+//!    needed).
 //!
 //! Only `supports` decides, and a whole plan is accepted before anything is queued, so a declined rewrite costs
 //! no device work. Temporaries are freed as soon as their work is queued (a device keeps a buffer alive until
 //! queued work that uses it is done, see [`Device`]).
 
-use crate::{BufferId, Device, Layout, Op, OpCall, Result, TensorDesc};
+use crate::{BufferId, Device, Layout, Op, OpCall, Result, TensorDesc, UnaryOp};
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
@@ -58,6 +61,9 @@ pub(crate) fn run_on_device(dev: &dyn Device, call: &OpCall, stats: &Mutex<Legal
     execute(dev, call, &plan, &mut counts)?;
     let mut s = stats.lock().unwrap();
     *s.rewritten.entry(call.op.name()).or_default() += 1;
+    if matches!(plan, Plan::Decompose { .. }) {
+        *s.decomposed.entry(call.op.name()).or_default() += 1;
+    }
     s.copies += counts.copies;
     s.copy_bytes += counts.bytes;
     Ok(true)
@@ -66,8 +72,12 @@ pub(crate) fn run_on_device(dev: &dyn Device, call: &OpCall, stats: &Mutex<Legal
 /// How to run a call on the device.
 #[derive(Debug)]
 enum Plan {
+    /// As it is.
+    Direct,
     /// With the inputs at these indices, and the output if given, replaced by these contiguous temporaries.
     Relayout { inputs: Vec<(usize, TensorDesc)>, output: Option<TensorDesc> },
+    /// A matmul with an activation: the plain matmul into `tmp`, then the activation into the output.
+    Decompose { act: UnaryOp, tmp: TensorDesc, matmul: Box<Plan>, activation: Box<Plan> },
 }
 
 /// Device buffers of one legalised call, freed when it has been queued.
@@ -98,7 +108,26 @@ fn rewrite(dev: &dyn Device, call: &OpCall, temps: &mut Temps) -> Result<Option<
     if let Some(p) = relayout(dev, call, temps)? {
         return Ok(Some(p));
     }
+    if let Op::Matmul { bias, act: Some(act) } = call.op {
+        let tmp = temps.contiguous_like(&call.outputs[0])?;
+        let mm_out = [tmp.clone()];
+        let matmul = OpCall { op: Op::Matmul { bias, act: None }, inputs: call.inputs, outputs: &mm_out };
+        let act_in = [tmp.clone()];
+        let activation = OpCall { op: Op::Unary(act), inputs: &act_in, outputs: call.outputs };
+        if let (Some(m), Some(a)) =
+            (direct_or_relayout(dev, &matmul, temps)?, direct_or_relayout(dev, &activation, temps)?)
+        {
+            return Ok(Some(Plan::Decompose { act, tmp, matmul: Box::new(m), activation: Box::new(a) }));
+        }
+    }
     Ok(None)
+}
+
+fn direct_or_relayout(dev: &dyn Device, call: &OpCall, temps: &mut Temps) -> Result<Option<Plan>> {
+    if dev.supports(call) {
+        return Ok(Some(Plan::Direct));
+    }
+    relayout(dev, call, temps)
 }
 
 /// Whether an operand is a candidate for a contiguous temporary.
@@ -166,6 +195,7 @@ fn copy(dev: &dyn Device, src: &TensorDesc, dst: &TensorDesc, counts: &mut Count
 
 fn execute(dev: &dyn Device, call: &OpCall, plan: &Plan, counts: &mut Counts) -> Result<()> {
     match plan {
+        Plan::Direct => dev.execute(call),
         Plan::Relayout { inputs, output } => {
             let mut ins = call.inputs.to_vec();
             for (i, t) in inputs {
@@ -178,6 +208,18 @@ fn execute(dev: &dyn Device, call: &OpCall, plan: &Plan, counts: &mut Counts) ->
                 copy(dev, t, &call.outputs[0], counts)?;
             }
             Ok(())
+        }
+        Plan::Decompose { act, tmp, matmul, activation } => {
+            let Op::Matmul { bias, .. } = call.op else { unreachable!("only matmuls are decomposed") };
+            let mm_out = [tmp.clone()];
+            execute(
+                dev,
+                &OpCall { op: Op::Matmul { bias, act: None }, inputs: call.inputs, outputs: &mm_out },
+                matmul,
+                counts,
+            )?;
+            let act_in = [tmp.clone()];
+            execute(dev, &OpCall { op: Op::Unary(*act), inputs: &act_in, outputs: call.outputs }, activation, counts)
         }
     }
 }

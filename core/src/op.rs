@@ -128,9 +128,11 @@ pub enum Op {
     /// The scale op: `in: x; out: y = x·mul + add`.
     Affine { mul: f32, add: f32 },
     /// Batched matrix product with f32 accumulation. `in: a [.., M, K], b [.., K, N], bias [N] (if bias);
-    /// out: y [.., M, N] = a·b (+ bias)`. Batch dims of a and b are already broadcast to y's.
+    /// out: y [.., M, N] = act(a·b (+ bias))`. Batch dims of a and b are already broadcast to y's.
     /// Each matrix of a and b has unit stride in one of its two last dims (row- or column-major).
-    Matmul { bias: bool },
+    /// `act` is an optional elementwise epilogue (e.g. GELU after a feed-forward projection), applied to the f32
+    /// accumulator before rounding; a device that declines it gets the matmul and a separate unary op instead.
+    Matmul { bias: bool, act: Option<UnaryOp> },
     /// Softmax over the last dim. `in: x; out: y`.
     Softmax,
     /// Layer norm over the last dim (biased variance). `in: x, weight [D], bias [D] (if affine); out: y`.
@@ -193,10 +195,16 @@ pub struct EncodedOp {
 }
 
 impl Op {
-    /// Short name used in reports: `matmul`, `unary.silu`, ...
+    /// A matmul without an activation epilogue.
+    pub fn matmul(bias: bool) -> Op {
+        Op::Matmul { bias, act: None }
+    }
+
+    /// Short name used in reports: `matmul`, `matmul.gelu_tanh`, `unary.silu`, ...
     pub fn name(&self) -> String {
         match self {
             Op::Unary(u) => format!("unary.{}", u.name()),
+            Op::Matmul { act: Some(u), .. } => format!("matmul.{}", u.name()),
             Op::Binary(b) => format!("binary.{}", b.name()),
             other => other.kind_name().to_string(),
         }
@@ -230,7 +238,7 @@ impl Op {
             Op::Copy | Op::Unary(_) | Op::Affine { .. } | Op::Softmax | Op::UpsampleNearest2d { .. } => 1,
             Op::Fill { .. } => 0,
             Op::Binary(_) | Op::RmsNorm { .. } | Op::Gather => 2,
-            Op::Matmul { bias } => 2 + bias as usize,
+            Op::Matmul { bias, .. } => 2 + bias as usize,
             Op::LayerNorm { affine, .. } | Op::GroupNorm { affine, .. } => 1 + 2 * affine as usize,
             Op::LayerNormModulate { .. } | Op::Modulate | Op::GatedResidual => 3,
             Op::Attention { bias, qk_norm, .. } => 3 + bias as usize + 2 * qk_norm as usize,
@@ -259,9 +267,11 @@ impl Op {
                 e.fparams[0] = mul;
                 e.fparams[1] = add;
             }
-            Op::Matmul { bias } => {
+            Op::Matmul { bias, act } => {
                 e.kind = kind::MATMUL;
                 e.iparams[0] = bias as i64;
+                // 0: none, else 1 + the unary id (ABI 1.1; a 1.0 plugin never sees a non-zero value).
+                e.iparams[1] = act.map_or(0, |u| u as i64 + 1);
             }
             Op::Softmax => e.kind = kind::SOFTMAX,
             Op::LayerNorm { eps, affine } => {
@@ -320,7 +330,13 @@ impl Op {
             kind::UNARY => Op::Unary(UnaryOp::from_id(e.sub)?),
             kind::BINARY => Op::Binary(BinaryOp::from_id(e.sub)?),
             kind::AFFINE => Op::Affine { mul: e.fparams[0], add: e.fparams[1] },
-            kind::MATMUL => Op::Matmul { bias: flag(0) },
+            kind::MATMUL => Op::Matmul {
+                bias: flag(0),
+                act: match e.iparams[1] {
+                    0 => None,
+                    id => Some(UnaryOp::from_id(u32::try_from(id - 1).ok()?)?),
+                },
+            },
             kind::SOFTMAX => Op::Softmax,
             kind::LAYER_NORM => Op::LayerNorm { eps: e.fparams[0], affine: flag(0) },
             kind::RMS_NORM => Op::RmsNorm { eps: e.fparams[0] },

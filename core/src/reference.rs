@@ -228,7 +228,7 @@ pub fn compute(call: &OpCall, ins: &[Vec<f64>]) -> Result<Vec<Vec<f64>>> {
         Op::Unary(f) => ins[0].iter().map(|&x| unary_f64(f, x)).collect(),
         Op::Binary(f) => ins[0].iter().zip(&ins[1]).map(|(&a, &b)| binary_f64(f, a, b)).collect(),
         Op::Affine { mul, add } => ins[0].iter().map(|&x| x * mul as f64 + add as f64).collect(),
-        Op::Matmul { bias } => {
+        Op::Matmul { bias, act } => {
             let r = oshape.len();
             let (m, n) = (oshape[r - 2], oshape[r - 1]);
             let k = call.inputs[0].shape()[r - 1];
@@ -244,6 +244,9 @@ pub fn compute(call: &OpCall, ins: &[Vec<f64>]) -> Result<Vec<Vec<f64>>> {
                         }
                         if bias {
                             acc += ins[2][j];
+                        }
+                        if let Some(f) = act {
+                            acc = unary_f64(f, acc);
                         }
                         y[bi * m * n + i * n + j] = acc;
                     }

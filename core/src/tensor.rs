@@ -370,34 +370,84 @@ impl Tensor {
         b_shape.extend([k, n]);
         let mut y_shape = batch;
         y_shape.extend([m, n]);
-        let a = matrix_friendly(&self.broadcast_to(&a_shape)?)?;
-        let b = matrix_friendly(&rhs.broadcast_to(&b_shape)?)?;
+        let a = self.broadcast_to(&a_shape)?;
+        let b = rhs.broadcast_to(&b_shape)?;
         let out = self.new_like(&y_shape, self.dtype)?;
-        match bias {
-            Some(bias) => {
-                if bias.shape() != [n] {
-                    return shape_err("linear", format!("bias {:?} for {n} outputs", bias.shape()));
-                }
-                self.backend().run(Op::Matmul { bias: true }, &[&a, &b, bias], &[&out])?
-            }
-            None => self.backend().run(Op::Matmul { bias: false }, &[&a, &b], &[&out])?,
-        }
+        run_matmul(&a, &b, bias, None, &out)?;
         Ok(out)
     }
 
     /// `self [.., K] · weightᵀ + bias` with `weight [N, K]` (PyTorch's `nn.Linear` layout).
     pub fn linear(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        if weight.rank() != 2 || self.rank() == 0 || weight.dim(1) != self.dim(self.rank() - 1) {
+        self.linear_act(weight, bias, None)
+    }
+
+    /// [`Tensor::linear`] followed by the activation `act`, fused into the matmul (`Op::Matmul { act }`); a device
+    /// that declines the fused form runs the matmul and the unary op (core legalisation).
+    pub fn linear_act(&self, weight: &Tensor, bias: Option<&Tensor>, act: Option<UnaryOp>) -> Result<Tensor> {
+        if weight.rank() != 2 || self.rank() == 0 {
             return shape_err("linear", format!("input {:?} with weight {:?}", self.shape(), weight.shape()));
         }
-        let k = weight.dim(1);
-        let lead: Vec<usize> = self.shape()[..self.rank() - 1].to_vec();
-        let rows: usize = lead.iter().product();
-        let x2 = self.reshape(&[rows, k])?;
-        let y = x2.matmul_bias(&weight.transpose(0, 1)?, bias)?;
-        let mut shape = lead;
+        let mut shape = self.shape()[..self.rank() - 1].to_vec();
         shape.push(weight.dim(0));
-        y.reshape(&shape)
+        let out = self.new_like(&shape, self.dtype)?;
+        self.linear_into(weight, bias, act, &out)?;
+        Ok(out)
+    }
+
+    /// [`Tensor::linear_act`] written into `out` (`[.., N]`, any strides: e.g. rows of a bigger buffer) instead of
+    /// a new tensor. Neither `self` nor `out` is copied: when the leading dims of both merge into one (as views),
+    /// this is one `[rows, K] × [K, N]` matmul; otherwise a batched matmul over the leading dims but the last, with
+    /// the weight broadcast (batch stride 0).
+    pub fn linear_into(
+        &self,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        act: Option<UnaryOp>,
+        out: &Tensor,
+    ) -> Result<()> {
+        let r = self.rank();
+        if weight.rank() != 2 || r == 0 || weight.dim(1) != self.dim(r - 1) {
+            return shape_err("linear", format!("input {:?} with weight {:?}", self.shape(), weight.shape()));
+        }
+        let mut y_shape = self.shape()[..r - 1].to_vec();
+        y_shape.push(weight.dim(0));
+        if out.shape() != y_shape.as_slice() {
+            return shape_err(
+                "linear",
+                format!("output {:?} for input {:?} with weight {:?}", out.shape(), self.shape(), weight.shape()),
+            );
+        }
+        let wt = weight.transpose(0, 1)?;
+        let x = if r == 1 { self.unsqueeze(0)? } else { self.clone() };
+        let y = if r == 1 { out.unsqueeze(0)? } else { out.clone() };
+        match (x.merged_rows(), y.merged_rows()) {
+            (Some(x2), Some(y2)) => run_matmul(&x2, &wt, bias, act, &y2),
+            _ => {
+                let xr = x.rank();
+                let mut b_shape = x.shape()[..xr - 2].to_vec();
+                b_shape.extend(wt.shape());
+                run_matmul(&x, &wt.broadcast_to(&b_shape)?, bias, act, &y)
+            }
+        }
+    }
+
+    /// `[.., M, K]` as the view `[rows, K]` when its leading dims merge (each stride is the next one's extent).
+    fn merged_rows(&self) -> Option<Tensor> {
+        let r = self.rank();
+        let l = &self.layout;
+        let lead: Vec<(usize, usize)> =
+            (0..r - 1).map(|i| (l.shape[i], l.strides[i])).filter(|&(d, _)| d != 1).collect();
+        let rows: usize = l.shape[..r - 1].iter().product();
+        let row_stride = lead.last().map_or(l.shape[r - 1] * l.strides[r - 1].max(1), |&(_, s)| s);
+        if !lead.windows(2).all(|w| w[0].1 == w[1].1 * w[1].0) {
+            return None;
+        }
+        Some(self.view(Layout {
+            shape: vec![rows, l.shape[r - 1]],
+            strides: vec![row_stride, l.strides[r - 1]],
+            offset: l.offset,
+        }))
     }
 
     // ---------------------------------------------------------------- normalisation
@@ -421,8 +471,16 @@ impl Tensor {
 
     pub fn rms_norm(&self, weight: &Tensor, eps: f32) -> Result<Tensor> {
         let out = self.new_like(self.shape(), self.dtype)?;
-        self.backend().run(Op::RmsNorm { eps }, &[self, weight], &[&out])?;
+        self.rms_norm_into(weight, eps, &out)?;
         Ok(out)
+    }
+
+    /// [`Tensor::rms_norm`] written into `out` (same shape, any strides) instead of a new tensor.
+    pub fn rms_norm_into(&self, weight: &Tensor, eps: f32, out: &Tensor) -> Result<()> {
+        if out.shape() != self.shape() {
+            return shape_err("rms_norm", format!("output {:?} for input {:?}", out.shape(), self.shape()));
+        }
+        self.backend().run(Op::RmsNorm { eps }, &[self, weight], &[out])
     }
 
     /// adaLN: `LN(self)·(1 + scale) + shift`, scale and shift broadcast to `self`.
@@ -476,6 +534,18 @@ impl Tensor {
     /// Fused multi-head attention over `q [B,H,Nq,Dh]`, `k [B,H,Nk,Dh]`, `v [B,H,Nk,Dv]` (any strides);
     /// returns `[B,H,Nq,Dv]`.
     pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, p: &AttentionParams) -> Result<Tensor> {
+        if q.rank() != 4 || v.rank() != 4 {
+            return shape_err("attention", format!("q {:?}, k {:?}, v {:?}", q.shape(), k.shape(), v.shape()));
+        }
+        let (b, h, nq) = (q.dim(0), q.dim(1), q.dim(2));
+        let out = q.new_like(&[b, h, nq, v.dim(3)], q.dtype)?;
+        Tensor::attention_into(q, k, v, p, &out)?;
+        Ok(out)
+    }
+
+    /// [`Tensor::attention`] written into `out` (`[B,H,Nq,Dv]`, any strides: e.g. a `[B,Nq,H,Dv]` buffer viewed
+    /// heads-first, so merging the heads afterwards is a free view).
+    pub fn attention_into(q: &Tensor, k: &Tensor, v: &Tensor, p: &AttentionParams, out: &Tensor) -> Result<()> {
         let ok = q.rank() == 4
             && k.rank() == 4
             && v.rank() == 4
@@ -486,7 +556,12 @@ impl Tensor {
             return shape_err("attention", format!("q {:?}, k {:?}, v {:?}", q.shape(), k.shape(), v.shape()));
         }
         let (b, h, nq, nk) = (q.dim(0), q.dim(1), q.dim(2), k.dim(2));
-        let out = q.new_like(&[b, h, nq, v.dim(3)], q.dtype)?;
+        if out.shape() != [b, h, nq, v.dim(3)] {
+            return shape_err(
+                "attention",
+                format!("output {:?} for q {:?}, v {:?}", out.shape(), q.shape(), v.shape()),
+            );
+        }
         let bias = match p.bias {
             Some(t) => Some(t.broadcast_to(&[b, h, nq, nk])?),
             None => None,
@@ -506,8 +581,7 @@ impl Tensor {
             qk_norm: p.qk_norm.is_some(),
             norm_eps: p.qk_norm.map(|x| x.2).unwrap_or(0.0),
         };
-        q.backend().run(op, &inputs, &[&out])?;
-        Ok(out)
+        q.backend().run(op, &inputs, &[out])
     }
 
     /// 2-D convolution, `self [N,C,H,W]`, `weight [O,C,KH,KW]`.
@@ -549,6 +623,21 @@ impl Tensor {
         let out = table.new_like(&[ids.dim(0), table.dim(1)], table.dtype)?;
         table.backend().run(Op::Gather, &[table, ids], &[&out])?;
         Ok(out)
+    }
+}
+
+/// Queue `out = act(a·b (+ bias))` for operands already broadcast to `out`'s batch dims.
+fn run_matmul(a: &Tensor, b: &Tensor, bias: Option<&Tensor>, act: Option<UnaryOp>, out: &Tensor) -> Result<()> {
+    let n = out.dim(out.rank() - 1);
+    let (a, b) = (matrix_friendly(a)?, matrix_friendly(b)?);
+    match bias {
+        Some(bias) => {
+            if bias.shape() != [n] {
+                return shape_err("linear", format!("bias {:?} for {n} outputs", bias.shape()));
+            }
+            out.backend().run(Op::Matmul { bias: true, act }, &[&a, &b, bias], &[out])
+        }
+        None => out.backend().run(Op::Matmul { bias: false, act }, &[&a, &b], &[out]),
     }
 }
 

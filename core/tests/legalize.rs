@@ -166,3 +166,55 @@ fn an_op_the_device_never_takes_costs_no_device_work() {
     assert!(s.be.stats().iter().all(|l| !l.starts_with("legalize.")));
     assert!(!s.ops().contains(&"copy".to_string()), "no copy may be queued for a rewrite that is not used");
 }
+
+fn linear_gelu(be: &Backend, out: Option<&Tensor>) -> Vec<f32> {
+    let x = be.from_f32(&values(35, 1), &[5, 7], DType::F32).unwrap();
+    let w = be.from_f32(&values(42, 2), &[6, 7], DType::F32).unwrap();
+    let b = be.from_f32(&values(6, 3), &[6], DType::F32).unwrap();
+    match out {
+        Some(out) => {
+            x.linear_into(&w, Some(&b), Some(UnaryOp::GeluTanh), out).unwrap();
+            out.to_f32_vec().unwrap()
+        }
+        None => x.linear_act(&w, Some(&b), Some(UnaryOp::GeluTanh)).unwrap().to_f32_vec().unwrap(),
+    }
+}
+
+/// Equal but for the one f32 rounding between a decomposed matmul and its activation.
+fn assert_close(got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= 1e-6 * (1.0 + w.abs()), "element {i}: {g} vs {w}");
+    }
+}
+
+#[test]
+fn a_declined_activation_epilogue_runs_as_matmul_then_unary() {
+    let s = setup(|c: &OpCall| !matches!(c.op, Op::Matmul { act: Some(_), .. }), true);
+    assert_close(&linear_gelu(&s.be, None), &linear_gelu(&s.reference, None));
+    assert_eq!(s.ops(), ["matmul", "unary.gelu_tanh"]);
+    let st = s.be.legalize_stats();
+    assert_eq!(st.decomposed.get("matmul.gelu_tanh"), Some(&1));
+    assert_eq!(st.copies, 0);
+    // A device that takes the fused form gets it as one call.
+    let s = setup(|_: &OpCall| true, true);
+    assert_eq!(linear_gelu(&s.be, None), linear_gelu(&s.reference, None));
+    assert_eq!(s.ops(), ["matmul.gelu_tanh"]);
+}
+
+#[test]
+fn decomposition_and_relayout_combine() {
+    // Contiguous operands only and no epilogue; the output is a column slice of a bigger buffer.
+    let s = setup(|c: &OpCall| contiguous_only(c) && !matches!(c.op, Op::Matmul { act: Some(_), .. }), true);
+    let run = |be: &Backend| {
+        let big = be.zeros(&[5, 10], DType::F32).unwrap();
+        let mut v = linear_gelu(be, Some(&big.narrow(1, 3, 6).unwrap()));
+        v.extend(big.to_f32_vec().unwrap());
+        v
+    };
+    assert_close(&run(&s.be), &run(&s.reference));
+    assert_eq!(s.ops(), ["fill", "copy", "matmul", "unary.gelu_tanh", "copy", "copy"]);
+    let st = s.be.legalize_stats();
+    assert_eq!(st.decomposed.get("matmul.gelu_tanh"), Some(&1));
+    assert_eq!(st.copies, 2, "the transposed weight in, the activation's output into the view");
+}

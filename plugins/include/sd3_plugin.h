@@ -72,6 +72,9 @@ extern "C" {
  * BINARY               sub = SD3_BINARY_*; in: a, b (already broadcast to y's shape, stride 0); out: y
  * AFFINE               in: x; out: y = x*fparams[0] + fparams[1]
  * MATMUL               iparams[0] = bias; in: a [..,M,K], b [..,K,N], bias [N] (if bias); out: y [..,M,N]
+ *                      iparams[1] = activation epilogue (ABI 1.1): 0 none, else 1 + SD3_UNARY_*, applied to
+ *                      a*b (+bias) before rounding. Decline (supports = 0) a value you do not implement; the host
+ *                      then runs the matmul and the unary op separately. A 1.0 plugin is never sent one.
  * SOFTMAX              over the last dim; in: x; out: y
  * LAYER_NORM           fparams[0] = eps, iparams[0] = affine; in: x, weight, bias (if affine); out: y
  * RMS_NORM             fparams[0] = eps; in: x, weight; out: y

@@ -23,7 +23,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (a, b, y) = (desc(&dev, 0.5)?, desc(&dev, -0.25)?, desc(&dev, 0.0)?);
     let ins = [a, b];
     let outs = [y];
-    let call = OpCall { op: Op::Matmul { bias: false }, inputs: &ins, outputs: &outs };
+    let call = OpCall { op: Op::Matmul { bias: false, act: None }, inputs: &ins, outputs: &outs };
     dev.execute(&call)?; // warm-up: thread pool start, page faults
     let mut best = f64::INFINITY;
     for _ in 0..repeats {

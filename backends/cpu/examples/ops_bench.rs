@@ -47,7 +47,7 @@ fn main() {
             &format!("linear 8192x1536x1536 w{wdt}"),
             flops,
             "GFLOP/s",
-            Op::Matmul { bias: true },
+            Op::Matmul { bias: true, act: None },
             &ins,
             tensor(&dev, &[m, n], DType::F32),
         );

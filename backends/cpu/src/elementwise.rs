@@ -100,6 +100,16 @@ simd_fn! {
     }
 }
 
+/// `y = f(y)` in place (the matmul activation epilogue), through a small stack buffer.
+pub fn unary_in_place(op: UnaryOp, y: &mut [f32]) {
+    let mut buf = [0f32; 256];
+    for chunk in y.chunks_mut(buf.len()) {
+        let x = &mut buf[..chunk.len()];
+        x.copy_from_slice(chunk);
+        unary_slice(op, x, chunk);
+    }
+}
+
 pub fn unary(op: UnaryOp, x: &View, y: &View) {
     map_chunks(&[*x], y, |i, o| unary_slice(op, i[0], o));
 }

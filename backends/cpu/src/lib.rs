@@ -157,12 +157,13 @@ fn execute(op: Op, ins: &[View], in_descs: &[TensorDesc], out: &View, out_layout
             let ts = &in_descs[0].layout.shape;
             elementwise::gather_rows(&ins[0], &ins[1], out, ts[0], ts[1])?
         }
-        Op::Matmul { bias } => matmul::matmul(&matmul::MatmulArgs {
+        Op::Matmul { bias, act } => matmul::matmul(&matmul::MatmulArgs {
             a: ins[0],
             al: &in_descs[0].layout,
             b: ins[1],
             bl: &in_descs[1].layout,
             bias: bias.then(|| ins[2]),
+            act,
             y: *out,
             yl: out_layout,
         }),

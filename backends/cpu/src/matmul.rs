@@ -1,4 +1,5 @@
-//! Batched matmul with f32 accumulation, bias fused: [`crate::sgemm`] where the CPU has AVX-512, else the `gemm` crate.
+//! Batched matmul with f32 accumulation, bias and activation fused: [`crate::sgemm`] where the CPU has AVX-512, else
+//! the `gemm` crate. The activation runs on each task's output block right after its product, while it is in cache.
 //!
 //! f32 operands go to the kernel in place with their strides (any strides, including batch stride 0). Other dtypes
 //! are converted transiently: the left operand (activations) once per call, the right operand (weights) one
@@ -8,7 +9,7 @@ use crate::sgemm::{self, Strided};
 use crate::strided::{Scalar, View};
 use gemm::Parallelism;
 use rayon::prelude::*;
-use sd3_core::{DType, Layout};
+use sd3_core::{DType, Layout, UnaryOp};
 
 /// Width bounds of a converted right-hand panel (K×width f32 scratch per task).
 const MIN_PANEL: usize = 128;
@@ -95,12 +96,13 @@ pub struct MatmulArgs<'a, 'b> {
     pub b: View<'a>,
     pub bl: &'b Layout,
     pub bias: Option<View<'a>>,
+    pub act: Option<UnaryOp>,
     pub y: View<'a>,
     pub yl: &'b Layout,
 }
 
 pub fn matmul(args: &MatmulArgs) {
-    let MatmulArgs { a, al, b, bl, bias, y, yl } = args;
+    let MatmulArgs { a, al, b, bl, bias, act, y, yl } = args;
     let r = yl.rank();
     let (m, n, k) = (yl.shape[r - 2], yl.shape[r - 1], al.shape[r - 1]);
     let (ao, bo, yo) = (batch_offsets(al), batch_offsets(bl), batch_offsets(yl));
@@ -172,6 +174,13 @@ pub fn matmul(args: &MatmulArgs) {
                 }
                 let dst = Mat { ptr: y.elem_ptr::<f32>(y_start), rs: yrs as isize, cs: ycs as isize };
                 gemm_f32(m, nb, k, dst, bias.is_some(), a_mats[bi], rhs, par);
+                if let Some(f) = *act {
+                    activate_rows(m, nb, !parallel_tasks, |i, row| {
+                        f32::load_run(DType::F32, y.base(), y_start + i * yrs, ycs, row);
+                        crate::elementwise::unary_in_place(f, row);
+                        f32::store_run(DType::F32, y.base(), y_start + i * yrs, ycs, row);
+                    });
+                }
             } else {
                 let mut tmp = vec![0f32; m * nb];
                 if let Some(bp) = bias_panel {
@@ -179,6 +188,16 @@ pub fn matmul(args: &MatmulArgs) {
                 }
                 let dst = Mat { ptr: tmp.as_mut_ptr(), rs: nb as isize, cs: 1 };
                 gemm_f32(m, nb, k, dst, bias.is_some(), a_mats[bi], rhs, par);
+                if let Some(f) = *act {
+                    let rows = SendPtr(tmp.as_mut_ptr());
+                    activate_rows(m, nb, !parallel_tasks, |i, row| {
+                        // SAFETY: row i of tmp, visited by one task only.
+                        let src = std::slice::from_raw_parts(rows.get().add(i * nb), nb);
+                        row.copy_from_slice(src);
+                        crate::elementwise::unary_in_place(f, row);
+                        std::slice::from_raw_parts_mut(rows.get().add(i * nb), nb).copy_from_slice(row);
+                    });
+                }
                 for (i, row) in tmp.chunks_exact(nb).enumerate() {
                     f32::store_run(y.dtype, y.base(), y_start + i * yrs, ycs, row);
                 }
@@ -190,4 +209,28 @@ pub fn matmul(args: &MatmulArgs) {
     } else {
         (0..tasks).for_each(run);
     }
+}
+
+/// A raw pointer that tasks writing disjoint rows may share.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: only used for disjoint rows of one buffer that outlives the tasks.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Run `visit(row, scratch)` for the `m` rows of an output block `nb` wide, in parallel when `parallel` (the block
+/// came from one multi-threaded product, so the epilogue would otherwise run on one thread).
+fn activate_rows(m: usize, nb: usize, parallel: bool, visit: impl Fn(usize, &mut [f32]) + Sync) {
+    let rows_per_task = if parallel { (crate::elementwise::CHUNK / nb.max(1)).max(1) } else { m.max(1) };
+    crate::par_ranges(m, rows_per_task, |start, len| {
+        let mut row = vec![0f32; nb];
+        for i in start..start + len {
+            visit(i, &mut row);
+        }
+    });
 }

@@ -23,7 +23,7 @@ pub fn check(call: &OpCall) -> Result<()> {
         Ok(())
     };
     match call.op {
-        Op::Matmul { bias } => {
+        Op::Matmul { bias, .. } => {
             let r = y.len();
             let (a, b) = (ins[0].shape(), ins[1].shape());
             if r < 2 || a.len() != r || b.len() != r {

@@ -403,6 +403,8 @@ impl Device for CudaDevice {
             return false;
         }
         match call.op {
+            // No activation epilogue yet: the core runs the matmul and a unary op.
+            Op::Matmul { act: Some(_), .. } => false,
             Op::Matmul { .. } | Op::Conv2d { .. } | Op::Attention { .. } => {
                 call.outputs[0].dtype.is_float() && call.inputs.iter().all(|t| t.dtype.is_float())
             }
@@ -422,7 +424,7 @@ impl Device for CudaDevice {
             Op::Affine { mul, add } => self.ew(4, 0, [mul, add], &ins, out),
             Op::Modulate => self.ew(5, 0, [0.0; 2], &ins, out),
             Op::GatedResidual => self.ew(6, 0, [0.0; 2], &ins, out),
-            Op::Matmul { bias } => self.matmul(ins[0], ins[1], if bias { Some(ins[2]) } else { None }, out),
+            Op::Matmul { bias, .. } => self.matmul(ins[0], ins[1], if bias { Some(ins[2]) } else { None }, out),
             Op::Softmax | Op::LayerNorm { .. } | Op::RmsNorm { .. } | Op::LayerNormModulate { .. } => {
                 let d = *out.shape().last().unwrap_or(&1);
                 let rows = out.elem_count().checked_div(d).unwrap_or(0);

@@ -29,7 +29,7 @@ pub fn check(call: &OpCall) -> Result<()> {
     match call.op {
         Op::Copy | Op::Fill { .. } | Op::Unary(_) | Op::Binary(_) | Op::Affine { .. } | Op::Softmax => {}
         Op::Modulate | Op::GatedResidual | Op::LayerNormModulate { .. } => {}
-        Op::Matmul { bias } => {
+        Op::Matmul { bias, .. } => {
             let r = y.rank();
             if r < 2 || ins[0].rank() != r || ins[1].rank() != r {
                 return bad(format!("ranks a {} b {} y {} (equal, >= 2, expected)", ins[0].rank(), ins[1].rank(), r));

@@ -91,13 +91,22 @@ fn dispatch(
                 st.counters.affine_legacy += 1;
             }
         }
-        Op::Matmul { bias } => {
+        Op::Matmul { bias, act } => {
             let bias = bias.then(|| &ins[2]);
+            // With an activation epilogue: the product into an f32 workspace, then the activation into the output
+            // (one rounding, as the reference).
+            let product = match act {
+                Some(_) => dev.workspace(st, ws, out.layout.elem_count(), DType::F32, out.shape())?,
+                None => out.clone(),
+            };
             if nz_weight {
                 let (mem, k) = nz_weight_copy(dev, st, ws, &call.inputs[1], &ins[1])?;
-                matmul::matmul(&ins[0], BSource::Nz { mem, k }, bias, out);
+                matmul::matmul(&ins[0], BSource::Nz { mem, k }, bias, &product);
             } else {
-                matmul::matmul(&ins[0], BSource::Strided(&ins[1]), bias, out);
+                matmul::matmul(&ins[0], BSource::Strided(&ins[1]), bias, &product);
+            }
+            if let Some(f) = act {
+                ew::map([&product], out, |[x]| ew::unary_f32(f, x));
             }
         }
         Op::Softmax => rows::softmax(&ins[0], out),

@@ -97,13 +97,19 @@ fn matmuls(p: &Pair) {
             let a = p.rand(&[m, k], dt);
             let b = p.rand(&[k, n], dt);
             let bias = p.rand(&[n], dt);
-            p.run(&format!("matmul {m}x{k}x{n} {dt}"), Op::Matmul { bias: false }, &[&a, &b], &[m, n], dt);
-            p.run(&format!("matmul+bias {m}x{k}x{n} {dt}"), Op::Matmul { bias: true }, &[&a, &b, &bias], &[m, n], dt);
+            p.run(&format!("matmul {m}x{k}x{n} {dt}"), Op::Matmul { bias: false, act: None }, &[&a, &b], &[m, n], dt);
+            p.run(
+                &format!("matmul+bias {m}x{k}x{n} {dt}"),
+                Op::Matmul { bias: true, act: None },
+                &[&a, &b, &bias],
+                &[m, n],
+                dt,
+            );
             // A linear layer: weight [N, K] used transposed (a column-major view), twice (the NZ copy is reused).
             let w = p.rand(&[n, k], dt).map(|t| t.transpose(0, 1));
             for round in 0..2 {
                 let what = format!("linear {m}x{k}x{n} {dt} (round {round})");
-                p.run(&what, Op::Matmul { bias: true }, &[&a, &w, &bias], &[m, n], dt);
+                p.run(&what, Op::Matmul { bias: true, act: None }, &[&a, &w, &bias], &[m, n], dt);
             }
         }
         // Batched: a weight broadcast over the batch, and activation × activation.
@@ -111,7 +117,7 @@ fn matmuls(p: &Pair) {
         let w = p.rand(&[40, 24], dt).map(|t| t.broadcast_to(&[2, 3, 40, 24]));
         p.run(
             &format!("batched matmul, broadcast weight {dt}"),
-            Op::Matmul { bias: false },
+            Op::Matmul { bias: false, act: None },
             &[&a, &w],
             &[2, 3, 17, 24],
             dt,
@@ -119,7 +125,7 @@ fn matmuls(p: &Pair) {
         let b = p.rand(&[2, 3, 24, 40], dt).map(|t| t.transpose(2, 3));
         p.run(
             &format!("batched matmul, transposed b {dt}"),
-            Op::Matmul { bias: false },
+            Op::Matmul { bias: false, act: None },
             &[&a, &b],
             &[2, 3, 17, 24],
             dt,
@@ -237,16 +243,16 @@ fn nz_copy_follows_weight_updates() {
     let p = Pair::new(NpuFlags { storage_format: true, ..NpuFlags::default() }, 64);
     let a = p.rand(&[9, 40], DType::F32);
     let w = p.rand(&[40, 21], DType::F32);
-    p.run("before", Op::Matmul { bias: false }, &[&a, &w], &[9, 21], DType::F32);
+    p.run("before", Op::Matmul { bias: false, act: None }, &[&a, &w], &[9, 21], DType::F32);
     let fresh: Vec<f32> = (0..40 * 21).map(|_| p.next()).collect();
     let bytes = DType::F32.f32_to_bytes(&fresh);
     w.n.write_bytes(&bytes).unwrap();
     w.r.write_bytes(&bytes).unwrap();
-    p.run("after an upload", Op::Matmul { bias: false }, &[&a, &w], &[9, 21], DType::F32);
+    p.run("after an upload", Op::Matmul { bias: false, act: None }, &[&a, &w], &[9, 21], DType::F32);
     // Written by an op.
     let src = p.rand(&[40, 21], DType::F32);
     p.run_into("overwrite", Op::Copy, &[&src], &w, &w);
-    p.run("after an op wrote it", Op::Matmul { bias: false }, &[&a, &w], &[9, 21], DType::F32);
+    p.run("after an op wrote it", Op::Matmul { bias: false, act: None }, &[&a, &w], &[9, 21], DType::F32);
     assert_eq!(stat(&p, "nz.conversions"), 3);
     assert_eq!(stat(&p, "nz.cache_hits"), 0);
 }
@@ -258,7 +264,7 @@ fn storage_format_padding_is_accounted() {
     let a = p.rand(&[3, 45], DType::F16);
     let w = p.rand(&[45, 19], DType::F16);
     let before = p.dev.alloc_stats().in_use;
-    let _y = p.run("matmul", Op::Matmul { bias: false }, &[&a, &w], &[3, 19], DType::F16);
+    let _y = p.run("matmul", Op::Matmul { bias: false, act: None }, &[&a, &w], &[3, 19], DType::F16);
     // [45, 19] f16 → FRACTAL_NZ [2, 3, 16, 16] = 1536 elements = 3072 bytes (1710 logical).
     assert_eq!(stat(&p, "nz.cached_bytes"), 3072);
     assert_eq!(stat(&p, "nz.padding_bytes"), 3072 - 45 * 19 * 2);

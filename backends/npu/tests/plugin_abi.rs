@@ -56,7 +56,7 @@ fn loads_through_the_c_abi() {
         let x = b.from_f32(&a, &[6, 40], DType::F32).unwrap();
         let wt = b.from_f32(&w, &[9, 40], DType::F32).unwrap().transpose(0, 1).unwrap();
         let y = b.empty(&[6, 9], DType::F32).unwrap();
-        b.run(Op::Matmul { bias: false }, &[&x, &wt], &[&y]).unwrap();
+        b.run(Op::Matmul { bias: false, act: None }, &[&x, &wt], &[&y]).unwrap();
         let z = b.empty(&[6, 9], DType::F32).unwrap();
         b.run(Op::Affine { mul: 0.5, add: 0.25 }, &[&y], &[&z]).unwrap();
         z

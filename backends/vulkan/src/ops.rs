@@ -46,7 +46,9 @@ pub fn supports(call: &OpCall) -> bool {
                 && ids.rank() == 1
                 && rank == 2
         }
-        Op::Matmul { .. } => {
+        // Activation epilogues are declined: the core runs the matmul and a unary op.
+        Op::Matmul { act: Some(_), .. } => false,
+        Op::Matmul { act: None, .. } => {
             let tiles = |n: usize| n.div_ceil(64) <= MAX_GROUPS as usize;
             floats
                 && (2..=8).contains(&rank)
@@ -275,7 +277,7 @@ pub fn execute(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
             p.u(17, 2);
             (Kernel::GroupNorm, grid(n * groups * chunks))
         }
-        Op::Matmul { bias } => {
+        Op::Matmul { bias, .. } => {
             let (a, b, rank) = (&call.inputs[0], &call.inputs[1], y.rank());
             let (m, n, k) = (y.shape()[rank - 2], y.shape()[rank - 1], a.shape()[rank - 1]);
             let batch: usize = y.shape()[..rank - 2].iter().product();

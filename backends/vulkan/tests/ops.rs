@@ -133,28 +133,28 @@ fn matmul_shapes_layouts_dtypes() {
     let tol = tol_for(F32, 1e-4);
     // Odd sizes, batch, row-major.
     let (a, b) = (Spec::new(&[3, 37, 53], F32), Spec::new(&[3, 53, 29], F32));
-    check("matmul batch", Op::Matmul { bias: false }, &[a, b], &Spec::new(&[3, 37, 29], F32), tol);
+    check("matmul batch", Op::Matmul { bias: false, act: None }, &[a, b], &Spec::new(&[3, 37, 29], F32), tol);
     // b column-major (a linear layer's transposed weight), bias, larger than one tile.
     let a = Spec::new(&[130, 70], F32);
     let b = Spec::permuted(&[70, 150], &[1, 0], F32);
     let bias = Spec::new(&[150], F32);
-    check("matmul linear", Op::Matmul { bias: true }, &[a, b, bias], &Spec::new(&[130, 150], F32), tol);
+    check("matmul linear", Op::Matmul { bias: true, act: None }, &[a, b, bias], &Spec::new(&[130, 150], F32), tol);
     // a column-major, b batch-broadcast (stride 0), output a strided view.
     let a = Spec::strided(&[2, 19, 23], &[23 * 19, 1, 19], 0, F32);
     let b = Spec::strided(&[2, 23, 17], &[0, 17, 1], 0, F32);
     let y = Spec::strided(&[2, 19, 17], &[19 * 20, 20, 1], 1, F32);
-    check("matmul strided", Op::Matmul { bias: false }, &[a, b], &y, tol);
+    check("matmul strided", Op::Matmul { bias: false, act: None }, &[a, b], &y, tol);
     // f16 storage (f32 accumulation), and bf16 weights.
     let (a, b) = (Spec::new(&[33, 64], F16), Spec::permuted(&[64, 40], &[1, 0], F16));
     check(
         "matmul f16",
-        Op::Matmul { bias: true },
+        Op::Matmul { bias: true, act: None },
         &[a.clone(), b, Spec::new(&[40], F16)],
         &Spec::new(&[33, 40], F16),
         tol_for(F16, 0.0),
     );
     let b = Spec::new(&[64, 40], BF16);
-    check("matmul bf16 weight", Op::Matmul { bias: false }, &[a, b], &Spec::new(&[33, 40], F32), tol);
+    check("matmul bf16 weight", Op::Matmul { bias: false, act: None }, &[a, b], &Spec::new(&[33, 40], F32), tol);
 }
 
 #[test]

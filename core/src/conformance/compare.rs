@@ -125,7 +125,7 @@ mod tests {
 
     #[test]
     fn half_limits_follow_epsilon() {
-        let mm = Op::Matmul { bias: false };
+        let mm = Op::Matmul { bias: false, act: None };
         assert_eq!(nmse_limit(&mm, DType::F32), 5e-4);
         assert_eq!(nmse_limit(&mm, DType::BF16), 16.0 * 2f64.powi(-14));
         assert_eq!(nmse_limit(&Op::Softmax, DType::F16), 1e-6f64.max(4.0 * 2f64.powi(-20)));

@@ -15,7 +15,7 @@ pub fn perf_cases(dtypes: &[DType]) -> Vec<Case> {
         let vec_b = || b(d, &[1, n, hid], &[1]);
         cases.extend([
             Case::new(
-                Op::Matmul { bias: true },
+                Op::Matmul { bias: true, act: None },
                 vec![c(d, &[n, hid]), tr(d, &[hid, hid]), c(d, &[hid])],
                 c(d, &[n, hid]),
             )

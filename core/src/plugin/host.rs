@@ -17,7 +17,7 @@
 use super::abi::{self, sd3_device, sd3_device_info, sd3_op_desc, sd3_plugin, sd3_tensor_desc};
 use crate::error::status;
 use crate::{
-    BackendProvider, BufferId, DType, Device, DeviceInfo, DeviceKind, Error, MarkerId, OpCall, Result, TensorDesc,
+    BackendProvider, BufferId, DType, Device, DeviceInfo, DeviceKind, Error, MarkerId, Op, OpCall, Result, TensorDesc,
 };
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::mem::ManuallyDrop;
@@ -410,6 +410,13 @@ impl BackendProvider for PluginProvider {
     }
 }
 
+/// Whether `op` uses a parameter that a plugin built for ABI minor `minor` does not know, and so would silently
+/// ignore: such a call is declined (the core then decomposes it, see [`crate::legalize`]) and never sent.
+/// ABI 1.1 added the matmul activation epilogue (`iparams[1]`).
+pub fn needs_newer_minor(op: &Op, minor: u32) -> bool {
+    matches!(op, Op::Matmul { act: Some(_), .. }) && minor < 1
+}
+
 /// A plugin device as a [`Device`].
 pub struct PluginDevice {
     /// Keeps the plugin initialised (and loaded) while this device lives.
@@ -637,6 +644,9 @@ impl Device for PluginDevice {
     }
 
     fn supports(&self, call: &OpCall) -> bool {
+        if needs_newer_minor(&call.op, self.plugin.table.abi_minor) {
+            return false;
+        }
         let Ok(c) = call_to_abi(call) else { return false };
         let _g = self.lock.lock().unwrap();
         // SAFETY: required entry; the descriptor and its operand arrays live across the call.
@@ -644,6 +654,13 @@ impl Device for PluginDevice {
     }
 
     fn execute(&self, call: &OpCall) -> Result<()> {
+        if needs_newer_minor(&call.op, self.plugin.table.abi_minor) {
+            return Err(Error::Unsupported {
+                backend: self.label.clone(),
+                op: call.op.name(),
+                detail: format!("the plugin's ABI 1.{} predates this op's parameters", self.plugin.table.abi_minor),
+            });
+        }
         let c = call_to_abi(call)?;
         let _g = self.lock.lock().unwrap();
         // SAFETY: as for supports.
@@ -714,5 +731,20 @@ impl Drop for PluginDevice {
         // SAFETY: required entry; nothing uses this device after destroy. The plugin stays loaded (self.plugin).
         unsafe { (self.table.destroy.unwrap())(self.table.self_) };
         let _ = &self.plugin;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::needs_newer_minor;
+    use crate::{Op, UnaryOp};
+
+    #[test]
+    fn an_abi_1_0_plugin_is_never_sent_a_matmul_activation() {
+        let fused = Op::Matmul { bias: true, act: Some(UnaryOp::GeluTanh) };
+        assert!(needs_newer_minor(&fused, 0));
+        assert!(!needs_newer_minor(&fused, 1));
+        assert!(!needs_newer_minor(&Op::matmul(true), 0));
+        assert!(!needs_newer_minor(&Op::Softmax, 0));
     }
 }

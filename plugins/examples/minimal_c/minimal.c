@@ -133,7 +133,9 @@ static int32_t dev_supports(void *self, const sd3_op_desc *op) {
     (void)self;
     if (!all_f32(op) || op->n_outputs != 1) return 0;
     if (op->kind == SD3_OP_BINARY && op->sub == SD3_BINARY_ADD) return op->n_inputs == 2;
-    if (op->kind == SD3_OP_MATMUL) return op->n_inputs == (op->iparams[0] ? 3u : 2u) && op->outputs[0].rank >= 2;
+    /* iparams[1] != 0 asks for an activation epilogue (ABI 1.1), which this example does not implement. */
+    if (op->kind == SD3_OP_MATMUL)
+        return op->n_inputs == (op->iparams[0] ? 3u : 2u) && op->iparams[1] == 0 && op->outputs[0].rank >= 2;
     return 0;
 }
 

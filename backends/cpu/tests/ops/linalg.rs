@@ -1,7 +1,7 @@
 //! Matmul (batched, broadcast, transposed, mixed dtypes, bias), conv2d and attention.
 
 use crate::*;
-use sd3_core::{DType, Op};
+use sd3_core::{DType, Op, UnaryOp};
 
 /// f32 products: f32 accumulation over at most a few thousand terms.
 const MM: f64 = 1e-9;
@@ -19,7 +19,7 @@ fn matmul_sizes_and_dtypes() {
             let a = spec(da, &[m, k]);
             let b = spec(db, &[k, n]);
             let y = spec(da, &[m, n]);
-            check(&format!("mm {m}x{k}x{n} {da}/{db}"), Op::Matmul { bias: false }, &[a, b], &y, MM);
+            check(&format!("mm {m}x{k}x{n} {da}/{db}"), Op::Matmul { bias: false, act: None }, &[a, b], &y, MM);
         }
     }
 }
@@ -34,9 +34,31 @@ fn matmul_linear_layout_with_bias() {
             let w = spec(db, &[k, n]).transposed();
             let bias = spec(db, &[n]);
             let y = spec(dy, &[m, n]);
-            check(&format!("linear {db}->{dy}"), Op::Matmul { bias: true }, &[a, w, bias], &y, MM);
+            check(&format!("linear {db}->{dy}"), Op::Matmul { bias: true, act: None }, &[a, w, bias], &y, MM);
         }
     }
+}
+
+#[test]
+fn matmul_with_activation_epilogue() {
+    // Small (one task, parallel epilogue rows) and wide (many weight panels / tasks); f32 output in place, a
+    // half output through scratch; a strided output; the MM-DiT's rank-3 form with the weight broadcast.
+    for (m, k, n) in [(33, 65, 300), (160, 96, 1500)] {
+        for act in [UnaryOp::GeluTanh, UnaryOp::Silu] {
+            for (db, dy) in [(DType::F32, DType::F32), (DType::BF16, DType::F32), (DType::F16, DType::F16)] {
+                let a = spec(DType::F32, &[m, k]);
+                let w = spec(db, &[k, n]).transposed();
+                let bias = spec(db, &[n]);
+                let y = spec(dy, &[m, n]).sliced();
+                let op = Op::Matmul { bias: true, act: Some(act) };
+                check(&format!("linear+{} {m}x{k}x{n} {db}->{dy}", act.name()), op, &[a, w, bias], &y, MM);
+            }
+        }
+    }
+    let a = spec(DType::F32, &[2, 40, 64]);
+    let w = spec(DType::F32, &[2, 64, 96]).transposed().broadcast(&[0]);
+    let y = spec(DType::F32, &[2, 40, 96]).sliced();
+    check("batched linear+gelu", Op::Matmul { bias: false, act: Some(UnaryOp::GeluTanh) }, &[a, w], &y, MM);
 }
 
 #[test]
@@ -47,13 +69,13 @@ fn matmul_batched_broadcast_and_strided() {
         let a = spec(dt, &[2, 3, m, k]).transposed();
         let b = spec(dt, &[2, 3, k, n]).broadcast(&[0, 1]);
         let y = spec(dt, &[2, 3, m, n]).sliced();
-        check(&format!("bmm {dt}"), Op::Matmul { bias: false }, &[a, b], &y, MM);
+        check(&format!("bmm {dt}"), Op::Matmul { bias: false, act: None }, &[a, b], &y, MM);
         // Many small matrices (parallel over the batch), a with a permuted batch.
         let a = spec(dt, &[4, 24, 9, 16]).permuted(&[1, 0, 2, 3]);
         let b = spec(DType::F32, &[4, 24, 16, 9]).transposed();
         let bias = spec(dt, &[9]);
         let y = spec(dt, &[4, 24, 9, 9]);
-        check(&format!("bmm many {dt}"), Op::Matmul { bias: true }, &[a, b, bias], &y, MM);
+        check(&format!("bmm many {dt}"), Op::Matmul { bias: true, act: None }, &[a, b, bias], &y, MM);
     }
 }
 

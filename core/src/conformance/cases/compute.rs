@@ -3,12 +3,13 @@
 use super::t::{b, c, p, s, tr};
 use super::Case;
 use crate::conformance::spec::TensorSpec;
-use crate::{DType, Op};
+use crate::{DType, Layout, Op, UnaryOp};
 
 /// Matmul in one dtype, plus f32 activations with `d` weights (and bias) when `d` is a half type and the
 /// device also computes in f32.
 pub fn matmul_cases(d: DType, floats: &[DType]) -> Vec<Case> {
-    let mm = |bias| Op::Matmul { bias };
+    let mm = |bias| Op::Matmul { bias, act: None };
+    let act = |bias, u| Op::Matmul { bias, act: Some(u) };
     let mut cases = vec![
         Case::new(mm(false), vec![c(d, &[1, 64]), c(d, &[64, 37])], c(d, &[1, 37])),
         Case::new(mm(false), vec![c(d, &[17, 33]), c(d, &[33, 29])], c(d, &[17, 29])),
@@ -21,6 +22,13 @@ pub fn matmul_cases(d: DType, floats: &[DType]) -> Vec<Case> {
         Case::new(mm(false), vec![c(d, &[8, 1031]), c(d, &[1031, 16])], c(d, &[8, 16])),
         Case::new(mm(false), vec![c(d, &[5, 1]), c(d, &[1, 7])], c(d, &[5, 7])),
         Case::new(mm(false), vec![c(d, &[9, 20]), c(d, &[20, 1])], c(d, &[9, 1])),
+        // A linear layer writing rows of a bigger buffer (the MM-DiT's joint q/k/v): rank 3, weight broadcast over
+        // the batch, output rows strided with a gap between batches.
+        Case::new(mm(true), vec![c(d, &[2, 7, 16]), linear_weight(d, 2, 16, 24), c(d, &[24])], s(d, &[2, 7, 24])),
+        // Activation epilogues: GELU (tanh) after a linear layer, others batched and into a strided output.
+        Case::new(act(true, UnaryOp::GeluTanh), vec![c(d, &[17, 33]), tr(d, &[33, 29]), c(d, &[29])], c(d, &[17, 29])),
+        Case::new(act(false, UnaryOp::Silu), vec![c(d, &[3, 19, 24]), c(d, &[3, 24, 11])], c(d, &[3, 19, 11])),
+        Case::new(act(true, UnaryOp::GeluErf), vec![s(d, &[13, 21]), tr(d, &[21, 9]), c(d, &[9])], s(d, &[13, 9])),
     ];
     if d != DType::F32 && floats.contains(&DType::F32) {
         let f = DType::F32;
@@ -28,9 +36,34 @@ pub fn matmul_cases(d: DType, floats: &[DType]) -> Vec<Case> {
             Case::new(mm(false), vec![c(f, &[17, 33]), c(d, &[33, 29])], c(f, &[17, 29])),
             Case::new(mm(true), vec![c(f, &[17, 33]), tr(d, &[33, 29]), c(d, &[29])], c(f, &[17, 29])),
             Case::new(mm(false), vec![c(f, &[3, 19, 24]), b(d, &[3, 24, 11], &[0])], c(f, &[3, 19, 11])),
+            Case::new(
+                act(true, UnaryOp::GeluTanh),
+                vec![c(f, &[17, 33]), tr(d, &[33, 29]), c(d, &[29])],
+                c(f, &[17, 29]),
+            ),
         ]);
     }
     cases
+}
+
+/// An `nn.Linear` weight `[N, K]` viewed as the right operand `[batch, K, N]`: transposed, batch stride 0.
+fn linear_weight(d: DType, batch: usize, k: usize, n: usize) -> TensorSpec {
+    let layout = Layout { shape: vec![batch, k, n], strides: vec![0, 1, k], offset: 0 };
+    TensorSpec { tag: "TB", layout, buffer_elems: k * n, ..c(d, &[k, n]) }
+}
+
+/// q, k, v as the MM-DiT's joint attention reads them: views `[B, H, N, Dh]` of one `[B, N, 3, H, Dh]` buffer (token
+/// stride 3·H·Dh, k and v at offsets H·Dh and 2·H·Dh), the output written through a `[B, N, H, Dh]` view.
+fn joint_qkv_case(d: DType) -> Case {
+    let (bs, h, n, dh) = (2, 3, 9, 16);
+    let dim = h * dh;
+    let view = |part: usize| {
+        let layout =
+            Layout { shape: vec![bs, h, n, dh], strides: vec![n * 3 * dim, dh, 3 * dim, 1], offset: part * dim };
+        TensorSpec { tag: "J", layout, buffer_elems: bs * n * 3 * dim, ..c(d, &[bs, h, n, dh]) }
+    };
+    let op = Op::Attention { scale: 0.25, causal: false, bias: false, qk_norm: false, norm_eps: 0.0 };
+    Case::new(op, vec![view(0), view(1), view(2)], p(d, &[bs, h, n, dh], &[0, 2, 1, 3])).note("joint qkv")
 }
 
 /// How an attention case's bias is laid out.
@@ -128,7 +161,9 @@ pub fn attention_cases(d: DType) -> Vec<Case> {
         Attn { h: 4, nq: 1, nk: 1001, dh: 64, dv: 64, ..BASE },
         Attn { b: 2, nq: 6, nk: 10, sliced_out: true, ..BASE },
     ];
-    cases.into_iter().map(|a| attention_case(d, a)).collect()
+    let mut cases: Vec<Case> = cases.into_iter().map(|a| attention_case(d, a)).collect();
+    cases.push(joint_qkv_case(d));
+    cases
 }
 
 fn conv_case(
