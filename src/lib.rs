@@ -7,6 +7,7 @@ pub use sd3_backend_cpu as cpu;
 pub use sd3_core as core;
 
 pub mod bundled;
+pub mod golden;
 pub mod image_out;
 pub mod lora;
 pub mod models;

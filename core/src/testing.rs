@@ -2,6 +2,15 @@
 //! identical buffers, and compare the *whole* output buffers, so elements outside the output view (prefilled
 //! with a sentinel) must be left untouched. For backends' own unit tests (`backends/*/tests/`); the
 //! [`conformance`](crate::conformance) suite is the acceptance test. Functions here panic on failure, as tests do.
+//!
+//! [`cases`] holds the op test cases every backend runs, and [`backend_tests!`](crate::backend_tests) expands to
+//! one `#[test]` per case for a given device, so that a backend's op test file is one line:
+//!
+//! ```ignore
+//! sd3_core::backend_tests!(common::device()); // an Option of the device under test
+//! ```
+
+pub mod cases;
 
 use crate::reference::ReferenceDevice;
 use crate::{BufferId, DType, Device, Layout, Op, OpCall, TensorDesc};
@@ -105,8 +114,45 @@ fn place(dev: &dyn Device, spec: &Spec, bytes: &[u8]) -> TensorDesc {
     TensorDesc { buffer, dtype: spec.dtype, layout: spec.layout.clone() }
 }
 
+/// The buffers of a call's inputs (from `seed`) and its output (a sentinel everywhere).
+fn make_buffers(inputs: &[Spec], output: &Spec, seed: u64) -> (Vec<Vec<u8>>, Vec<u8>) {
+    let mut rng = Rng::new(seed);
+    let in_bytes = inputs.iter().map(|s| fill_bytes(s, &mut rng)).collect();
+    (in_bytes, output.dtype.f32_to_bytes(&vec![7.0; output.buffer_elems()]))
+}
+
+/// Upload the buffers to `d`, run `op`, and return the f32 values of the whole output buffer.
+fn run_buffers(
+    d: &dyn Device,
+    op: Op,
+    inputs: &[Spec],
+    in_bytes: &[Vec<u8>],
+    output: &Spec,
+    out_bytes: &[u8],
+) -> Result<Vec<f32>, crate::Error> {
+    let ins: Vec<TensorDesc> = inputs.iter().zip(in_bytes).map(|(s, b)| place(d, s, b)).collect();
+    let out = place(d, output, out_bytes);
+    let call = OpCall { op, inputs: &ins, outputs: std::slice::from_ref(&out) };
+    assert!(d.supports(&call), "{} does not support {op:?} on {:?}", d.info().name, call);
+    let r = d.execute(&call);
+    let mut bytes = vec![0u8; out_bytes.len()];
+    let r = r.and_then(|_| d.download(out.buffer, 0, &mut bytes));
+    for t in ins.iter().chain([&out]) {
+        d.free(t.buffer);
+    }
+    r?;
+    Ok(output.dtype.bytes_to_f32(&bytes))
+}
+
+/// Run `op` on `dev` alone, from the buffers [`run_both`] makes for `seed`: the f32 values of the whole output
+/// buffer, or the device's error (for cases where the reference fails too, e.g. bad input).
+pub fn run_on(dev: &dyn Device, op: Op, inputs: &[Spec], output: &Spec, seed: u64) -> Result<Vec<f32>, crate::Error> {
+    let (in_bytes, out_bytes) = make_buffers(inputs, output, seed);
+    run_buffers(dev, op, inputs, &in_bytes, output, &out_bytes)
+}
+
 /// Run `op` on `dev` and on the reference device with identical buffers; returns (device result, reference
-/// result) as the f32 values of the whole output buffer, or the device's error.
+/// result) as the f32 values of the whole output buffer, or the first error (the device's, then the reference's).
 pub fn run_both(
     dev: &dyn Device,
     op: Op,
@@ -114,27 +160,10 @@ pub fn run_both(
     output: &Spec,
     seed: u64,
 ) -> Result<(Vec<f32>, Vec<f32>), crate::Error> {
-    let reference = ReferenceDevice::new();
-    let mut rng = Rng::new(seed);
-    let in_bytes: Vec<Vec<u8>> = inputs.iter().map(|s| fill_bytes(s, &mut rng)).collect();
-    let out_bytes = output.dtype.f32_to_bytes(&vec![7.0; output.buffer_elems()]);
-    let mut results = Vec::new();
-    for d in [dev, &reference as &dyn Device] {
-        let ins: Vec<TensorDesc> = inputs.iter().zip(&in_bytes).map(|(s, b)| place(d, s, b)).collect();
-        let out = place(d, output, &out_bytes);
-        let call = OpCall { op, inputs: &ins, outputs: std::slice::from_ref(&out) };
-        assert!(d.supports(&call), "{} does not support {op:?} on {:?}", d.info().name, call);
-        let r = d.execute(&call);
-        let mut bytes = vec![0u8; out_bytes.len()];
-        let r = r.and_then(|_| d.download(out.buffer, 0, &mut bytes));
-        for t in ins.iter().chain([&out]) {
-            d.free(t.buffer);
-        }
-        r?;
-        results.push(output.dtype.bytes_to_f32(&bytes));
-    }
-    let want = results.pop().unwrap();
-    Ok((results.pop().unwrap(), want))
+    let (in_bytes, out_bytes) = make_buffers(inputs, output, seed);
+    let got = run_buffers(dev, op, inputs, &in_bytes, output, &out_bytes)?;
+    let want = run_buffers(&ReferenceDevice::new(), op, inputs, &in_bytes, output, &out_bytes)?;
+    Ok((got, want))
 }
 
 /// Run on `dev` and on the reference device and assert the outputs agree within `tol`.
@@ -153,4 +182,53 @@ pub fn check(dev: &dyn Device, what: &str, op: Op, inputs: &[Spec], output: &Spe
             got.len()
         );
     }
+}
+
+/// Run one of [`cases`] on `dev`, or print why it is skipped when there is no device. What
+/// [`backend_tests!`](crate::backend_tests) expands to.
+pub fn run_case(name: &str, dev: Option<&dyn Device>, case: fn(&dyn Device)) {
+    match dev {
+        Some(dev) => case(dev),
+        None => eprintln!("SKIPPED: {name}: no usable device (the reason is printed where the device is opened)"),
+    }
+}
+
+/// One `#[test]` per op test case of [`testing::cases`](crate::testing::cases), run on the device that
+/// `$device` evaluates to: an `Option` of an `Arc` (or any smart pointer) of a [`Device`](crate::Device),
+/// `None` when the machine has no usable device, in which case each test prints that it is skipped and passes.
+/// `$device` is evaluated once per test, so it should be cheap after the first call (e.g. a `OnceLock`).
+/// Every case by default; `backend_tests!(device; case, ...)` runs only the cases named (say why in a comment).
+///
+/// ```ignore
+/// mod common; // fn device() -> Option<Arc<MyDevice>>
+/// sd3_core::backend_tests!(common::device());
+/// ```
+#[macro_export]
+macro_rules! backend_tests {
+    ($device:expr; $($case:ident),+ $(,)?) => {
+        $(
+            #[test]
+            fn $case() {
+                let device = $device;
+                let device = device.as_deref().map(|d| d as &dyn $crate::Device);
+                $crate::testing::run_case(stringify!($case), device, $crate::testing::cases::$case);
+            }
+        )+
+    };
+    ($device:expr) => {
+        $crate::backend_tests!($device;
+            copy_casts_and_views,
+            fill,
+            unary_all,
+            binary_broadcast_and_maps,
+            matmul_shapes_layouts_dtypes,
+            matmul_half_precision_tiles,
+            softmax_and_norms,
+            attention_long_masked_normed,
+            attention_half_precision_tiles,
+            conv2d_and_upsample,
+            gather_rows,
+            gather_bad_ids,
+        );
+    };
 }

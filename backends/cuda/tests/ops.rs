@@ -1,11 +1,41 @@
-//! Every op on the GPU against the reference device, on random inputs. Skips (with the reason) when no
-//! CUDA device is usable; on a machine with one, run with `cargo test -p sd3-backend-cuda`.
+//! Every op on the GPU against the reference device, on random inputs: the op test cases every backend runs
+//! (`sd3_core::testing::cases`), and this file's own NMSE-based sweep over every float dtype. Skips (with the
+//! reason) when no CUDA device is usable; on a machine with one, run with `cargo test -p sd3-backend-cuda`.
 
 use sd3_backend_cuda::CudaProvider;
 use sd3_core::reference::ReferenceDevice;
 use sd3_core::BackendProvider;
-use sd3_core::{AttentionParams, Backend, BinaryOp, DType, Result, Tensor, UnaryOp};
-use std::sync::Arc;
+use sd3_core::{AttentionParams, Backend, BinaryOp, DType, Device, Result, Tensor, UnaryOp};
+use std::sync::{Arc, OnceLock};
+
+/// The CUDA device shared by the shared cases' tests, opened once.
+fn device() -> Option<Arc<dyn Device>> {
+    static DEV: OnceLock<Option<Arc<dyn Device>>> = OnceLock::new();
+    DEV.get_or_init(|| match CudaProvider::new("").and_then(|p| p.open_device(0)) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            eprintln!("skipping CUDA tests: {e}");
+            None
+        }
+    })
+    .clone()
+}
+
+// Every shared case but `gather_bad_ids`: the device finds a bad id asynchronously and reports it at the next
+// synchronisation without the table's range (`out_of_range_gather_is_an_error` below checks that error).
+sd3_core::backend_tests!(device();
+    copy_casts_and_views,
+    fill,
+    unary_all,
+    binary_broadcast_and_maps,
+    matmul_shapes_layouts_dtypes,
+    matmul_half_precision_tiles,
+    softmax_and_norms,
+    attention_long_masked_normed,
+    attention_half_precision_tiles,
+    conv2d_and_upsample,
+    gather_rows,
+);
 
 struct Rng(u64);
 impl Rng {

@@ -320,3 +320,19 @@ fn stride_flag_counts_copies() {
         }
     }
 }
+
+/// A fresh NPU stub under `flags`, for the op test cases every backend runs.
+fn device(flags: NpuFlags) -> Option<std::sync::Arc<sd3_backend_npu::NpuDevice>> {
+    let config = sd3_backend_npu::NpuConfig::new(flags, 512 << 20);
+    Some(std::sync::Arc::new(sd3_backend_npu::NpuDevice::new(config).expect("creating the NPU stub")))
+}
+
+/// The op test cases every backend runs (`sd3_core::testing::cases`), under the seed's flag values.
+mod cases_under_the_seeds_flags {
+    sd3_core::backend_tests!(super::device(super::NpuFlags::seed()));
+}
+
+/// The same cases under the opposite of every flag.
+mod cases_under_the_opposite_flags {
+    sd3_core::backend_tests!(super::device(super::NpuFlags::seed_opposite()));
+}

@@ -12,6 +12,12 @@ mod elementwise;
 mod linalg;
 mod norms;
 
+/// The op test cases every backend runs (`sd3_core::testing::cases`, compared element by element), besides this
+/// file's own NMSE-based ones.
+mod shared_cases {
+    sd3_core::backend_tests!(Some(std::sync::Arc::new(sd3_backend_cpu::CpuDevice::new())));
+}
+
 use sd3_backend_cpu::CpuDevice;
 use sd3_core::reference::ReferenceDevice;
 use sd3_core::{BufferId, DType, Device, Layout, Op, OpCall, TensorDesc};
