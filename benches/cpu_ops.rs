@@ -42,7 +42,15 @@ fn matmul(c: &mut Criterion) {
     let n = 2048;
     let (a, b, y) =
         (tensor(&dev, &[n, n], DType::F32), tensor(&dev, &[n, n], DType::F32), tensor(&dev, &[n, n], DType::F32));
-    bench_op(c, "matmul_2048_f32 (flop)", 2 * (n as u64).pow(3), Op::Matmul { bias: false, act: None }, &[a, b], &y, &dev);
+    bench_op(
+        c,
+        "matmul_2048_f32 (flop)",
+        2 * (n as u64).pow(3),
+        Op::Matmul { bias: false, act: None },
+        &[a, b],
+        &y,
+        &dev,
+    );
 }
 
 fn linear(c: &mut Criterion) {

@@ -1,9 +1,12 @@
 //! `Attention` with `JointAttnProcessor2_0` (diffusers `attention_processor.py`), written on the fused ops.
 //!
-//! q/k/v projections of a stream are fused into one linear (`[3D, D]`); its output `[B, N, 3D]` is viewed as
-//! `[B, N, 3, H, Dh]`, so q, k and v are strided views `[B, H, N, Dh]` (reshape then permute, no copies).
-//! Joint attention concatenates **image tokens first**, then text, along the sequence; that concatenation is the
-//! one copy, and it produces contiguous `[B, H, N+S, Dh]`.
+//! q/k/v projections of a stream are fused into one linear (`[3D, D]`). Joint attention concatenates **image
+//! tokens first**, then text, along the sequence; here that concatenation costs nothing: both streams' projections
+//! write their rows of one joint buffer `[B, N+S, 3, H, Dh]` (image rows `0..N`, text rows `N..N+S`), and q, k, v
+//! are strided views `[B, H, N+S, Dh]` of it (token stride `3·H·Dh`). Attention writes its output through a
+//! heads-first view of a `[B, N+S, H, Dh]` buffer, so merging the heads back is a view too: rows `0..N` feed
+//! `to_out`, rows `N..N+S` `to_add_out`. A device that cannot read such views gets contiguous copies from the
+//! core's legalisation, never a host round trip.
 
 use super::params::{Linear, Params};
 use super::MmditError;
@@ -64,18 +67,20 @@ impl QkvProjection {
         Ok(QkvProjection { qkv: Linear::load_fused(p, &full, dim, dim, backend, dtype)?, norm, heads, head_dim })
     }
 
-    /// `x [B, N, D]` → `[B, N, 3, H, Dh]`, with q and k RMS-normed per head when the norm is on.
-    /// Returns (q, k, v), each `[B, N, H, Dh]` (views when no norm).
+    /// `x [B, N, D]` → q, k, v views `[B, N, H, Dh]` of a fresh `[B, N, 3, H, Dh]` buffer, q and k RMS-normed per
+    /// head (into buffers of their own) when the norm is on.
     fn forward(&self, x: &Tensor) -> sd3_core::Result<[Tensor; 3]> {
-        let (b, n) = (x.dim(0), x.dim(1));
-        let qkv = self.qkv.forward(x)?.reshape(&[b, n, 3, self.heads, self.head_dim])?;
-        let part = |i: usize| qkv.narrow(2, i, 1).and_then(|t| t.squeeze(2));
-        let (mut q, mut k, v) = (part(0)?, part(1)?, part(2)?);
+        let [mut q, mut k, v] = split_qkv(&self.qkv.forward(x)?, self.heads, self.head_dim)?;
         if let Some(norm) = &self.norm {
             q = q.rms_norm(&norm.q, QK_NORM_EPS)?;
             k = k.rms_norm(&norm.k, QK_NORM_EPS)?;
         }
         Ok([q, k, v])
+    }
+
+    /// `x [B, n, D]` projected into `out`, rows of the joint buffer `[B, n, 3·D]` (a strided view).
+    fn project_into(&self, x: &Tensor, out: &Tensor) -> sd3_core::Result<()> {
+        self.qkv.forward_into(x, out)
     }
 }
 
@@ -84,10 +89,12 @@ fn heads_first(t: &Tensor) -> sd3_core::Result<Tensor> {
     t.permute(&[0, 2, 1, 3])
 }
 
-/// Attention output `[B, H, N, Dh]`, tokens `start..start+len` → `[B, len, H·Dh]`.
-fn merge_heads(o: &Tensor, start: usize, len: usize) -> sd3_core::Result<Tensor> {
-    let (b, h, dh) = (o.dim(0), o.dim(1), o.dim(3));
-    o.permute(&[0, 2, 1, 3])?.narrow(1, start, len)?.reshape(&[b, len, h * dh])
+/// `[B, N, H, Dh]` views q, k, v of a `[B, N, 3, H, Dh]` buffer.
+fn split_qkv(qkv: &Tensor, heads: usize, head_dim: usize) -> sd3_core::Result<[Tensor; 3]> {
+    let (b, n) = (qkv.dim(0), qkv.dim(1));
+    let qkv = qkv.reshape(&[b, n, 3, heads, head_dim])?;
+    let part = |i: usize| qkv.narrow(2, i, 1).and_then(|t| t.squeeze(2));
+    Ok([part(0)?, part(1)?, part(2)?])
 }
 
 /// The joint attention of a `JointTransformerBlock` (`attn`): image stream `to_q/to_k/to_v/to_out.0`, text stream
@@ -148,27 +155,42 @@ impl JointAttention {
 
     /// `x̂ [B, N, D]`, `ĉ [B, S, D]` → (image output `[B, N, D]`, text output `[B, S, D]` unless context_pre_only).
     pub fn forward(&self, x: &Tensor, c: &Tensor) -> sd3_core::Result<(Tensor, Option<Tensor>)> {
-        let (n, s) = (x.dim(1), c.dim(1));
-        let [qx, kx, vx] = self.image.forward(x)?;
-        let [qc, kc, vc] = self.context.forward(c)?;
-        // The concatenation copies anyway, so it writes the head-first layout: contiguous [B, H, N+S, Dh].
-        let joint = |a: &Tensor, b: &Tensor| Tensor::cat(&[&heads_first(a)?, &heads_first(b)?], 2);
-        let (k, v) = (joint(&kx, &kc)?, joint(&vx, &vc)?);
-        let params = AttentionParams::new(self.scale);
-        match &self.to_add_out {
-            Some(to_add_out) => {
-                let q = joint(&qx, &qc)?;
-                let o = Tensor::attention(&q, &k, &v, &params)?;
-                let ox = self.to_out.forward(&merge_heads(&o, 0, n)?)?;
-                let oc = to_add_out.forward(&merge_heads(&o, n, s)?)?;
-                Ok((ox, Some(oc)))
-            }
-            None => {
-                // The text output of the last block is discarded: only image tokens need to be queries.
-                let o = Tensor::attention(&heads_first(&qx)?, &k, &v, &params)?;
-                Ok((self.to_out.forward(&merge_heads(&o, 0, n)?)?, None))
-            }
+        let (b, n, s) = (x.dim(0), x.dim(1), c.dim(1));
+        let (h, dh) = (self.image.heads, self.image.head_dim);
+        let (d, t) = (h * dh, n + s);
+        let backend = x.backend();
+        // The joint q/k/v buffer: each stream's projection writes its own rows.
+        let qkv = backend.empty(&[b, t, 3 * d], x.dtype())?;
+        self.image.project_into(x, &qkv.narrow(1, 0, n)?)?;
+        self.context.project_into(c, &qkv.narrow(1, n, s)?)?;
+        let [mut q, mut k, v] = split_qkv(&qkv, h, dh)?;
+        // The last block's text queries are never used: only image tokens are queries there.
+        let nq = if self.to_add_out.is_some() { t } else { n };
+        if let (Some(image_norm), Some(context_norm)) = (&self.image.norm, &self.context.norm) {
+            let normed =
+                |src: &Tensor, rows: usize, w_image: &Tensor, w_context: &Tensor| -> sd3_core::Result<Tensor> {
+                    let out = backend.empty(&[b, rows, h, dh], x.dtype())?;
+                    src.narrow(1, 0, n)?.rms_norm_into(w_image, QK_NORM_EPS, &out.narrow(1, 0, n)?)?;
+                    if rows > n {
+                        src.narrow(1, n, s)?.rms_norm_into(w_context, QK_NORM_EPS, &out.narrow(1, n, s)?)?;
+                    }
+                    Ok(out)
+                };
+            q = normed(&q, nq, &image_norm.q, &context_norm.q)?;
+            k = normed(&k, t, &image_norm.k, &context_norm.k)?;
         }
+        let q = q.narrow(1, 0, nq)?;
+        // Output tokens-first, written through a heads-first view: merging the heads is then a view.
+        let o = backend.empty(&[b, nq, h, dh], x.dtype())?;
+        let params = AttentionParams::new(self.scale);
+        Tensor::attention_into(&heads_first(&q)?, &heads_first(&k)?, &heads_first(&v)?, &params, &heads_first(&o)?)?;
+        let o = o.reshape(&[b, nq, d])?;
+        let ox = self.to_out.forward(&o.narrow(1, 0, n)?)?;
+        let oc = match &self.to_add_out {
+            Some(to_add_out) => Some(to_add_out.forward(&o.narrow(1, n, s)?)?),
+            None => None,
+        };
+        Ok((ox, oc))
     }
 }
 
@@ -200,12 +222,10 @@ impl SelfAttention {
 
     pub fn forward(&self, x: &Tensor) -> sd3_core::Result<Tensor> {
         let [q, k, v] = self.qkv.forward(x)?;
-        let o = Tensor::attention(
-            &heads_first(&q)?,
-            &heads_first(&k)?,
-            &heads_first(&v)?,
-            &AttentionParams::new(self.scale),
-        )?;
-        self.to_out.forward(&merge_heads(&o, 0, x.dim(1))?)
+        let (b, n) = (x.dim(0), x.dim(1));
+        let o = x.backend().empty(&[b, n, self.qkv.heads, self.qkv.head_dim], x.dtype())?;
+        let params = AttentionParams::new(self.scale);
+        Tensor::attention_into(&heads_first(&q)?, &heads_first(&k)?, &heads_first(&v)?, &params, &heads_first(&o)?)?;
+        self.to_out.forward(&o.reshape(&[b, n, self.qkv.heads * self.qkv.head_dim])?)
     }
 }

@@ -5,7 +5,7 @@
 use super::attention::{JointAttention, SelfAttention};
 use super::params::{Linear, Params};
 use super::MmditError;
-use sd3_core::{Backend, DType, Tensor};
+use sd3_core::{Backend, DType, Tensor, UnaryOp};
 
 pub const LN_EPS: f32 = 1e-6;
 
@@ -32,6 +32,7 @@ impl AdaLayerNormContinuous {
 }
 
 /// `FeedForward(D, D, activation_fn="gelu-approximate")`: `net.0.proj` (D→4D), GELU(tanh), `net.2` (4D→D).
+/// The GELU is the epilogue of the first matmul (`Op::Matmul { act }`), not a pass of its own.
 pub struct FeedForward {
     proj_in: Linear,
     proj_out: Linear,
@@ -45,7 +46,7 @@ impl FeedForward {
         })
     }
     pub fn forward(&self, x: &Tensor) -> sd3_core::Result<Tensor> {
-        self.proj_out.forward(&self.proj_in.forward(x)?.gelu_tanh()?)
+        self.proj_out.forward(&self.proj_in.forward_act(x, UnaryOp::GeluTanh)?)
     }
 }
 

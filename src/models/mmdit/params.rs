@@ -2,7 +2,7 @@
 //! shape tests) so a model can be built from a config alone.
 
 use crate::weights::{Weights, WeightsError};
-use sd3_core::{Backend, DType, Tensor};
+use sd3_core::{Backend, DType, Tensor, UnaryOp};
 
 pub enum Params<'a> {
     Weights(&'a Weights),
@@ -113,5 +113,15 @@ impl Linear {
 
     pub fn forward(&self, x: &Tensor) -> sd3_core::Result<Tensor> {
         x.linear(&self.weight, self.bias.as_ref())
+    }
+
+    /// `act(linear(x))`, the activation fused into the matmul where the device can.
+    pub fn forward_act(&self, x: &Tensor, act: UnaryOp) -> sd3_core::Result<Tensor> {
+        x.linear_act(&self.weight, self.bias.as_ref(), Some(act))
+    }
+
+    /// `linear(x)` written into `out` (`[.., out]`, any strides: e.g. rows of a bigger buffer).
+    pub fn forward_into(&self, x: &Tensor, out: &Tensor) -> sd3_core::Result<()> {
+        x.linear_into(&self.weight, self.bias.as_ref(), None, out)
     }
 }
