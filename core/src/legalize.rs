@@ -8,7 +8,8 @@
 //!    in order of the bytes it copies, so a device that declines only one odd operand pays for that one copy.
 //! 2. **Decompose** a fused form the device declines: a matmul with an activation epilogue becomes the plain
 //!    matmul into a contiguous temporary and the activation from it into the output (each part relaid out as
-//!    needed).
+//!    needed). When both parts run as they are, this split is taken before any relayout of the fused call (it
+//!    copies nothing; the activation's extra pass is what an unfused model pays anyway).
 //!
 //! Only `supports` decides, and a whole plan is accepted before anything is queued, so a declined rewrite costs
 //! no device work. Temporaries are freed as soon as their work is queued (a device keeps a buffer alive until
@@ -105,22 +106,28 @@ impl Drop for Temps<'_> {
 
 /// The cheapest plan other than running the call as it is, if any.
 fn rewrite(dev: &dyn Device, call: &OpCall, temps: &mut Temps) -> Result<Option<Plan>> {
+    let Op::Matmul { bias, act: Some(act) } = call.op else {
+        return relayout(dev, call, temps);
+    };
+    let tmp = temps.contiguous_like(&call.outputs[0])?;
+    let mm_out = [tmp.clone()];
+    let matmul = OpCall { op: Op::Matmul { bias, act: None }, inputs: call.inputs, outputs: &mm_out };
+    let act_in = [tmp.clone()];
+    let activation = OpCall { op: Op::Unary(act), inputs: &act_in, outputs: call.outputs };
+    let split =
+        |m: Plan, a: Plan| Plan::Decompose { act, tmp: tmp.clone(), matmul: Box::new(m), activation: Box::new(a) };
+    // Both parts as they are: no copy, one more pass over the output (what an unfused model does). Preferred
+    // to relaying out the fused call, and found without trying that (typically a device without the epilogue).
+    if dev.supports(&matmul) && dev.supports(&activation) {
+        return Ok(Some(split(Plan::Direct, Plan::Direct)));
+    }
     if let Some(p) = relayout(dev, call, temps)? {
         return Ok(Some(p));
     }
-    if let Op::Matmul { bias, act: Some(act) } = call.op {
-        let tmp = temps.contiguous_like(&call.outputs[0])?;
-        let mm_out = [tmp.clone()];
-        let matmul = OpCall { op: Op::Matmul { bias, act: None }, inputs: call.inputs, outputs: &mm_out };
-        let act_in = [tmp.clone()];
-        let activation = OpCall { op: Op::Unary(act), inputs: &act_in, outputs: call.outputs };
-        if let (Some(m), Some(a)) =
-            (direct_or_relayout(dev, &matmul, temps)?, direct_or_relayout(dev, &activation, temps)?)
-        {
-            return Ok(Some(Plan::Decompose { act, tmp, matmul: Box::new(m), activation: Box::new(a) }));
-        }
+    match (direct_or_relayout(dev, &matmul, temps)?, direct_or_relayout(dev, &activation, temps)?) {
+        (Some(m), Some(a)) => Ok(Some(split(m, a))),
+        _ => Ok(None),
     }
-    Ok(None)
 }
 
 fn direct_or_relayout(dev: &dyn Device, call: &OpCall, temps: &mut Temps) -> Result<Option<Plan>> {
