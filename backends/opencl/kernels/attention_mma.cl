@@ -1,12 +1,14 @@
-// Fused attention on NVIDIA tensor cores (sm_80+), flash style: a 128-thread work-group (4 warps) owns 64 query
-// rows, 16 per warp; for each tile of 64 keys a warp computes its 16x64 scores S = Q·Kᵀ with mma.sync, keeps the
+// Fused attention on NVIDIA tensor cores (sm_80+), flash style: a work-group of ATT_WARPS warps (4 or 8) owns
+// 16 query rows per warp; for each tile of 64 keys a warp computes its 16x64 scores S = Q·Kᵀ with mma.sync, keeps the
 // online softmax (running row max and sum) in registers, and accumulates O += P·V with P rounded to the MMA
 // operand type (the C fragment of S has the layout of P's A fragment, so P never leaves registers). The score
 // matrix is never written. Used for f16/bf16 q, k, v with head dim D = Dh = Dv (build option, a multiple of 16
 // up to 64: local memory), without bias, causal mask or qk norm (those run on attention.cl). Helpers: mma.cl.
 // ATTN_PREFETCH (build option, 0 or 1): load the next K/V tile into registers during the current one.
+// ATT_WARPS (build option): 4, or 8 where D is a multiple of 32 (whole staging chunks per thread).
 
-#define BQ 64
+#define ATT_THREADS (32 * ATT_WARPS)
+#define BQ (16 * ATT_WARPS) // query rows per work-group: 16 per warp
 #define BKV 64
 #define LDQ (D + 8)   // pitch of Qs and Ks rows (16-bit elements)
 #define LDV (BKV + 8) // pitch of Vt rows
@@ -36,7 +38,7 @@ inline uint pack2(float lo, float hi) {
 // that are not RAW_ROWS; MMA_DT data is copied as bits (a float round trip would cost a conversion each way).
 inline void stage_rows(local ushort *dst, uint pitch, uint transpose, global const uchar *p, uint dt, ulong base,
                        ulong row_st, ulong d_st, uint r0, uint N, uint tid) {
-    for (uint e = tid; e < 64 * D; e += 128) {
+    for (uint e = tid; e < 64 * D; e += ATT_THREADS) {
         uint r = e / D, d = e - r * D;
         ushort x = 0;
         if (r0 + r < N) {
@@ -52,7 +54,10 @@ inline void stage_rows(local ushort *dst, uint pitch, uint transpose, global con
 // Row-major tiles (Q, K) map consecutive threads along a row (coalesced loads, 16-byte local stores); the
 // transposed tile (V) maps consecutive threads to consecutive rows, so that each 16-bit local store of a warp
 // covers 16 consecutive words (conflict free).
-#define CHUNKS (64 * D / 8 / 128)
+#define CHUNKS (64 * D / 8 / ATT_THREADS)
+#if (64 * D / 8) % ATT_THREADS != 0
+#error "each thread must stage whole 8-element chunks of a 64-row block"
+#endif
 inline uint2 chunk_pos(uint c, uint transpose) {
     return transpose ? (uint2)(c % 64, (c / 64) * 8) : (uint2)(c / (D / 8), (c % (D / 8)) * 8);
 }
@@ -60,14 +65,14 @@ inline uint2 chunk_pos(uint c, uint transpose) {
 inline void fetch_rows(uint4 *regs, uint transpose, global const ushort *p, ulong base, ulong row_st, uint r0,
                        uint N, uint tid) {
     for (uint i = 0; i < CHUNKS; ++i) {
-        uint2 rd = chunk_pos(tid + i * 128, transpose);
+        uint2 rd = chunk_pos(tid + i * ATT_THREADS, transpose);
         regs[i] = r0 + rd.x < N ? *(global const uint4 *)(p + base + (r0 + rd.x) * row_st + rd.y) : (uint4)(0u);
     }
 }
 
 inline void put_rows(local ushort *dst, uint pitch, uint transpose, const uint4 *regs, uint tid) {
     for (uint i = 0; i < CHUNKS; ++i) {
-        uint2 rd = chunk_pos(tid + i * 128, transpose);
+        uint2 rd = chunk_pos(tid + i * ATT_THREADS, transpose);
         if (transpose) {
             uint w[4] = {regs[i].x, regs[i].y, regs[i].z, regs[i].w};
             for (uint q = 0; q < 4; ++q) {
@@ -80,7 +85,7 @@ inline void put_rows(local ushort *dst, uint pitch, uint transpose, const uint4 
     }
 }
 
-kernel __attribute__((reqd_work_group_size(128, 1, 1)))
+kernel __attribute__((reqd_work_group_size(ATT_THREADS, 1, 1)))
 void attention_mma(uint H, uint Nq, uint Nk, float scale,
                    global const uchar *q, uint qdt, View qv,
                    global const uchar *k, uint kdt, View kv,
@@ -99,12 +104,14 @@ void attention_mma(uint H, uint Nq, uint Nk, float scale,
     const ulong vb = vv.off + b * vv.st[0] + h * vv.st[1];
     const ulong ob = ov.off + b * ov.st[0] + h * ov.st[1];
 
-    if (RAW_ROWS(qdt, qb, qv.st[2], qv.st[3])) {
-        uint4 rq[CHUNKS];
-        fetch_rows(rq, 0, (global const ushort *)q, qb, qv.st[2], q0, Nq, tid);
-        put_rows(Qs, LDQ, 0, rq, tid);
-    } else {
-        stage_rows(Qs, LDQ, 0, q, qdt, qb, qv.st[2], qv.st[3], q0, Nq, tid);
+    for (uint r0 = 0; r0 < BQ; r0 += 64) { // the Q block in blocks of 64 rows
+        if (RAW_ROWS(qdt, qb, qv.st[2], qv.st[3])) {
+            uint4 rq[CHUNKS];
+            fetch_rows(rq, 0, (global const ushort *)q, qb, qv.st[2], q0 + r0, Nq, tid);
+            put_rows(Qs + r0 * LDQ, LDQ, 0, rq, tid);
+        } else {
+            stage_rows(Qs + r0 * LDQ, LDQ, 0, q, qdt, qb, qv.st[2], qv.st[3], q0 + r0, Nq, tid);
+        }
     }
     barrier(CLK_LOCAL_MEM_FENCE);
     uint qf[D / 16][4];

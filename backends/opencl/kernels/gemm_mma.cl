@@ -3,21 +3,21 @@
 // kernel arguments), plus A_RAW_OK / A_RAW_ROW(m) and B_RAW_OK / B_RAW_COL(n): when an operand is already 16-bit
 // MMA data, contiguous and 16-byte aligned along k, a pointer to its row (column) for 8-wide copies.
 // Operands are staged in local memory as 16-bit MMA_BF16 ? bf16 : f16 bits, so the kernel is exact for f16
-// (resp. bf16) inputs; the host only picks it for those. Helpers and tile sizes are in mma.cl: a 128-thread
-// work-group (4 warps in 2x2) computes a BM x BN tile, each warp MMA_MI x MMA_NJ MMA tiles of 16x8.
+// (resp. bf16) inputs; the host only picks it for those. Helpers and tile sizes are in mma.cl: a work-group of
+// MMA_WM x MMA_WN warps computes a BM x BN tile, each warp MMA_MI x MMA_NJ MMA tiles of 16x8.
 
-kernel __attribute__((reqd_work_group_size(128, 1, 1)))
+kernel __attribute__((reqd_work_group_size(MMA_THREADS, 1, 1)))
 void GEMM_NAME(GEMM_ARGS) {
     local ushort As[BM * LDS] __attribute__((aligned(16))); // [m][k]
     local ushort Bs[BN * LDS] __attribute__((aligned(16))); // [n][k]: a B fragment's two k values are one 32-bit word
     const uint tid = get_local_id(0), lane = tid & 31u, warp = tid >> 5;
     const uint g = lane >> 2, t = lane & 3u;
-    const uint wm = (warp >> 1) * (16 * MMA_MI), wn = (warp & 1u) * (8 * MMA_NJ);
+    const uint wm = (warp / MMA_WN) * (16 * MMA_MI), wn = (warp % MMA_WN) * (8 * MMA_NJ);
     const uint m0 = get_group_id(1) * BM, n0 = get_group_id(0) * BN;
     GEMM_PROLOGUE
     const bool a_raw = A_RAW_OK, b_raw = B_RAW_OK;
 #ifdef B_COLUMN // see gemm_tile.cl
-#if 128 % BN != 0
+#if MMA_THREADS % BN != 0
 #error "B_COLUMN needs whole columns per thread"
 #endif
     const uint bnn = tid % BN, bkk0 = tid / BN, bn = n0 + bnn;
@@ -31,24 +31,24 @@ void GEMM_NAME(GEMM_ARGS) {
     if (a_raw && b_raw) {
         // Both operands are raw 16-bit rows: the next k-slice's global loads are issued before the MMAs on the
         // current one (held in registers), so memory latency overlaps compute.
-        uint4 ra[BM * BK / 8 / 128], rb[BN * BK / 8 / 128];
+        uint4 ra[BM * BK / 8 / MMA_THREADS], rb[BN * BK / 8 / MMA_THREADS];
 #define GEMM_FETCH(kb)                                                                                          \
-    for (uint c = 0; c < BM * BK / 8 / 128; ++c) {                                                              \
-        uint i = tid + c * 128, mm = i / (BK / 8), kc = (i - mm * (BK / 8)) * 8;                                \
+    for (uint c = 0; c < BM * BK / 8 / MMA_THREADS; ++c) {                                                              \
+        uint i = tid + c * MMA_THREADS, mm = i / (BK / 8), kc = (i - mm * (BK / 8)) * 8;                                \
         ra[c] = fetch8(A_RAW_ROW(m0 + mm), (kb) + kc, K, m0 + mm < M);                                          \
     }                                                                                                           \
-    for (uint c = 0; c < BN * BK / 8 / 128; ++c) {                                                              \
-        uint i = tid + c * 128, nn = i / (BK / 8), kc = (i - nn * (BK / 8)) * 8;                                \
+    for (uint c = 0; c < BN * BK / 8 / MMA_THREADS; ++c) {                                                              \
+        uint i = tid + c * MMA_THREADS, nn = i / (BK / 8), kc = (i - nn * (BK / 8)) * 8;                                \
         rb[c] = fetch8(B_RAW_COL(n0 + nn), (kb) + kc, K, n0 + nn < N);                                          \
     }
         GEMM_FETCH(0)
         for (uint k0 = 0; k0 < K; k0 += BK) {
-            for (uint c = 0; c < BM * BK / 8 / 128; ++c) {
-                uint i = tid + c * 128, mm = i / (BK / 8), kc = (i - mm * (BK / 8)) * 8;
+            for (uint c = 0; c < BM * BK / 8 / MMA_THREADS; ++c) {
+                uint i = tid + c * MMA_THREADS, mm = i / (BK / 8), kc = (i - mm * (BK / 8)) * 8;
                 *(local uint4 *)&As[mm * LDS + kc] = ra[c];
             }
-            for (uint c = 0; c < BN * BK / 8 / 128; ++c) {
-                uint i = tid + c * 128, nn = i / (BK / 8), kc = (i - nn * (BK / 8)) * 8;
+            for (uint c = 0; c < BN * BK / 8 / MMA_THREADS; ++c) {
+                uint i = tid + c * MMA_THREADS, nn = i / (BK / 8), kc = (i - nn * (BK / 8)) * 8;
                 *(local uint4 *)&Bs[nn * LDS + kc] = rb[c];
             }
             barrier(CLK_LOCAL_MEM_FENCE);
@@ -63,7 +63,7 @@ void GEMM_NAME(GEMM_ARGS) {
         for (uint k0 = 0; k0 < K; k0 += BK) {
             if (a_raw) {
                 // Rows of A already hold 16-bit MMA operands contiguous in k: copy 8 at a time, no conversion.
-                for (uint c = tid; c < BM * BK / 8; c += 128) {
+                for (uint c = tid; c < BM * BK / 8; c += MMA_THREADS) {
                     uint mm = c / (BK / 8), kc = (c - mm * (BK / 8)) * 8;
                     uint m = m0 + mm, k = k0 + kc;
                     local ushort *dst = &As[mm * LDS + kc];
@@ -74,7 +74,7 @@ void GEMM_NAME(GEMM_ARGS) {
                     }
                 }
             } else {
-                for (uint e = tid; e < BM * BK; e += 128) {
+                for (uint e = tid; e < BM * BK; e += MMA_THREADS) {
                     uint mm, kk;
                     if (A_KFAST) {
                         mm = e / BK;
@@ -88,7 +88,7 @@ void GEMM_NAME(GEMM_ARGS) {
                 }
             }
             if (b_raw) {
-                for (uint c = tid; c < BN * BK / 8; c += 128) {
+                for (uint c = tid; c < BN * BK / 8; c += MMA_THREADS) {
                     uint nn = c / (BK / 8), kc = (c - nn * (BK / 8)) * 8;
                     uint n = n0 + nn, k = k0 + kc;
                     local ushort *dst = &Bs[nn * LDS + kc];
@@ -100,12 +100,12 @@ void GEMM_NAME(GEMM_ARGS) {
                 }
             } else {
 #ifdef B_COLUMN
-                for (uint kk = bkk0; kk < BK; kk += 128 / BN) {
+                for (uint kk = bkk0; kk < BK; kk += MMA_THREADS / BN) {
                     uint k = k0 + kk;
                     Bs[bnn * LDS + kk] = (k < K && bn < N) ? B_COLUMN_BITS(k) : (ushort)0;
                 }
 #else
-                for (uint e = tid; e < BK * BN; e += 128) {
+                for (uint e = tid; e < BK * BN; e += MMA_THREADS) {
                     uint kk, nn;
                     if (B_NFAST) {
                         kk = e / BN;

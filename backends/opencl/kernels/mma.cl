@@ -31,11 +31,16 @@ inline void mma_16816(float *d, const uint *a, const uint *b) {
 }
 
 #ifdef MMA_MI // the GEMM programs only (attention_mma.cl has its own tiles)
-// MMA_MI x MMA_NJ MMA tiles per warp (build options): 2 x 4 gives 64x64 work-group tiles, 4 x 8 gives 128x128.
-#define BM (32 * MMA_MI)
-#define BN (16 * MMA_NJ)
-#define BK 32
+// MMA_MI x MMA_NJ MMA tiles per warp and MMA_WM x MMA_WN warps per work-group, MMA_BK deep slices (build
+// options): 2 x 4 tiles on 2 x 2 warps give 64x64 work-group tiles of 128 threads.
+#define MMA_THREADS (32 * MMA_WM * MMA_WN)
+#define BM (16 * MMA_MI * MMA_WM)
+#define BN (8 * MMA_NJ * MMA_WN)
+#define BK MMA_BK // k per local-memory slice: 32 or 64
 #define LDS (BK + 8) // row pitch in 16-bit elements (padding spreads the fragment reads over banks)
+#if (BM * BK / 8) % MMA_THREADS != 0 || (BN * BK / 8) % MMA_THREADS != 0
+#error "each thread must stage whole 8-element chunks of both tiles"
+#endif
 
 // Fragments of one BK slice from local memory, and the warp's MMA_MI x MMA_NJ MMAs on them.
 inline void mma_block(local const ushort *As, local const ushort *Bs, float acc[MMA_MI][MMA_NJ][4], uint wm, uint wn,

@@ -38,9 +38,12 @@ pub fn run(cx: &mut Ctx, call: &OpCall) -> Result<()> {
             None
         };
         if let (Some(bf16), true) = (variant, cx.mma_enabled()) {
-            // `SD3_OPENCL_ATTN_PREFETCH=0` stages each K/V tile after the barrier instead (for measuring).
+            // For measuring: `SD3_OPENCL_ATTN_PREFETCH=0` stages each K/V tile after the barrier instead;
+            // `SD3_OPENCL_ATTN_WARPS=8` gives work-groups of 8 warps (128 query rows) where the head dim allows.
             let prefetch = std::env::var("SD3_OPENCL_ATTN_PREFETCH").map_or(true, |v| v != "0");
-            let options = format!("-DMMA_BF16={bf16} -DD={dh} -DATTN_PREFETCH={}", prefetch as u32);
+            let eight = std::env::var("SD3_OPENCL_ATTN_WARPS").is_ok_and(|v| v == "8") && dh % 32 == 0;
+            let warps: usize = if eight { 8 } else { 4 };
+            let options = format!("-DMMA_BF16={bf16} -DD={dh} -DATTN_PREFETCH={} -DATT_WARPS={warps}", prefetch as u32);
             match cx.kernel(ProgramKind::AttentionMma, "attention_mma", &options) {
                 Ok(kern) => {
                     Args::new(&kern)
@@ -53,7 +56,8 @@ pub fn run(cx: &mut Ctx, call: &OpCall) -> Result<()> {
                         .operand(&cx.mem(v)?, v.dtype, &ClView::of(v))
                         .operand(&cx.mem(o)?, o.dtype, &ClView::of(o))
                         .done()?;
-                    return cx.launch(&kern, [nq.div_ceil(64) * 128, b * h, 1], [128, 1, 1]);
+                    let threads = 32 * warps;
+                    return cx.launch(&kern, [nq.div_ceil(16 * warps) * threads, b * h, 1], [threads, 1, 1]);
                 }
                 // The SIMT kernel below runs it instead.
                 Err(e) => cx.mma_failed(e),

@@ -10,26 +10,65 @@ fn batch_view(t: &TensorDesc, r: usize) -> (&[usize], usize) {
     (&t.strides()[..r - 2], t.layout.offset)
 }
 
-/// A GEMM kernel with its launch shape: the tensor-core one (128 threads per 64x64 or 128x128 tile) where the device has
-/// tensor cores and both operands are f16 or both bf16, else the SIMT one (16x16 threads per 16·rm x 16·rn tile).
+/// A GEMM kernel with its launch shape: the tensor-core one where the device has tensor cores and both operands
+/// are f16 or both bf16, else the SIMT one (16x16 threads per 16·rm x 16·rn tile).
 struct GemmKernel {
     kernel: Kernel,
-    /// The tensor-core kernel's work-group tile (rows, columns), or `None` for the SIMT kernel.
-    mma_tile: Option<(usize, usize)>,
+    /// The tensor-core kernel's shape, or `None` for the SIMT kernel.
+    mma: Option<MmaShape>,
 }
 
-/// MMA tiles per warp (rows of 16, columns of 8) for an M x N output. 2 x 4 (64x64 work-group tiles) measured
-/// fastest on an H200 for SD3's linears (4 x 8 spills registers). `SD3_OPENCL_MMA_TILE=MIxNJ` overrides it, for
-/// tuning, on outputs of at least 512 x 512.
-fn mma_tiles(m: usize, n: usize) -> (usize, usize) {
-    let custom = std::env::var("SD3_OPENCL_MMA_TILE").ok().and_then(|v| {
-        let (mi, nj) = v.split_once('x')?;
-        let (mi, nj) = (mi.parse().ok()?, nj.parse().ok()?);
-        ([1, 2, 4].contains(&mi) && [2, 4, 8].contains(&nj)).then_some((mi, nj))
-    });
-    match custom {
-        Some(t) if m >= 512 && n >= 512 => t,
-        _ => (2, 4),
+/// The tensor-core GEMM's work-group: `wm x wn` warps, each computing `mi x nj` MMA tiles of 16x8.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct MmaShape {
+    /// k per local-memory slice (32 or 64).
+    bk: usize,
+    mi: usize,
+    nj: usize,
+    wm: usize,
+    wn: usize,
+}
+
+impl MmaShape {
+    /// 2 x 4 tiles on 2 x 2 warps (64x64 work-group tiles, 128 threads) measured fastest on an H200 for SD3's
+    /// linears among the 4-warp shapes (4 x 8 tiles spill registers). For tuning (every output size):
+    /// `SD3_OPENCL_MMA_TILE=MIxNJ` and `SD3_OPENCL_MMA_WARPS=WMxWN` (each a power of two, 1..=8),
+    /// `SD3_OPENCL_MMA_BK=64`.
+    fn for_output(m: usize, n: usize) -> MmaShape {
+        let default = MmaShape { bk: 32, mi: 2, nj: 4, wm: 2, wn: 2 };
+        let pair = |var: &str| -> Option<(usize, usize)> {
+            let v = std::env::var(var).ok()?;
+            let (a, b) = v.split_once('x')?;
+            let (a, b) = (a.parse().ok()?, b.parse().ok()?);
+            ([1, 2, 4, 8].contains(&a) && [1, 2, 4, 8].contains(&b)).then_some((a, b))
+        };
+        let _ = (m, n);
+        let (mi, nj) = pair("SD3_OPENCL_MMA_TILE").unwrap_or((default.mi, default.nj));
+        let (wm, wn) = pair("SD3_OPENCL_MMA_WARPS").unwrap_or((default.wm, default.wn));
+        let bk = match std::env::var("SD3_OPENCL_MMA_BK").as_deref() {
+            Ok("64") => 64,
+            _ => default.bk,
+        };
+        let shape = MmaShape { bk, mi, nj, wm, wn };
+        if shape.valid() {
+            shape
+        } else {
+            default
+        }
+    }
+
+    fn threads(&self) -> usize {
+        32 * self.wm * self.wn
+    }
+    fn tile(&self) -> (usize, usize) {
+        (16 * self.mi * self.wm, 8 * self.nj * self.wn)
+    }
+    /// What mma.cl requires: whole 8-element chunks of both tiles' slices per thread, whole B columns per
+    /// thread (conv2d), at most 1024 threads.
+    fn valid(&self) -> bool {
+        let (bm, bn) = self.tile();
+        let (t, chunks) = (self.threads(), self.bk / 8);
+        t <= 1024 && (bm * chunks) % t == 0 && (bn * chunks) % t == 0 && t % bn == 0
     }
 }
 
@@ -41,20 +80,24 @@ impl GemmKernel {
             _ => None,
         };
         if let (Some(bf16), true) = (variant, cx.mma_enabled()) {
-            let (mi, nj) = mma_tiles(m, n);
-            let options = format!("-DMMA_BF16={bf16} -DMMA_MI={mi} -DMMA_NJ={nj}");
+            let s = MmaShape::for_output(m, n);
+            let options = format!(
+                "-DMMA_BF16={bf16} -DMMA_BK={} -DMMA_MI={} -DMMA_NJ={} -DMMA_WM={} -DMMA_WN={}",
+                s.bk, s.mi, s.nj, s.wm, s.wn
+            );
             match cx.kernel(ProgramKind::GemmMma, name, &options) {
-                Ok(kernel) => return Ok(GemmKernel { kernel, mma_tile: Some((32 * mi, 16 * nj)) }),
+                Ok(kernel) => return Ok(GemmKernel { kernel, mma: Some(s) }),
                 // A driver that rejects the inline PTX still runs every GEMM, on the SIMT kernel.
                 Err(e) => cx.mma_failed(e),
             }
         }
-        Ok(GemmKernel { kernel: cx.kernel(ProgramKind::Gemm, name, "")?, mma_tile: None })
+        Ok(GemmKernel { kernel: cx.kernel(ProgramKind::Gemm, name, "")?, mma: None })
     }
 
     fn launch(&self, cx: &Ctx, m: usize, n: usize, batch: usize) -> Result<()> {
-        if let Some((bm, bn)) = self.mma_tile {
-            return cx.launch(&self.kernel, [n.div_ceil(bn) * 128, m.div_ceil(bm), batch], [128, 1, 1]);
+        if let Some(s) = self.mma {
+            let ((bm, bn), t) = (s.tile(), s.threads());
+            return cx.launch(&self.kernel, [n.div_ceil(bn) * t, m.div_ceil(bm), batch], [t, 1, 1]);
         }
         let t = &cx.dev.tuning;
         let global = [n.div_ceil(16 * t.gemm_rn) * 16, m.div_ceil(16 * t.gemm_rm) * 16, batch];
