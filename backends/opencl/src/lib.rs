@@ -51,7 +51,15 @@ impl OpenClProvider {
                 0 => "no OpenCL platform found: the ICD loader lists no driver \
                       (install an OpenCL driver, e.g. pocl-opencl-icd, or the GPU vendor's)"
                     .to_string(),
-                n => format!("{n} OpenCL platform(s) found, but none has a device"),
+                n => match std::env::var(platform::PLATFORM_ENV) {
+                    Ok(only) if !only.is_empty() => {
+                        format!(
+                            "{n} OpenCL platform(s) found, but none named like {}={only:?} has a device",
+                            platform::PLATFORM_ENV
+                        )
+                    }
+                    _ => format!("{n} OpenCL platform(s) found, but none has a device"),
+                },
             };
             return Err(Error::backend("opencl", reason));
         }

@@ -236,10 +236,18 @@ fn describe(platform: cl_platform_id, platform_name: &str, device: cl_device_id)
 
 /// Every device of every platform, platforms in loader order. An error only when the loader itself fails;
 /// no platform at all is an empty list (the caller words the rejection).
+/// Environment variable: when set (non-empty), only platforms whose name contains it (case-insensitive) are
+/// enumerated, e.g. `SD3_OPENCL_PLATFORM=nvidia` on a machine that also has PoCL, so that device 0 is the GPU.
+pub const PLATFORM_ENV: &str = "SD3_OPENCL_PLATFORM";
+
 pub fn enumerate() -> Result<Vec<ClDevice>> {
+    let only = std::env::var(PLATFORM_ENV).ok().filter(|v| !v.is_empty()).map(|v| v.to_lowercase());
     let mut out = Vec::new();
     for p in platform_ids()? {
         let pname = c_string(platform_bytes(p, ffi::CL_PLATFORM_NAME));
+        if only.as_ref().is_some_and(|o| !pname.to_lowercase().contains(o.as_str())) {
+            continue;
+        }
         for d in device_ids(p)? {
             out.push(describe(p, &pname, d));
         }
