@@ -1,10 +1,9 @@
 // f16 arithmetic for the elementwise ops whose result rounds like the f32 path's: every operand and the output
 // are f16, and the op is a short chain of +, -, · (add, sub, mul, neg, square, relu, gated residual, modulate).
 // Transcendental maps (exp, tanh, GELU, ...) and divisions stay on `ew` in f32: half-precision versions of
-// those built-ins are less accurate (and NVIDIA's compiler has none), and 1 + tanh(x) cancels badly in f16.
-// Same arguments as `ew` (elementwise.cl); the dtype codes are ignored (all f16). Used only where the host wants it:
-// where the device reports cl_khr_fp16, or where the compiler accepts half arithmetic without reporting it
-// (NVIDIA's, since its NVVM 7 compiler); a build failure turns the path off.
+// those built-ins are less accurate, and 1 + tanh(x) cancels badly in f16.
+// Same arguments as `ew` (elementwise.cl); the dtype codes are ignored (all f16). Used only where the device
+// reports cl_khr_fp16 (or SD3_OPENCL_HALF_MATH=1 forces it); a build failure turns the path off.
 
 #ifdef cl_khr_fp16
 #pragma OPENCL EXTENSION cl_khr_fp16 : enable

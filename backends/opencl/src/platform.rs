@@ -54,11 +54,11 @@ impl ClDevice {
         self.extensions.split_whitespace().any(|e| e == ext)
     }
 
-    /// Whether the OpenCL C compiler may take f16 arithmetic: the device reports `cl_khr_fp16`, or it is
-    /// NVIDIA's, whose compiler has accepted `half` arithmetic (not its math built-ins) since its NVVM 7
-    /// version without reporting the extension. Where the build still fails, the f32 path is kept.
+    /// Whether the OpenCL C compiler takes f16 arithmetic: the device reports `cl_khr_fp16`. (NVIDIA's driver
+    /// 580 does not report it, and its compiler rejects `half` arithmetic: measured on an H200.) Where the
+    /// build still fails, the f32 path is kept.
     pub fn half_math_capable(&self) -> bool {
-        self.has_extension("cl_khr_fp16") || self.vendor.to_ascii_uppercase().contains("NVIDIA")
+        self.has_extension("cl_khr_fp16")
     }
 
     /// `name (platform)`, for messages.

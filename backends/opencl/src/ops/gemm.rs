@@ -30,11 +30,11 @@ struct MmaShape {
 }
 
 impl MmaShape {
-    /// 2 x 4 tiles on 2 x 2 warps (64x64 work-group tiles, 128 threads) measured fastest on an H200 for SD3's
-    /// linears among the 4-warp shapes (4 x 8 tiles spill registers). For tuning (every output size):
+    /// 2 x 4 tiles on 2 x 2 warps (64x64 work-group tiles, 128 threads), 32 deep: on an H200 no other shape
+    /// tried was more than 1% faster for SD3's linears (docs/opencl.md). For tuning (every output size):
     /// `SD3_OPENCL_MMA_TILE=MIxNJ` and `SD3_OPENCL_MMA_WARPS=WMxWN` (each a power of two, 1..=8),
     /// `SD3_OPENCL_MMA_BK=64`.
-    fn for_output(m: usize, n: usize) -> MmaShape {
+    fn configured() -> MmaShape {
         let default = MmaShape { bk: 32, mi: 2, nj: 4, wm: 2, wn: 2 };
         let pair = |var: &str| -> Option<(usize, usize)> {
             let v = std::env::var(var).ok()?;
@@ -42,7 +42,6 @@ impl MmaShape {
             let (a, b) = (a.parse().ok()?, b.parse().ok()?);
             ([1, 2, 4, 8].contains(&a) && [1, 2, 4, 8].contains(&b)).then_some((a, b))
         };
-        let _ = (m, n);
         let (mi, nj) = pair("SD3_OPENCL_MMA_TILE").unwrap_or((default.mi, default.nj));
         let (wm, wn) = pair("SD3_OPENCL_MMA_WARPS").unwrap_or((default.wm, default.wn));
         let bk = match std::env::var("SD3_OPENCL_MMA_BK").as_deref() {
@@ -73,14 +72,14 @@ impl MmaShape {
 }
 
 impl GemmKernel {
-    fn pick(cx: &mut Ctx, name: &'static str, a: DType, b: DType, m: usize, n: usize) -> Result<GemmKernel> {
+    fn pick(cx: &mut Ctx, name: &'static str, a: DType, b: DType) -> Result<GemmKernel> {
         let variant = match (a, b) {
             (DType::F16, DType::F16) => Some(0),
             (DType::BF16, DType::BF16) => Some(1),
             _ => None,
         };
         if let (Some(bf16), true) = (variant, cx.mma_enabled()) {
-            let s = MmaShape::for_output(m, n);
+            let s = MmaShape::configured();
             let options = format!(
                 "-DMMA_BF16={bf16} -DMMA_BK={} -DMMA_MI={} -DMMA_NJ={} -DMMA_WM={} -DMMA_WN={}",
                 s.bk, s.mi, s.nj, s.wm, s.wn
@@ -117,7 +116,7 @@ pub fn matmul(cx: &mut Ctx, call: &OpCall, has_bias: bool) -> Result<()> {
     let (bsh, v, _) = collapse(batch_shape, &[batch_view(a, r), batch_view(b, r), batch_view(y, r)]);
     let bias = if has_bias { &call.inputs[2] } else { y };
     let (bias_off, bias_st) = if has_bias { (bias.layout.offset, bias.strides()[0]) } else { (0, 0) };
-    let gk = GemmKernel::pick(cx, "matmul", a.dtype, b.dtype, m, n)?;
+    let gk = GemmKernel::pick(cx, "matmul", a.dtype, b.dtype)?;
     let kern = &gk.kernel;
     let (ast, bst, yst) = (a.strides(), b.strides(), y.strides());
     Args::new(kern)
@@ -164,7 +163,7 @@ pub fn conv2d(cx: &mut Ctx, call: &OpCall, stride: [usize; 2], padding: [usize; 
     let (m, n, k) = (o, nb * oh * ow, c * kh * kw);
     let bias = if has_bias { &call.inputs[2] } else { y };
     let (bias_off, bias_st) = if has_bias { (bias.layout.offset, bias.strides()[0]) } else { (0, 0) };
-    let gk = GemmKernel::pick(cx, "conv2d", x.dtype, w.dtype, o, nb * oh * ow)?;
+    let gk = GemmKernel::pick(cx, "conv2d", x.dtype, w.dtype)?;
     let kern = &gk.kernel;
     let mut a = Args::new(kern);
     a.u32(m as u32).u32(n as u32).u32(k as u32).u32(has_bias as u32);
