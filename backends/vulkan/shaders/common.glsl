@@ -121,6 +121,12 @@ void st(uint dt, uint i, float v) {
     st_part(i >> 1, (i & 1u) * 16u, 0xffffu, h);
 }
 
+// f32 -> the 16 bits of an f16 (dt 1) or bf16 (dt 2).
+uint to16(uint dt, float v) { return dt == 1u ? f32_to_f16(v) : f32_to_bf16(v); }
+
+// Elements i and i+1 (i even: one word) of a 16-bit output in one plain store, where the invocation owns the word.
+void st2(uint dt, uint i, float v0, float v1) { b1[i >> 1] = to16(dt, v0) | (to16(dt, v1) << 16); }
+
 // Bit-exact copy of element `src` of binding 2 to element `dst` of the output, both of dtype `dt`.
 void copy_raw(uint dt, uint src, uint dst) {
     if (dt == 0u || dt == 3u) { b1[dst] = b2[src]; return; }

@@ -1,9 +1,12 @@
 #version 450
 // Every elementwise op over strided views: copy/cast, fill, unary, binary, affine, modulate, gated residual and
-// nearest upsampling. One invocation per output element, grid-stride over the whole output.
+// nearest upsampling. One invocation per output element, grid-stride over the whole output; or, in pair mode
+// (P[18], set by the host for f16/bf16 outputs whose rows are even-length, contiguous and start on a word), per
+// two adjacent elements of a row, stored as one word instead of two atomic half-word updates.
 //
 // P: [0] mode, [1] sub (unary/binary function, upsample factor), [2] n, [3] rank, [4..12) output shape,
-// [12..16) dtypes of y, a, b, c, [16] f0, [17] f1, views (offset + 8 strides) y@20, a@29, b@38, c@47.
+// [12..16) dtypes of y, a, b, c, [16] f0, [17] f1, [18] pair mode, views (offset + 8 strides) y@20, a@29, b@38,
+// c@47.
 #include "common.glsl"
 layout(local_size_x = 256) in;
 
@@ -71,38 +74,53 @@ uint upsample_offset(uint lin, uint rank, uint factor) {
     return off;
 }
 
+// The op's value at output index `i` whose inputs lie at offsets oa, ob, oc (mode 7: oa already upsampled).
+float value(uint mode, uint sub, uint oa, uint ob, uint oc) {
+    uint da = P[13], db = P[14], dc = P[15];
+    if (mode == 1u) return pf(16);
+    float a = ld2(da, oa);
+    if (mode == 0u || mode == 7u) return a;
+    if (mode == 2u) return unary(sub, a);
+    if (mode == 4u) return a * pf(16) + pf(17);
+    float b = ld3(db, ob);
+    if (mode == 3u) return binary(sub, a, b);
+    float c = ld4(dc, oc);
+    return mode == 5u ? a * (1.0 + b) + c : a + b * c;
+}
+
+uint raw16(uint e) { return (b2[e >> 1] >> ((e & 1u) * 16u)) & 0xffffu; }
+
 void main() {
     uint mode = P[0], sub = P[1], n = P[2], rank = P[3];
-    uint dy = P[12], da = P[13], db = P[14], dc = P[15];
-    uint step = group_count() * 256u;
-    for (uint i = flat_group() * 256u + gl_LocalInvocationID.x; i < n; i += step) {
-        uint oy = view_offset(i, rank, 4u, 20u);
-        float v;
-        if (mode == 1u) {
-            v = pf(16);
-        } else if (mode == 7u) {
-            v = ld2(da, upsample_offset(i, rank, sub));
-        } else if (mode == 0u && da == dy) {
-            copy_raw(dy, view_offset(i, rank, 4u, 29u), oy);
-            continue;
-        } else {
-            float a = ld2(da, view_offset(i, rank, 4u, 29u));
-            if (mode == 0u) {
-                v = a;
-            } else if (mode == 2u) {
-                v = unary(sub, a);
-            } else if (mode == 4u) {
-                v = a * pf(16) + pf(17);
+    uint dy = P[12], da = P[13];
+    uint first = flat_group() * 256u + gl_LocalInvocationID.x, step = group_count() * 256u;
+    if (P[18] != 0u) {
+        // Pairs (i, i+1) of one row: the inputs of i+1 are one last-dim stride further (mode 7: recomputed).
+        uint last = rank - 1u;
+        for (uint j = first; j < n / 2u; j += step) {
+            uint i = 2u * j;
+            uint oy = view_offset(i, rank, 4u, 20u);
+            uint oa = view_offset(i, rank, 4u, 29u), ob = view_offset(i, rank, 4u, 38u), oc = view_offset(i, rank, 4u, 47u);
+            uint sa = P[30u + last], sb = P[39u + last], sc = P[48u + last];
+            if (mode == 0u && da == dy) {
+                b1[oy >> 1] = raw16(oa) | (raw16(oa + sa) << 16);
+            } else if (mode == 7u) {
+                st2(dy, oy, ld2(da, upsample_offset(i, rank, sub)), ld2(da, upsample_offset(i + 1u, rank, sub)));
             } else {
-                float b = ld3(db, view_offset(i, rank, 4u, 38u));
-                if (mode == 3u) {
-                    v = binary(sub, a, b);
-                } else {
-                    float c = ld4(dc, view_offset(i, rank, 4u, 47u));
-                    v = mode == 5u ? a * (1.0 + b) + c : a + b * c;
-                }
+                st2(dy, oy, value(mode, sub, oa, ob, oc), value(mode, sub, oa + sa, ob + sb, oc + sc));
             }
         }
-        st(dy, oy, v);
+        return;
+    }
+    for (uint i = first; i < n; i += step) {
+        uint oy = view_offset(i, rank, 4u, 20u);
+        if (mode == 0u && da == dy) {
+            copy_raw(dy, view_offset(i, rank, 4u, 29u), oy);
+            continue;
+        }
+        uint oa = mode == 7u ? upsample_offset(i, rank, sub) : (mode == 1u ? 0u : view_offset(i, rank, 4u, 29u));
+        uint ob = mode == 3u || mode == 5u || mode == 6u ? view_offset(i, rank, 4u, 38u) : 0u;
+        uint oc = mode == 5u || mode == 6u ? view_offset(i, rank, 4u, 47u) : 0u;
+        st(dy, oy, value(mode, sub, oa, ob, oc));
     }
 }

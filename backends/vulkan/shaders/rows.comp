@@ -3,7 +3,8 @@
 // One workgroup per row (grid-stride over rows); statistics are two-pass (mean, then variance) like the reference.
 //
 // P: [0] mode (0 softmax, 1 layer norm, 2 rms norm, 3 layer norm modulate), [1] affine, [2] rows, [3] D,
-// [4] outer rank, [5..12) outer shape, [13..17) dtypes y, x, t2, t3, [19] eps,
+// [4] outer rank, [5..12) outer shape, [13..17) dtypes y, x, t2, t3, [18] pair mode (f16/bf16 output rows that are
+// even-length, contiguous and start on a word: two elements per word store, no atomics), [19] eps,
 // views y@20, x@29, t2@38, t3@47: offset, 7 outer strides, stride along D.
 // t2/t3 are (weight, bias) for layer norm, (weight, -) for RMS norm, (scale, shift) for modulate.
 #include "common.glsl"
@@ -47,7 +48,16 @@ uint row_base(uint row, uint orank, uint view_at) {
     return off;
 }
 
+// Store the row's outputs, element j's value being F(j).
+#define WRITE_ROW(F)                                                                                     \
+    if (pairs) {                                                                                         \
+        for (uint j = 2u * t; j < D; j += 512u) st2(dy, by + j, F(j), F(j + 1u));                        \
+    } else {                                                                                             \
+        for (uint j = t; j < D; j += 256u) st(dy, by + j * sy, F(j));                                    \
+    }
+
 void main() {
+    bool pairs = P[18] != 0u;
     uint mode = P[0], affine = P[1], rows = P[2], D = P[3], orank = P[4];
     uint dy = P[13], dx = P[14], d2 = P[15], d3 = P[16];
     float eps = pf(19);
@@ -63,7 +73,8 @@ void main() {
             float s = 0.0;
             for (uint j = t; j < D; j += 256u) s += exp(ld2(dx, bx + j * sx) - m);
             s = reduce_sum(s);
-            for (uint j = t; j < D; j += 256u) st(dy, by + j * sy, exp(ld2(dx, bx + j * sx) - m) / s);
+#define SOFTMAX(j) (exp(ld2(dx, bx + (j) * sx) - m) / s)
+            WRITE_ROW(SOFTMAX)
         } else if (mode == 2u) {
             float s = 0.0;
             for (uint j = t; j < D; j += 256u) {
@@ -71,7 +82,8 @@ void main() {
                 s += v * v;
             }
             float inv = 1.0 / sqrt(reduce_sum(s) / float(D) + eps);
-            for (uint j = t; j < D; j += 256u) st(dy, by + j * sy, ld2(dx, bx + j * sx) * inv * ld3(d2, b2 + j * s2));
+#define RMS(j) (ld2(dx, bx + (j) * sx) * inv * ld3(d2, b2 + (j) * s2))
+            WRITE_ROW(RMS)
         } else {
             float s = 0.0;
             for (uint j = t; j < D; j += 256u) s += ld2(dx, bx + j * sx);
@@ -82,14 +94,15 @@ void main() {
                 q += v * v;
             }
             float inv = 1.0 / sqrt(reduce_sum(q) / float(D) + eps);
-            for (uint j = t; j < D; j += 256u) {
-                float v = (ld2(dx, bx + j * sx) - mean) * inv;
-                if (mode == 3u) {
-                    v = v * (1.0 + ld3(d2, b2 + j * s2)) + ld4(d3, b3 + j * s3);
-                } else if (affine != 0u) {
-                    v = v * ld3(d2, b2 + j * s2) + ld4(d3, b3 + j * s3);
-                }
-                st(dy, by + j * sy, v);
+#define NORMED(j) ((ld2(dx, bx + (j) * sx) - mean) * inv)
+#define MODULATED(j) (NORMED(j) * (1.0 + ld3(d2, b2 + (j) * s2)) + ld4(d3, b3 + (j) * s3))
+#define AFFINE(j) (NORMED(j) * ld3(d2, b2 + (j) * s2) + ld4(d3, b3 + (j) * s3))
+            if (mode == 3u) {
+                WRITE_ROW(MODULATED)
+            } else if (affine != 0u) {
+                WRITE_ROW(AFFINE)
+            } else {
+                WRITE_ROW(NORMED)
             }
         }
     }

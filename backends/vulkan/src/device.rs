@@ -2,6 +2,7 @@
 //! dispatch each, a full memory barrier between them) and submitted as a batch when the host needs results
 //! (`download`, `synchronize`, `upload`) or when the batch's descriptor pool or parameter ring is full.
 
+use crate::coop::CoopKernels;
 use crate::instance::{PhysicalDevice, VkInstance};
 use crate::memory::{Allocator, HostBuffer};
 use crate::pipelines::{Kernel, Pipelines, BINDINGS};
@@ -17,6 +18,8 @@ const STAGING_BYTES: u64 = 32 << 20;
 
 pub struct VulkanDevice {
     pub phys: PhysicalDevice,
+    /// Matmul and attention on cooperative matrices, where the device has them (see [`crate::coop`]).
+    pub coop: Option<CoopKernels>,
     device: ash::Device,
     queue: vk::Queue,
     state: Mutex<State>,
@@ -81,10 +84,18 @@ impl VulkanDevice {
         let i = &instance.instance;
         let prio = [1.0f32];
         let qinfo = [vk::DeviceQueueCreateInfo::default().queue_family_index(family).queue_priorities(&prio)];
+        // The cooperative-matrix shaders need their extension, f16 arithmetic and the Vulkan memory model.
+        let coop = crate::coop::select_for(&phys);
+        let extensions = [vk::NV_COOPERATIVE_MATRIX_NAME.as_ptr()];
+        let mut f12 = vk::PhysicalDeviceVulkan12Features::default().shader_float16(true).vulkan_memory_model(true);
+        let mut fcoop = vk::PhysicalDeviceCooperativeMatrixFeaturesNV::default().cooperative_matrix(true);
+        let mut create = vk::DeviceCreateInfo::default().queue_create_infos(&qinfo);
+        if coop.is_some() {
+            create = create.enabled_extension_names(&extensions).push_next(&mut f12).push_next(&mut fcoop);
+        }
         // SAFETY: valid physical device of this instance; every object is destroyed in `Drop`.
-        let device =
-            unsafe { i.create_device(phys.handle, &vk::DeviceCreateInfo::default().queue_create_infos(&qinfo), None) }
-                .map_err(|e| vk_error(&format!("vkCreateDevice on {}", phys.name), e))?;
+        let device = unsafe { i.create_device(phys.handle, &create, None) }
+            .map_err(|e| vk_error(&format!("vkCreateDevice on {}", phys.name), e))?;
         let state = unsafe { Self::create_state(i, &device, &phys, family, unmapped_memory) };
         let state = match state {
             Ok(s) => s,
@@ -97,7 +108,7 @@ impl VulkanDevice {
         };
         // SAFETY: the queue was requested at creation.
         let queue = unsafe { device.get_device_queue(family, 0) };
-        Ok(VulkanDevice { phys, device, queue, state: Mutex::new(state), _instance: instance })
+        Ok(VulkanDevice { phys, coop, device, queue, state: Mutex::new(state), _instance: instance })
     }
 
     unsafe fn create_state(
@@ -514,6 +525,13 @@ impl Device for VulkanDevice {
             format!("vulkan.memory_blocks={}", st.alloc.block_count()),
             format!("vulkan.host_visible_memory={}", st.alloc.host_visible),
             format!("vulkan.pipelines_created={}", st.pipelines.created),
+            match self.coop {
+                Some(k) => format!(
+                    "vulkan.cooperative_matrix={}x{}x{} (f16 matmul and attention)",
+                    k.shape.0, k.shape.1, k.shape.2
+                ),
+                None => "vulkan.cooperative_matrix=off (scalar shaders)".to_string(),
+            },
             format!("vulkan.dispatches={}", st.dispatches),
             format!("vulkan.submits={}", st.submits),
             match st.timestamps {

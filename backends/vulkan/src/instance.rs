@@ -69,13 +69,94 @@ pub struct PhysicalDevice {
     pub heaps: Vec<(u64, bool)>,
     pub shader_float16: bool,
     pub storage_16bit: bool,
+    /// `VK_KHR_cooperative_matrix` is offered (listed; the shaders use the NV form, see [`CoopShape`]).
     pub cooperative_matrix: bool,
+    /// `VK_NV_cooperative_matrix` is offered with its `cooperativeMatrix` feature: the form glslc 2023 compiles.
+    pub cooperative_matrix_nv: bool,
+    /// The cooperative-matrix shapes and types the device lists (KHR and NV queries).
+    pub coop_shapes: Vec<CoopShape>,
+    pub vulkan_memory_model: bool,
+    pub subgroup_size: u32,
     pub limits: vk::PhysicalDeviceLimits,
     pub max_memory_allocation: u64,
     /// A queue family with compute support.
     pub compute_family: Option<u32>,
     /// Valid bits of that family's timestamps (0: no timestamp queries).
     pub timestamp_bits: u32,
+}
+
+/// One cooperative-matrix configuration a device lists: MxNxK with the A/B, C and result component types.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CoopShape {
+    pub m: u32,
+    pub n: u32,
+    pub k: u32,
+    pub ab: vk::ComponentTypeKHR,
+    pub c: vk::ComponentTypeKHR,
+    pub result: vk::ComponentTypeKHR,
+    /// Listed by the NV query (else the KHR one).
+    pub nv: bool,
+}
+
+impl CoopShape {
+    /// f16 inputs with f32 accumulation, the form the cooperative-matrix shaders use.
+    pub fn is_f16_f32(&self) -> bool {
+        self.ab == vk::ComponentTypeKHR::FLOAT16
+            && self.c == vk::ComponentTypeKHR::FLOAT32
+            && self.result == vk::ComponentTypeKHR::FLOAT32
+    }
+
+    fn describe(&self) -> String {
+        let t = |c: vk::ComponentTypeKHR| match c {
+            vk::ComponentTypeKHR::FLOAT16 => "f16".to_string(),
+            vk::ComponentTypeKHR::FLOAT32 => "f32".to_string(),
+            vk::ComponentTypeKHR::SINT8 => "i8".to_string(),
+            vk::ComponentTypeKHR::UINT8 => "u8".to_string(),
+            vk::ComponentTypeKHR::SINT32 => "i32".to_string(),
+            vk::ComponentTypeKHR::UINT32 => "u32".to_string(),
+            other => format!("{other:?}"),
+        };
+        format!(
+            "{}x{}x{}:{}->{}{}",
+            self.m,
+            self.n,
+            self.k,
+            t(self.ab),
+            t(self.result),
+            if self.nv { "(nv)" } else { "" }
+        )
+    }
+}
+
+/// The cooperative-matrix configurations of `h` (subgroup scope only), from whichever extensions it offers.
+unsafe fn coop_shapes(inst: &VkInstance, h: vk::PhysicalDevice, khr: bool, nv: bool) -> Vec<CoopShape> {
+    let mut out = Vec::new();
+    if khr {
+        let ext = ash::khr::cooperative_matrix::Instance::new(&inst.entry, &inst.instance);
+        for p in ext.get_physical_device_cooperative_matrix_properties(h).unwrap_or_default() {
+            if p.scope == vk::ScopeKHR::SUBGROUP {
+                let (m, n, k) = (p.m_size, p.n_size, p.k_size);
+                out.push(CoopShape { m, n, k, ab: p.a_type, c: p.c_type, result: p.result_type, nv: false });
+            }
+        }
+    }
+    if nv {
+        let ext = ash::nv::cooperative_matrix::Instance::new(&inst.entry, &inst.instance);
+        let f = ext.fp().get_physical_device_cooperative_matrix_properties_nv;
+        let mut count = 0u32;
+        if f(h, &mut count, std::ptr::null_mut()) == vk::Result::SUCCESS && count > 0 {
+            let mut props = vec![vk::CooperativeMatrixPropertiesNV::default(); count as usize];
+            if f(h, &mut count, props.as_mut_ptr()) == vk::Result::SUCCESS {
+                for p in &props[..count as usize] {
+                    if p.scope == vk::ScopeKHR::SUBGROUP {
+                        let (m, n, k) = (p.m_size, p.n_size, p.k_size);
+                        out.push(CoopShape { m, n, k, ab: p.a_type, c: p.c_type, result: p.d_type, nv: true });
+                    }
+                }
+            }
+        }
+    }
+    out
 }
 
 fn c_chars(s: &[std::ffi::c_char]) -> String {
@@ -109,14 +190,26 @@ pub fn enumerate(inst: &VkInstance) -> Result<(Vec<PhysicalDevice>, Vec<String>)
             }
             let mut driver = vk::PhysicalDeviceDriverProperties::default();
             let mut maint3 = vk::PhysicalDeviceMaintenance3Properties::default();
-            let mut p2 = vk::PhysicalDeviceProperties2::default().push_next(&mut driver).push_next(&mut maint3);
+            let mut subgroup = vk::PhysicalDeviceSubgroupProperties::default();
+            let mut p2 = vk::PhysicalDeviceProperties2::default()
+                .push_next(&mut driver)
+                .push_next(&mut maint3)
+                .push_next(&mut subgroup);
             i.get_physical_device_properties2(h, &mut p2);
             let mut f12 = vk::PhysicalDeviceVulkan12Features::default();
             let mut f16s = vk::PhysicalDevice16BitStorageFeatures::default();
-            let mut f2 = vk::PhysicalDeviceFeatures2::default().push_next(&mut f12).push_next(&mut f16s);
-            i.get_physical_device_features2(h, &mut f2);
             let exts = i.enumerate_device_extension_properties(h).unwrap_or_default();
-            let cooperative_matrix = exts.iter().any(|e| c_chars(&e.extension_name) == "VK_KHR_cooperative_matrix");
+            let has = |name: &CStr| exts.iter().any(|e| c_chars(&e.extension_name) == name.to_string_lossy());
+            let cooperative_matrix = has(vk::KHR_COOPERATIVE_MATRIX_NAME);
+            let nv_ext = has(vk::NV_COOPERATIVE_MATRIX_NAME);
+            let mut fnv = vk::PhysicalDeviceCooperativeMatrixFeaturesNV::default();
+            let mut f2 = vk::PhysicalDeviceFeatures2::default().push_next(&mut f12).push_next(&mut f16s);
+            if nv_ext {
+                f2 = f2.push_next(&mut fnv);
+            }
+            i.get_physical_device_features2(h, &mut f2);
+            let cooperative_matrix_nv = nv_ext && fnv.cooperative_matrix != 0;
+            let coop_shapes = coop_shapes(inst, h, cooperative_matrix, cooperative_matrix_nv);
             let mem = i.get_physical_device_memory_properties(h);
             let heaps = mem.memory_heaps[..mem.memory_heap_count as usize]
                 .iter()
@@ -145,6 +238,10 @@ pub fn enumerate(inst: &VkInstance) -> Result<(Vec<PhysicalDevice>, Vec<String>)
                 shader_float16: f12.shader_float16 != 0,
                 storage_16bit: f16s.storage_buffer16_bit_access != 0,
                 cooperative_matrix,
+                cooperative_matrix_nv,
+                coop_shapes,
+                vulkan_memory_model: f12.vulkan_memory_model != 0,
+                subgroup_size: subgroup.subgroup_size,
                 limits: props.limits,
                 max_memory_allocation: maint3.max_memory_allocation_size,
                 compute_family,
@@ -185,6 +282,14 @@ impl PhysicalDevice {
                 format!("shaderFloat16={}", self.shader_float16),
                 format!("storageBuffer16BitAccess={}", self.storage_16bit),
                 format!("VK_KHR_cooperative_matrix={}", self.cooperative_matrix),
+                format!("VK_NV_cooperative_matrix={}", self.cooperative_matrix_nv),
+                format!(
+                    "cooperative_matrix_shapes={}",
+                    self.coop_shapes.iter().map(CoopShape::describe).collect::<Vec<_>>().join(",")
+                ),
+                format!("vulkanMemoryModel={}", self.vulkan_memory_model),
+                format!("subgroupSize={}", self.subgroup_size),
+                format!("timestampPeriod={}ns,timestampValidBits={}", l.timestamp_period, self.timestamp_bits),
                 format!("maxStorageBufferRange={}", l.max_storage_buffer_range),
                 format!("maxMemoryAllocationSize={}", self.max_memory_allocation),
                 format!("maxComputeWorkGroupCount={:?}", l.max_compute_work_group_count),

@@ -84,6 +84,18 @@ pub fn supports(call: &OpCall) -> bool {
     }
 }
 
+/// Whether a 16-bit output can be stored two elements per word by one invocation (the shaders' pair mode): rows of
+/// even length along a unit last stride, every row starting on a word (even offset and outer strides).
+fn word_pairs(y: &TensorDesc, b: &Bound) -> bool {
+    let rank = y.rank();
+    matches!(y.dtype, DType::F16 | DType::BF16)
+        && rank >= 1
+        && y.shape()[rank - 1].is_multiple_of(2)
+        && y.strides()[rank - 1] == 1
+        && b.elem_offset.is_multiple_of(2)
+        && (0..rank - 1).all(|d| y.shape()[d] == 1 || y.strides()[d].is_multiple_of(2))
+}
+
 /// Parameter words of one dispatch.
 struct Params([u32; PARAM_WORDS]);
 
@@ -175,13 +187,15 @@ pub fn execute(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
                 p.u(4 + d, n);
             }
             p.u(12, dt(y));
+            p.u(18, word_pairs(y, &by) as usize);
             p.view(20, &by, y, 0..rank);
             for (k, (t, b)) in call.inputs.iter().zip(&bins).enumerate() {
                 p.u(13 + k, dt(t));
                 p.view(29 + 9 * k, b, t, 0..rank);
                 bindings.push((2 + k as u32, b.info));
             }
-            (Kernel::Elementwise, groups_for(y.elem_count()))
+            let items = if word_pairs(y, &by) { y.elem_count() / 2 } else { y.elem_count() };
+            (Kernel::Elementwise, groups_for(items))
         }
         Op::Softmax | Op::LayerNorm { .. } | Op::RmsNorm { .. } | Op::LayerNormModulate { .. } => {
             let (mode, affine, eps) = match call.op {
@@ -202,6 +216,7 @@ pub fn execute(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
             for (k, &n) in y.shape()[..rank - 1].iter().enumerate() {
                 p.u(5 + k, n);
             }
+            p.u(18, word_pairs(y, &by) as usize);
             p.f(19, eps);
             let tensors: Vec<(&TensorDesc, &Bound)> =
                 std::iter::once((y, &by)).chain(call.inputs.iter().zip(&bins)).collect();
@@ -305,7 +320,13 @@ pub fn execute(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
                 p.view(43, &bins[2], t, t.rank() - 1..t.rank());
                 bindings.push((4, bins[2].info));
             }
-            (Kernel::Matmul, [n.div_ceil(64) as u32, m.div_ceil(64) as u32, batch as u32])
+            match dev.coop {
+                // 128x128 tiles on cooperative matrices when both operands are f16.
+                Some(c) if a.dtype == DType::F16 && b.dtype == DType::F16 => {
+                    (c.matmul, [n.div_ceil(128) as u32, m.div_ceil(128) as u32, batch as u32])
+                }
+                _ => (Kernel::Matmul, [n.div_ceil(64) as u32, m.div_ceil(64) as u32, batch as u32]),
+            }
         }
         Op::Attention { scale, causal, bias, qk_norm, norm_eps } => {
             let (q, k, v) = (&call.inputs[0], &call.inputs[1], &call.inputs[2]);
@@ -341,8 +362,13 @@ pub fn execute(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
                     bindings.push((6 + j as u32, bins[next + j].info));
                 }
             }
-            let (kernel, rows) =
-                if dh.max(v.shape()[3]) <= ATTN_SMALL_D { (Kernel::Attention, 64) } else { (Kernel::Attention128, 32) };
+            let f16 = [q, k, v].iter().all(|t| t.dtype == DType::F16);
+            let (kernel, rows) = match dev.coop {
+                // Cooperative matrices: f16 q, k, v with head dims up to 64, 64 query rows per workgroup.
+                Some(c) if f16 && dh.max(v.shape()[3]) <= ATTN_SMALL_D => (c.attention, 64),
+                _ if dh.max(v.shape()[3]) <= ATTN_SMALL_D => (Kernel::Attention, 64),
+                _ => (Kernel::Attention128, 32),
+            };
             (kernel, [nq.div_ceil(rows) as u32, (b * h) as u32, 1])
         }
         Op::Conv2d { stride, padding, bias } => {

@@ -21,10 +21,15 @@ pub enum Kernel {
     Conv2d,
     GroupNorm,
     Gather,
+    /// Matmul and attention on cooperative matrices (f16 operands), 16x16x16 or 16x8x16 fragments.
+    MatmulCoop16,
+    MatmulCoop8,
+    AttentionCoop16,
+    AttentionCoop8,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 8] = [
+    pub const ALL: [Kernel; 12] = [
         Kernel::Elementwise,
         Kernel::Rows,
         Kernel::Matmul,
@@ -33,6 +38,10 @@ impl Kernel {
         Kernel::Conv2d,
         Kernel::GroupNorm,
         Kernel::Gather,
+        Kernel::MatmulCoop16,
+        Kernel::MatmulCoop8,
+        Kernel::AttentionCoop16,
+        Kernel::AttentionCoop8,
     ];
 
     pub fn name(self) -> &'static str {
@@ -45,6 +54,10 @@ impl Kernel {
             Kernel::Conv2d => "conv2d",
             Kernel::GroupNorm => "group_norm",
             Kernel::Gather => "gather",
+            Kernel::MatmulCoop16 => "matmul_coop16",
+            Kernel::MatmulCoop8 => "matmul_coop8",
+            Kernel::AttentionCoop16 => "attention_coop16",
+            Kernel::AttentionCoop8 => "attention_coop8",
         }
     }
 
@@ -63,6 +76,10 @@ impl Kernel {
             Kernel::Conv2d => spv!("conv2d"),
             Kernel::GroupNorm => spv!("group_norm"),
             Kernel::Gather => spv!("gather"),
+            Kernel::MatmulCoop16 => spv!("matmul_coop16"),
+            Kernel::MatmulCoop8 => spv!("matmul_coop8"),
+            Kernel::AttentionCoop16 => spv!("attention_coop16"),
+            Kernel::AttentionCoop8 => spv!("attention_coop8"),
         }
     }
 }

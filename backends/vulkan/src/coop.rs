@@ -1,0 +1,129 @@
+//! Whether a device runs matmul and attention on cooperative matrices (tensor cores), and with which fragment
+//! shape. The shaders use `GL_NV_cooperative_matrix` (the form the build's glslc compiles; NVIDIA's drivers offer
+//! it beside the KHR one), f16 operands with f32 accumulation, subgroups of 32. Everything else (lavapipe, other
+//! GPUs, f32/bf16 operands) runs the scalar shaders.
+
+use crate::instance::{CoopShape, PhysicalDevice};
+use crate::pipelines::Kernel;
+
+/// Shared memory the cooperative attention shader declares (`attention_coop.glsl`: K, V, P tiles in f16 and the
+/// per-subgroup f32 score slices).
+pub const ATTENTION_SHARED_BYTES: u32 = 2 * (64 * 72 * 2) + 4 * 16 * 72 * 2 + 4 * 16 * 68 * 4;
+/// Environment switch: `SD3_VULKAN_COOP=0` keeps a capable device on the scalar shaders (for comparisons).
+pub const DISABLE_ENV: &str = "SD3_VULKAN_COOP";
+
+/// The cooperative-matrix kernels a device runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CoopKernels {
+    pub matmul: Kernel,
+    pub attention: Kernel,
+    /// Fragment shape M x N x K.
+    pub shape: (u32, u32, u32),
+}
+
+/// The features the cooperative shaders need, as a device reports them.
+#[derive(Clone, Debug, Default)]
+pub struct CoopSupport<'a> {
+    pub nv_extension: bool,
+    pub shader_float16: bool,
+    pub vulkan_memory_model: bool,
+    pub subgroup_size: u32,
+    pub shared_memory: u32,
+    pub shapes: &'a [CoopShape],
+}
+
+impl<'a> CoopSupport<'a> {
+    pub fn of(p: &'a PhysicalDevice) -> CoopSupport<'a> {
+        CoopSupport {
+            nv_extension: p.cooperative_matrix_nv,
+            shader_float16: p.shader_float16,
+            vulkan_memory_model: p.vulkan_memory_model,
+            subgroup_size: p.subgroup_size,
+            shared_memory: p.limits.max_compute_shared_memory_size,
+            shapes: &p.coop_shapes,
+        }
+    }
+}
+
+/// The kernels to use, or None (then the scalar shaders run everything). Prefers 16x16x16 fragments.
+pub fn select(s: &CoopSupport) -> Option<CoopKernels> {
+    if !(s.nv_extension && s.shader_float16 && s.vulkan_memory_model)
+        || s.subgroup_size != 32
+        || s.shared_memory < ATTENTION_SHARED_BYTES
+    {
+        return None;
+    }
+    let listed = |m, n, k| s.shapes.iter().any(|c| c.nv && c.is_f16_f32() && (c.m, c.n, c.k) == (m, n, k));
+    if listed(16, 16, 16) {
+        Some(CoopKernels { matmul: Kernel::MatmulCoop16, attention: Kernel::AttentionCoop16, shape: (16, 16, 16) })
+    } else if listed(16, 8, 16) {
+        Some(CoopKernels { matmul: Kernel::MatmulCoop8, attention: Kernel::AttentionCoop8, shape: (16, 8, 16) })
+    } else {
+        None
+    }
+}
+
+/// [`select`], unless `SD3_VULKAN_COOP=0`.
+pub fn select_for(p: &PhysicalDevice) -> Option<CoopKernels> {
+    if std::env::var(DISABLE_ENV).is_ok_and(|v| v == "0") {
+        return None;
+    }
+    select(&CoopSupport::of(p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ash::vk::ComponentTypeKHR as T;
+
+    fn shape(m: u32, n: u32, k: u32, ab: T, acc: T, nv: bool) -> CoopShape {
+        CoopShape { m, n, k, ab, c: acc, result: acc, nv }
+    }
+
+    fn nvidia(shapes: &[CoopShape]) -> CoopSupport<'_> {
+        CoopSupport {
+            nv_extension: true,
+            shader_float16: true,
+            vulkan_memory_model: true,
+            subgroup_size: 32,
+            shared_memory: 49152,
+            shapes,
+        }
+    }
+
+    #[test]
+    fn prefers_16x16x16_then_16x8x16() {
+        let both = [shape(16, 8, 16, T::FLOAT16, T::FLOAT32, true), shape(16, 16, 16, T::FLOAT16, T::FLOAT32, true)];
+        assert_eq!(select(&nvidia(&both)).unwrap().matmul, Kernel::MatmulCoop16);
+        let narrow = [shape(16, 8, 16, T::FLOAT16, T::FLOAT32, true)];
+        let k = select(&nvidia(&narrow)).unwrap();
+        assert_eq!((k.matmul, k.attention, k.shape), (Kernel::MatmulCoop8, Kernel::AttentionCoop8, (16, 8, 16)));
+    }
+
+    #[test]
+    fn declines_what_the_shaders_cannot_use() {
+        // f16 accumulation only, KHR-only listings, no listing at all.
+        let f16acc = [shape(16, 16, 16, T::FLOAT16, T::FLOAT16, true)];
+        assert_eq!(select(&nvidia(&f16acc)), None);
+        let khr = [shape(16, 16, 16, T::FLOAT16, T::FLOAT32, false)];
+        assert_eq!(select(&nvidia(&khr)), None);
+        assert_eq!(select(&nvidia(&[])), None);
+        let ok = [shape(16, 16, 16, T::FLOAT16, T::FLOAT32, true)];
+        let base = nvidia(&ok);
+        assert!(select(&base).is_some());
+        for broken in [
+            CoopSupport { nv_extension: false, ..base.clone() },
+            CoopSupport { shader_float16: false, ..base.clone() },
+            CoopSupport { vulkan_memory_model: false, ..base.clone() },
+            CoopSupport { subgroup_size: 64, ..base.clone() },
+            CoopSupport { shared_memory: 32768, ..base.clone() },
+        ] {
+            assert_eq!(select(&broken), None, "{broken:?}");
+        }
+    }
+
+    #[test]
+    fn shared_memory_fits_the_guaranteed_minimum_of_nvidia_devices() {
+        assert!(ATTENTION_SHARED_BYTES <= 48 * 1024, "{ATTENTION_SHARED_BYTES}");
+    }
+}
