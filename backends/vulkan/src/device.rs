@@ -4,11 +4,12 @@
 
 use crate::coop::CoopKernels;
 use crate::instance::{PhysicalDevice, VkInstance};
+use crate::markers::Markers;
 use crate::memory::{Allocator, HostBuffer};
 use crate::pipelines::{Kernel, Pipelines, BINDINGS};
 use crate::{ops, vk_error};
 use ash::vk;
-use sd3_core::{BufferId, Device, DeviceInfo, Error, OpCall, Result, TensorDesc};
+use sd3_core::{BufferId, Device, DeviceInfo, Error, MarkerId, OpCall, Result, TensorDesc};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Descriptor sets (= dispatches) per batch.
@@ -52,6 +53,8 @@ pub(crate) struct State {
     timestamp_period_ns: f64,
     /// Device time of all submitted batches, from the timestamps.
     gpu_ns: f64,
+    /// `--benchmark` timing markers (None where the queue has no timestamps).
+    pub(crate) markers: Option<Markers>,
 }
 
 /// A tensor as a shader sees it: the buffer range bound and the view's element offset inside that range.
@@ -155,6 +158,10 @@ impl VulkanDevice {
         } else {
             None
         };
+        let markers = match phys.timestamp_bits {
+            0 => None,
+            bits => Some(Markers::new(d, bits, phys.limits.timestamp_period)?),
+        };
         let dummy = alloc.alloc(d, 16)?;
         Ok(State {
             alloc,
@@ -178,6 +185,7 @@ impl VulkanDevice {
             timestamp_mask: if phys.timestamp_bits >= 64 { u64::MAX } else { (1u64 << phys.timestamp_bits) - 1 },
             timestamp_period_ns: phys.limits.timestamp_period as f64,
             gpu_ns: 0.0,
+            markers,
         })
     }
 
@@ -217,7 +225,7 @@ impl VulkanDevice {
 }
 
 impl State {
-    fn begin(&mut self, d: &ash::Device) -> Result<()> {
+    pub(crate) fn begin(&mut self, d: &ash::Device) -> Result<()> {
         if !self.recording {
             // SAFETY: the command buffer is not pending (the last submit was waited for).
             unsafe {
@@ -517,6 +525,33 @@ impl Device for VulkanDevice {
         self.lock().flush(&self.device, self.queue)
     }
 
+    fn record_marker(&self) -> Result<Option<MarkerId>> {
+        let mut st = self.lock();
+        if st.markers.is_none() {
+            return Ok(None);
+        }
+        st.begin(&self.device)?;
+        let cmd = st.cmd;
+        let markers = st.markers.as_mut().expect("checked above");
+        markers.record(&self.device, cmd).map(Some)
+    }
+
+    fn marker_elapsed(&self, start: MarkerId, end: MarkerId) -> Result<f64> {
+        let mut st = self.lock();
+        // Markers still in the open command buffer are submitted first (the flush waits for the queue).
+        st.flush(&self.device, self.queue)?;
+        match &st.markers {
+            Some(m) => m.elapsed(&self.device, start, end),
+            None => Err(Error::InvalidArgument("vulkan: this device records no timing markers".into())),
+        }
+    }
+
+    fn release_marker(&self, marker: MarkerId) {
+        if let Some(m) = self.lock().markers.as_mut() {
+            m.release(marker);
+        }
+    }
+
     fn stats(&self) -> Vec<String> {
         let st = self.lock();
         vec![
@@ -533,6 +568,7 @@ impl Device for VulkanDevice {
                 None => "vulkan.cooperative_matrix=off (scalar shaders)".to_string(),
             },
             format!("vulkan.dispatches={}", st.dispatches),
+            format!("vulkan.markers_live={}", st.markers.as_ref().map_or(0, |m| m.live())),
             format!("vulkan.submits={}", st.submits),
             match st.timestamps {
                 Some(_) => format!("vulkan.gpu_time_ms={:.3}", st.gpu_ns / 1e6),
@@ -564,6 +600,9 @@ impl Drop for VulkanDevice {
             }
             if let Some(pool) = st.timestamps {
                 d.destroy_query_pool(pool, None);
+            }
+            if let Some(m) = st.markers.take() {
+                m.destroy(d);
             }
             d.destroy_descriptor_pool(st.desc_pool, None);
             d.destroy_fence(st.fence, None);

@@ -5,6 +5,7 @@
 //!
 //! - [`instance`]: the loader, the instance, physical devices and their properties.
 //! - [`device`]: [`VulkanDevice`], the `sd3_core::Device`: command batching, uploads/downloads, binding ranges.
+//! - `markers`: `--benchmark` timing markers as timestamp queries.
 //! - [`memory`]: the block sub-allocator; [`pipelines`]: the shaders' pipelines, created once and cached.
 //! - [`coop`]: whether matmul and attention run on cooperative matrices (tensor cores), chosen at run time.
 //! - `ops`: which calls run here, and the parameters each shader gets.
@@ -12,6 +13,7 @@
 pub mod coop;
 pub mod device;
 pub mod instance;
+mod markers;
 pub mod memory;
 mod ops;
 pub mod pipelines;

@@ -222,3 +222,45 @@ fn uploads_and_downloads_through_staging() {
     want.truncate(n * 4 - 2);
     assert!(bytes == want, "staged round trip differs");
 }
+
+/// `--benchmark` timing markers from timestamp queries: ordered, non-negative, bracketing real work (a long matmul
+/// takes measurable device time), released slots reused, unknown markers an error; and the same through the
+/// plugin's C ABI (ABI 1.1 markers).
+#[test]
+fn timing_markers_from_timestamp_queries() {
+    let Some(p) = provider() else { return };
+    let dev: Arc<dyn Device> = Arc::new(p.open(0).unwrap());
+    if dev.info().capabilities.iter().any(|c| c.ends_with("timestampValidBits=0")) {
+        assert!(dev.record_marker().unwrap().is_none());
+        return;
+    }
+    let check = |dev: Arc<dyn Device>| {
+        let vk = Backend::new("vulkan", dev.clone());
+        let a = vk.from_f32(&vec![0.5; 256 * 1024], &[256, 1024], DType::F32).unwrap();
+        let b = vk.from_f32(&vec![0.25; 1024 * 256], &[1024, 256], DType::F32).unwrap();
+        vk.synchronize().unwrap();
+        let m0 = dev.record_marker().unwrap().expect("a device with timestamps records markers");
+        let y = a.matmul(&b).unwrap();
+        let m1 = dev.record_marker().unwrap().unwrap();
+        let m2 = dev.record_marker().unwrap().unwrap();
+        let work = dev.marker_elapsed(m0, m1).unwrap();
+        assert!(work > 0.0 && work < 60.0, "matmul took {work} s of device time");
+        let nothing = dev.marker_elapsed(m1, m2).unwrap();
+        assert!((0.0..work).contains(&nothing), "{nothing} s between adjacent markers vs {work} s of matmul");
+        assert_eq!(y.to_f32_vec().unwrap()[0], 0.5 * 0.25 * 1024.0);
+        for m in [m0, m1, m2] {
+            dev.release_marker(m);
+        }
+        assert!(dev.marker_elapsed(m0, m1).is_err(), "a released marker is not live");
+        // Slots come back: more markers over time than the pool holds at once.
+        for _ in 0..300 {
+            let m = dev.record_marker().unwrap().unwrap();
+            dev.release_marker(m);
+        }
+    };
+    check(dev.clone());
+    assert!(dev.stats().contains(&"vulkan.markers_live=0".to_string()), "{:?}", dev.stats());
+    let lib = PluginLibrary::open(&plugin_path()).unwrap();
+    let plugin = lib.init("").unwrap();
+    check(plugin.open_device(0).unwrap());
+}
