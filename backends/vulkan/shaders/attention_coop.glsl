@@ -1,34 +1,40 @@
 // Fused attention on cooperative matrices (VK_NV_cooperative_matrix) for f16 q, k, v with head dims <= 64:
 // o = softmax(scale·q̃·k̃ᵀ + bias + causal mask)·v, flash-style, the score matrix never written to memory.
 // A 128-invocation workgroup (4 subgroups of 32) takes 64 query rows of one (batch, head), each subgroup 16 of
-// them; keys and values stream through shared memory in tiles of 64 (f16, rows padded to 72 halves). Per tile, each
-// subgroup computes its 16x64 scores with FM x FN x FK fragments into its slice of shared memory, then runs the
-// online softmax there in plain code (two invocations per row, alternate columns; f32, exp2), writes the
-// probabilities as f16, multiplies them by the value tile on fragments again, and folds the product into the
-// rows it keeps in registers (32 f32 per invocation), rescaled by the running maximum's correction.
+// them; keys and values stream through shared memory in tiles of 64, as 16-byte vectors of 8 halves (rows padded
+// to 72 halves; fragment offsets and strides in vectors). Per tile, each subgroup computes its 16x64 scores with
+// FM x FN x FK fragments into its f32 slice of shared memory, runs the online softmax there in plain code (two
+// invocations per row, 32 columns each; f32, exp2), writes the probabilities as f16 vectors, multiplies them by
+// the value tile on fragments again, and folds the product into the rows it keeps in registers (32 f32 per
+// invocation), rescaled by the running maximum's correction.
 //
-// Parameters and bindings: as attention.glsl (the host picks this shader only for f16 q, k, v and Dh, Dv <= 64).
+// Parameters and bindings: as attention.glsl, plus [50], [51], [52]: q, k, v are vector-loadable (contiguous
+// along the head dim, rows 16-byte aligned). The host picks this shader only for f16 q, k, v and Dh, Dv <= 64.
 #extension GL_NV_cooperative_matrix : require
 #extension GL_EXT_shader_explicit_arithmetic_types_float16 : require
 #extension GL_KHR_memory_scope_semantics : require
 #extension GL_KHR_shader_subgroup_basic : require
 #extension GL_KHR_shader_subgroup_shuffle : require
-#extension GL_KHR_shader_subgroup_arithmetic : require
 #extension GL_EXT_control_flow_attributes : require
 #include "common.glsl"
 #define BR 64
 #define BC 64
 #define D 64
-#define SK (D + 8)
-// Row stride of the f32 score slices: a multiple of 4 floats (fragment stores) that spreads the rows over banks.
+// Shared row stride in 8-half vectors (72 halves).
+#define SV ((D + 8) / 8)
+// Row stride of the f32 score slices: a multiple of 4 floats (fragment stores) that spreads rows over banks.
 #define SS (BC + 4)
 #define NEG_INF uintBitsToFloat(0xff800000u)
 #define LOG2E 1.4426950408889634
 layout(local_size_x = 128) in;
 
-shared float16_t Ks[BC * SK];
-shared float16_t Vs[BC * SK];
-shared float16_t Ps[4 * 16 * SK];
+layout(std430, set = 0, binding = 2) readonly buffer In2v { uvec4 q_v[]; };
+layout(std430, set = 0, binding = 3) readonly buffer In3v { uvec4 k_v[]; };
+layout(std430, set = 0, binding = 4) readonly buffer In4v { uvec4 v_v[]; };
+
+shared uvec4 Ks[BC * SV];
+shared uvec4 Vs[BC * SV];
+shared uvec4 Ps[4 * 16 * SV];
 shared float Ss[4 * 16 * SS];
 
 uint head_offset(uint b, uint h, uint v) { return P[v] + b * P[v + 1u] + h * P[v + 2u]; }
@@ -37,61 +43,78 @@ uint hq(uint e) { return (b2[e >> 1] >> ((e & 1u) * 16u)) & 0xffffu; }
 uint hk(uint e) { return (b3[e >> 1] >> ((e & 1u) * 16u)) & 0xffffu; }
 uint hv(uint e) { return (b4[e >> 1] >> ((e & 1u) * 16u)) & 0xffffu; }
 
-// Elements (r, c) and (r, c+1) of a [rows x cols] f16 block at base + r*sr + c*sc as two floats (zero outside).
-#define DEFINE_PAIR(NAME, BUF, H)                                                                           \
-    vec2 NAME(uint base, uint r, uint c, uint sr, uint sc, uint rows, uint cols) {                          \
-        if (r >= rows || c >= cols) return vec2(0.0);                                                      \
+// Halves c..c+7 of row r of a [rows x cols] f16 block at base + r*sr + c*sc as a vector (zero outside); `vec`:
+// one aligned 128-bit load.
+#define DEFINE_VEC8(NAME, BUF, BUFV, H)                                                                     \
+    uvec4 NAME(bool vec, uint base, uint r, uint c, uint sr, uint sc, uint rows, uint cols) {               \
+        if (r >= rows || c >= cols) return uvec4(0u);                                                      \
         uint e = base + r * sr + c * sc;                                                                   \
-        if (sc == 1u && (e & 1u) == 0u && c + 1u < cols) return unpackHalf2x16(BUF[e >> 1]);                \
-        uint lo = H(e);                                                                                    \
-        uint hi = c + 1u < cols ? H(e + sc) : 0u;                                                          \
-        return unpackHalf2x16(lo | (hi << 16));                                                            \
-    }
-DEFINE_PAIR(pair_q, b2, hq)
-DEFINE_PAIR(pair_k, b3, hk)
-DEFINE_PAIR(pair_v, b4, hv)
-
-// A 64x64 block into `Ks` (q or k, RMS-normed with weights from binding `wb` when qk_norm) or `Vs`: pair
-// p = t + 128*i covers row p / 32, columns 2*(p % 32) and +1, so each row is one subgroup (the norm's sum is a
-// subgroupAdd).
-#define DEFINE_FILL(NAME, PAIR, DST, LDW)                                                                   \
-    void NAME(uint base, uint sr, uint sc, uint rows, uint cols, bool norm, uint dw, uint ow, uint sw, float eps) { \
-        uint t = gl_LocalInvocationID.x;                                                                   \
-        [[unroll]] for (uint i = 0u; i < 16u; ++i) {                                                       \
-            uint p = t + 128u * i, r = p / 32u, c = 2u * (p % 32u);                                       \
-            vec2 v = PAIR(base, r, c, sr, sc, rows, cols);                                                 \
-            if (norm) {                                                                                    \
-                float ss = subgroupAdd(dot(v, v));                                                         \
-                float inv = 1.0 / sqrt(ss / float(cols) + eps);                                            \
-                v *= inv * vec2(c < cols ? LDW(dw, ow + c * sw) : 0.0, c + 1u < cols ? LDW(dw, ow + (c + 1u) * sw) : 0.0); \
-            }                                                                                              \
-            DST[r * SK + c] = float16_t(v.x);                                                              \
-            DST[r * SK + c + 1u] = float16_t(v.y);                                                         \
+        if (vec) return BUFV[e >> 3];                                                                      \
+        uint w[4];                                                                                         \
+        [[unroll]] for (uint j = 0u; j < 4u; ++j) {                                                        \
+            uint lo = c + 2u * j < cols ? H(e + 2u * j * sc) : 0u;                                         \
+            uint hi = c + 2u * j + 1u < cols ? H(e + (2u * j + 1u) * sc) : 0u;                             \
+            w[j] = lo | (hi << 16);                                                                        \
         }                                                                                                  \
+        return uvec4(w[0], w[1], w[2], w[3]);                                                              \
     }
-DEFINE_FILL(fill_q, pair_q, Ks, ld6)
-DEFINE_FILL(fill_k, pair_k, Ks, ld7)
-DEFINE_FILL(fill_v, pair_v, Vs, ld7)
+DEFINE_VEC8(vec_q, b2, q_v, hq)
+DEFINE_VEC8(vec_k, b3, k_v, hk)
+DEFINE_VEC8(vec_v, b4, v_v, hv)
+
+// A vector's 8 halves times `s`, RMS-normed over the row (8 consecutive invocations hold one row's 64 columns)
+// and scaled by the 8 weights `w`.
+uvec4 rms_norm8(uvec4 x, float eps, float dh, vec4 w0, vec4 w1) {
+    vec2 a = unpackHalf2x16(x.x), b = unpackHalf2x16(x.y), c = unpackHalf2x16(x.z), d = unpackHalf2x16(x.w);
+    float ss = dot(a, a) + dot(b, b) + dot(c, c) + dot(d, d);
+    ss += subgroupShuffleXor(ss, 1u);
+    ss += subgroupShuffleXor(ss, 2u);
+    ss += subgroupShuffleXor(ss, 4u);
+    float inv = 1.0 / sqrt(ss / dh + eps);
+    return uvec4(packHalf2x16(a * inv * w0.xy), packHalf2x16(b * inv * w0.zw), packHalf2x16(c * inv * w1.xy),
+                 packHalf2x16(d * inv * w1.zw));
+}
 
 void main() {
     uint H = P[1], Nq = P[2], Nk = P[3], Dh = P[4], Dv = P[5];
     bool causal = P[6] != 0u, has_bias = P[7] != 0u, qk_norm = P[8] != 0u;
     float scale = pf(9) * LOG2E, eps = pf(10);
     uint d_o = P[11], dbias = P[15], dqn = P[16], dkn = P[17];
+    bool vq = P[50] != 0u, vk = P[51] != 0u, vv = P[52] != 0u;
     uint bh = gl_WorkGroupID.y, b = bh / H, h = bh % H;
     uint i0 = gl_WorkGroupID.x * BR;
+    uint t = gl_LocalInvocationID.x;
     uint w = gl_SubgroupID, lane = gl_SubgroupInvocationID;
-    // This invocation's row of the subgroup's 16, and which of the alternate columns (2c + hh) it takes; the
-    // row's other invocation is lane ^ 16.
+    // Tile loads: vector t + 128*i (i < 4) covers row (t + 128 i) / 8, columns c8 .. c8+7 (the same columns for
+    // every i, so the norm weights are read once).
+    uint c8 = 8u * (t % 8u);
+    vec4 wq0 = vec4(0.0), wq1 = vec4(0.0), wk0 = vec4(0.0), wk1 = vec4(0.0);
+    if (qk_norm) {
+        float wq[8], wk[8];
+        [[unroll]] for (uint j = 0u; j < 8u; ++j) {
+            wq[j] = c8 + j < Dh ? ld6(dqn, P[45] + (c8 + j) * P[46]) : 0.0;
+            wk[j] = c8 + j < Dh ? ld7(dkn, P[47] + (c8 + j) * P[48]) : 0.0;
+        }
+        wq0 = vec4(wq[0], wq[1], wq[2], wq[3]);
+        wq1 = vec4(wq[4], wq[5], wq[6], wq[7]);
+        wk0 = vec4(wk[0], wk[1], wk[2], wk[3]);
+        wk1 = vec4(wk[4], wk[5], wk[6], wk[7]);
+    }
+    // This invocation's row of its subgroup's 16 and which half of the 64 columns it takes (the row's other
+    // invocation is lane ^ 16).
     uint r = lane % 16u, hh = lane / 16u;
     uint row = i0 + w * 16u + r;
 
     // The query block (normed) through Ks into this subgroup's A fragments.
     uint oq = head_offset(b, h, 25u) + i0 * P[28];
-    fill_q(oq, P[28], P[29], Nq - min(Nq, i0), Dh, qk_norm, dqn, P[45], P[46], eps);
+    [[unroll]] for (uint i = 0u; i < 4u; ++i) {
+        uint qi = t + 128u * i;
+        uvec4 x = vec_q(vq, oq, qi / 8u, c8, P[28], P[29], Nq - min(Nq, i0), Dh);
+        Ks[(qi / 8u) * SV + qi % 8u] = qk_norm ? rms_norm8(x, eps, float(Dh), wq0, wq1) : x;
+    }
     barrier();
     fcoopmatNV<16, gl_ScopeSubgroup, FM, FK> qf[D / FK];
-    [[unroll]] for (uint k = 0u; k < D / FK; ++k) coopMatLoadNV(qf[k], Ks, w * 16u * SK + k * FK, SK, false);
+    [[unroll]] for (uint k = 0u; k < D / FK; ++k) coopMatLoadNV(qf[k], Ks, w * 16u * SV + k * (FK / 8u), SV, false);
     barrier();
 
     float o[32];
@@ -99,19 +122,23 @@ void main() {
     float m = NEG_INF, l = 0.0;
     uint ok = head_offset(b, h, 30u), ov = head_offset(b, h, 35u);
     uint obias = head_offset(b, h, 40u) + row * P[43];
-    uint ss0 = w * 16u * SS, ps0 = w * 16u * SK;
+    uint ss0 = w * 16u * SS, ps0 = w * 16u * SV, c0 = hh * 32u;
 
     for (uint j0 = 0u; j0 < Nk; j0 += BC) {
         uint nt = min(uint(BC), Nk - j0);
-        fill_k(ok + j0 * P[33], P[33], P[34], nt, Dh, qk_norm, dkn, P[47], P[48], eps);
-        fill_v(ov + j0 * P[38], P[38], P[39], nt, Dv, false, 0u, 0u, 0u, 0.0);
+        [[unroll]] for (uint i = 0u; i < 4u; ++i) {
+            uint qi = t + 128u * i, kr = qi / 8u;
+            uvec4 x = vec_k(vk, ok + j0 * P[33], kr, c8, P[33], P[34], nt, Dh);
+            Ks[kr * SV + qi % 8u] = qk_norm ? rms_norm8(x, eps, float(Dh), wk0, wk1) : x;
+            Vs[kr * SV + qi % 8u] = vec_v(vv, ov + j0 * P[38], kr, c8, P[38], P[39], nt, Dv);
+        }
         barrier();
         // Scores: 16 x 64 per subgroup.
         [[unroll]] for (uint j = 0u; j < BC / FN; ++j) {
             fcoopmatNV<32, gl_ScopeSubgroup, FM, FN> s = fcoopmatNV<32, gl_ScopeSubgroup, FM, FN>(0.0);
             [[unroll]] for (uint k = 0u; k < D / FK; ++k) {
                 fcoopmatNV<16, gl_ScopeSubgroup, FK, FN> kf;
-                coopMatLoadNV(kf, Ks, j * FN * SK + k * FK, SK, true);
+                coopMatLoadNV(kf, Ks, j * FN * SV + k * (FK / 8u), SV, true);
                 s = coopMatMulAddNV(qf[k], kf, s);
             }
             coopMatStoreNV(s, Ss, ss0 + j * FN, SS, false);
@@ -121,10 +148,10 @@ void main() {
         float sc[32];
         float tmax = NEG_INF;
         [[unroll]] for (uint c = 0u; c < 32u; ++c) {
-            uint col = 2u * c + hh, j = j0 + col;
-            float s = Ss[ss0 + r * SS + col] * scale;
+            uint j = j0 + c0 + c;
+            float s = Ss[ss0 + r * SS + c0 + c] * scale;
             if (has_bias && j < Nk && row < Nq) s += ld5(dbias, obias + j * P[44]) * LOG2E;
-            if (col >= nt || (causal && j > row)) s = NEG_INF;
+            if (c0 + c >= nt || (causal && j > row)) s = NEG_INF;
             sc[c] = s;
             tmax = max(tmax, s);
         }
@@ -133,32 +160,37 @@ void main() {
         float corr = m_new == NEG_INF ? 1.0 : exp2(m - m_new);
         float psum = 0.0;
         [[unroll]] for (uint c = 0u; c < 32u; ++c) {
-            float p = m_new == NEG_INF ? 0.0 : exp2(sc[c] - m_new);
-            psum += p;
-            Ps[ps0 + r * SK + 2u * c + hh] = float16_t(p);
+            sc[c] = m_new == NEG_INF ? 0.0 : exp2(sc[c] - m_new);
+            psum += sc[c];
+        }
+        [[unroll]] for (uint v = 0u; v < 4u; ++v) {
+            uint c = 8u * v;
+            Ps[ps0 + r * SV + hh * 4u + v] =
+                uvec4(packHalf2x16(vec2(sc[c], sc[c + 1u])), packHalf2x16(vec2(sc[c + 2u], sc[c + 3u])),
+                      packHalf2x16(vec2(sc[c + 4u], sc[c + 5u])), packHalf2x16(vec2(sc[c + 6u], sc[c + 7u])));
         }
         l = l * corr + psum + subgroupShuffleXor(psum, 16u);
         m = m_new;
         subgroupBarrier();
         // P·V: 16 x 64 per subgroup, into the same slice of Ss, then folded into the registers.
         fcoopmatNV<16, gl_ScopeSubgroup, FM, FK> pf_[BC / FK];
-        [[unroll]] for (uint k = 0u; k < BC / FK; ++k) coopMatLoadNV(pf_[k], Ps, ps0 + k * FK, SK, false);
+        [[unroll]] for (uint k = 0u; k < BC / FK; ++k) coopMatLoadNV(pf_[k], Ps, ps0 + k * (FK / 8u), SV, false);
         [[unroll]] for (uint j = 0u; j < D / FN; ++j) {
             fcoopmatNV<32, gl_ScopeSubgroup, FM, FN> pv = fcoopmatNV<32, gl_ScopeSubgroup, FM, FN>(0.0);
             [[unroll]] for (uint k = 0u; k < BC / FK; ++k) {
                 fcoopmatNV<16, gl_ScopeSubgroup, FK, FN> vf;
-                coopMatLoadNV(vf, Vs, k * FK * SK + j * FN, SK, false);
+                coopMatLoadNV(vf, Vs, k * FK * SV + j * (FN / 8u), SV, false);
                 pv = coopMatMulAddNV(pf_[k], vf, pv);
             }
             coopMatStoreNV(pv, Ss, ss0 + j * FN, SS, false);
         }
         subgroupBarrier();
-        [[unroll]] for (uint c = 0u; c < 32u; ++c) o[c] = o[c] * corr + Ss[ss0 + r * SS + 2u * c + hh];
+        [[unroll]] for (uint c = 0u; c < 32u; ++c) o[c] = o[c] * corr + Ss[ss0 + r * SS + c0 + c];
         barrier();
     }
     // Normalised rows back through this subgroup's slice, then out two columns per invocation.
     float inv = l > 0.0 ? 1.0 / l : 0.0;
-    [[unroll]] for (uint c = 0u; c < 32u; ++c) Ss[ss0 + r * SS + 2u * c + hh] = o[c] * inv;
+    [[unroll]] for (uint c = 0u; c < 32u; ++c) Ss[ss0 + r * SS + c0 + c] = o[c] * inv;
     subgroupBarrier();
     uint sd = P[24];
     for (uint p = lane; p < 16u * 32u; p += gl_SubgroupSize) {

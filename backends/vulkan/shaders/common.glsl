@@ -138,6 +138,8 @@ void copy_raw(uint dt, uint src, uint dst) {
 // Element offset of logical row-major index `lin` of a view: shape at P[shape_at..], rank `rank`,
 // the view's offset at P[view_at] and its strides at P[view_at + 1 ..].
 uint view_offset(uint lin, uint rank, uint shape_at, uint view_at) {
+    // Rank 1 (the host merges the dims of contiguous operands): no division.
+    if (rank == 1u) return P[view_at] + lin * P[view_at + 1u];
     uint off = P[view_at];
     for (int d = int(rank) - 1; d >= 0; --d) {
         uint n = P[shape_at + uint(d)];

@@ -1,11 +1,15 @@
 // Batched matmul y = a·b (+ bias) on cooperative matrices (VK_NV_cooperative_matrix: tensor cores on NVIDIA):
 // f16 a and b, f32 accumulation, any output dtype. A 256-invocation workgroup (8 subgroups of 32) computes a
 // 128x128 tile of y, each subgroup a 64x32 block of FM x FN fragments (FM, FN, FK set by the including shader to
-// a shape the device lists), stepping K by 32. Operands go through shared memory as f16: a row-major (As[m][k]),
-// b column-major (Bs[n][k]), rows padded to 40 halves (80 bytes: aligned for the fragment loads, no bank
-// conflicts). The next K tile is read into registers while the current one is multiplied.
+// a shape the device lists), stepping K by 32. Operands go through shared memory as 16-byte vectors of 8 halves
+// (the fragment loads then read whole vectors; offsets and strides are in vectors): a row-major (As[m][k]), b
+// column-major (Bs[n][k]), rows padded to 40 halves (80 bytes: no bank conflicts for the fragment loads). Each
+// invocation moves 2 vectors of a and 2 of b per K step, read with one 128-bit load each where the operand is
+// contiguous along K and 16-byte aligned (P[45], P[46], set by the host), else gathered half by half. The next K
+// tile is read into registers while the current one is multiplied.
 //
-// Parameters: as matmul.comp (the host picks this shader only when a and b are f16).
+// Parameters: as matmul.comp, plus [45] a is vector-loadable, [46] b is (the host picks this shader only when a and
+// b are f16).
 #extension GL_NV_cooperative_matrix : require
 #extension GL_EXT_shader_explicit_arithmetic_types_float16 : require
 #extension GL_KHR_memory_scope_semantics : require
@@ -17,13 +21,18 @@
 #define BK 32
 #define WM 64
 #define WN 32
-#define SA (BK + 8)
+// Shared row stride in 8-half vectors (40 halves).
+#define SV ((BK + 8) / 8)
 #define FRAGS_M (WM / FM)
 #define FRAGS_N (WN / FN)
 layout(local_size_x = 256) in;
 
-shared float16_t As[BM * SA];
-shared float16_t Bs[BN * SA];
+// The a and b bindings again, as 16-byte vectors.
+layout(std430, set = 0, binding = 2) readonly buffer In2v { uvec4 a_v[]; };
+layout(std430, set = 0, binding = 3) readonly buffer In3v { uvec4 b_v[]; };
+
+shared uvec4 As[BM * SV];
+shared uvec4 Bs[BN * SV];
 shared float Cs[8 * FM * FN];
 
 uint batch_offset(uint bi, uint v) {
@@ -36,24 +45,26 @@ uint batch_offset(uint bi, uint v) {
     return off;
 }
 
-// The f16 element `e` of binding 2 (a) or 3 (b), as raw bits.
 uint h2(uint e) { return (b2[e >> 1] >> ((e & 1u) * 16u)) & 0xffffu; }
 uint h3(uint e) { return (b3[e >> 1] >> ((e & 1u) * 16u)) & 0xffffu; }
 
-// Two f16 elements of a tile row (tile row r, tile column c, c even) of an operand whose element (r, c) lies at
-// base + r*sr + c*sc, packed in a word (element c in the low half); `rows`/`cols` bound the valid region. One word
-// load when both lie in one word (unit stride along c, even address), else two half loads.
-#define DEFINE_PAIR(NAME, BUF, H)                                                                           \
-    uint NAME(uint base, uint r, uint c, uint sr, uint sc, uint rows, uint cols) {                          \
-        if (r >= rows || c >= cols) return 0u;                                                             \
+// Halves c..c+7 of tile row r of an operand whose element (r, c) lies at base + r*sr + c*sc, as one vector (zero
+// outside rows x cols). `vec` (uniform): unit sc, base, sr and cols multiples of 8, so one aligned 128-bit load.
+#define DEFINE_VEC8(NAME, BUF, BUFV, H)                                                                     \
+    uvec4 NAME(bool vec, uint base, uint r, uint c, uint sr, uint sc, uint rows, uint cols) {               \
+        if (r >= rows || c >= cols) return uvec4(0u);                                                      \
         uint e = base + r * sr + c * sc;                                                                   \
-        if (sc == 1u && (e & 1u) == 0u && c + 1u < cols) return BUF[e >> 1];                               \
-        uint lo = H(e);                                                                                    \
-        uint hi = c + 1u < cols ? H(e + sc) : 0u;                                                          \
-        return lo | (hi << 16);                                                                            \
+        if (vec) return BUFV[e >> 3];                                                                      \
+        uint w[4];                                                                                         \
+        [[unroll]] for (uint j = 0u; j < 4u; ++j) {                                                        \
+            uint lo = c + 2u * j < cols ? H(e + 2u * j * sc) : 0u;                                         \
+            uint hi = c + 2u * j + 1u < cols ? H(e + (2u * j + 1u) * sc) : 0u;                             \
+            w[j] = lo | (hi << 16);                                                                        \
+        }                                                                                                  \
+        return uvec4(w[0], w[1], w[2], w[3]);                                                              \
     }
-DEFINE_PAIR(pair_a, b2, h2)
-DEFINE_PAIR(pair_b, b3, h3)
+DEFINE_VEC8(vec_a, b2, a_v, h2)
+DEFINE_VEC8(vec_b, b3, b_v, h3)
 
 void main() {
     uint M = P[0], N = P[1], K = P[2];
@@ -64,45 +75,42 @@ void main() {
     uint row0 = gl_WorkGroupID.y * BM, col0 = gl_WorkGroupID.x * BN;
     uint t = gl_LocalInvocationID.x;
     uint w = gl_SubgroupID, wm = w / 4u, wn = w % 4u;
-    // Each invocation loads 8 pairs of a and 8 of b per K tile: pair p = t + 256*i covers tile row p / 16,
-    // tile columns 2*(p % 16) and +1 (so 16 invocations read one 64-byte row segment when K is contiguous).
-    // b's "rows" are its columns n (stored column-major), its "columns" k.
-    uint ra[8], rb[8];
+    // Vector q = t + 256*i (i < 2) of a tile covers tile row q / 4, columns 8*(q % 4) .. +7 (4 invocations per
+    // 64-byte row segment). b's "rows" are its columns n (stored column-major), its "columns" k.
+    bool va = P[45] != 0u, vb = P[46] != 0u;
+    uvec4 ra[2], rb[2];
     uint am = M - min(M, row0), bn = N - min(N, col0);
-    [[unroll]] for (uint i = 0u; i < 8u; ++i) {
-        uint p = t + 256u * i, r = p / 16u, c = 2u * (p % 16u);
-        ra[i] = pair_a(oa + row0 * sam, r, c, sam, sak, am, K);
-        rb[i] = pair_b(ob + col0 * sbn, r, c, sbn, sbk, bn, K);
+    [[unroll]] for (uint i = 0u; i < 2u; ++i) {
+        uint q = t + 256u * i, r = q / 4u, c = 8u * (q % 4u);
+        ra[i] = vec_a(va, oa + row0 * sam, r, c, sam, sak, am, K);
+        rb[i] = vec_b(vb, ob + col0 * sbn, r, c, sbn, sbk, bn, K);
     }
     fcoopmatNV<32, gl_ScopeSubgroup, FM, FN> acc[FRAGS_M][FRAGS_N];
     [[unroll]] for (uint i = 0u; i < FRAGS_M; ++i)
         [[unroll]] for (uint j = 0u; j < FRAGS_N; ++j) acc[i][j] = fcoopmatNV<32, gl_ScopeSubgroup, FM, FN>(0.0);
     for (uint k0 = 0u; k0 < K; k0 += BK) {
-        [[unroll]] for (uint i = 0u; i < 8u; ++i) {
-            uint p = t + 256u * i, r = p / 16u, c = 2u * (p % 16u);
-            f16vec2 va = unpackFloat2x16(ra[i]), vb = unpackFloat2x16(rb[i]);
-            As[r * SA + c] = va.x;
-            As[r * SA + c + 1u] = va.y;
-            Bs[r * SA + c] = vb.x;
-            Bs[r * SA + c + 1u] = vb.y;
+        [[unroll]] for (uint i = 0u; i < 2u; ++i) {
+            uint q = t + 256u * i;
+            As[(q / 4u) * SV + q % 4u] = ra[i];
+            Bs[(q / 4u) * SV + q % 4u] = rb[i];
         }
         barrier();
         uint k1 = k0 + BK;
         if (k1 < K) {
             uint kl = K - k1;
-            [[unroll]] for (uint i = 0u; i < 8u; ++i) {
-                uint p = t + 256u * i, r = p / 16u, c = 2u * (p % 16u);
-                ra[i] = pair_a(oa + row0 * sam + k1 * sak, r, c, sam, sak, am, kl);
-                rb[i] = pair_b(ob + col0 * sbn + k1 * sbk, r, c, sbn, sbk, bn, kl);
+            [[unroll]] for (uint i = 0u; i < 2u; ++i) {
+                uint q = t + 256u * i, r = q / 4u, c = 8u * (q % 4u);
+                ra[i] = vec_a(va, oa + row0 * sam + k1 * sak, r, c, sam, sak, am, kl);
+                rb[i] = vec_b(vb, ob + col0 * sbn + k1 * sbk, r, c, sbn, sbk, bn, kl);
             }
         }
         [[unroll]] for (uint kk = 0u; kk < BK; kk += FK) {
             fcoopmatNV<16, gl_ScopeSubgroup, FM, FK> fa[FRAGS_M];
             [[unroll]] for (uint i = 0u; i < FRAGS_M; ++i)
-                coopMatLoadNV(fa[i], As, (wm * WM + i * FM) * SA + kk, SA, false);
+                coopMatLoadNV(fa[i], As, (wm * WM + i * FM) * SV + kk / 8u, SV, false);
             [[unroll]] for (uint j = 0u; j < FRAGS_N; ++j) {
                 fcoopmatNV<16, gl_ScopeSubgroup, FK, FN> fb;
-                coopMatLoadNV(fb, Bs, (wn * WN + j * FN) * SA + kk, SA, true);
+                coopMatLoadNV(fb, Bs, (wn * WN + j * FN) * SV + kk / 8u, SV, true);
                 [[unroll]] for (uint i = 0u; i < FRAGS_M; ++i) acc[i][j] = coopMatMulAddNV(fa[i], fb, acc[i][j]);
             }
         }

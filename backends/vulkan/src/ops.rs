@@ -13,6 +13,8 @@ const MAX_GROUPS: u32 = 65535;
 /// attention128.comp), and their query rows per workgroup (`WG`).
 const ATTN_MAX_D: usize = 128;
 const ATTN_SMALL_D: usize = 64;
+/// Rows of a the matvec shader takes (`MAXM` in matvec.comp).
+const MATVEC_MAX_M: usize = 8;
 /// Elements of a group one group-norm workgroup reduces (`group_norm.comp`).
 const GN_CHUNK: usize = 8192;
 
@@ -129,6 +131,50 @@ fn groups_for(n: usize) -> [u32; 3] {
     grid(n.div_ceil(256))
 }
 
+/// The views of an elementwise call (inputs shaped like the output, broadcast by zero strides) with size-1 dims
+/// dropped and adjacent dims merged wherever every operand steps through them as one (`stride[d] ==
+/// stride[d+1] * shape[d+1]`): the shader's index arithmetic costs a division per dim, and a contiguous op becomes
+/// rank 1 (no division). None when nothing merges or the shapes differ.
+fn collapse(call: &OpCall) -> Option<Vec<TensorDesc>> {
+    let y = &call.outputs[0];
+    let all: Vec<&TensorDesc> = std::iter::once(y).chain(call.inputs).collect();
+    if all.iter().any(|t| t.shape() != y.shape()) {
+        return None;
+    }
+    // (size, stride of each operand) of the merged dims, innermost first.
+    let mut dims: Vec<(usize, Vec<usize>)> = Vec::new();
+    for d in (0..y.rank()).rev().filter(|&d| y.shape()[d] != 1) {
+        let n = y.shape()[d];
+        let strides: Vec<usize> = all.iter().map(|t| t.strides()[d]).collect();
+        match dims.last_mut() {
+            Some((m, s)) if s.iter().zip(&strides).all(|(inner, outer)| *outer == inner * *m) => *m *= n,
+            _ => dims.push((n, strides)),
+        }
+    }
+    if dims.is_empty() {
+        dims.push((1, vec![1; all.len()]));
+    }
+    if dims.len() == y.rank() {
+        return None;
+    }
+    dims.reverse();
+    let shape: Vec<usize> = dims.iter().map(|d| d.0).collect();
+    Some(
+        all.iter()
+            .enumerate()
+            .map(|(k, t)| TensorDesc {
+                buffer: t.buffer,
+                dtype: t.dtype,
+                layout: Layout {
+                    shape: shape.clone(),
+                    strides: dims.iter().map(|d| d.1[k]).collect(),
+                    offset: t.layout.offset,
+                },
+            })
+            .collect(),
+    )
+}
+
 pub fn execute(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
     if !supports(call) {
         return Err(Error::Unsupported {
@@ -137,6 +183,26 @@ pub fn execute(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
             detail: "declined by supports()".into(),
         });
     }
+    let elementwise = matches!(
+        call.op,
+        Op::Copy
+            | Op::Fill { .. }
+            | Op::Unary(_)
+            | Op::Binary(_)
+            | Op::Affine { .. }
+            | Op::Modulate
+            | Op::GatedResidual
+    );
+    if elementwise {
+        if let Some(views) = collapse(call) {
+            let (y, inputs) = views.split_first().expect("the output comes first");
+            return execute_one(dev, &OpCall { op: call.op, inputs, outputs: std::slice::from_ref(y) });
+        }
+    }
+    execute_one(dev, call)
+}
+
+fn execute_one(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
     if let Op::Gather = call.op {
         check_ids(dev, call)?;
     }
@@ -320,7 +386,24 @@ pub fn execute(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
                 p.view(43, &bins[2], t, t.rank() - 1..t.rank());
                 bindings.push((4, bins[2].info));
             }
+            // The cooperative shader reads 8 halves at once along K where an operand is contiguous along K and every
+            // row starts 16 bytes aligned.
+            let vec8 = |t: &TensorDesc, b: &Bound, k_dim: usize| {
+                let other = if k_dim == rank - 1 { rank - 2 } else { rank - 1 };
+                t.dtype == DType::F16
+                    && k.is_multiple_of(8)
+                    && t.strides()[k_dim] == 1
+                    && (b.elem_offset as usize).is_multiple_of(8)
+                    && t.strides()[other].is_multiple_of(8)
+                    && t.strides()[..rank - 2].iter().all(|s| s.is_multiple_of(8))
+            };
+            p.u(45, vec8(a, &bins[0], rank - 1) as usize);
+            p.u(46, vec8(b, &bins[1], rank - 2) as usize);
             match dev.coop {
+                // A few rows against a K-contiguous b (a linear layer on one token per sample): memory-bound on b.
+                _ if batch == 1 && m <= MATVEC_MAX_M && b.strides()[rank - 2] == 1 => {
+                    (Kernel::Matvec, grid(n.div_ceil(8)))
+                }
                 // 128x128 tiles on cooperative matrices when both operands are f16.
                 Some(c) if a.dtype == DType::F16 && b.dtype == DType::F16 => {
                     (c.matmul, [n.div_ceil(128) as u32, m.div_ceil(128) as u32, batch as u32])
@@ -363,6 +446,16 @@ pub fn execute(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
                 }
             }
             let f16 = [q, k, v].iter().all(|t| t.dtype == DType::F16);
+            // The cooperative shader reads 8 halves at once along the head dim where a view is contiguous there and
+            // every row starts 16 bytes aligned.
+            for (i, (t, bd)) in call.inputs.iter().zip(&bins).take(3).enumerate() {
+                let vec8 = t.dtype == DType::F16
+                    && t.shape()[3].is_multiple_of(8)
+                    && t.strides()[3] == 1
+                    && (bd.elem_offset as usize).is_multiple_of(8)
+                    && t.strides()[..3].iter().all(|s| s.is_multiple_of(8));
+                p.u(50 + i, vec8 as usize);
+            }
             let (kernel, rows) = match dev.coop {
                 // Cooperative matrices: f16 q, k, v with head dims up to 64, 64 query rows per workgroup.
                 Some(c) if f16 && dh.max(v.shape()[3]) <= ATTN_SMALL_D => (c.attention, 64),

@@ -21,6 +21,8 @@ pub enum Kernel {
     Conv2d,
     GroupNorm,
     Gather,
+    /// Matmul with at most 8 rows of a and b contiguous along K (matvec.comp).
+    Matvec,
     /// Matmul and attention on cooperative matrices (f16 operands), 16x16x16 or 16x8x16 fragments.
     MatmulCoop16,
     MatmulCoop8,
@@ -29,7 +31,7 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 12] = [
+    pub const ALL: [Kernel; 13] = [
         Kernel::Elementwise,
         Kernel::Rows,
         Kernel::Matmul,
@@ -38,6 +40,7 @@ impl Kernel {
         Kernel::Conv2d,
         Kernel::GroupNorm,
         Kernel::Gather,
+        Kernel::Matvec,
         Kernel::MatmulCoop16,
         Kernel::MatmulCoop8,
         Kernel::AttentionCoop16,
@@ -54,6 +57,7 @@ impl Kernel {
             Kernel::Conv2d => "conv2d",
             Kernel::GroupNorm => "group_norm",
             Kernel::Gather => "gather",
+            Kernel::Matvec => "matvec",
             Kernel::MatmulCoop16 => "matmul_coop16",
             Kernel::MatmulCoop8 => "matmul_coop8",
             Kernel::AttentionCoop16 => "attention_coop16",
@@ -76,6 +80,7 @@ impl Kernel {
             Kernel::Conv2d => spv!("conv2d"),
             Kernel::GroupNorm => spv!("group_norm"),
             Kernel::Gather => spv!("gather"),
+            Kernel::Matvec => spv!("matvec"),
             Kernel::MatmulCoop16 => spv!("matmul_coop16"),
             Kernel::MatmulCoop8 => spv!("matmul_coop8"),
             Kernel::AttentionCoop16 => spv!("attention_coop16"),

@@ -1,0 +1,68 @@
+//! Cases for the Vulkan backend's own kernel choices, beyond the op cases every backend runs (`tests/ops.rs`):
+//! the matvec shader (few rows against a transposed weight), the cooperative-matrix shaders' gathered (not
+//! vector) loads, and f16 attention with qk norm and bias in SD3's layout. On a device without cooperative
+//! matrices (lavapipe) the f16 cases run the scalar shaders; on NVIDIA they run the tensor-core ones.
+
+mod common;
+
+use sd3_core::testing::{check, tol_for, Spec};
+use sd3_core::DType::{F16, F32};
+use sd3_core::Op;
+
+macro_rules! device_or_skip {
+    () => {
+        match common::device() {
+            Some(d) => d,
+            None => return,
+        }
+    };
+}
+
+#[test]
+fn matvec_rows() {
+    let dev = device_or_skip!();
+    let dev = dev.as_ref();
+    let op = Op::Matmul { bias: true, act: None };
+    let (a, w, bias) = (Spec::new(&[2, 1536], F16), Spec::permuted(&[1536, 300], &[1, 0], F16), Spec::new(&[300], F16));
+    check(dev, "matvec f16", op, &[a, w, bias], &Spec::new(&[2, 300], F16), tol_for(F16, 0.0));
+    let (a, w) = (Spec::strided(&[8, 77], &[1, 8], 0, F32), Spec::permuted(&[77, 45], &[1, 0], F32));
+    let op = Op::Matmul { bias: false, act: None };
+    check(dev, "matvec f32 odd k", op, &[a, w], &Spec::new(&[8, 45], F32), tol_for(F32, 1e-4));
+}
+
+#[test]
+fn f16_matmul_unaligned_and_row_major() {
+    let dev = device_or_skip!();
+    let dev = dev.as_ref();
+    let op = Op::Matmul { bias: false, act: None };
+    // K not a multiple of 8, rows not 16-byte aligned: gathered loads; more than one 128x128 tile.
+    let (a, w) = (Spec::new(&[150, 61], F16), Spec::permuted(&[61, 139], &[1, 0], F16));
+    check(dev, "matmul f16 unaligned", op, &[a, w], &Spec::new(&[150, 139], F16), tol_for(F16, 0.0));
+    // b contiguous along N (not K), batched.
+    let (a, w) = (Spec::new(&[3, 130, 96], F16), Spec::new(&[3, 96, 140], F16));
+    check(dev, "matmul f16 row-major b", op, &[a, w], &Spec::new(&[3, 130, 140], F32), tol_for(F16, 0.0));
+}
+
+#[test]
+fn f16_attention_qk_norm_bias_and_odd_head_dims() {
+    let dev = device_or_skip!();
+    let dev = dev.as_ref();
+    let (b, h, nq, nk, dh) = (2, 3, 70, 1030, 64);
+    let q = Spec::permuted(&[b, h, nq, dh], &[0, 2, 1, 3], F16);
+    let k = Spec::permuted(&[b, h, nk, dh], &[0, 2, 1, 3], F16);
+    let v = Spec::permuted(&[b, h, nk, dh], &[0, 2, 1, 3], F16);
+    let bias = Spec::strided(&[b, h, nq, nk], &[nk, 0, 0, 1], 0, F16);
+    let (qn, kn) = (Spec::new(&[dh], F16).range(0.5, 1.5), Spec::new(&[dh], F16).range(0.5, 1.5));
+    let op = Op::Attention { scale: 0.125, causal: false, bias: true, qk_norm: true, norm_eps: 1e-6 };
+    check(
+        dev,
+        "attention f16 qk-norm",
+        op,
+        &[q, k, v, bias, qn, kn],
+        &Spec::new(&[b, h, nq, dh], F16),
+        tol_for(F16, 0.0),
+    );
+    let (q, k, v) = (Spec::new(&[1, 2, 50, 36], F16), Spec::new(&[1, 2, 77, 36], F16), Spec::new(&[1, 2, 77, 20], F16));
+    let op = Op::Attention { scale: 0.16, causal: true, bias: false, qk_norm: false, norm_eps: 0.0 };
+    check(dev, "attention f16 dh 36", op, &[q, k, v], &Spec::new(&[1, 2, 50, 20], F16), tol_for(F16, 0.0));
+}
