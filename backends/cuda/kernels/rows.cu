@@ -77,21 +77,22 @@ extern "C" __global__ void row_op(RowParams p) {
     }
 }
 
-// Layer norm, RMS norm and fused adaLN for rows of at most 32·8·ROW_VEC elements with unit last stride and
+// Layer norm, RMS norm and fused adaLN for rows of at most 32·8·VEC elements with unit last stride and
 // 16-byte aligned rows (the host checks): one warp per row, the row read once into registers with 16-byte loads,
 // statistics by warp shuffles. The block-per-row `row_op` reads the row three times with per-element dtype
-// switches and leaves most of each block idle at D = 1536.
-#define ROW_VEC 12
-extern "C" __global__ void __launch_bounds__(256) row_warp(RowParams p) {
+// switches and leaves most of each block idle at D = 1536. VEC is the smallest that holds the row, so registers
+// (and with them occupancy, which hides the memory latency) are not spent on a longer row than the one at hand.
+template <int VEC>
+__device__ __forceinline__ void row_warp_body(const RowParams& p) {
     const int lane = threadIdx.x & 31;
     const i64 warps = (i64)gridDim.x * (blockDim.x >> 5);
     for (i64 r = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); r < p.rows; r += warps) {
     const i64 xo = td_row(p.x, r), oo = td_row(p.out, r);
     const int d = (int)p.d;
-    float v[ROW_VEC][8];
+    float v[VEC][8];
     float s = 0.f;
 #pragma unroll
-    for (int i = 0; i < ROW_VEC; ++i) {
+    for (int i = 0; i < VEC; ++i) {
         const int c = (i * 32 + lane) * 8;
         if (c < d) {
             load8(p.x.dtype, p.x.ptr, xo + c, v[i]);
@@ -102,7 +103,7 @@ extern "C" __global__ void __launch_bounds__(256) row_warp(RowParams p) {
     const float mean = p.op == ROW_RMS_NORM ? 0.f : warp_sum(s) / (float)d;
     float ss = 0.f;
 #pragma unroll
-    for (int i = 0; i < ROW_VEC; ++i) {
+    for (int i = 0; i < VEC; ++i) {
         if ((i * 32 + lane) * 8 < d) {
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
@@ -115,7 +116,7 @@ extern "C" __global__ void __launch_bounds__(256) row_warp(RowParams p) {
     const i64 ao = p.op == ROW_LN_MODULATE ? td_row(p.a, r) : p.a.offset;
     const i64 bo = p.op == ROW_LN_MODULATE ? td_row(p.b, r) : p.b.offset;
 #pragma unroll
-    for (int i = 0; i < ROW_VEC; ++i) {
+    for (int i = 0; i < VEC; ++i) {
         const int c = (i * 32 + lane) * 8;
         if (c >= d) continue;
         float y[8], a[8], b[8];
@@ -140,6 +141,10 @@ extern "C" __global__ void __launch_bounds__(256) row_warp(RowParams p) {
     }
     }
 }
+
+extern "C" __global__ void __launch_bounds__(256) row_warp4(RowParams p) { row_warp_body<4>(p); }
+extern "C" __global__ void __launch_bounds__(256) row_warp6(RowParams p) { row_warp_body<6>(p); }
+extern "C" __global__ void __launch_bounds__(256) row_warp12(RowParams p) { row_warp_body<12>(p); }
 
 struct GroupNormParams {
     TD x;

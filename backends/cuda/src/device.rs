@@ -2,13 +2,13 @@
 
 use crate::gemm::{collapse_batch, mat_layout, Gemm};
 use crate::kernels::Kernels;
-use crate::lt::{BiasGemm, Lt};
+use crate::lt::{BiasGemm, Epilogue, Lt};
 use crate::memory::Allocator;
 use crate::params::*;
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{result, CudaContext, CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
 use sd3_core::{
-    reference, BufferId, DType, Device, DeviceInfo, DeviceKind, Error, Layout, Op, OpCall, Result, TensorDesc,
+    reference, BufferId, DType, Device, DeviceInfo, DeviceKind, Error, Layout, Op, OpCall, Result, TensorDesc, UnaryOp,
 };
 use std::sync::{Arc, Mutex};
 
@@ -144,13 +144,113 @@ impl CudaDevice {
             return Ok(());
         }
         if row_warp_applies(&p) {
-            // 8 rows (warps) per block.
-            return self.launch(&self.kernels.row_warp, (p.rows as u64).div_ceil(8), 256, p);
+            let kernel = &self.kernels.row_warp[if p.d <= 1024 {
+                0
+            } else if p.d <= 1536 {
+                1
+            } else {
+                2
+            }];
+            // 4 rows (warps) per block: small blocks pack the SMs tighter at ~96 registers a thread.
+            return self.launch(kernel, (p.rows as u64).div_ceil(4), 128, p);
         }
         self.launch(&self.kernels.row_op, p.rows as u64, 256, p)
     }
 
-    fn matmul(&self, a: &TensorDesc, b: &TensorDesc, bias: Option<&TensorDesc>, out: &TensorDesc) -> Result<()> {
+    /// `out = act(a·b + bias)`. GELU (tanh) and ReLU with a bias go into cuBLASLt's epilogue where the fused path
+    /// applies; any other activation (or layout) runs as the product, then the unary op in place on `out`.
+    fn matmul(
+        &self,
+        a: &TensorDesc,
+        b: &TensorDesc,
+        bias: Option<&TensorDesc>,
+        act: Option<UnaryOp>,
+        out: &TensorDesc,
+    ) -> Result<()> {
+        let epilogue = match act {
+            None => Some(Epilogue::Bias),
+            Some(UnaryOp::GeluTanh) => Some(Epilogue::BiasGelu),
+            Some(UnaryOp::Relu) => Some(Epilogue::BiasRelu),
+            Some(_) => None,
+        };
+        if act.is_none() {
+            if let Some(done) = crate::gemv::try_gemv(self, a, b, bias, out) {
+                return done;
+            }
+        }
+        if let (Some(epilogue), Some(bias)) = (epilogue, bias) {
+            if let Some(done) = self.lt_linear(a, b, bias, epilogue, out) {
+                return done;
+            }
+        }
+        self.product(a, b, bias, out)?;
+        match act {
+            Some(u) => self.ew(2, u as i32, [0.0; 2], &[out], out),
+            None => Ok(()),
+        }
+    }
+
+    /// One cuBLASLt call with the bias (and activation) in the epilogue, when every operand is already in the
+    /// output dtype and readable in place (batch dims collapsible; the output's rows unit-strided). `None`: nothing
+    /// was queued.
+    fn lt_linear(
+        &self,
+        a: &TensorDesc,
+        b: &TensorDesc,
+        bias: &TensorDesc,
+        epilogue: Epilogue,
+        out: &TensorDesc,
+    ) -> Option<Result<()>> {
+        let ct = out.dtype;
+        let r = out.rank();
+        let (m, n, k) = (out.shape()[r - 2], out.shape()[r - 1], a.shape()[r - 1]);
+        if m == 0 || n == 0 || k == 0 || a.dtype != ct || b.dtype != ct || bias.dtype != ct {
+            return None;
+        }
+        let unit_stride = |stride: usize| stride == 1 || n == 1;
+        if !unit_stride(bias.strides()[0]) || !unit_stride(out.strides()[r - 1]) {
+            return None;
+        }
+        let mat =
+            |t: &TensorDesc, rows: usize, cols: usize| mat_layout(rows, cols, t.strides()[r - 2], t.strides()[r - 1]);
+        let (a_layout, b_layout) = (mat(a, m, k)?, mat(b, k, n)?);
+        let ldc = if m == 1 { n as i64 } else { out.strides()[r - 2] as i64 };
+        if ldc < n as i64 {
+            return None;
+        }
+        let (batch, a_bs) = collapse_batch(&a.shape()[..r - 2], &a.strides()[..r - 2])?;
+        let (_, b_bs) = collapse_batch(&b.shape()[..r - 2], &b.strides()[..r - 2])?;
+        let (_, d_bs) = collapse_batch(&out.shape()[..r - 2], &out.strides()[..r - 2])?;
+        if batch > i32::MAX as i64 {
+            return None;
+        }
+        let es = ct.size_in_bytes() as u64;
+        let addr = |t: &TensorDesc| t.buffer.0 + t.layout.offset as u64 * es;
+        let g = BiasGemm {
+            m: m as i64,
+            n: n as i64,
+            k: k as i64,
+            a: addr(a),
+            a_layout,
+            b: addr(b),
+            b_layout,
+            d: addr(out),
+            ldc,
+            bias: addr(bias),
+            dtype: ct,
+            epilogue,
+            batch,
+            a_batch_stride: a_bs,
+            b_batch_stride: b_bs,
+            d_batch_stride: d_bs,
+        };
+        let _blas = self.blas.lock().unwrap();
+        Some(unsafe { self.lt.run(&g, self.stream.cu_stream() as *mut _) })
+    }
+
+    /// The product through cuBLAS (operands cast or copied to readable layouts when they must be), the bias
+    /// pre-filled into the output.
+    fn product(&self, a: &TensorDesc, b: &TensorDesc, bias: Option<&TensorDesc>, out: &TensorDesc) -> Result<()> {
         let ct = out.dtype;
         let r = out.rank();
         let (m, n, k) = (out.shape()[r - 2], out.shape()[r - 1], a.shape()[r - 1]);
@@ -183,38 +283,6 @@ impl CudaDevice {
             t
         };
         let es = ct.size_in_bytes() as u64;
-        let batch_count = collapse_batch(&a2.shape()[..r - 2], &a2.strides()[..r - 2]).unwrap().0;
-        if let Some(bias) = bias {
-            let fused = batch_count == 1
-                && target.buffer == out.buffer
-                && bias.dtype == ct
-                && (bias.strides()[0] == 1 || n == 1)
-                && m > 0
-                && n > 0
-                && k > 0;
-            if fused {
-                let ldc = if m == 1 { n as i64 } else { target.strides()[r - 2] as i64 };
-                let g = BiasGemm {
-                    m: m as i64,
-                    n: n as i64,
-                    k: k as i64,
-                    a: a2.buffer.0 + a2.layout.offset as u64 * es,
-                    a_layout: mat_layout(m, k, a2.strides()[r - 2], a2.strides()[r - 1]).unwrap(),
-                    b: b2.buffer.0 + b2.layout.offset as u64 * es,
-                    b_layout: mat_layout(k, n, b2.strides()[r - 2], b2.strides()[r - 1]).unwrap(),
-                    d: target.buffer.0 + target.layout.offset as u64 * es,
-                    ldc: ldc.max(n as i64),
-                    bias: bias.buffer.0 + bias.layout.offset as u64 * es,
-                    dtype: ct,
-                };
-                let _blas = self.blas.lock().unwrap();
-                let result = unsafe { self.lt.run(&g, self.stream.cu_stream() as *mut _) };
-                for t in temps {
-                    self.alloc.free(t.buffer);
-                }
-                return result;
-            }
-        }
         let mut beta = 0.0;
         if let Some(bias) = bias {
             // Pre-fill C with the bias broadcast along rows; the product then accumulates onto it (beta = 1).
@@ -403,8 +471,6 @@ impl Device for CudaDevice {
             return false;
         }
         match call.op {
-            // No activation epilogue yet: the core runs the matmul and a unary op.
-            Op::Matmul { act: Some(_), .. } => false,
             Op::Matmul { .. } | Op::Conv2d { .. } | Op::Attention { .. } => {
                 call.outputs[0].dtype.is_float() && call.inputs.iter().all(|t| t.dtype.is_float())
             }
@@ -424,7 +490,7 @@ impl Device for CudaDevice {
             Op::Affine { mul, add } => self.ew(4, 0, [mul, add], &ins, out),
             Op::Modulate => self.ew(5, 0, [0.0; 2], &ins, out),
             Op::GatedResidual => self.ew(6, 0, [0.0; 2], &ins, out),
-            Op::Matmul { bias, .. } => self.matmul(ins[0], ins[1], if bias { Some(ins[2]) } else { None }, out),
+            Op::Matmul { bias, act } => self.matmul(ins[0], ins[1], if bias { Some(ins[2]) } else { None }, act, out),
             Op::Softmax | Op::LayerNorm { .. } | Op::RmsNorm { .. } | Op::LayerNormModulate { .. } => {
                 let d = *out.shape().last().unwrap_or(&1);
                 let rows = out.elem_count().checked_div(d).unwrap_or(0);

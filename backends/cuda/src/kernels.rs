@@ -9,10 +9,11 @@ use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-const SOURCES: [&str; 3] = [
+const SOURCES: [&str; 4] = [
     include_str!("../kernels/elementwise.cu"),
     include_str!("../kernels/rows.cu"),
     include_str!("../kernels/flash.cu"),
+    include_str!("../kernels/gemv.cu"),
 ];
 const COMMON: &str = include_str!("../kernels/common.cuh");
 
@@ -26,14 +27,18 @@ pub struct Kernels {
     pub upsample: CudaFunction,
     pub gather: CudaFunction,
     pub row_op: CudaFunction,
-    pub row_warp: CudaFunction,
+    /// Warp-per-row norms for rows of at most 1024, 1536 and 3072 elements.
+    pub row_warp: [CudaFunction; 3],
     pub group_norm: CudaFunction,
     pub group_norm_stats: CudaFunction,
     pub group_norm_apply: CudaFunction,
     pub im2col: CudaFunction,
+    pub gemv_rows: CudaFunction,
     /// Tensor-core attention, indexed `[bf16 as usize][head_dim == 128]`; `None` before sm_80 (no cp.async or
     /// bf16 mma there).
     pub flash: Option<[[CudaFunction; 2]; 2]>,
+    /// Experimental bf16 head-dim-64 variants (`SD3_CUDA_FLASH_VARIANT=s|q|qs|qs3`), with their shared memory.
+    pub flash_variant: Option<(CudaFunction, u32)>,
 }
 
 fn source() -> String {
@@ -99,12 +104,28 @@ impl Kernels {
             upsample: f("upsample_nearest2d")?,
             gather: f("gather_rows")?,
             row_op: f("row_op")?,
-            row_warp: f("row_warp")?,
+            row_warp: [f("row_warp4")?, f("row_warp6")?, f("row_warp12")?],
             group_norm: f("group_norm")?,
             group_norm_stats: f("group_norm_stats")?,
             group_norm_apply: f("group_norm_apply")?,
             im2col: f("im2col")?,
+            gemv_rows: f("gemv_rows")?,
             flash: if major >= 8 { Some(load_flash(&f)?) } else { None },
+            flash_variant: match std::env::var("SD3_CUDA_FLASH_VARIANT") {
+                Ok(v) if major >= 8 && !v.is_empty() => {
+                    let q = if v.starts_with('q') { 128 * 72 * 2 } else { 0 };
+                    let func = flash_fn(&f, &format!("flash_bf16_64_{v}"), 64, 64)?;
+                    let smem = flash_smem_bytes(64, 64) + q;
+                    func.set_attribute(
+                        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        smem as i32,
+                    )
+                    .map_err(|e| Error::backend("cuda", e.to_string()))?;
+                    eprintln!("[cuda] flash variant {v}, {smem} bytes of shared memory");
+                    Some((func, smem))
+                }
+                _ => None,
+            },
             _module: module,
         })
     }

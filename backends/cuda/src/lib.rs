@@ -15,6 +15,7 @@ mod attention;
 mod device;
 mod events;
 mod gemm;
+mod gemv;
 mod kernels;
 mod lt;
 mod memory;

@@ -1,6 +1,8 @@
-//! Linear layers through cuBLASLt with the bias fused into the epilogue (`CUBLASLT_EPILOGUE_BIAS`), so a
-//! linear is one kernel instead of a bias broadcast, then a product accumulating onto it.
-//! Plans (descriptors, layouts and the heuristic's algorithm) are cached per problem shape.
+//! Linear layers through cuBLASLt with the bias, and GELU (tanh) or ReLU where asked, fused into the epilogue
+//! (`CUBLASLT_EPILOGUE_BIAS` / `_GELU_BIAS` / `_RELU_BIAS`): a linear is one kernel instead of a bias
+//! broadcast, a product accumulating onto it and an activation pass. Batches (strided, the weight broadcast with
+//! batch stride 0) cover a linear written into rows of a bigger buffer. Plans (descriptors, layouts and the
+//! heuristic's algorithm) are cached per problem shape.
 
 use crate::gemm::MatLayout;
 use cudarc::cublas::sys::cublasOperation_t;
@@ -24,6 +26,17 @@ struct Key {
     b: (bool, i64),
     ldc: i64,
     dtype: DType,
+    epilogue: Epilogue,
+    batch: (i64, i64, i64, i64),
+}
+
+/// What cuBLASLt applies after the product. cuBLASLt's GELU is the tanh approximation (PyTorch routes only
+/// `gelu(approximate="tanh")` through it), which is SD3's feed-forward activation.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum Epilogue {
+    Bias,
+    BiasGelu,
+    BiasRelu,
 }
 
 struct Plan {
@@ -57,7 +70,8 @@ fn lt_type(dt: DType) -> Option<cudaDataType> {
     }
 }
 
-/// `D[M,N] (row-major, ldc) = A[M,K]·B[K,N] + bias[N]`, all of one dtype; bias contiguous.
+/// `D[M,N] (row-major, ldc) = act(A[M,K]·B[K,N] + bias[N])`, all of one dtype; bias contiguous; `batch`
+/// products with element batch strides for A, B (0: broadcast) and D.
 pub struct BiasGemm {
     pub m: i64,
     pub n: i64,
@@ -70,6 +84,11 @@ pub struct BiasGemm {
     pub ldc: i64,
     pub bias: u64,
     pub dtype: DType,
+    pub epilogue: Epilogue,
+    pub batch: i64,
+    pub a_batch_stride: i64,
+    pub b_batch_stride: i64,
+    pub d_batch_stride: i64,
 }
 
 impl Lt {
@@ -89,6 +108,8 @@ impl Lt {
             b: (g.b_layout.row_major, g.b_layout.ld),
             ldc: g.ldc,
             dtype: g.dtype,
+            epilogue: g.epilogue,
+            batch: (g.batch, g.a_batch_stride, g.b_batch_stride, g.d_batch_stride),
         };
         let mut plans = self.plans.lock().unwrap();
         if plans.contains_key(&key) {
@@ -109,12 +130,36 @@ impl Lt {
                 .map_err(|e| err("transa", e))?;
             set(Attr::CUBLASLT_MATMUL_DESC_TRANSB, &tb as *const _ as *const c_void, 4)
                 .map_err(|e| err("transb", e))?;
-            let epi = cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS;
+            let epi = match g.epilogue {
+                Epilogue::Bias => cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
+                Epilogue::BiasGelu => cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU_BIAS,
+                Epilogue::BiasRelu => cublasLtEpilogue_t::CUBLASLT_EPILOGUE_RELU_BIAS,
+            };
             set(Attr::CUBLASLT_MATMUL_DESC_EPILOGUE, &epi as *const _ as *const c_void, 4)
                 .map_err(|e| err("epilogue", e))?;
             let a = lt::create_matrix_layout(ty, ar as u64, ac as u64, g.b_layout.ld).map_err(|e| err("layout", e))?;
             let b = lt::create_matrix_layout(ty, br as u64, bc as u64, g.a_layout.ld).map_err(|e| err("layout", e))?;
             let d = lt::create_matrix_layout(ty, g.n as u64, g.m as u64, g.ldc).map_err(|e| err("layout", e))?;
+            if g.batch > 1 {
+                // In the column-major view cuBLASLt's A is our B (the weight) and its B is our A.
+                for (layout, stride) in [(a, g.b_batch_stride), (b, g.a_batch_stride), (d, g.d_batch_stride)] {
+                    let count = g.batch as i32;
+                    lt::set_matrix_layout_attribute(
+                        layout,
+                        sys::cublasLtMatrixLayoutAttribute_t::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT,
+                        &count as *const i32 as *const c_void,
+                        4,
+                    )
+                    .map_err(|e| err("batch count", e))?;
+                    lt::set_matrix_layout_attribute(
+                        layout,
+                        sys::cublasLtMatrixLayoutAttribute_t::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                        &stride as *const i64 as *const c_void,
+                        8,
+                    )
+                    .map_err(|e| err("batch stride", e))?;
+                }
+            }
             let pref = lt::create_matmul_pref().map_err(|e| err("preference", e))?;
             let ws = WORKSPACE_BYTES as u64;
             lt::set_matmul_pref_attribute(

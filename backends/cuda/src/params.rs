@@ -171,3 +171,27 @@ unsafe impl DeviceRepr for GroupNormParams {}
 unsafe impl DeviceRepr for Im2colParams {}
 unsafe impl DeviceRepr for FlashParams {}
 unsafe impl DeviceRepr for EwVecParams {}
+
+/// `struct GemvParams` in `kernels/gemv.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GemvParams {
+    pub x: u64,
+    pub w: u64,
+    pub bias: u64,
+    pub out: u64,
+    pub x_off: i64,
+    pub w_off: i64,
+    pub b_off: i64,
+    pub o_off: i64,
+    pub x_rs: i64,
+    pub w_rs: i64,
+    pub o_rs: i64,
+    pub m: i32,
+    pub n: i32,
+    pub k: i32,
+    pub dtype: i32,
+    pub has_bias: i32,
+}
+
+unsafe impl DeviceRepr for GemvParams {}

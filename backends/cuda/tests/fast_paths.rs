@@ -153,3 +153,74 @@ fn flash_attention_on_joint_layout_views() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn few_row_linears() -> Result<()> {
+    let Some(mut p) = Pair::new() else { return Ok(()) };
+    for dt in [DType::F32, DType::F16, DType::BF16] {
+        // (rows, in, out): the adaLN modulation's shape, one row, the most rows the kernel takes, one more.
+        for (m, k, n) in [(2, 1536, 9216), (1, 64, 24), (8, 256, 40), (9, 256, 40)] {
+            let (gx, cx) = p.rand(&[m, k], dt, -1.0, 1.0)?;
+            let (gw, cw) = p.rand(&[n, k], dt, -0.1, 0.1)?;
+            let (gb, cb) = p.rand(&[n], dt, -1.0, 1.0)?;
+            check(
+                &format!("linear {m}x{k} -> {n} {dt}"),
+                &gx.linear(&gw, Some(&gb))?,
+                &cx.linear(&cw, Some(&cb))?,
+                1e-9,
+            )?;
+            check(
+                &format!("linear {m}x{k} -> {n} no bias {dt}"),
+                &gx.linear(&gw, None)?,
+                &cx.linear(&cw, None)?,
+                1e-9,
+            )?;
+        }
+        // Rows of a strided view (every other row of a larger batch).
+        let (gx, cx) = p.rand(&[6, 128], dt, -1.0, 1.0)?;
+        let (gw, cw) = p.rand(&[16, 128], dt, -0.1, 0.1)?;
+        let pick = |t: &Tensor| t.reshape(&[3, 256])?.narrow(1, 0, 128);
+        check(
+            &format!("linear strided rows {dt}"),
+            &pick(&gx)?.linear(&gw, None)?,
+            &pick(&cx)?.linear(&cw, None)?,
+            1e-9,
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn linears_with_fused_activations() -> Result<()> {
+    let Some(mut p) = Pair::new() else { return Ok(()) };
+    for dt in [DType::F32, DType::F16, DType::BF16] {
+        let (gx, cx) = p.rand(&[2, 50, 64], dt, -2.0, 2.0)?;
+        let (gw, cw) = p.rand(&[96, 64], dt, -0.3, 0.3)?;
+        let (gb, cb) = p.rand(&[96], dt, -1.0, 1.0)?;
+        // GELU and ReLU go into cuBLASLt's epilogue; SiLU runs as the product, then the op in place.
+        for act in [UnaryOp::GeluTanh, UnaryOp::Relu, UnaryOp::Silu] {
+            check(
+                &format!("linear + {} {dt}", act.name()),
+                &gx.linear_act(&gw, Some(&gb), Some(act))?,
+                &cx.linear_act(&cw, Some(&cb), Some(act))?,
+                1e-9,
+            )?;
+        }
+        check(
+            &format!("linear + gelu, no bias {dt}"),
+            &gx.linear_act(&gw, None, Some(UnaryOp::GeluTanh))?,
+            &cx.linear_act(&cw, None, Some(UnaryOp::GeluTanh))?,
+            1e-9,
+        )?;
+        // Into rows 10..60 of a [2, 80, 96] buffer (the joint attention's fused projections): a batched product
+        // with the weight broadcast; rows outside stay as they were.
+        let (gbuf, cbuf) = p.rand(&[2, 80, 96], dt, -1.0, 1.0)?;
+        gx.linear_into(&gw, Some(&gb), None, &gbuf.narrow(1, 10, 50)?)?;
+        cx.linear_into(&cw, Some(&cb), None, &cbuf.narrow(1, 10, 50)?)?;
+        check(&format!("linear into buffer rows {dt}"), &gbuf, &cbuf, 1e-9)?;
+        gx.linear_into(&gw, Some(&gb), Some(UnaryOp::GeluTanh), &gbuf.narrow(1, 30, 50)?)?;
+        cx.linear_into(&cw, Some(&cb), Some(UnaryOp::GeluTanh), &cbuf.narrow(1, 30, 50)?)?;
+        check(&format!("linear + gelu into buffer rows {dt}"), &gbuf, &cbuf, 1e-9)?;
+    }
+    Ok(())
+}
