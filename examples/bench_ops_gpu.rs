@@ -53,6 +53,11 @@ fn main() -> anyhow::Result<()> {
         let flops = 2.0 * (tokens * in_features * out_features) as f64;
         time(label, flops, &|| input.linear(&w, Some(&bias)))?;
     }
+    // The adaLN modulation: 2 rows through a [9216, 1536] weight, bound by reading the weight.
+    let pooled = r(&[b, d], 14)?;
+    let w_mod = r(&[6 * d, d], 15)?.scale(0.02)?;
+    let bias_mod = r(&[6 * d], 16)?;
+    time("linear 2x1536 -> 9216 (adaLN)", 2.0 * (b * d * 6 * d) as f64, &|| pooled.linear(&w_mod, Some(&bias_mod)))?;
     // Memory-bound ops around the linears: GB/s = bytes read and written once.
     let gbs = |label: &str, bytes: f64, f: &dyn Fn() -> sd3_core::Result<Tensor>| -> anyhow::Result<()> {
         f()?;

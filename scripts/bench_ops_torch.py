@@ -40,6 +40,10 @@ with torch.no_grad():
         w = torch.randn(out_features, inp.shape[1], device=dev, dtype=dtype) * 0.02
         bias = torch.randn(out_features, device=dev, dtype=dtype)
         timed(label, 2.0 * tokens * inp.shape[1] * out_features, lambda: F.linear(inp, w, bias))
+    pooled = torch.randn(b, d, device=dev, dtype=dtype)
+    w_mod = torch.randn(6 * d, d, device=dev, dtype=dtype) * 0.02
+    bias_mod = torch.randn(6 * d, device=dev, dtype=dtype)
+    timed("linear 2x1536 -> 9216 (adaLN)", 2.0 * b * d * 6 * d, lambda: F.linear(pooled, w_mod, bias_mod))
 
 
 def gbs(label, nbytes, fn):

@@ -52,17 +52,6 @@ __device__ __forceinline__ float fast_exp2(float x) {
     return y;
 }
 
-// 2^x for x ≤ 0 on the FMA pipe (Cody-Waite split, cubic for 2^frac, max relative error ~1e-4: below the
-// rounding of P to bf16/f16), to take part of the exponentials off the 16-per-clock MUFU unit.
-__device__ __forceinline__ float poly_exp2(float x) {
-    x = fmaxf(x, -126.f);
-    const float xi = floorf(x), f = x - xi;
-    float p = fmaf(f, 0.0782969f, 0.2261232f);
-    p = fmaf(f, p, 0.6951786f);
-    p = fmaf(f, p, 1.0f);
-    return __int_as_float(__float_as_int(p) + ((int)xi << 23));
-}
-
 __device__ __forceinline__ void ldmatrix_x4(unsigned* r, const void* p) {
     unsigned a = (unsigned)__cvta_generic_to_shared(p);
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
@@ -103,17 +92,17 @@ __device__ __forceinline__ void load_tile(unsigned short* tile, const unsigned s
 // it+1 is queued into it at once, loading during the whole of step `it`. Warps of a block then drift apart
 // (one in softmax while another is on the tensor cores) instead of meeting at a second barrier.
 //
-// QS: the query tile stays in shared memory and its A fragments are re-read per key tile (as FlashAttention-2
-// does) instead of living in 16·MT·DH/32 registers; SKIP: the accumulator rescale is skipped when no row maximum
-// of the warp moved (after the first tiles the common case).
-template <int DH, int BK, int MT, int NW, bool BF16, bool QS, bool SKIP, bool PEXP = false>
+// Measured on an H200 and rejected (each slower than this kernel at 2x24 heads x 4429 tokens x 64): query
+// fragments re-read from shared memory per key tile as FlashAttention-2 does (-2%), skipping the accumulator
+// rescale when no row maximum moved (-8%), three blocks per SM at 168 registers (-17%), a quarter of the
+// exponentials as a polynomial on the FMA pipe (-5%), key tiles of 128 (-9%, spills).
+template <int DH, int BK, int MT, int NW, bool BF16>
 __device__ void flash_fwd(const FlashParams& p) {
     constexpr int THREADS = NW * 32, BQ = NW * MT * 16, PITCH = DH + 8, TILE = BK * PITCH;
-    // [K buffer 0, K buffer 1, V buffer 0, V buffer 1, (Q)]; rows padded by 16 bytes so ldmatrix hits distinct banks.
+    // [K buffer 0, K buffer 1, V buffer 0, V buffer 1]; rows padded by 16 bytes so ldmatrix hits distinct banks.
     extern __shared__ __align__(16) unsigned short smem[];
     unsigned short* ks = smem;
     unsigned short* vs = smem + 2 * TILE;
-    unsigned short* qs = smem + 4 * TILE;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
     const int qw = blockIdx.x * BQ + warp * MT * 16;  // this warp's first query row
@@ -124,22 +113,18 @@ __device__ void flash_fwd(const FlashParams& p) {
 
     load_tile<DH, BK, THREADS>(ks, kb, p.k_s[2], 0, p.nk);
     load_tile<DH, BK, THREADS>(vs, vb, p.v_s[2], 0, p.nk);
-    if (QS) load_tile<DH, BQ, THREADS>(qs, qb, p.q_s[2], blockIdx.x * BQ, p.nq);
     cp_async_commit();
 
-    // This warp's query rows as A fragments, one per 16-wide slice of the head dim (held in registers unless QS).
-    unsigned qf[QS ? 1 : MT][QS ? 1 : DH / 16][4];
-    if (!QS) {
+    // This warp's query rows as A fragments, one per 16-wide slice of the head dim.
+    unsigned qf[MT][DH / 16][4];
+    #pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
         #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
+        for (int kk = 0; kk < DH / 16; ++kk) {
             #pragma unroll
-            for (int kk = 0; kk < DH / 16; ++kk) {
-                #pragma unroll
-                for (int r = 0; r < 4; ++r) {
-                    int row = qw + mt * 16 + g + (r & 1) * 8, col = kk * 16 + t * 2 + (r >> 1) * 8;
-                    qf[QS ? 0 : mt][QS ? 0 : kk][r] =
-                        row < p.nq ? *(const unsigned*)(qb + (i64)row * p.q_s[2] + col) : 0u;
-                }
+            for (int r = 0; r < 4; ++r) {
+                int row = qw + mt * 16 + g + (r & 1) * 8, col = kk * 16 + t * 2 + (r >> 1) * 8;
+                qf[mt][kk][r] = row < p.nq ? *(const unsigned*)(qb + (i64)row * p.q_s[2] + col) : 0u;
             }
         }
     }
@@ -171,39 +156,16 @@ __device__ void flash_fwd(const FlashParams& p) {
         for (int mt = 0; mt < MT; ++mt)
             #pragma unroll
             for (int j = 0; j < BK / 8; ++j) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
-        if (QS) {
+        #pragma unroll
+        for (int j = 0; j < BK / 8; ++j) {
             #pragma unroll
             for (int kk2 = 0; kk2 < DH / 32; ++kk2) {
-                unsigned qa[MT][2][4];
+                unsigned bk[4];
+                ldmatrix_x4(bk, kt_s + (j * 8 + (lane & 7)) * PITCH + kk2 * 32 + (lane >> 3) * 8);
                 #pragma unroll
-                for (int mt = 0; mt < MT; ++mt)
-                    #pragma unroll
-                    for (int h2 = 0; h2 < 2; ++h2)
-                        ldmatrix_x4(qa[mt][h2], qs + (warp * MT * 16 + mt * 16 + (lane & 15)) * PITCH + kk2 * 32 +
-                                                    h2 * 16 + (lane >> 4) * 8);
-                #pragma unroll
-                for (int j = 0; j < BK / 8; ++j) {
-                    unsigned bk[4];
-                    ldmatrix_x4(bk, kt_s + (j * 8 + (lane & 7)) * PITCH + kk2 * 32 + (lane >> 3) * 8);
-                    #pragma unroll
-                    for (int mt = 0; mt < MT; ++mt) {
-                        mma16816<BF16>(s[mt][j], qa[mt][0], bk[0], bk[1]);
-                        mma16816<BF16>(s[mt][j], qa[mt][1], bk[2], bk[3]);
-                    }
-                }
-            }
-        } else {
-            #pragma unroll
-            for (int j = 0; j < BK / 8; ++j) {
-                #pragma unroll
-                for (int kk2 = 0; kk2 < DH / 32; ++kk2) {
-                    unsigned bk[4];
-                    ldmatrix_x4(bk, kt_s + (j * 8 + (lane & 7)) * PITCH + kk2 * 32 + (lane >> 3) * 8);
-                    #pragma unroll
-                    for (int mt = 0; mt < MT; ++mt) {
-                        mma16816<BF16>(s[mt][j], qf[QS ? 0 : mt][QS ? 0 : kk2 * 2], bk[0], bk[1]);
-                        mma16816<BF16>(s[mt][j], qf[QS ? 0 : mt][QS ? 0 : kk2 * 2 + 1], bk[2], bk[3]);
-                    }
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma16816<BF16>(s[mt][j], qf[mt][kk2 * 2], bk[0], bk[1]);
+                    mma16816<BF16>(s[mt][j], qf[mt][kk2 * 2 + 1], bk[2], bk[3]);
                 }
             }
         }
@@ -239,18 +201,10 @@ __device__ void flash_fwd(const FlashParams& p) {
             float sum0 = 0.f, sum1 = 0.f;
             #pragma unroll
             for (int j = 0; j < BK / 8; ++j) {
-                float p0, p1, p2, p3;
-                if (PEXP && (j & 3) == 3) {  // a quarter of the exponentials on the FMA pipe
-                    p0 = poly_exp2(fmaf(s[mt][j][0], p.scale_log2, -base0));
-                    p1 = poly_exp2(fmaf(s[mt][j][1], p.scale_log2, -base0));
-                    p2 = poly_exp2(fmaf(s[mt][j][2], p.scale_log2, -base1));
-                    p3 = poly_exp2(fmaf(s[mt][j][3], p.scale_log2, -base1));
-                } else {
-                    p0 = fast_exp2(fmaf(s[mt][j][0], p.scale_log2, -base0));
-                    p1 = fast_exp2(fmaf(s[mt][j][1], p.scale_log2, -base0));
-                    p2 = fast_exp2(fmaf(s[mt][j][2], p.scale_log2, -base1));
-                    p3 = fast_exp2(fmaf(s[mt][j][3], p.scale_log2, -base1));
-                }
+                float p0 = fast_exp2(fmaf(s[mt][j][0], p.scale_log2, -base0));
+                float p1 = fast_exp2(fmaf(s[mt][j][1], p.scale_log2, -base0));
+                float p2 = fast_exp2(fmaf(s[mt][j][2], p.scale_log2, -base1));
+                float p3 = fast_exp2(fmaf(s[mt][j][3], p.scale_log2, -base1));
                 sum0 += p0 + p1;
                 sum1 += p2 + p3;
                 pf[mt][j / 2][(j & 1) * 2 + 0] = pack2<BF16>(p0, p1);
@@ -258,14 +212,12 @@ __device__ void flash_fwd(const FlashParams& p) {
             }
             l[mt][0] = l[mt][0] * alpha0 + sum0;
             l[mt][1] = l[mt][1] * alpha1 + sum1;
-            if (!SKIP || __any_sync(0xffffffff, alpha0 != 1.f || alpha1 != 1.f)) {
-                #pragma unroll
-                for (int n = 0; n < DH / 8; ++n) {
-                    o[mt][n][0] *= alpha0;
-                    o[mt][n][1] *= alpha0;
-                    o[mt][n][2] *= alpha1;
-                    o[mt][n][3] *= alpha1;
-                }
+            #pragma unroll
+            for (int n = 0; n < DH / 8; ++n) {
+                o[mt][n][0] *= alpha0;
+                o[mt][n][1] *= alpha0;
+                o[mt][n][2] *= alpha1;
+                o[mt][n][3] *= alpha1;
             }
         }
 
@@ -306,22 +258,14 @@ __device__ void flash_fwd(const FlashParams& p) {
     }
 }
 
-#define FLASH_BODY(DH, BK, MT, NW, BF16, QS, SKIP) flash_fwd<DH, BK, MT, NW, BF16, QS, SKIP>(p)
-#define FLASH_BODY_PEXP(DH, BK, MT, NW, BF16) flash_fwd<DH, BK, MT, NW, BF16, false, false, true>(p)
+#define FLASH_BODY(DH, BK, MT, NW, BF16) flash_fwd<DH, BK, MT, NW, BF16>(p)
 #else
-#define FLASH_BODY(DH, BK, MT, NW, BF16, QS, SKIP) __trap()  // the host only launches these on sm_80 and newer
-#define FLASH_BODY_PEXP(DH, BK, MT, NW, BF16) __trap()
+#define FLASH_BODY(DH, BK, MT, NW, BF16) __trap()  // the host only launches these on sm_80 and newer
 #endif
 
 // Launch shapes (the host mirrors them in attention.rs and kernels.rs): head dim 64: 4 warps x 32 rows; head dim
-// 128: 8 warps x 16 rows; key tiles of 64. Both cover 128 query rows per block. (Key tiles of 128 at head dim 64
-// spill registers and measured 9% slower on an H200.)
-extern "C" __global__ void __launch_bounds__(128) flash_f16_64(FlashParams p) { FLASH_BODY(64, 64, 2, 4, false, false, false); }
-extern "C" __global__ void __launch_bounds__(128) flash_bf16_64(FlashParams p) { FLASH_BODY(64, 64, 2, 4, true, false, false); }
-extern "C" __global__ void __launch_bounds__(128) flash_bf16_64_s(FlashParams p) { FLASH_BODY(64, 64, 2, 4, true, false, true); }
-extern "C" __global__ void __launch_bounds__(128) flash_bf16_64_qs(FlashParams p) { FLASH_BODY(64, 64, 2, 4, true, true, true); }
-extern "C" __global__ void __launch_bounds__(128, 3) flash_bf16_64_qs3(FlashParams p) { FLASH_BODY(64, 64, 2, 4, true, true, true); }
-extern "C" __global__ void __launch_bounds__(128) flash_bf16_64_e(FlashParams p) { FLASH_BODY_PEXP(64, 64, 2, 4, true); }
-extern "C" __global__ void __launch_bounds__(128) flash_bf16_64_q(FlashParams p) { FLASH_BODY(64, 64, 2, 4, true, true, false); }
-extern "C" __global__ void __launch_bounds__(256) flash_f16_128(FlashParams p) { FLASH_BODY(128, 64, 1, 8, false, false, false); }
-extern "C" __global__ void __launch_bounds__(256) flash_bf16_128(FlashParams p) { FLASH_BODY(128, 64, 1, 8, true, false, false); }
+// 128: 8 warps x 16 rows; key tiles of 64. Both cover 128 query rows per block.
+extern "C" __global__ void __launch_bounds__(128) flash_f16_64(FlashParams p) { FLASH_BODY(64, 64, 2, 4, false); }
+extern "C" __global__ void __launch_bounds__(128) flash_bf16_64(FlashParams p) { FLASH_BODY(64, 64, 2, 4, true); }
+extern "C" __global__ void __launch_bounds__(256) flash_f16_128(FlashParams p) { FLASH_BODY(128, 64, 1, 8, false); }
+extern "C" __global__ void __launch_bounds__(256) flash_bf16_128(FlashParams p) { FLASH_BODY(128, 64, 1, 8, true); }

@@ -211,9 +211,6 @@ fn flash_kernel<'a>(
     if !(aligned(q, 2) && aligned(out, 2) && aligned(k, 8) && aligned(v, 8)) {
         return None;
     }
-    if let (Some((f, _)), true) = (&dev.kernels.flash_variant, dt == DType::BF16 && dh == 64) {
-        return Some(f);
-    }
     Some(&dev.kernels.flash.as_ref()?[(dt == DType::BF16) as usize][(dh == 128) as usize])
 }
 
@@ -263,10 +260,7 @@ fn flash(
     let cfg = LaunchConfig {
         grid_dim: (nq.div_ceil(128) as u32, (b * h) as u32, 1),
         block_dim: (if dh == 64 { 128 } else { 256 }, 1, 1),
-        shared_mem_bytes: match &dev.kernels.flash_variant {
-            Some((_, smem)) if q.dtype == DType::BF16 && dh == 64 => *smem,
-            _ => crate::kernels::flash_smem_bytes(dh, 64),
-        },
+        shared_mem_bytes: crate::kernels::flash_smem_bytes(dh, 64),
     };
     let launched = unsafe { dev.stream.launch_builder(kernel).arg(&p).launch(cfg) };
     for t in temps {

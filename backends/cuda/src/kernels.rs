@@ -37,8 +37,6 @@ pub struct Kernels {
     /// Tensor-core attention, indexed `[bf16 as usize][head_dim == 128]`; `None` before sm_80 (no cp.async or
     /// bf16 mma there).
     pub flash: Option<[[CudaFunction; 2]; 2]>,
-    /// Experimental bf16 head-dim-64 variants (`SD3_CUDA_FLASH_VARIANT=s|q|qs|qs3`), with their shared memory.
-    pub flash_variant: Option<(CudaFunction, u32)>,
 }
 
 fn source() -> String {
@@ -111,21 +109,6 @@ impl Kernels {
             im2col: f("im2col")?,
             gemv_rows: f("gemv_rows")?,
             flash: if major >= 8 { Some(load_flash(&f)?) } else { None },
-            flash_variant: match std::env::var("SD3_CUDA_FLASH_VARIANT") {
-                Ok(v) if major >= 8 && !v.is_empty() => {
-                    let q = if v.starts_with('q') { 128 * 72 * 2 } else { 0 };
-                    let func = flash_fn(&f, &format!("flash_bf16_64_{v}"), 64, 64)?;
-                    let smem = flash_smem_bytes(64, 64) + q;
-                    func.set_attribute(
-                        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        smem as i32,
-                    )
-                    .map_err(|e| Error::backend("cuda", e.to_string()))?;
-                    eprintln!("[cuda] flash variant {v}, {smem} bytes of shared memory");
-                    Some((func, smem))
-                }
-                _ => None,
-            },
             _module: module,
         })
     }
