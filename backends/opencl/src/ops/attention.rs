@@ -2,7 +2,7 @@
 //! query and output rows in registers.
 
 use super::args::{Args, ClView};
-use super::Ctx;
+use super::{Ctx, MAX_HEAD_DIM};
 use crate::kernels::ProgramKind;
 use sd3_core::{DType, Error, Op, OpCall, Result};
 
@@ -27,6 +27,13 @@ pub fn run(cx: &mut Ctx, call: &OpCall) -> Result<()> {
     if !shapes_ok {
         let msg = format!("q {:?}, k {:?}, v {:?} into {:?}", q.shape(), k.shape(), v.shape(), o.shape());
         return Err(Error::shape("attention", msg));
+    }
+    if dh > MAX_HEAD_DIM || dv > MAX_HEAD_DIM {
+        if !super::attention_matmul::applies(&call.op) {
+            let msg = format!("head dims {dh}/{dv} above {MAX_HEAD_DIM} with a causal mask or q/k norm");
+            return Err(Error::Unsupported { backend: "opencl".into(), op: "attention".into(), detail: msg });
+        }
+        return super::attention_matmul::run(cx, call, scale, bias);
     }
     if !causal && !bias && !qk_norm && dh == dv && dh % 16 == 0 && dh <= 64 {
         let same = |d: DType| q.dtype == d && k.dtype == d && v.dtype == d;

@@ -2,6 +2,7 @@
 
 mod args;
 mod attention;
+mod attention_matmul;
 mod elementwise;
 mod gemm;
 mod reduce;
@@ -38,7 +39,9 @@ pub fn supports(dev: &OpenClDevice, call: &OpCall) -> bool {
         Op::Conv2d { .. } => dev.tuning.gemm_ok(&dev.cl) && call.inputs[0].rank() == 4 && call.inputs[1].rank() == 4,
         Op::Attention { .. } => {
             let ok_rank = call.inputs[..3].iter().all(|t| t.rank() == 4);
-            ok_rank && call.inputs[0].shape()[3] <= MAX_HEAD_DIM && call.inputs[2].shape()[3] <= MAX_HEAD_DIM
+            let fused = call.inputs[0].shape()[3] <= MAX_HEAD_DIM && call.inputs[2].shape()[3] <= MAX_HEAD_DIM;
+            // Wider heads run as matmuls and a softmax (attention_matmul.rs), which needs the GEMM kernel.
+            ok_rank && (fused || (attention_matmul::applies(&call.op) && dev.tuning.gemm_ok(&dev.cl)))
         }
         _ => true,
     }
