@@ -86,3 +86,31 @@ inline void sti(global uchar *p, uint dt, ulong i, long x) {
     default: p[i] = (uchar)clamp(x, 0L, 255L); break;
     }
 }
+
+// Unary maps (elementwise.cl, and the matmul activation epilogue in matmul.cl).
+#define SQRT_2_OVER_PI 0.7978845608028654f
+
+inline float sigmoid_f(float x) { return 1.0f / (1.0f + exp(-x)); }
+
+// Ids are UnaryOp's discriminants (core/src/op.rs).
+inline float unary_f(uint f, float x) {
+    switch (f) {
+    case 0: return -x;
+    case 1: return exp(x);
+    case 2: return log(x);
+    case 3: return sqrt(x);
+    case 4: return rsqrt(x);
+    case 5: return 1.0f / x;
+    case 6: return x * x;
+    case 7: return fabs(x);
+    case 8: return tanh(x);
+    case 9: return sigmoid_f(x);
+    case 10: return fmax(x, 0.0f);
+    case 11: return x * sigmoid_f(x);
+    case 12: return 0.5f * x * (1.0f + erf(x * 0.7071067811865476f));
+    case 13: return 0.5f * x * (1.0f + tanh(SQRT_2_OVER_PI * (x + 0.044715f * x * x * x)));
+    case 14: return x * sigmoid_f(1.702f * x);
+    case 15: return sin(x);
+    default: return cos(x);
+    }
+}

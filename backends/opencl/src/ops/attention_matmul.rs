@@ -57,7 +57,7 @@ pub fn run(cx: &mut Ctx, call: &OpCall, scale: f32, bias: bool) -> Result<()> {
             let p = TensorDesc { buffer: p_buf, dtype: v.dtype, layout: Layout::contiguous(&[b, h, n, nk]) };
             let matmul = Op::Matmul { bias: false, act: None };
             let qc = rows_of(q, r0, n);
-            gemm::matmul(cx, &OpCall { op: matmul, inputs: &[qc, kt.clone()], outputs: &s }, false)?;
+            gemm::matmul(cx, &OpCall { op: matmul, inputs: &[qc, kt.clone()], outputs: &s }, false, None)?;
             let affine = Op::Affine { mul: scale, add: 0.0 };
             elementwise::map(cx, &OpCall { op: affine, inputs: &s, outputs: &s })?;
             if bias {
@@ -66,7 +66,7 @@ pub fn run(cx: &mut Ctx, call: &OpCall, scale: f32, bias: bool) -> Result<()> {
             }
             reduce::run(cx, &OpCall { op: Op::Softmax, inputs: &s, outputs: std::slice::from_ref(&p) })?;
             let oc = rows_of(o, r0, n);
-            gemm::matmul(cx, &OpCall { op: matmul, inputs: &[p, v.clone()], outputs: &[oc] }, false)?;
+            gemm::matmul(cx, &OpCall { op: matmul, inputs: &[p, v.clone()], outputs: &[oc] }, false, None)?;
         }
         Ok(())
     })();

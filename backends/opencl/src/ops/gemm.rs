@@ -4,7 +4,7 @@ use super::args::{collapse, Args, ClView};
 use super::Ctx;
 use crate::kernels::ProgramKind;
 use ocl::core::Kernel;
-use sd3_core::{DType, Error, OpCall, Result, TensorDesc};
+use sd3_core::{DType, Error, OpCall, Result, TensorDesc, UnaryOp};
 
 fn batch_view(t: &TensorDesc, r: usize) -> (&[usize], usize) {
     (&t.strides()[..r - 2], t.layout.offset)
@@ -104,7 +104,8 @@ impl GemmKernel {
     }
 }
 
-pub fn matmul(cx: &mut Ctx, call: &OpCall, has_bias: bool) -> Result<()> {
+/// `y = act(a·b (+ bias))`, the activation applied in the store (no extra pass).
+pub fn matmul(cx: &mut Ctx, call: &OpCall, has_bias: bool, act: Option<UnaryOp>) -> Result<()> {
     let (a, b, y) = (&call.inputs[0], &call.inputs[1], &call.outputs[0]);
     let r = y.rank();
     let (m, n, k) = (y.shape()[r - 2], y.shape()[r - 1], a.shape()[r - 1]);
@@ -125,6 +126,7 @@ pub fn matmul(cx: &mut Ctx, call: &OpCall, has_bias: bool) -> Result<()> {
         .u32(k as u32)
         .shape(&bsh)
         .u32(has_bias as u32)
+        .u32(act.map_or(0, |u| u as u32 + 1))
         .operand(&cx.mem(a)?, a.dtype, &v[0])
         .u64(ast[r - 2] as u64)
         .u64(ast[r - 1] as u64)

@@ -35,7 +35,7 @@ pub fn supports(dev: &OpenClDevice, call: &OpCall) -> bool {
             factor > 0 && call.inputs[0].rank() == 4 && call.outputs[0].rank() == 4 && floats(call.inputs)
         }
         // Activation epilogues are declined: the core runs the matmul and a unary op.
-        Op::Matmul { act, .. } => act.is_none() && dev.tuning.gemm_ok(&dev.cl) && call.outputs[0].rank() >= 2,
+        Op::Matmul { .. } => dev.tuning.gemm_ok(&dev.cl) && call.outputs[0].rank() >= 2,
         Op::Conv2d { .. } => dev.tuning.gemm_ok(&dev.cl) && call.inputs[0].rank() == 4 && call.inputs[1].rank() == 4,
         Op::Attention { .. } => {
             let ok_rank = call.inputs[..3].iter().all(|t| t.rank() == 4);
@@ -66,7 +66,7 @@ pub fn execute(dev: &OpenClDevice, call: &OpCall) -> Result<()> {
         | Op::RmsNorm { .. }
         | Op::LayerNormModulate { .. }
         | Op::GroupNorm { .. } => reduce::run(&mut cx, call),
-        Op::Matmul { bias, .. } => gemm::matmul(&mut cx, call, bias),
+        Op::Matmul { bias, act } => gemm::matmul(&mut cx, call, bias, act),
         Op::Conv2d { stride, padding, bias } => gemm::conv2d(&mut cx, call, stride, padding, bias),
         Op::Attention { .. } => attention::run(&mut cx, call),
     }
