@@ -17,6 +17,8 @@ fn conformance_suite_passes() {
     // Where the device has tensor cores, their kernels must have built (a failure would silently fall back).
     let stats = dev.stats();
     assert!(!stats.iter().any(|l| l.starts_with("opencl.mma=off")), "{stats:?}");
+    // Likewise the f16-arithmetic kernels where the device reports cl_khr_fp16.
+    assert!(!stats.iter().any(|l| l.starts_with("opencl.half_math=off (build failed")), "{stats:?}");
 }
 
 /// The suite's perf mode (SD3-sized shapes, device only). Ignored by default: it measures, it does not check.
