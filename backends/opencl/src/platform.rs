@@ -89,7 +89,7 @@ impl ClDevice {
                 format!(
                     "arithmetic={}",
                     if self.half_math_capable() {
-                        "f32, f16 for f16 add/sub/mul/modulate/gated residual"
+                        "f32, f16 for f16 add/sub/mul/neg/square/relu/modulate/gated"
                     } else {
                         "f32"
                     }
