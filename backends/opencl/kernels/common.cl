@@ -1,5 +1,5 @@
 // Shared by every program: dtype codes, loads/stores with conversion, and strided views.
-// Arithmetic is always f32; f16 and bf16 are storage formats only.
+// Arithmetic is f32 (f16 and bf16 are storage formats), except in elementwise_half.cl.
 
 #define DT_F32 0u
 #define DT_F16 1u

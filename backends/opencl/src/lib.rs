@@ -1,5 +1,6 @@
 //! `sd3-backend-opencl`: sd3's OpenCL backend. Every op of the core's op set runs as OpenCL C kernels
-//! (`kernels/*.cl`) on any OpenCL 1.2+ device of any platform; f16/bf16 are storage formats with f32 arithmetic.
+//! (`kernels/*.cl`) on any OpenCL 1.2+ device of any platform; f16/bf16 are storage formats with f32 arithmetic,
+//! except f16 elementwise ops where the device reports `cl_khr_fp16` (`kernels/elementwise_half.cl`).
 //!
 //! - [`platform`]: enumeration of all platforms' devices (one flat device index across platforms).
 //! - [`device`]: [`OpenClDevice`], the `sd3_core::Device` implementation.
