@@ -11,6 +11,7 @@
 //! ```
 
 pub mod cases;
+pub mod provider;
 
 use crate::reference::ReferenceDevice;
 use crate::{BufferId, DType, Device, Layout, Op, OpCall, TensorDesc};

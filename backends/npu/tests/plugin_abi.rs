@@ -4,20 +4,7 @@
 use sd3_core::plugin::PluginLibrary;
 use sd3_core::reference::ReferenceDevice;
 use sd3_core::{Backend, BackendProvider, DType, DeviceKind, Op, Tensor};
-use std::path::PathBuf;
 use std::sync::Arc;
-
-/// The cdylib cargo built with this test (`target/<profile>/deps/`, fresh on every `cargo test`; the uplifted
-/// copy in `target/<profile>/` is only refreshed by `cargo build`).
-fn plugin_path() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let deps = exe.parent().unwrap();
-    let name = sd3_core::plugin::registry::plugin_file_name("npu");
-    [deps.join(&name), deps.parent().unwrap().join(&name)]
-        .into_iter()
-        .find(|p| p.exists())
-        .unwrap_or_else(|| panic!("{name} not found near {}", deps.display()))
-}
 
 fn close(a: &Tensor, b: &Tensor) {
     let (x, y) = (a.to_f32_vec().unwrap(), b.to_f32_vec().unwrap());
@@ -30,7 +17,7 @@ fn close(a: &Tensor, b: &Tensor) {
 fn loads_through_the_c_abi() {
     std::env::set_var("FLAGS_use_stride_kernel", "0");
     std::env::set_var("FLAGS_npu_scale_aclnn", "True");
-    let path = plugin_path();
+    let path = sd3_core::testing::provider::plugin_path("npu");
 
     // A plugin option of the wrong type fails init with a message the host can show.
     let lib = PluginLibrary::open(&path).unwrap();

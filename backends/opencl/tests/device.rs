@@ -5,11 +5,8 @@
 mod common;
 
 use sd3_backend_opencl::{OpenClDevice, OpenClProvider};
-use sd3_core::plugin::PluginLibrary;
-use sd3_core::reference::ReferenceDevice;
-use sd3_core::{Backend, BackendProvider, DType, Device, Error, Op, Tensor};
+use sd3_core::{Backend, BackendProvider, DType, Device, Error};
 use std::path::PathBuf;
-use std::sync::Arc;
 
 fn provider() -> Option<OpenClProvider> {
     common::device()?;
@@ -32,10 +29,7 @@ fn enumerates_devices_with_their_properties() {
 #[test]
 fn invalid_device_index_is_a_clear_error() {
     let Some(p) = provider() else { return };
-    let err = p.open(p.device_count() + 7).err().expect("opening a missing device fails");
-    assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
-    let msg = err.to_string();
-    assert!(msg.contains(&format!("no device {}", p.device_count() + 7)), "{msg}");
+    sd3_core::testing::provider::invalid_device_index_is_a_clear_error(&p);
 }
 
 #[test]
@@ -94,45 +88,12 @@ fn corrupt_cache_entry_is_rebuilt() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The cdylib cargo built with this test (`target/<profile>/deps/`, or the uplifted copy beside it).
-fn plugin_path() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let deps = exe.parent().unwrap();
-    let name = sd3_core::plugin::registry::plugin_file_name("opencl");
-    [deps.join(&name), deps.parent().unwrap().join(&name)]
-        .into_iter()
-        .find(|p| p.exists())
-        .unwrap_or_else(|| panic!("{name} not found near {}", deps.display()))
-}
-
 #[test]
 fn runs_through_the_plugin_abi() {
     if provider().is_none() {
         return;
     }
-    let lib = PluginLibrary::open(&plugin_path()).unwrap();
-    assert_eq!(lib.name(), "opencl");
-    let plugin = lib.init("").unwrap();
-    let dev = plugin.open_device(0).unwrap();
-    let ocl = Backend::new("opencl", dev);
-    let reference = Backend::new("reference", Arc::new(ReferenceDevice::new()));
-    let x: Vec<f32> = (0..5 * 24).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
-    let w: Vec<f32> = (0..24 * 7).map(|i| ((i * 53 % 97) as f32 / 48.0) - 1.0).collect();
-    let run = |b: &Backend| -> Vec<f32> {
-        let x = b.from_f32(&x, &[5, 24], DType::F16).unwrap();
-        let w = b.from_f32(&w, &[7, 24], DType::F32).unwrap();
-        let y = x.linear(&w, None).unwrap().gelu_tanh().unwrap().layer_norm(None, None, 1e-6).unwrap();
-        Tensor::to_f32_vec(&y).unwrap()
-    };
-    let (got, want) = (run(&ocl), run(&reference));
-    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        assert!((g - w).abs() <= 4e-3 * (1.0 + w.abs()), "element {i}: {g} vs {w}");
-    }
-    assert!(ocl.fallback_counts().is_empty());
-    // Out of memory crosses the boundary as out of memory.
-    let err = ocl.empty(&[1usize << 50], DType::U8).unwrap_err();
-    assert!(matches!(err, Error::OutOfMemory { .. }), "{err:?}");
-    let _ = Op::Copy;
+    let ocl = sd3_core::testing::provider::runs_through_the_plugin_abi("opencl");
     // Timing markers cross the boundary too (ABI 1.1).
     let dev = ocl.device();
     let (a, b) = (dev.record_marker().unwrap().unwrap(), dev.record_marker().unwrap().unwrap());

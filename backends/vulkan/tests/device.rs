@@ -8,8 +8,7 @@ mod common;
 use sd3_backend_vulkan::VulkanProvider;
 use sd3_core::plugin::PluginLibrary;
 use sd3_core::reference::ReferenceDevice;
-use sd3_core::{Backend, BackendProvider, BufferId, DType, Device, Error, Layout, Op, OpCall, Tensor, TensorDesc};
-use std::path::PathBuf;
+use sd3_core::{Backend, BackendProvider, BufferId, DType, Device, Error, Layout, Op, OpCall, TensorDesc};
 use std::sync::Arc;
 
 fn provider() -> Option<VulkanProvider> {
@@ -45,9 +44,7 @@ fn enumerates_devices_with_their_properties() {
 #[test]
 fn invalid_device_index_is_a_clear_error() {
     let Some(p) = provider() else { return };
-    let err = p.open(p.device_count() + 7).err().expect("opening a missing device fails");
-    assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
-    assert!(err.to_string().contains(&format!("no device {}", p.device_count() + 7)), "{err}");
+    sd3_core::testing::provider::invalid_device_index_is_a_clear_error(&p);
 }
 
 #[test]
@@ -159,44 +156,11 @@ fn matmul_with_long_k() {
     assert!(vk.fallback_counts().is_empty());
 }
 
-/// The cdylib cargo built with this test (`target/<profile>/deps/`, or the uplifted copy beside it).
-fn plugin_path() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let deps = exe.parent().unwrap();
-    let name = sd3_core::plugin::registry::plugin_file_name("vulkan");
-    [deps.join(&name), deps.parent().unwrap().join(&name)]
-        .into_iter()
-        .find(|p| p.exists())
-        .unwrap_or_else(|| panic!("{name} not found near {}", deps.display()))
-}
-
 #[test]
 fn runs_through_the_plugin_abi() {
-    if provider().is_none() {
-        return;
+    if provider().is_some() {
+        let _ = sd3_core::testing::provider::runs_through_the_plugin_abi("vulkan");
     }
-    let lib = PluginLibrary::open(&plugin_path()).unwrap();
-    assert_eq!(lib.name(), "vulkan");
-    let plugin = lib.init("").unwrap();
-    let dev = plugin.open_device(0).unwrap();
-    let vk = Backend::new("vulkan", dev);
-    let reference = Backend::new("reference", Arc::new(ReferenceDevice::new()));
-    let x: Vec<f32> = (0..5 * 24).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
-    let w: Vec<f32> = (0..24 * 7).map(|i| ((i * 53 % 97) as f32 / 48.0) - 1.0).collect();
-    let run = |b: &Backend| -> Vec<f32> {
-        let x = b.from_f32(&x, &[5, 24], DType::F16).unwrap();
-        let w = b.from_f32(&w, &[7, 24], DType::F32).unwrap();
-        let y = x.linear(&w, None).unwrap().gelu_tanh().unwrap().layer_norm(None, None, 1e-6).unwrap();
-        Tensor::to_f32_vec(&y).unwrap()
-    };
-    let (got, want) = (run(&vk), run(&reference));
-    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        assert!((g - w).abs() <= 4e-3 * (1.0 + w.abs()), "element {i}: {g} vs {w}");
-    }
-    assert!(vk.fallback_counts().is_empty());
-    // Out of memory crosses the boundary as out of memory.
-    let err = vk.empty(&[1usize << 50], DType::U8).unwrap_err();
-    assert!(matches!(err, Error::OutOfMemory { .. }), "{err:?}");
 }
 
 /// The staging path of devices whose memory is not host-visible (discrete GPUs), forced on this device:
@@ -260,7 +224,7 @@ fn timing_markers_from_timestamp_queries() {
     };
     check(dev.clone());
     assert!(dev.stats().contains(&"vulkan.markers_live=0".to_string()), "{:?}", dev.stats());
-    let lib = PluginLibrary::open(&plugin_path()).unwrap();
+    let lib = PluginLibrary::open(&sd3_core::testing::provider::plugin_path("vulkan")).unwrap();
     let plugin = lib.init("").unwrap();
     check(plugin.open_device(0).unwrap());
 }
