@@ -31,7 +31,7 @@ struct MmaShape {
 
 impl MmaShape {
     /// 2 x 4 tiles on 2 x 2 warps (64x64 work-group tiles, 128 threads), 32 deep: on an H200 no other shape
-    /// tried was more than 1% faster for SD3's linears (docs/opencl.md). For tuning (every output size):
+    /// tried was more than 1.1% faster for SD3's linears in f16 and bf16 together (docs/opencl.md). For tuning:
     /// `SD3_OPENCL_MMA_TILE=MIxNJ` and `SD3_OPENCL_MMA_WARPS=WMxWN` (each a power of two, 1..=8),
     /// `SD3_OPENCL_MMA_BK=64`.
     fn configured() -> MmaShape {
