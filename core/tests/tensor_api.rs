@@ -84,3 +84,49 @@ fn unsupported_ops_fall_back_and_are_counted() -> Result<()> {
     assert!(err.contains("unary.silu") && err.contains("--strict"), "{err}");
     Ok(())
 }
+
+fn ramp(b: &Backend, shape: &[usize], seed: u32) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> =
+        (0..n).map(|i| ((i as u32).wrapping_mul(2654435761) ^ seed) % 97).map(|v| v as f32 / 48.0 - 1.0).collect();
+    b.from_f32(&v, shape, DType::F32)
+}
+
+/// The `_into` forms write rows of a bigger buffer (the MM-DiT's joint q/k/v) and leave the other rows alone;
+/// the values are those of the allocating forms.
+#[test]
+fn into_forms_write_views_of_a_bigger_buffer() -> Result<()> {
+    let b = backend();
+    let (bs, n, s, k, m) = (2, 5, 3, 8, 6);
+    let (x, c) = (ramp(&b, &[bs, n, k], 1)?, ramp(&b, &[bs, s, k], 2)?);
+    let (w, bias) = (ramp(&b, &[m, k], 3)?, ramp(&b, &[m], 4)?);
+    let joint = b.full(&[bs, n + s, m], DType::F32, 9.0)?;
+    let gelu = Some(sd3_core::UnaryOp::GeluTanh);
+    // Rows 0..n and n..n+s of each batch: the leading dims do not merge, so these are batched matmuls.
+    x.linear_into(&w, Some(&bias), gelu, &joint.narrow(1, 0, n)?)?;
+    assert!(joint.narrow(1, n, s)?.to_f32_vec()?.iter().all(|&v| v == 9.0), "text rows untouched");
+    c.linear_into(&w, Some(&bias), None, &joint.narrow(1, n, s)?)?;
+    assert_eq!(joint.narrow(1, 0, n)?.to_f32_vec()?, x.linear_act(&w, Some(&bias), gelu)?.to_f32_vec()?);
+    assert_eq!(joint.narrow(1, n, s)?.to_f32_vec()?, c.linear(&w, Some(&bias))?.to_f32_vec()?);
+    // And the other way round: a strided input (rows of the joint buffer) into a fresh output.
+    let w2 = ramp(&b, &[4, m], 7)?;
+    let via_rows = joint.narrow(1, n, s)?.linear(&w2, None)?.to_f32_vec()?;
+    assert_eq!(via_rows, c.linear(&w, Some(&bias))?.linear(&w2, None)?.to_f32_vec()?);
+
+    // Attention through a heads-first view of a tokens-first buffer: merging heads is then a plain reshape.
+    let (h, dh) = (2, 4);
+    let qkv = ramp(&b, &[bs, n, 3, h, dh], 5)?;
+    let part = |i: usize| qkv.narrow(2, i, 1).and_then(|t| t.squeeze(2)).and_then(|t| t.permute(&[0, 2, 1, 3]));
+    let p = sd3_core::AttentionParams::new(0.5);
+    let want = Tensor::attention(&part(0)?, &part(1)?, &part(2)?, &p)?.permute(&[0, 2, 1, 3])?.to_f32_vec()?;
+    let o = b.empty(&[bs, n, h, dh], DType::F32)?;
+    Tensor::attention_into(&part(0)?, &part(1)?, &part(2)?, &p, &o.permute(&[0, 2, 1, 3])?)?;
+    assert_eq!(o.to_f32_vec()?, want);
+
+    let wn = ramp(&b, &[dh], 6)?;
+    let qn = b.full(&[bs, n, h, dh], DType::F32, 0.0)?;
+    part(0)?.permute(&[0, 2, 1, 3])?.rms_norm_into(&wn, 1e-6, &qn)?;
+    assert_eq!(qn.to_f32_vec()?, part(0)?.permute(&[0, 2, 1, 3])?.rms_norm(&wn, 1e-6)?.to_f32_vec()?);
+    assert!(x.linear_into(&w, None, None, &joint).is_err(), "an output of the wrong shape is an error");
+    Ok(())
+}
