@@ -397,8 +397,9 @@ impl Tensor {
 
     /// [`Tensor::linear_act`] written into `out` (`[.., N]`, any strides: e.g. rows of a bigger buffer) instead of
     /// a new tensor. Neither `self` nor `out` is copied: when the leading dims of both merge into one (as views),
-    /// this is one `[rows, K] × [K, N]` matmul; otherwise a batched matmul over the leading dims but the last, with
-    /// the weight broadcast (batch stride 0).
+    /// this is one `[rows, K] × [K, N]` matmul; otherwise one such matmul per index of the first dim (e.g. per
+    /// batch element when `out` is rows `0..N` of a `[B, N+S, N]` buffer): plain 2-D products with a row stride,
+    /// which every backend's fast path takes, rather than a batched product with a broadcast weight.
     pub fn linear_into(
         &self,
         weight: &Tensor,
@@ -423,12 +424,10 @@ impl Tensor {
         let y = if r == 1 { out.unsqueeze(0)? } else { out.clone() };
         match (x.merged_rows(), y.merged_rows()) {
             (Some(x2), Some(y2)) => run_matmul(&x2, &wt, bias, act, &y2),
-            _ => {
-                let xr = x.rank();
-                let mut b_shape = x.shape()[..xr - 2].to_vec();
-                b_shape.extend(wt.shape());
-                run_matmul(&x, &wt.broadcast_to(&b_shape)?, bias, act, &y)
-            }
+            _ => (0..x.dim(0)).try_for_each(|i| {
+                let part = |t: &Tensor| t.narrow(0, i, 1).and_then(|t| t.squeeze(0));
+                part(&x)?.linear_into(weight, bias, act, &part(&y)?)
+            }),
         }
     }
 

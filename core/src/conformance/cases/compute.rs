@@ -22,8 +22,8 @@ pub fn matmul_cases(d: DType, floats: &[DType]) -> Vec<Case> {
         Case::new(mm(false), vec![c(d, &[8, 1031]), c(d, &[1031, 16])], c(d, &[8, 16])),
         Case::new(mm(false), vec![c(d, &[5, 1]), c(d, &[1, 7])], c(d, &[5, 7])),
         Case::new(mm(false), vec![c(d, &[9, 20]), c(d, &[20, 1])], c(d, &[9, 1])),
-        // A linear layer writing rows of a bigger buffer (the MM-DiT's joint q/k/v): rank 3, weight broadcast over
-        // the batch, output rows strided with a gap between batches.
+        // A linear layer writing rows of a bigger buffer: rank 3, weight broadcast over the batch, output rows
+        // strided with a gap between batches.
         Case::new(mm(true), vec![c(d, &[2, 7, 16]), linear_weight(d, 2, 16, 24), c(d, &[24])], s(d, &[2, 7, 24])),
         // Activation epilogues: GELU (tanh) after a linear layer, others batched and into a strided output.
         Case::new(act(true, UnaryOp::GeluTanh), vec![c(d, &[17, 33]), tr(d, &[33, 29]), c(d, &[29])], c(d, &[17, 29])),
