@@ -30,6 +30,13 @@ fn indexable(t: &TensorDesc) -> bool {
         && t.strides().iter().all(|&s| s < (1 << 31))
 }
 
+/// Whether every view of the call fits one storage-buffer binding (`maxStorageBufferRange`, with room for the
+/// aligned start `State::bind` may add). Devices with a small limit (lavapipe: 128 MiB) leave calls on larger
+/// views to the core, which runs them on the host (counted as fallbacks; `--strict` makes that an error).
+pub fn bindable(call: &OpCall, max_range: u64) -> bool {
+    call.inputs.iter().chain(call.outputs).all(|t| t.byte_span().len() as u64 + 256 <= max_range)
+}
+
 pub fn supports(call: &OpCall) -> bool {
     let all = || call.inputs.iter().chain(call.outputs);
     if call.outputs.len() != 1 || call.inputs.len() != call.op.n_inputs() || !all().all(indexable) {

@@ -86,8 +86,17 @@ fn buffers_beyond_one_binding() {
         .execute(&OpCall { op: Op::Copy, inputs: std::slice::from_ref(&whole), outputs: std::slice::from_ref(&two) })
         .unwrap_err();
     assert!(err.to_string().contains("maxStorageBufferRange"), "{err}");
+    // ... so the device declines it, and the core runs it on the host: a tensor larger than one binding (the VAE's
+    // activations at 1024² on lavapipe) still computes, with the fallback counted.
+    let call = OpCall { op: Op::Copy, inputs: std::slice::from_ref(&whole), outputs: std::slice::from_ref(&two) };
+    assert!(!dev.supports(&call));
     dev.free(big);
     dev.free(out);
+    let vk = Backend::with_fallback("vulkan", dev.clone(), Arc::new(ReferenceDevice::new()), false);
+    let x: Vec<f32> = (0..elems).map(|i| (i % 977) as f32 - 400.0).collect();
+    let y = vk.from_f32(&x, &[elems], DType::F32).unwrap().affine(0.5, 1.0).unwrap().to_f32_vec().unwrap();
+    assert!(y.iter().zip(&x).all(|(y, x)| *y == x * 0.5 + 1.0));
+    assert_eq!(vk.fallback_counts().get("affine"), Some(&1), "{:?}", vk.fallback_counts());
 }
 
 /// More elements than one row of workgroups covers (65535 · 256).
