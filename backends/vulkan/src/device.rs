@@ -12,9 +12,11 @@ use ash::vk;
 use sd3_core::{BufferId, Device, DeviceInfo, Error, MarkerId, OpCall, Result, TensorDesc};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-/// Descriptor sets (= dispatches) per batch.
-const SETS_PER_BATCH: u32 = 1024;
-const PARAM_RING_BYTES: u64 = 4 << 20;
+/// Descriptor sets (= dispatches) per batch. A full batch is submitted without waiting and recording goes on into
+/// the other of [`FRAMES`] command buffers, so the device runs one batch while the host records the next.
+const SETS_PER_BATCH: u32 = 256;
+const FRAMES: usize = 2;
+const PARAM_RING_BYTES: u64 = 1 << 20;
 const STAGING_BYTES: u64 = 32 << 20;
 
 pub struct VulkanDevice {
@@ -28,16 +30,25 @@ pub struct VulkanDevice {
     _instance: Arc<VkInstance>,
 }
 
+/// One batch's command buffer with what its dispatches use: descriptor sets and a parameter ring.
+struct Frame {
+    cmd: vk::CommandBuffer,
+    fence: vk::Fence,
+    desc_pool: vk::DescriptorPool,
+    sets: u32,
+    params: HostBuffer,
+    params_used: u64,
+    /// Submitted and not yet waited for.
+    in_flight: bool,
+}
+
 pub(crate) struct State {
     pub alloc: Allocator,
     pipelines: Pipelines,
     cmd_pool: vk::CommandPool,
-    cmd: vk::CommandBuffer,
-    fence: vk::Fence,
-    desc_pool: vk::DescriptorPool,
-    sets_in_batch: u32,
-    params: HostBuffer,
-    params_used: u64,
+    frames: Vec<Frame>,
+    /// The frame being recorded (or to be recorded next).
+    cur: usize,
     param_align: u64,
     staging: Option<HostBuffer>,
     recording: bool,
@@ -47,7 +58,7 @@ pub(crate) struct State {
     mem_props: vk::PhysicalDeviceMemoryProperties,
     pub dispatches: u64,
     submits: u64,
-    /// Two timestamps bracketing each submitted batch (None where the queue has no timestamps).
+    /// Two timestamps bracketing each submitted batch, per frame (None where the queue has no timestamps).
     timestamps: Option<vk::QueryPool>,
     timestamp_mask: u64,
     timestamp_period_ns: f64,
@@ -136,24 +147,30 @@ impl VulkanDevice {
                 None,
             )
             .map_err(|e| vk_error("vkCreateCommandPool", e))?;
-        let cmd = d
-            .allocate_command_buffers(
-                &vk::CommandBufferAllocateInfo::default().command_pool(cmd_pool).command_buffer_count(1),
-            )
-            .map_err(|e| vk_error("vkAllocateCommandBuffers", e))?[0];
-        let fence = d.create_fence(&vk::FenceCreateInfo::default(), None).map_err(|e| vk_error("vkCreateFence", e))?;
-        let sizes = [vk::DescriptorPoolSize::default()
-            .ty(vk::DescriptorType::STORAGE_BUFFER)
-            .descriptor_count(SETS_PER_BATCH * BINDINGS)];
-        let desc_pool = d
-            .create_descriptor_pool(
-                &vk::DescriptorPoolCreateInfo::default().max_sets(SETS_PER_BATCH).pool_sizes(&sizes),
-                None,
-            )
-            .map_err(|e| vk_error("vkCreateDescriptorPool", e))?;
-        let params = HostBuffer::new(d, &mem_props, PARAM_RING_BYTES)?;
+        let mut frames = Vec::with_capacity(FRAMES);
+        for _ in 0..FRAMES {
+            let cmd = d
+                .allocate_command_buffers(
+                    &vk::CommandBufferAllocateInfo::default().command_pool(cmd_pool).command_buffer_count(1),
+                )
+                .map_err(|e| vk_error("vkAllocateCommandBuffers", e))?[0];
+            let fence =
+                d.create_fence(&vk::FenceCreateInfo::default(), None).map_err(|e| vk_error("vkCreateFence", e))?;
+            let sizes = [vk::DescriptorPoolSize::default()
+                .ty(vk::DescriptorType::STORAGE_BUFFER)
+                .descriptor_count(SETS_PER_BATCH * BINDINGS)];
+            let desc_pool = d
+                .create_descriptor_pool(
+                    &vk::DescriptorPoolCreateInfo::default().max_sets(SETS_PER_BATCH).pool_sizes(&sizes),
+                    None,
+                )
+                .map_err(|e| vk_error("vkCreateDescriptorPool", e))?;
+            let params = HostBuffer::new(d, &mem_props, PARAM_RING_BYTES)?;
+            frames.push(Frame { cmd, fence, desc_pool, sets: 0, params, params_used: 0, in_flight: false });
+        }
         let timestamps = if phys.timestamp_bits > 0 {
-            let info = vk::QueryPoolCreateInfo::default().query_type(vk::QueryType::TIMESTAMP).query_count(2);
+            let info =
+                vk::QueryPoolCreateInfo::default().query_type(vk::QueryType::TIMESTAMP).query_count(2 * FRAMES as u32);
             Some(d.create_query_pool(&info, None).map_err(|e| vk_error("vkCreateQueryPool", e))?)
         } else {
             None
@@ -167,12 +184,8 @@ impl VulkanDevice {
             alloc,
             pipelines,
             cmd_pool,
-            cmd,
-            fence,
-            desc_pool,
-            sets_in_batch: 0,
-            params,
-            params_used: 0,
+            frames,
+            cur: 0,
             param_align: align.max(16),
             staging: None,
             recording: false,
@@ -225,24 +238,32 @@ impl VulkanDevice {
 }
 
 impl State {
+    /// The command buffer being recorded.
+    pub(crate) fn cmd(&self) -> vk::CommandBuffer {
+        self.frames[self.cur].cmd
+    }
+
     pub(crate) fn begin(&mut self, d: &ash::Device) -> Result<()> {
         if !self.recording {
-            // SAFETY: the command buffer is not pending (the last submit was waited for).
+            let (cmd, q) = (self.cmd(), 2 * self.cur as u32);
+            // SAFETY: the frame's command buffer is not pending (its last submit was waited for).
             unsafe {
-                d.reset_command_buffer(self.cmd, vk::CommandBufferResetFlags::empty())
+                d.reset_command_buffer(cmd, vk::CommandBufferResetFlags::empty())
                     .and_then(|_| {
                         d.begin_command_buffer(
-                            self.cmd,
+                            cmd,
                             &vk::CommandBufferBeginInfo::default().flags(vk::CommandBufferUsageFlags::ONE_TIME_SUBMIT),
                         )
                     })
                     .map_err(|e| vk_error("vkBeginCommandBuffer", e))?;
                 if let Some(pool) = self.timestamps {
-                    d.cmd_reset_query_pool(self.cmd, pool, 0, 2);
-                    d.cmd_write_timestamp(self.cmd, vk::PipelineStageFlags::TOP_OF_PIPE, pool, 0);
+                    d.cmd_reset_query_pool(cmd, pool, q, 2);
+                    d.cmd_write_timestamp(cmd, vk::PipelineStageFlags::TOP_OF_PIPE, pool, q);
                 }
             }
             self.recording = true;
+            // The other frame's batch may still run: order this one's work after it.
+            self.barrier_device(d);
         }
         Ok(())
     }
@@ -254,7 +275,7 @@ impl State {
         // SAFETY: recording.
         unsafe {
             d.cmd_pipeline_barrier(
-                self.cmd,
+                self.cmd(),
                 vk::PipelineStageFlags::COMPUTE_SHADER | vk::PipelineStageFlags::TRANSFER,
                 dst_stage,
                 vk::DependencyFlags::empty(),
@@ -276,41 +297,74 @@ impl State {
         );
     }
 
-    /// Submit what is recorded and wait for it.
-    pub fn flush(&mut self, d: &ash::Device, queue: vk::Queue) -> Result<()> {
-        if self.recording {
-            self.barrier(d, vk::PipelineStageFlags::HOST, vk::AccessFlags::HOST_READ);
-            if let Some(pool) = self.timestamps {
-                // SAFETY: recording; the query was reset at the start of this command buffer.
-                unsafe { d.cmd_write_timestamp(self.cmd, vk::PipelineStageFlags::BOTTOM_OF_PIPE, pool, 1) };
-            }
-            self.recording = false;
-            let cmds = [self.cmd];
-            let submit = [vk::SubmitInfo::default().command_buffers(&cmds)];
-            // SAFETY: the command buffer is fully recorded; the fence is unsignalled.
+    /// Submit what is recorded, without waiting.
+    fn submit(&mut self, d: &ash::Device, queue: vk::Queue) -> Result<()> {
+        if !self.recording {
+            return Ok(());
+        }
+        self.barrier(d, vk::PipelineStageFlags::HOST, vk::AccessFlags::HOST_READ);
+        let (cmd, q) = (self.cmd(), 2 * self.cur as u32);
+        if let Some(pool) = self.timestamps {
+            // SAFETY: recording; the query was reset at the start of this command buffer.
+            unsafe { d.cmd_write_timestamp(cmd, vk::PipelineStageFlags::BOTTOM_OF_PIPE, pool, q + 1) };
+        }
+        self.recording = false;
+        let cmds = [cmd];
+        let submit = [vk::SubmitInfo::default().command_buffers(&cmds)];
+        let frame = &mut self.frames[self.cur];
+        // SAFETY: the command buffer is fully recorded; the frame's fence is unsignalled.
+        unsafe {
+            d.end_command_buffer(cmd).map_err(|e| vk_error("vkEndCommandBuffer", e))?;
+            d.queue_submit(queue, &submit, frame.fence).map_err(|e| vk_error("vkQueueSubmit", e))?;
+        }
+        frame.in_flight = true;
+        self.submits += 1;
+        Ok(())
+    }
+
+    /// Wait for frame `i`'s batch if it is in flight, add its device time, and make its descriptor pool and
+    /// parameter ring reusable.
+    fn retire(&mut self, d: &ash::Device, i: usize) -> Result<()> {
+        let frame = &mut self.frames[i];
+        if frame.in_flight {
+            // SAFETY: the fence belongs to the frame's last submit.
             unsafe {
-                d.end_command_buffer(self.cmd).map_err(|e| vk_error("vkEndCommandBuffer", e))?;
-                d.queue_submit(queue, &submit, self.fence).map_err(|e| vk_error("vkQueueSubmit", e))?;
-                let waited = d.wait_for_fences(&[self.fence], true, u64::MAX);
-                let reset = d.reset_fences(&[self.fence]);
+                let waited = d.wait_for_fences(&[frame.fence], true, u64::MAX);
+                let reset = d.reset_fences(&[frame.fence]);
+                frame.in_flight = false;
                 waited.map_err(|e| vk_error("waiting for the queue", e))?;
                 reset.map_err(|e| vk_error("vkResetFences", e))?;
-                if let Some(pool) = self.timestamps {
-                    let mut t = [0u64; 2];
-                    if d.get_query_pool_results(pool, 0, &mut t, vk::QueryResultFlags::TYPE_64).is_ok() {
-                        let ticks =
-                            (t[1] & self.timestamp_mask).wrapping_sub(t[0] & self.timestamp_mask) & self.timestamp_mask;
-                        self.gpu_ns += ticks as f64 * self.timestamp_period_ns;
-                    }
+            }
+            if let Some(pool) = self.timestamps {
+                let mut t = [0u64; 2];
+                // SAFETY: both queries were written by the completed batch.
+                if unsafe { d.get_query_pool_results(pool, 2 * i as u32, &mut t, vk::QueryResultFlags::TYPE_64) }
+                    .is_ok()
+                {
+                    let ticks =
+                        (t[1] & self.timestamp_mask).wrapping_sub(t[0] & self.timestamp_mask) & self.timestamp_mask;
+                    self.gpu_ns += ticks as f64 * self.timestamp_period_ns;
                 }
             }
-            self.submits += 1;
         }
-        // SAFETY: nothing is pending: descriptor sets and retired blocks are no longer used.
-        unsafe { d.reset_descriptor_pool(self.desc_pool, vk::DescriptorPoolResetFlags::empty()) }
-            .map_err(|e| vk_error("vkResetDescriptorPool", e))?;
-        self.sets_in_batch = 0;
-        self.params_used = 0;
+        let frame = &mut self.frames[i];
+        if frame.sets > 0 {
+            // SAFETY: nothing pending uses the frame's descriptor sets.
+            unsafe { d.reset_descriptor_pool(frame.desc_pool, vk::DescriptorPoolResetFlags::empty()) }
+                .map_err(|e| vk_error("vkResetDescriptorPool", e))?;
+        }
+        frame.sets = 0;
+        frame.params_used = 0;
+        Ok(())
+    }
+
+    /// Submit what is recorded and wait for everything submitted.
+    pub fn flush(&mut self, d: &ash::Device, queue: vk::Queue) -> Result<()> {
+        self.submit(d, queue)?;
+        for i in 0..FRAMES {
+            self.retire(d, i)?;
+        }
+        // Nothing is pending: retired blocks are no longer used.
         self.alloc.release_retired(d);
         Ok(())
     }
@@ -367,21 +421,28 @@ impl State {
         groups: [u32; 3],
     ) -> Result<()> {
         let pbytes = (params.len() * 4) as u64;
-        if self.sets_in_batch == SETS_PER_BATCH || self.params_used + pbytes > self.params.size {
-            self.flush(d, queue)?;
+        let f = &self.frames[self.cur];
+        if f.sets == SETS_PER_BATCH || f.params_used + pbytes > f.params.size {
+            // Submit this batch and go on in the other frame once its previous batch has finished.
+            self.submit(d, queue)?;
+            self.cur = (self.cur + 1) % FRAMES;
+            self.retire(d, self.cur)?;
         }
         let pipeline = self.pipelines.get(d, kernel)?;
         self.begin(d)?;
-        let poff = self.params_used;
+        let align = self.param_align;
+        let frame = &mut self.frames[self.cur];
+        let poff = frame.params_used;
         // SAFETY: the ring region [poff, poff + pbytes) is inside the mapping and not used by pending work.
         unsafe {
             std::ptr::copy_nonoverlapping(
                 params.as_ptr().cast::<u8>(),
-                self.params.ptr.add(poff as usize),
+                frame.params.ptr.add(poff as usize),
                 pbytes as usize,
             )
         };
-        self.params_used = (poff + pbytes).div_ceil(self.param_align) * self.param_align;
+        frame.params_used = (poff + pbytes).div_ceil(align) * align;
+        let (params_buffer, desc_pool, cmd) = (frame.params.buffer, frame.desc_pool, frame.cmd);
         let dummy = self.alloc.get(self.dummy)?;
         let dummy = vk::DescriptorBufferInfo {
             buffer: self.alloc.block(dummy.block).buffer,
@@ -389,7 +450,7 @@ impl State {
             range: dummy.size,
         };
         let mut infos = [dummy; BINDINGS as usize];
-        infos[0] = vk::DescriptorBufferInfo { buffer: self.params.buffer, offset: poff, range: pbytes };
+        infos[0] = vk::DescriptorBufferInfo { buffer: params_buffer, offset: poff, range: pbytes };
         for &(b, info) in bound {
             infos[b as usize] = info;
         }
@@ -398,7 +459,7 @@ impl State {
         unsafe {
             let set = d
                 .allocate_descriptor_sets(
-                    &vk::DescriptorSetAllocateInfo::default().descriptor_pool(self.desc_pool).set_layouts(&layouts),
+                    &vk::DescriptorSetAllocateInfo::default().descriptor_pool(desc_pool).set_layouts(&layouts),
                 )
                 .map_err(|e| vk_error("vkAllocateDescriptorSets", e))?[0];
             let writes: Vec<vk::WriteDescriptorSet> = (0..BINDINGS as usize)
@@ -411,12 +472,12 @@ impl State {
                 })
                 .collect();
             d.update_descriptor_sets(&writes, &[]);
-            d.cmd_bind_pipeline(self.cmd, vk::PipelineBindPoint::COMPUTE, pipeline);
-            d.cmd_bind_descriptor_sets(self.cmd, vk::PipelineBindPoint::COMPUTE, self.pipelines.layout, 0, &[set], &[]);
-            d.cmd_dispatch(self.cmd, groups[0], groups[1], groups[2]);
+            d.cmd_bind_pipeline(cmd, vk::PipelineBindPoint::COMPUTE, pipeline);
+            d.cmd_bind_descriptor_sets(cmd, vk::PipelineBindPoint::COMPUTE, self.pipelines.layout, 0, &[set], &[]);
+            d.cmd_dispatch(cmd, groups[0], groups[1], groups[2]);
         }
         self.barrier_device(d);
-        self.sets_in_batch += 1;
+        self.frames[self.cur].sets += 1;
         self.dispatches += 1;
         Ok(())
     }
@@ -459,7 +520,7 @@ impl Device for VulkanDevice {
                 size: chunk.len() as u64,
             };
             // SAFETY: recording; both ranges are in bounds.
-            unsafe { self.device.cmd_copy_buffer(st.cmd, sbuf, dst, &[region]) };
+            unsafe { self.device.cmd_copy_buffer(st.cmd(), sbuf, dst, &[region]) };
             st.flush(&self.device, self.queue)?;
         }
         Ok(())
@@ -484,7 +545,7 @@ impl Device for VulkanDevice {
                 size: chunk.len() as u64,
             };
             // SAFETY: recording; both ranges are in bounds.
-            unsafe { self.device.cmd_copy_buffer(st.cmd, src, sbuf, &[region]) };
+            unsafe { self.device.cmd_copy_buffer(st.cmd(), src, sbuf, &[region]) };
             st.flush(&self.device, self.queue)?;
             let sptr = self.staging(&mut st)?.ptr;
             // SAFETY: the copy finished (flush waited).
@@ -508,7 +569,7 @@ impl Device for VulkanDevice {
         };
         let (sb, db) = (st.alloc.block(sa.block).buffer, st.alloc.block(da.block).buffer);
         // SAFETY: recording; both ranges are in bounds.
-        unsafe { self.device.cmd_copy_buffer(st.cmd, sb, db, &[region]) };
+        unsafe { self.device.cmd_copy_buffer(st.cmd(), sb, db, &[region]) };
         st.barrier_device(&self.device);
         Ok(())
     }
@@ -531,7 +592,7 @@ impl Device for VulkanDevice {
             return Ok(None);
         }
         st.begin(&self.device)?;
-        let cmd = st.cmd;
+        let cmd = st.cmd();
         let markers = st.markers.as_mut().expect("checked above");
         markers.record(&self.device, cmd).map(Some)
     }
@@ -594,7 +655,11 @@ impl Drop for VulkanDevice {
             let _ = d.device_wait_idle();
             st.alloc.destroy_all(d);
             st.pipelines.destroy(d);
-            st.params.destroy(d);
+            for f in &st.frames {
+                f.params.destroy(d);
+                d.destroy_descriptor_pool(f.desc_pool, None);
+                d.destroy_fence(f.fence, None);
+            }
             if let Some(s) = st.staging.take() {
                 s.destroy(d);
             }
@@ -604,8 +669,6 @@ impl Drop for VulkanDevice {
             if let Some(m) = st.markers.take() {
                 m.destroy(d);
             }
-            d.destroy_descriptor_pool(st.desc_pool, None);
-            d.destroy_fence(st.fence, None);
             d.destroy_command_pool(st.cmd_pool, None);
             d.destroy_device(None);
         }
