@@ -36,6 +36,9 @@ pub(crate) fn vk_error(what: &str, e: vk::Result) -> Error {
     }
 }
 
+/// Environment switch for [`VulkanProvider::open`]: `1` forces the staging path (no host-visible tensor memory).
+pub const UNMAPPED_ENV: &str = "SD3_VULKAN_UNMAPPED";
+
 /// The Vulkan backend: every Vulkan 1.2 physical device.
 pub struct VulkanProvider {
     instance: Arc<VkInstance>,
@@ -65,9 +68,11 @@ impl VulkanProvider {
         &self.devices
     }
 
-    /// Open device `index` as the concrete type.
+    /// Open device `index` as the concrete type. `SD3_VULKAN_UNMAPPED=1` keeps tensors out of host-visible memory
+    /// even where device-local memory is host-visible (resizable BAR), uploads and downloads then going through the
+    /// staging buffer: for comparing the two on discrete GPUs.
     pub fn open(&self, index: usize) -> Result<VulkanDevice> {
-        self.open_with(index, false)
+        self.open_with(index, std::env::var(UNMAPPED_ENV).is_ok_and(|v| v == "1"))
     }
 
     /// Open device `index`; `unmapped_memory` forces uploads/downloads through the staging buffer
