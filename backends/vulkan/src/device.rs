@@ -79,7 +79,8 @@ impl VulkanDevice {
         VulkanDevice::open_with(instance, phys, false)
     }
 
-    /// Open with `unmapped_memory`: never map the tensors' memory, so uploads and downloads take the staging path
+    /// Open with `unmapped_memory`: tensors in a device-local memory type that is not host-visible where one exists
+    /// (discrete GPUs), and never mapped, so uploads and downloads take the staging path
     /// that devices without host-visible device-local memory (discrete GPUs) use. For tests on lavapipe.
     pub fn open_with(instance: Arc<VkInstance>, phys: PhysicalDevice, unmapped_memory: bool) -> Result<VulkanDevice> {
         let family = phys
@@ -134,8 +135,9 @@ impl VulkanDevice {
     ) -> Result<State> {
         let mem_props = i.get_physical_device_memory_properties(phys.handle);
         let align = phys.limits.min_storage_buffer_offset_alignment;
-        let mut alloc = Allocator::new(d, &mem_props, align, phys.max_memory_allocation)?;
+        let mut alloc = Allocator::new(d, &mem_props, align, phys.max_memory_allocation, !unmapped_memory)?;
         if unmapped_memory {
+            // Also where the only device-local type is host-visible (lavapipe): the staging path, for tests.
             alloc.host_visible = false;
         }
         let pipelines = Pipelines::new(d)?;

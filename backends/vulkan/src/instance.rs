@@ -61,12 +61,16 @@ pub struct PhysicalDevice {
     pub handle: vk::PhysicalDevice,
     pub name: String,
     pub kind: DeviceKind,
+    /// A discrete GPU (its tensors go in memory that is not host-visible by default; see `HOST_VISIBLE_ENV`).
+    pub discrete: bool,
     pub vendor_id: u32,
     pub device_id: u32,
     pub api_version: u32,
     pub driver: String,
     /// (size in bytes, device-local) of each memory heap.
     pub heaps: Vec<(u64, bool)>,
+    /// Each memory type as `heap:flags` (DL device-local, HV host-visible, HC host-coherent, HK host-cached).
+    pub memory_types: Vec<String>,
     pub shader_float16: bool,
     pub storage_16bit: bool,
     /// `VK_KHR_cooperative_matrix` is offered (listed; the shaders use the NV form, see [`CoopShape`]).
@@ -215,6 +219,20 @@ pub fn enumerate(inst: &VkInstance) -> Result<(Vec<PhysicalDevice>, Vec<String>)
                 .iter()
                 .map(|hp| (hp.size, hp.flags.contains(vk::MemoryHeapFlags::DEVICE_LOCAL)))
                 .collect();
+            let memory_types = mem.memory_types[..mem.memory_type_count as usize]
+                .iter()
+                .map(|t| {
+                    let f = t.property_flags;
+                    let names = [
+                        (vk::MemoryPropertyFlags::DEVICE_LOCAL, "DL"),
+                        (vk::MemoryPropertyFlags::HOST_VISIBLE, "HV"),
+                        (vk::MemoryPropertyFlags::HOST_COHERENT, "HC"),
+                        (vk::MemoryPropertyFlags::HOST_CACHED, "HK"),
+                    ];
+                    let flags: Vec<&str> = names.iter().filter(|(b, _)| f.contains(*b)).map(|(_, n)| *n).collect();
+                    format!("{}:{}", t.heap_index, if flags.is_empty() { "-".to_string() } else { flags.join("+") })
+                })
+                .collect();
             let families = i.get_physical_device_queue_family_properties(h);
             let compute_family =
                 families.iter().position(|f| f.queue_flags.contains(vk::QueueFlags::COMPUTE)).map(|p| p as u32);
@@ -230,11 +248,13 @@ pub fn enumerate(inst: &VkInstance) -> Result<(Vec<PhysicalDevice>, Vec<String>)
                 handle: h,
                 name,
                 kind,
+                discrete: props.device_type == vk::PhysicalDeviceType::DISCRETE_GPU,
                 vendor_id: props.vendor_id,
                 device_id: props.device_id,
                 api_version: props.api_version,
                 driver: format!("{} {}", c_chars(&driver.driver_name), c_chars(&driver.driver_info)),
                 heaps,
+                memory_types,
                 shader_float16: f12.shader_float16 != 0,
                 storage_16bit: f16s.storage_buffer16_bit_access != 0,
                 cooperative_matrix,
@@ -279,6 +299,7 @@ impl PhysicalDevice {
                 format!("device_id=0x{:04x}", self.device_id),
                 format!("driver={}", self.driver.trim()),
                 format!("memory_heaps={}", heaps.join(",")),
+                format!("memory_types={}", self.memory_types.join(",")),
                 format!("shaderFloat16={}", self.shader_float16),
                 format!("storageBuffer16BitAccess={}", self.storage_16bit),
                 format!("VK_KHR_cooperative_matrix={}", self.cooperative_matrix),

@@ -36,8 +36,10 @@ pub(crate) fn vk_error(what: &str, e: vk::Result) -> Error {
     }
 }
 
-/// Environment switch for [`VulkanProvider::open`]: `1` forces the staging path (no host-visible tensor memory).
-pub const UNMAPPED_ENV: &str = "SD3_VULKAN_UNMAPPED";
+/// Environment switch for [`VulkanProvider::open`]: `1` puts tensors in host-visible device-local memory where the
+/// device has it (resizable BAR), `0` in device-local memory that is not host-visible (uploads and downloads through
+/// the staging buffer). Default: not host-visible on discrete GPUs, host-visible elsewhere (lavapipe, integrated).
+pub const HOST_VISIBLE_ENV: &str = "SD3_VULKAN_HOST_VISIBLE";
 
 /// The Vulkan backend: every Vulkan 1.2 physical device.
 pub struct VulkanProvider {
@@ -68,15 +70,20 @@ impl VulkanProvider {
         &self.devices
     }
 
-    /// Open device `index` as the concrete type. `SD3_VULKAN_UNMAPPED=1` keeps tensors out of host-visible memory
-    /// even where device-local memory is host-visible (resizable BAR), uploads and downloads then going through the
-    /// staging buffer: for comparing the two on discrete GPUs.
+    /// Open device `index` as the concrete type, its tensor memory chosen by [`HOST_VISIBLE_ENV`] or the device kind.
     pub fn open(&self, index: usize) -> Result<VulkanDevice> {
-        self.open_with(index, std::env::var(UNMAPPED_ENV).is_ok_and(|v| v == "1"))
+        let discrete = self.devices.get(index).is_some_and(|d| d.discrete);
+        let host_visible = match std::env::var(HOST_VISIBLE_ENV).as_deref() {
+            Ok("1") => true,
+            Ok("0") => false,
+            _ => !discrete,
+        };
+        self.open_with(index, !host_visible)
     }
 
-    /// Open device `index`; `unmapped_memory` forces uploads/downloads through the staging buffer
-    /// (see [`VulkanDevice::open_with`]).
+    /// Open device `index`; `unmapped_memory`: tensors in device-local memory that is not host-visible where the
+    /// device has such a type, and uploads/downloads through the staging buffer in any case (see
+    /// [`VulkanDevice::open_with`]).
     pub fn open_with(&self, index: usize, unmapped_memory: bool) -> Result<VulkanDevice> {
         let phys = self.devices.get(index).ok_or_else(|| {
             let names: Vec<String> = self.devices.iter().enumerate().map(|(i, d)| format!("{i}: {}", d.name)).collect();

@@ -65,12 +65,42 @@ pub fn find_memory_type(
         .map(|i| i as u32)
 }
 
+/// The memory type for tensors: (index, heap size, host-visible) of a device-local type on the biggest
+/// device-local heap; of the types there, a host-visible+coherent one if `prefer_host_visible`, else one that is not
+/// host-visible (where both exist). None when no device-local type can hold a storage buffer.
+pub fn choose_tensor_memory(
+    props: &vk::PhysicalDeviceMemoryProperties,
+    type_bits: u32,
+    prefer_host_visible: bool,
+) -> Option<(u32, u64, bool)> {
+    let heaps = &props.memory_heaps[..props.memory_heap_count as usize];
+    let types = &props.memory_types[..props.memory_type_count as usize];
+    let mut best: Option<(u32, u64, bool)> = None;
+    for (i, t) in types.iter().enumerate() {
+        if type_bits & (1 << i) == 0 || !t.property_flags.contains(vk::MemoryPropertyFlags::DEVICE_LOCAL) {
+            continue;
+        }
+        let heap = heaps[t.heap_index as usize].size;
+        let hv =
+            t.property_flags.contains(vk::MemoryPropertyFlags::HOST_VISIBLE | vk::MemoryPropertyFlags::HOST_COHERENT);
+        let better = match best {
+            None => true,
+            Some((_, bh, bhv)) => heap > bh || (heap == bh && hv != bhv && hv == prefer_host_visible),
+        };
+        if better {
+            best = Some((i as u32, heap, hv));
+        }
+    }
+    best
+}
+
 impl Allocator {
     pub fn new(
         device: &ash::Device,
         props: &vk::PhysicalDeviceMemoryProperties,
         min_storage_align: u64,
         max_allocation: u64,
+        prefer_host_visible: bool,
     ) -> Result<Allocator> {
         // The memory types a storage buffer may use.
         let probe = create_buffer(device, 1024)?;
@@ -79,26 +109,7 @@ impl Allocator {
         unsafe { device.destroy_buffer(probe, None) };
         let heaps = &props.memory_heaps[..props.memory_heap_count as usize];
         let types = &props.memory_types[..props.memory_type_count as usize];
-        // The device-local type on the biggest device-local heap, host-visible+coherent if such a type exists there.
-        let mut best: Option<(u32, u64, bool)> = None;
-        for (i, t) in types.iter().enumerate() {
-            if reqs.memory_type_bits & (1 << i) == 0
-                || !t.property_flags.contains(vk::MemoryPropertyFlags::DEVICE_LOCAL)
-            {
-                continue;
-            }
-            let heap = heaps[t.heap_index as usize].size;
-            let hv = t
-                .property_flags
-                .contains(vk::MemoryPropertyFlags::HOST_VISIBLE | vk::MemoryPropertyFlags::HOST_COHERENT);
-            let better = match best {
-                None => true,
-                Some((_, bh, bhv)) => heap > bh || (heap == bh && hv && !bhv),
-            };
-            if better {
-                best = Some((i as u32, heap, hv));
-            }
-        }
+        let best = choose_tensor_memory(props, reqs.memory_type_bits, prefer_host_visible);
         let (memory_type, heap_size, host_visible) = match best {
             Some(b) => b,
             None => {
@@ -333,5 +344,37 @@ impl HostBuffer {
             device.destroy_buffer(self.buffer, None);
             device.free_memory(self.memory, None);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vk::MemoryPropertyFlags as F;
+
+    /// An NVIDIA discrete GPU's layout: the heaps the H200 reported (driver 580: 143771 MiB device-local, 96665 MiB
+    /// host), with a plain and a host-visible (resizable BAR) device-local type as NVIDIA drivers list them.
+    fn h200() -> vk::PhysicalDeviceMemoryProperties {
+        let mut p =
+            vk::PhysicalDeviceMemoryProperties { memory_heap_count: 2, memory_type_count: 4, ..Default::default() };
+        p.memory_heaps[0] = vk::MemoryHeap { size: 143771 << 20, flags: vk::MemoryHeapFlags::DEVICE_LOCAL };
+        p.memory_heaps[1] = vk::MemoryHeap { size: 96665 << 20, flags: vk::MemoryHeapFlags::empty() };
+        let ty = |flags, heap_index| vk::MemoryType { property_flags: flags, heap_index };
+        p.memory_types[0] = ty(F::empty(), 1);
+        p.memory_types[1] = ty(F::DEVICE_LOCAL, 0);
+        p.memory_types[2] = ty(F::HOST_VISIBLE | F::HOST_COHERENT, 1);
+        p.memory_types[3] = ty(F::DEVICE_LOCAL | F::HOST_VISIBLE | F::HOST_COHERENT, 0);
+        p
+    }
+
+    #[test]
+    fn tensor_memory_on_the_device_heap_host_visible_only_when_asked() {
+        let p = h200();
+        assert_eq!(choose_tensor_memory(&p, 0b1111, false), Some((1, 143771 << 20, false)));
+        assert_eq!(choose_tensor_memory(&p, 0b1111, true), Some((3, 143771 << 20, true)));
+        // Only the host-visible device-local type allowed: it is used either way.
+        assert_eq!(choose_tensor_memory(&p, 0b1000, false), Some((3, 143771 << 20, true)));
+        // No device-local type allowed.
+        assert_eq!(choose_tensor_memory(&p, 0b0101, false), None);
     }
 }
