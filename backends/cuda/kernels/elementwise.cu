@@ -159,6 +159,17 @@ struct EwVecParams {
     float f0, f1;
 };
 
+// Eight f16/bf16 values packed in 16 bytes, widened to f32.
+__device__ __forceinline__ void unpack8(int dt, U4 q, float* v) {
+    unsigned w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        unsigned short lo = (unsigned short)(w[j] & 0xffff), hi = (unsigned short)(w[j] >> 16);
+        v[2 * j] = dt == DT_F16 ? h2f(lo) : bf2f(lo);
+        v[2 * j + 1] = dt == DT_F16 ? h2f(hi) : bf2f(hi);
+    }
+}
+
 __device__ __forceinline__ void load8(int dt, u64 ptr, i64 e, float* v) {
     if (dt == DT_F32) {
         const F4* p = (const F4*)((const float*)ptr + e);

@@ -82,69 +82,92 @@ extern "C" __global__ void row_op(RowParams p) {
 // statistics by warp shuffles. The block-per-row `row_op` reads the row three times with per-element dtype
 // switches and leaves most of each block idle at D = 1536. VEC is the smallest that holds the row, so registers
 // (and with them occupancy, which hides the memory latency) are not spent on a longer row than the one at hand.
-template <int VEC>
+//
+// HALF: f16/bf16 rows are kept as their raw 16-byte vectors (4 registers per 8 elements instead of 8) and widened
+// on each pass; the registers saved go to occupancy, which is what hides the memory latency here.
+template <int VEC, bool HALF>
 __device__ __forceinline__ void row_warp_body(const RowParams& p) {
     const int lane = threadIdx.x & 31;
     const i64 warps = (i64)gridDim.x * (blockDim.x >> 5);
     for (i64 r = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); r < p.rows; r += warps) {
-    const i64 xo = td_row(p.x, r), oo = td_row(p.out, r);
-    const int d = (int)p.d;
-    float v[VEC][8];
-    float s = 0.f;
+        const i64 xo = td_row(p.x, r), oo = td_row(p.out, r);
+        const int d = (int)p.d;
+        float v[HALF ? 1 : VEC][8];
+        U4 raw[HALF ? VEC : 1] = {};
+        // Element j of vector i, as f32.
+        auto get = [&](int i, float* out8) {
+            if constexpr (HALF) {
+                unpack8(p.x.dtype, raw[i], out8);
+            } else {
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-        const int c = (i * 32 + lane) * 8;
-        if (c < d) {
-            load8(p.x.dtype, p.x.ptr, xo + c, v[i]);
+                for (int j = 0; j < 8; ++j) out8[j] = v[i][j];
+            }
+        };
+        float s = 0.f;
 #pragma unroll
-            for (int j = 0; j < 8; ++j) s += v[i][j];
-        }
-    }
-    const float mean = p.op == ROW_RMS_NORM ? 0.f : warp_sum(s) / (float)d;
-    float ss = 0.f;
+        for (int i = 0; i < VEC; ++i) {
+            const int c = (i * 32 + lane) * 8;
+            if (c < d) {
+                float t[8];
+                if constexpr (HALF) {
+                    raw[i] = *(const U4*)((const unsigned short*)p.x.ptr + xo + c);
+                } else {
+                    load8(p.x.dtype, p.x.ptr, xo + c, v[i]);
+                }
+                get(i, t);
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-        if ((i * 32 + lane) * 8 < d) {
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                v[i][j] -= mean;
-                ss += v[i][j] * v[i][j];
+                for (int j = 0; j < 8; ++j) s += t[j];
             }
         }
-    }
-    const float inv = rsqrtf(warp_sum(ss) / (float)d + p.eps);
-    const i64 ao = p.op == ROW_LN_MODULATE ? td_row(p.a, r) : p.a.offset;
-    const i64 bo = p.op == ROW_LN_MODULATE ? td_row(p.b, r) : p.b.offset;
+        const float mean = p.op == ROW_RMS_NORM ? 0.f : warp_sum(s) / (float)d;
+        float ss = 0.f;
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-        const int c = (i * 32 + lane) * 8;
-        if (c >= d) continue;
-        float y[8], a[8], b[8];
+        for (int i = 0; i < VEC; ++i) {
+            if ((i * 32 + lane) * 8 < d) {
+                float t[8];
+                get(i, t);
 #pragma unroll
-        for (int j = 0; j < 8; ++j) y[j] = v[i][j] * inv;
-        if (p.op == ROW_LN_MODULATE) {
-            load8(p.a.dtype, p.a.ptr, ao + c, a);
-            load8(p.b.dtype, p.b.ptr, bo + c, b);
+                for (int j = 0; j < 8; ++j) ss += (t[j] - mean) * (t[j] - mean);
+            }
+        }
+        const float inv = rsqrtf(warp_sum(ss) / (float)d + p.eps);
+        const i64 ao = p.op == ROW_LN_MODULATE ? td_row(p.a, r) : p.a.offset;
+        const i64 bo = p.op == ROW_LN_MODULATE ? td_row(p.b, r) : p.b.offset;
 #pragma unroll
-            for (int j = 0; j < 8; ++j) y[j] = y[j] * (1.f + a[j]) + b[j];
-        } else if (p.op == ROW_RMS_NORM || p.affine) {
-            load8(p.a.dtype, p.a.ptr, ao + c, a);
+        for (int i = 0; i < VEC; ++i) {
+            const int c = (i * 32 + lane) * 8;
+            if (c >= d) continue;
+            float y[8], a[8], b[8];
+            get(i, y);
 #pragma unroll
-            for (int j = 0; j < 8; ++j) y[j] *= a[j];
-            if (p.op == ROW_LAYER_NORM) {
+            for (int j = 0; j < 8; ++j) y[j] = (y[j] - mean) * inv;
+            if (p.op == ROW_LN_MODULATE) {
+                load8(p.a.dtype, p.a.ptr, ao + c, a);
                 load8(p.b.dtype, p.b.ptr, bo + c, b);
 #pragma unroll
-                for (int j = 0; j < 8; ++j) y[j] += b[j];
+                for (int j = 0; j < 8; ++j) y[j] = y[j] * (1.f + a[j]) + b[j];
+            } else if (p.op == ROW_RMS_NORM || p.affine) {
+                load8(p.a.dtype, p.a.ptr, ao + c, a);
+#pragma unroll
+                for (int j = 0; j < 8; ++j) y[j] *= a[j];
+                if (p.op == ROW_LAYER_NORM) {
+                    load8(p.b.dtype, p.b.ptr, bo + c, b);
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) y[j] += b[j];
+                }
             }
+            store8(p.out.dtype, p.out.ptr, oo + c, y);
         }
-        store8(p.out.dtype, p.out.ptr, oo + c, y);
-    }
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256) row_warp4(RowParams p) { row_warp_body<4>(p); }
-extern "C" __global__ void __launch_bounds__(256) row_warp6(RowParams p) { row_warp_body<6>(p); }
-extern "C" __global__ void __launch_bounds__(256) row_warp12(RowParams p) { row_warp_body<12>(p); }
+// Row lengths up to 1024 / 1536 / 3072; `_h` for f16/bf16 rows.
+extern "C" __global__ void __launch_bounds__(128) row_warp4(RowParams p) { row_warp_body<4, false>(p); }
+extern "C" __global__ void __launch_bounds__(128) row_warp6(RowParams p) { row_warp_body<6, false>(p); }
+extern "C" __global__ void __launch_bounds__(128) row_warp12(RowParams p) { row_warp_body<12, false>(p); }
+extern "C" __global__ void __launch_bounds__(128) row_warp4_h(RowParams p) { row_warp_body<4, true>(p); }
+extern "C" __global__ void __launch_bounds__(128) row_warp6_h(RowParams p) { row_warp_body<6, true>(p); }
+extern "C" __global__ void __launch_bounds__(128) row_warp12_h(RowParams p) { row_warp_body<12, true>(p); }
 
 struct GroupNormParams {
     TD x;

@@ -144,13 +144,15 @@ impl CudaDevice {
             return Ok(());
         }
         if row_warp_applies(&p) {
-            let kernel = &self.kernels.row_warp[if p.d <= 1024 {
+            let half = p.x.dtype != DType::F32 as i32;
+            let size = if p.d <= 1024 {
                 0
             } else if p.d <= 1536 {
                 1
             } else {
                 2
-            }];
+            };
+            let kernel = &self.kernels.row_warp[half as usize][size];
             // 4 rows (warps) per block: small blocks pack the SMs tighter at ~96 registers a thread.
             return self.launch(kernel, (p.rows as u64).div_ceil(4), 128, p);
         }

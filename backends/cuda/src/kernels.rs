@@ -27,8 +27,8 @@ pub struct Kernels {
     pub upsample: CudaFunction,
     pub gather: CudaFunction,
     pub row_op: CudaFunction,
-    /// Warp-per-row norms for rows of at most 1024, 1536 and 3072 elements.
-    pub row_warp: [CudaFunction; 3],
+    /// Warp-per-row norms for rows of at most 1024, 1536 and 3072 elements, `[f16/bf16 rows][size]`.
+    pub row_warp: [[CudaFunction; 3]; 2],
     pub group_norm: CudaFunction,
     pub group_norm_stats: CudaFunction,
     pub group_norm_apply: CudaFunction,
@@ -102,7 +102,10 @@ impl Kernels {
             upsample: f("upsample_nearest2d")?,
             gather: f("gather_rows")?,
             row_op: f("row_op")?,
-            row_warp: [f("row_warp4")?, f("row_warp6")?, f("row_warp12")?],
+            row_warp: [
+                [f("row_warp4")?, f("row_warp6")?, f("row_warp12")?],
+                [f("row_warp4_h")?, f("row_warp6_h")?, f("row_warp12_h")?],
+            ],
             group_norm: f("group_norm")?,
             group_norm_stats: f("group_norm_stats")?,
             group_norm_apply: f("group_norm_apply")?,
