@@ -266,19 +266,24 @@ struct Im2colParams {
     int pad;
 };
 
+// One block per (column-matrix row, output row): the (c, ky, kx, oy) decomposition is done once per block and
+// threads walk the output row, so reads along the input row and writes along the column row are contiguous and
+// no thread divides per element (per-element 64-bit index division made this kernel the VAE decode's bottleneck).
 extern "C" __global__ void im2col(Im2colParams p) {
-    i64 C = p.x.shape[1], H = p.x.shape[2], W = p.x.shape[3];
-    i64 cols_w = p.oh * p.ow;
-    i64 total = C * p.kh * p.kw * cols_w;
-    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < total; i += (i64)gridDim.x * blockDim.x) {
-        i64 col = i % cols_w, row = i / cols_w;
-        i64 kx = row % p.kw, ky = (row / p.kw) % p.kh, c = row / (p.kw * p.kh);
-        i64 ox = col % p.ow, oy = col / p.ow;
-        i64 iy = oy * p.sh + ky - p.ph, ix = ox * p.sw + kx - p.pw;
-        float v = 0.f;
-        if (iy >= 0 && iy < H && ix >= 0 && ix < W)
-            v = ldf(p.x.dtype, p.x.ptr,
-                    p.x.offset + p.n * p.x.strides[0] + c * p.x.strides[1] + iy * p.x.strides[2] + ix * p.x.strides[3]);
-        stf(p.cols_dtype, p.cols, i, v);
+    const i64 C = p.x.shape[1], H = p.x.shape[2], W = p.x.shape[3];
+    const i64 cols_w = p.oh * p.ow, pairs = C * p.kh * p.kw * p.oh;
+    for (i64 pr = blockIdx.x; pr < pairs; pr += gridDim.x) {
+        const i64 oy = pr % p.oh, row = pr / p.oh;
+        const i64 kx = row % p.kw, ky = (row / p.kw) % p.kh, c = row / (p.kw * p.kh);
+        const i64 iy = oy * p.sh + ky - p.ph;
+        const bool row_in = iy >= 0 && iy < H;
+        const i64 in_base = p.x.offset + p.n * p.x.strides[0] + c * p.x.strides[1] + iy * p.x.strides[2];
+        const i64 out_base = row * cols_w + oy * p.ow;
+        for (i64 ox = threadIdx.x; ox < p.ow; ox += blockDim.x) {
+            const i64 ix = ox * p.sw + kx - p.pw;
+            float v = 0.f;
+            if (row_in && ix >= 0 && ix < W) v = ldf(p.x.dtype, p.x.ptr, in_base + ix * p.x.strides[3]);
+            stf(p.cols_dtype, p.cols, out_base + ox, v);
+        }
     }
 }

@@ -373,7 +373,9 @@ impl CudaDevice {
                 cols_dtype: ct as i32,
                 pad: 0,
             };
-            self.launch(&self.kernels.im2col, ((ckk * oh * ow) as u64).div_ceil(256), 256, p)?;
+            // One block per (column row, output row); threads along the output row.
+            let threads = (ow.next_multiple_of(32)).min(256) as u32;
+            self.launch(&self.kernels.im2col, (ckk * oh) as u64, threads, p)?;
             // y[ni] [O, OH·OW] = W [O, CKK] · cols [CKK, OH·OW]
             let g = Gemm {
                 m: o as i64,
