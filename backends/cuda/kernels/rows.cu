@@ -90,7 +90,29 @@ __device__ __forceinline__ void row_warp_body(const RowParams& p) {
     const int lane = threadIdx.x & 31;
     const i64 warps = (i64)gridDim.x * (blockDim.x >> 5);
     for (i64 r = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); r < p.rows; r += warps) {
-        const i64 xo = td_row(p.x, r), oo = td_row(p.out, r);
+        // The row's index over the leading dims, decomposed once with 32-bit division and shared by every operand
+        // (they all have x's shape; td_row's 64-bit divisions per operand outweighed the row's arithmetic).
+        unsigned idx[SD3_MAX_RANK - 1];
+        {
+            unsigned rest = (unsigned)r;
+#pragma unroll
+            for (int dd = SD3_MAX_RANK - 2; dd >= 0; --dd) {
+                idx[dd] = 0;
+                if (dd < p.x.rank - 1) {
+                    const unsigned n = (unsigned)p.x.shape[dd];
+                    idx[dd] = rest % n;
+                    rest /= n;
+                }
+            }
+        }
+        auto row_at = [&](const TD& t) {
+            i64 off = t.offset;
+#pragma unroll
+            for (int dd = 0; dd < SD3_MAX_RANK - 1; ++dd)
+                if (dd < t.rank - 1) off += (i64)idx[dd] * t.strides[dd];
+            return off;
+        };
+        const i64 xo = row_at(p.x), oo = row_at(p.out);
         const int d = (int)p.d;
         float v[HALF ? 1 : VEC][8];
         U4 raw[HALF ? VEC : 1] = {};
@@ -131,8 +153,8 @@ __device__ __forceinline__ void row_warp_body(const RowParams& p) {
             }
         }
         const float inv = rsqrtf(warp_sum(ss) / (float)d + p.eps);
-        const i64 ao = p.op == ROW_LN_MODULATE ? td_row(p.a, r) : p.a.offset;
-        const i64 bo = p.op == ROW_LN_MODULATE ? td_row(p.b, r) : p.b.offset;
+        const i64 ao = p.op == ROW_LN_MODULATE ? row_at(p.a) : p.a.offset;
+        const i64 bo = p.op == ROW_LN_MODULATE ? row_at(p.b) : p.b.offset;
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
             const int c = (i * 32 + lane) * 8;

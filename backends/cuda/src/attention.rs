@@ -60,9 +60,10 @@ pub fn attention(
     } else {
         (prep_qk(q, None)?, prep_qk(k, None)?)
     };
-    // V and P share a dtype: V's when it is half precision, else f32.
-    let pv_dtype = if v.dtype == DType::F32 { DType::F32 } else { v.dtype };
-    let vn = if mat_layout(nk, dv, v.strides()[2], v.strides()[3]).is_some() {
+    // V and P share a dtype: V's when it and the output are half precision; f32 when either is f32 (rounding the
+    // probabilities to 16 bits would cost an f32 output three decimal digits).
+    let pv_dtype = if v.dtype == DType::F32 || out.dtype == DType::F32 { DType::F32 } else { v.dtype };
+    let vn = if v.dtype == pv_dtype && mat_layout(nk, dv, v.strides()[2], v.strides()[3]).is_some() {
         v.clone()
     } else {
         let t = dev.temp(v.shape(), pv_dtype)?;

@@ -691,7 +691,13 @@ fn row_warp_applies(p: &RowParams) -> bool {
         1 => vector_aligned(&p.a) && vector_aligned(&p.b) && float(&p.a) && float(&p.b),
         _ => vector_aligned(&p.a) && float(&p.a),
     };
+    // Modulate's scale/shift are indexed with x's row decomposition, so they must have x's shape.
+    let same_rows = |t: &Td| t.rank == p.x.rank && t.shape == p.x.shape;
+    let shapes_ok = p.op != ROW_OP_LN_MODULATE || (same_rows(&p.a) && same_rows(&p.b));
     operands_ok
+        && shapes_ok
+        && same_rows(&p.out)
+        && p.rows < (1 << 31)
         && p.d % 8 == 0
         && p.d <= 32 * 8 * 12
         && rows_aligned(&p.x)
