@@ -1,0 +1,80 @@
+//! Every tiny diffusers golden pipeline on the CUDA plugin, loaded through the C ABI as `sd3 --backend cuda
+//! --strict` loads it (every op on the GPU, no host fallback), through the shared golden runner (`sd3::golden`).
+//! Needs the plugin built beside this test (`cargo build --workspace`); skips, printing why, where no CUDA driver
+//! or device is usable (CI has none: these run on the GPU machine, results in docs/cuda.md).
+//!
+//! f32 runs are held to the CPU backend's tolerances (cuBLAS computes f32 products in f32, not TF32). A
+//! half-precision run is held to how far diffusers' own runs in that dtype land from its f32 goldens, measured with
+//! `scripts/diffusers_half_distance.py` over these seven cases (bf16 7-15/255, f16 1-2/255; table below): the
+//! image within the worst of them plus 2/255. Per case the distance is mostly the luck of the roundings (diffusers'
+//! bf16 runs span 7-15/255 on near-identical pipelines), so the bound is the spread of the reference, not each
+//! case's own draw; the printed lines show both for comparison.
+
+use sd3::golden::{fixtures_dir, GoldenCase, Tolerances};
+use sd3::runtime::{open_backend, BackendRequest};
+use sd3_core::DType;
+
+/// Each case, with diffusers' own distance from its f32 golden image in bf16 and in f16 (1/255; diffusers 0.42.1,
+/// torch 2.15 on the CPU, 26 Nov 2026).
+const CASES: [(&str, u8, u8); 7] = [
+    ("sd3-cfg", 12, 1),
+    ("sd3-nocfg", 7, 1),
+    ("sd3-long-prompt", 10, 2),
+    ("sd3-lora", 15, 2),
+    ("sd3-no-t5", 9, 2),
+    ("sd35-cfg", 14, 2),
+    ("sd35-slg", 11, 1),
+];
+
+/// The CPU backend's limits (tests/pipeline_golden.rs): the same f32 arithmetic up to summation order.
+const F32: Tolerances =
+    Tolerances { conditioning: Some(5e-5), initial_latents: Some(0.0), final_latents: Some(1e-4), image: 2 };
+
+/// Half precision: the image within diffusers' worst distance at that dtype plus 2/255; latents and embeddings are
+/// printed, not limited (diffusers publishes no half-precision intermediates to compare them with).
+fn half(worst_diffusers_distance: u8) -> Tolerances {
+    Tolerances { conditioning: None, initial_latents: None, final_latents: None, image: worst_diffusers_distance + 2 }
+}
+
+fn run(dtype: DType) {
+    let request = BackendRequest { strict: true, ..BackendRequest::named("cuda") };
+    let be = match open_backend(&request) {
+        Ok(be) => be,
+        Err(e) => {
+            let msg = format!("{e:#}");
+            if msg.contains("not found") || msg.contains("no CUDA") || msg.contains("no device") {
+                eprintln!("SKIPPED: no usable CUDA on this machine: {msg}");
+                return;
+            }
+            panic!("opening the CUDA plugin (is libsd3_backend_cuda built beside the test?): {msg}");
+        }
+    };
+    let worst_bf16 = CASES.iter().map(|c| c.1).max().unwrap_or(0);
+    let worst_f16 = CASES.iter().map(|c| c.2).max().unwrap_or(0);
+    for (case, bf16, f16) in CASES {
+        let (tol, diffusers) = match dtype {
+            DType::BF16 => (half(worst_bf16), format!(" (diffusers bf16: {bf16}/255)")),
+            DType::F16 => (half(worst_f16), format!(" (diffusers f16: {f16}/255)")),
+            _ => (F32, String::new()),
+        };
+        let mut golden = GoldenCase::load(&fixtures_dir(), case).unwrap();
+        golden.options.dtype = dtype;
+        let d = golden.run_and_check(&be, &tol).unwrap_or_else(|e| panic!("{dtype}: {e:#}"));
+        eprintln!("{case} {dtype} on {} ({}): {d}{diffusers}", be.name(), be.info().name);
+    }
+}
+
+#[test]
+fn goldens_f32_on_cuda() {
+    run(DType::F32);
+}
+
+#[test]
+fn goldens_f16_on_cuda() {
+    run(DType::F16);
+}
+
+#[test]
+fn goldens_bf16_on_cuda() {
+    run(DType::BF16);
+}
