@@ -8,8 +8,10 @@
 //! - `markers`: `--benchmark` timing markers as timestamp queries.
 //! - [`memory`]: the block sub-allocator; [`pipelines`]: the shaders' pipelines, created once and cached.
 //! - [`coop`]: whether matmul and attention run on cooperative matrices (tensor cores), chosen at run time.
+//! - `attention_wide`: attention with head dims above 128 as matmul, softmax, matmul.
 //! - `ops`: which calls run here, and the parameters each shader gets.
 
+mod attention_wide;
 pub mod coop;
 pub mod device;
 pub mod instance;

@@ -34,7 +34,11 @@ fn indexable(t: &TensorDesc) -> bool {
 /// aligned start `State::bind` may add). Devices with a small limit (lavapipe: 128 MiB) leave calls on larger
 /// views to the core, which runs them on the host (counted as fallbacks; `--strict` makes that an error).
 pub fn bindable(call: &OpCall, max_range: u64) -> bool {
-    call.inputs.iter().chain(call.outputs).all(|t| t.byte_span().len() as u64 + 256 <= max_range)
+    let scratch_fits = !crate::attention_wide::is_wide(call) || {
+        let (s, p) = crate::attention_wide::scratch_bytes(call);
+        s.max(p) + 256 <= max_range
+    };
+    scratch_fits && call.inputs.iter().chain(call.outputs).all(|t| t.byte_span().len() as u64 + 256 <= max_range)
 }
 
 pub fn supports(call: &OpCall) -> bool {
@@ -72,8 +76,8 @@ pub fn supports(call: &OpCall) -> bool {
             floats
                 && rank == 4
                 && call.inputs[..3].iter().all(|t| t.rank() == 4)
-                && q.shape()[3] <= ATTN_MAX_D
-                && v.shape()[3] <= ATTN_MAX_D
+                && ((q.shape()[3] <= ATTN_MAX_D && v.shape()[3] <= ATTN_MAX_D)
+                    || crate::attention_wide::supported(call))
                 && q.shape()[0] * q.shape()[1] <= MAX_GROUPS as usize
                 && q.shape()[2].div_ceil(32) <= MAX_GROUPS as usize
         }
@@ -189,6 +193,9 @@ pub fn execute(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
             op: call.op.name(),
             detail: "declined by supports()".into(),
         });
+    }
+    if crate::attention_wide::is_wide(call) {
+        return crate::attention_wide::execute(dev, call);
     }
     let elementwise = matches!(
         call.op,

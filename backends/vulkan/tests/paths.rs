@@ -66,3 +66,20 @@ fn f16_attention_qk_norm_bias_and_odd_head_dims() {
     let op = Op::Attention { scale: 0.16, causal: true, bias: false, qk_norm: false, norm_eps: 0.0 };
     check(dev, "attention f16 dh 36", op, &[q, k, v], &Spec::new(&[1, 2, 50, 20], F16), tol_for(F16, 0.0));
 }
+
+/// Head dims above the fused shaders' 128 (the VAE's single-head attention, head dim 512): matmul, softmax and
+/// matmul on the device, with an additive bias; f16 (P in f16) and f32.
+#[test]
+fn wide_head_dim_attention() {
+    let dev = device_or_skip!();
+    let dev = dev.as_ref();
+    let op = Op::Attention { scale: 512f32.powf(-0.5), causal: false, bias: false, qk_norm: false, norm_eps: 0.0 };
+    let (q, k, v) =
+        (Spec::new(&[1, 1, 300, 512], F32), Spec::new(&[1, 1, 300, 512], F32), Spec::new(&[1, 1, 300, 512], F32));
+    check(dev, "attention d512 f32", op, &[q, k, v], &Spec::new(&[1, 1, 300, 512], F32), tol_for(F32, 2e-4));
+    let op = Op::Attention { scale: 0.0625, causal: false, bias: true, qk_norm: false, norm_eps: 0.0 };
+    let q = Spec::permuted(&[2, 2, 130, 256], &[0, 2, 1, 3], F16);
+    let (k, v) = (Spec::new(&[2, 2, 77, 256], F16), Spec::new(&[2, 2, 77, 200], F16));
+    let bias = Spec::strided(&[2, 2, 130, 77], &[77, 0, 0, 1], 0, F16);
+    check(dev, "attention d256 f16 bias", op, &[q, k, v, bias], &Spec::new(&[2, 2, 130, 200], F16), tol_for(F16, 0.0));
+}
