@@ -17,6 +17,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 const SETS_PER_BATCH: u32 = 256;
 const FRAMES: usize = 2;
 const PARAM_RING_BYTES: u64 = 1 << 20;
+/// Retired (freed, maybe still in use) dedicated blocks above this size make a full batch wait for the queue.
+const RETIRED_FLUSH_BYTES: u64 = 1 << 30;
 const STAGING_BYTES: u64 = 32 << 20;
 
 pub struct VulkanDevice {
@@ -425,10 +427,16 @@ impl State {
         let pbytes = (params.len() * 4) as u64;
         let f = &self.frames[self.cur];
         if f.sets == SETS_PER_BATCH || f.params_used + pbytes > f.params.size {
-            // Submit this batch and go on in the other frame once its previous batch has finished.
-            self.submit(d, queue)?;
-            self.cur = (self.cur + 1) % FRAMES;
-            self.retire(d, self.cur)?;
+            if self.alloc.retired_bytes() > RETIRED_FLUSH_BYTES {
+                // Freed dedicated blocks are only destroyed once the queue is idle: wait now and then, so that
+                // a long sequence of large temporaries (the VAE's activations) does not pile up.
+                self.flush(d, queue)?;
+            } else {
+                // Submit this batch and go on in the other frame once its previous batch has finished.
+                self.submit(d, queue)?;
+                self.cur = (self.cur + 1) % FRAMES;
+                self.retire(d, self.cur)?;
+            }
         }
         let pipeline = self.pipelines.get(d, kernel)?;
         self.begin(d)?;
@@ -621,6 +629,7 @@ impl Device for VulkanDevice {
             format!("vulkan.bytes_in_use={}", st.alloc.bytes_in_use),
             format!("vulkan.bytes_reserved={}", st.alloc.bytes_reserved),
             format!("vulkan.memory_blocks={}", st.alloc.block_count()),
+            format!("vulkan.retired_bytes={}", st.alloc.retired_bytes()),
             format!("vulkan.host_visible_memory={}", st.alloc.host_visible),
             format!("vulkan.pipelines_created={}", st.pipelines.created),
             match self.coop {

@@ -257,6 +257,11 @@ impl Allocator {
         }
     }
 
+    /// Bytes of retired blocks waiting for the queue to go idle.
+    pub fn retired_bytes(&self) -> u64 {
+        self.retired.iter().map(|b| b.size).sum()
+    }
+
     /// Destroy blocks retired while work was queued; call only when the queue is idle.
     pub fn release_retired(&mut self, device: &ash::Device) {
         for b in self.retired.drain(..) {

@@ -237,3 +237,34 @@ fn timing_markers_from_timestamp_queries() {
     let plugin = lib.init("").unwrap();
     check(plugin.open_device(0).unwrap());
 }
+
+/// Freed dedicated blocks (buffers above the 256 MiB block size) are destroyed only once the queue is idle; with two
+/// command buffers in flight and no host wait, a long run of large temporaries must still not pile up.
+#[test]
+fn freed_large_buffers_do_not_pile_up_without_waits() {
+    let Some(dev) = common::device() else { return };
+    let retired = |dev: &sd3_backend_vulkan::VulkanDevice| -> u64 {
+        let s = dev.stats();
+        let line = s.iter().find_map(|l| l.strip_prefix("vulkan.retired_bytes=")).expect("retired_bytes stat");
+        line.parse().unwrap()
+    };
+    let small = dev.alloc(4096).unwrap();
+    let y = f32_desc(small, Layout::contiguous(&[1024]));
+    let fill = Op::Fill { value: 1.0 };
+    let mut peak = 0;
+    for _ in 0..8 {
+        let big = dev.alloc(300 << 20).unwrap();
+        let x = f32_desc(big, Layout::contiguous(&[1024]));
+        for _ in 0..300 {
+            dev.execute(&OpCall { op: fill, inputs: &[], outputs: std::slice::from_ref(&x) }).unwrap();
+            dev.execute(&OpCall { op: Op::Copy, inputs: std::slice::from_ref(&x), outputs: std::slice::from_ref(&y) })
+                .unwrap();
+        }
+        dev.free(big);
+        peak = peak.max(retired(&dev));
+    }
+    assert!(peak <= (1 << 30) + (300 << 20), "{peak} bytes of freed blocks waiting");
+    dev.synchronize().unwrap();
+    assert_eq!(retired(&dev), 0);
+    dev.free(small);
+}
