@@ -502,7 +502,15 @@ fn execute_one(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
                 p.view(35, &bins[2], t, t.rank() - 1..t.rank());
                 bindings.push((4, bins[2].info));
             }
-            (Kernel::Conv2d, groups_for(y.elem_count()))
+            // Tiled implicit GEMM (64 output channels x 64 output pixels per workgroup, one image per z) where the
+            // grid fits; the direct shader otherwise.
+            let (ws, pixels) = (w.strides(), ys[2] * ys[3]);
+            p.u(18, (ws[3] == 1 && ws[2] == w.shape()[3] && ws[1] == w.shape()[2] * w.shape()[3]) as usize);
+            if pixels.div_ceil(64) <= MAX_GROUPS as usize && ys[0] <= MAX_GROUPS as usize {
+                (Kernel::ConvGemm, [pixels.div_ceil(64) as u32, ys[1].div_ceil(64) as u32, ys[0] as u32])
+            } else {
+                (Kernel::Conv2d, groups_for(y.elem_count()))
+            }
         }
         Op::Gather => {
             let (table, ids) = (&call.inputs[0], &call.inputs[1]);

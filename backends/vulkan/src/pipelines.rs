@@ -19,6 +19,8 @@ pub enum Kernel {
     /// Attention for head dims 65..=128.
     Attention128,
     Conv2d,
+    /// Convolution as an implicit GEMM (conv_gemm.comp).
+    ConvGemm,
     GroupNorm,
     Gather,
     /// Matmul with at most 8 rows of a and b contiguous along K (matvec.comp).
@@ -31,13 +33,14 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 13] = [
+    pub const ALL: [Kernel; 14] = [
         Kernel::Elementwise,
         Kernel::Rows,
         Kernel::Matmul,
         Kernel::Attention,
         Kernel::Attention128,
         Kernel::Conv2d,
+        Kernel::ConvGemm,
         Kernel::GroupNorm,
         Kernel::Gather,
         Kernel::Matvec,
@@ -55,6 +58,7 @@ impl Kernel {
             Kernel::Attention => "attention",
             Kernel::Attention128 => "attention128",
             Kernel::Conv2d => "conv2d",
+            Kernel::ConvGemm => "conv_gemm",
             Kernel::GroupNorm => "group_norm",
             Kernel::Gather => "gather",
             Kernel::Matvec => "matvec",
@@ -78,6 +82,7 @@ impl Kernel {
             Kernel::Attention => spv!("attention"),
             Kernel::Attention128 => spv!("attention128"),
             Kernel::Conv2d => spv!("conv2d"),
+            Kernel::ConvGemm => spv!("conv_gemm"),
             Kernel::GroupNorm => spv!("group_norm"),
             Kernel::Gather => spv!("gather"),
             Kernel::Matvec => spv!("matvec"),

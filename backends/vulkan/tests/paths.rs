@@ -83,3 +83,25 @@ fn wide_head_dim_attention() {
     let bias = Spec::strided(&[2, 2, 130, 77], &[77, 0, 0, 1], 0, F16);
     check(dev, "attention d256 f16 bias", op, &[q, k, v, bias], &Spec::new(&[2, 2, 130, 200], F16), tol_for(F16, 0.0));
 }
+
+/// Convolution as an implicit GEMM: several 64x64 tiles each way, padding and stride, a batch, weights contiguous
+/// per output channel and not, f32 and f16 (a VAE-like 3x3 with 64 → 128 channels).
+#[test]
+fn convolution_tiles() {
+    let dev = device_or_skip!();
+    let dev = dev.as_ref();
+    let op = Op::Conv2d { stride: [2, 2], padding: [1, 1], bias: true };
+    let x = Spec::new(&[2, 20, 19, 23], F32);
+    let (w, b) = (Spec::permuted(&[70, 20, 3, 3], &[1, 0, 2, 3], F32), Spec::new(&[70], F32));
+    check(
+        dev,
+        "conv stride 2 pad 1 strided weights",
+        op,
+        &[x, w, b],
+        &Spec::new(&[2, 70, 10, 12], F32),
+        tol_for(F32, 1e-4),
+    );
+    let op = Op::Conv2d { stride: [1, 1], padding: [1, 1], bias: true };
+    let (x, w, b) = (Spec::new(&[1, 64, 40, 40], F16), Spec::new(&[128, 64, 3, 3], F16), Spec::new(&[128], F16));
+    check(dev, "conv 3x3 64->128 f16", op, &[x, w, b], &Spec::new(&[1, 128, 40, 40], F16), tol_for(F16, 0.0));
+}
