@@ -5,7 +5,8 @@
 // need no 16-bit storage feature: they are converted to f32 on load and rounded to nearest-even on store.
 // Dtype codes are the core's DType ids: 0 f32, 1 f16, 2 bf16, 3 i32, 4 i64 (two words), 5 u8 (four per word).
 
-layout(std430, set = 0, binding = 0) readonly buffer Params { uint P[]; };
+// `restrict`: the parameter ring is never bound as an output, so loads of P can be hoisted past output stores.
+layout(std430, set = 0, binding = 0) restrict readonly buffer Params { uint P[]; };
 layout(std430, set = 0, binding = 1) buffer Out { uint b1[]; };
 layout(std430, set = 0, binding = 2) readonly buffer In2 { uint b2[]; };
 layout(std430, set = 0, binding = 3) readonly buffer In3 { uint b3[]; };

@@ -169,7 +169,7 @@ impl VulkanDevice {
                     None,
                 )
                 .map_err(|e| vk_error("vkCreateDescriptorPool", e))?;
-            let params = HostBuffer::new(d, &mem_props, PARAM_RING_BYTES)?;
+            let params = HostBuffer::new(d, &mem_props, PARAM_RING_BYTES, vk::MemoryPropertyFlags::DEVICE_LOCAL)?;
             frames.push(Frame { cmd, fence, desc_pool, sets: 0, params, params_used: 0, in_flight: false });
         }
         let timestamps = if phys.timestamp_bits > 0 {
@@ -235,7 +235,12 @@ impl VulkanDevice {
 
     fn staging<'a>(&self, st: &'a mut State) -> Result<&'a HostBuffer> {
         if st.staging.is_none() {
-            st.staging = Some(HostBuffer::new(&self.device, &st.mem_props, STAGING_BYTES)?);
+            st.staging = Some(HostBuffer::new(
+                &self.device,
+                &st.mem_props,
+                STAGING_BYTES,
+                vk::MemoryPropertyFlags::HOST_CACHED,
+            )?);
         }
         Ok(st.staging.as_ref().expect("just created"))
     }

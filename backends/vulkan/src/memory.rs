@@ -314,13 +314,22 @@ pub struct HostBuffer {
 unsafe impl Send for HostBuffer {}
 
 impl HostBuffer {
-    pub fn new(device: &ash::Device, props: &vk::PhysicalDeviceMemoryProperties, size: u64) -> Result<HostBuffer> {
+    /// A mapped buffer of `size` bytes in a host-visible, coherent memory type, preferring one with `preferred` too:
+    /// `DEVICE_LOCAL` for data the shaders read (the parameter ring: in video memory behind the BAR where the device
+    /// has such a type, instead of being read over the bus), `HOST_CACHED` for the staging buffer (read back by the
+    /// host).
+    pub fn new(
+        device: &ash::Device,
+        props: &vk::PhysicalDeviceMemoryProperties,
+        size: u64,
+        preferred: vk::MemoryPropertyFlags,
+    ) -> Result<HostBuffer> {
         let buffer = create_buffer(device, size)?;
         // SAFETY: valid buffer; memory allocated, bound and mapped for it, released on error.
         unsafe {
             let reqs = device.get_buffer_memory_requirements(buffer);
             let hv = vk::MemoryPropertyFlags::HOST_VISIBLE | vk::MemoryPropertyFlags::HOST_COHERENT;
-            let Some(ty) = find_memory_type(props, reqs.memory_type_bits, hv, vk::MemoryPropertyFlags::empty()) else {
+            let Some(ty) = find_memory_type(props, reqs.memory_type_bits, hv, preferred) else {
                 device.destroy_buffer(buffer, None);
                 return Err(Error::backend("vulkan", "no host-visible coherent memory type for a storage buffer"));
             };
@@ -381,5 +390,14 @@ mod tests {
         assert_eq!(choose_tensor_memory(&p, 0b1000, false), Some((3, 143771 << 20, true)));
         // No device-local type allowed.
         assert_eq!(choose_tensor_memory(&p, 0b0101, false), None);
+    }
+
+    #[test]
+    fn parameter_ring_in_video_memory_staging_in_host_memory() {
+        let (p, hv) = (h200(), F::HOST_VISIBLE | F::HOST_COHERENT);
+        assert_eq!(find_memory_type(&p, 0b1111, hv, F::DEVICE_LOCAL), Some(3));
+        // No cached host type on this layout: the first host-visible one.
+        assert_eq!(find_memory_type(&p, 0b1111, hv, F::HOST_CACHED), Some(2));
+        assert_eq!(find_memory_type(&p, 0b0111, hv, F::DEVICE_LOCAL), Some(2));
     }
 }
