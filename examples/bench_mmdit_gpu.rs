@@ -49,7 +49,11 @@ fn main() -> anyhow::Result<()> {
     let t = vec![500.0f32; batch];
     let profile = args.iter().any(|a| a == "--profile");
     let mut times = Vec::new();
+    let mut stats_after_warmup = Vec::new();
     for i in 0..iters + 2 {
+        if i == 2 {
+            stats_after_warmup = backend.stats();
+        }
         let s = Instant::now();
         let y = model.forward(&x, &ctx, &pooled, &t, &[])?;
         backend.synchronize()?;
@@ -58,6 +62,14 @@ fn main() -> anyhow::Result<()> {
             times.push(ms);
         }
         drop(y);
+    }
+    // Steady state allocates nothing from the driver: the device's counters after the warm-ups and after the
+    // timed forwards, side by side where they differ (e.g. `cuda.driver_allocs`).
+    let stats_after = backend.stats();
+    for (before, after) in stats_after_warmup.iter().zip(&stats_after) {
+        if before != after {
+            println!("during the timed forwards: {before} -> {after}");
+        }
     }
     if profile {
         // One more forward with every op bracketed by synchronisations.
