@@ -20,6 +20,8 @@ mod kernels;
 mod lt;
 mod memory;
 mod params;
+mod products;
+mod rows;
 
 pub use device::CudaDevice;
 use sd3_core::{BackendProvider, Device, Error, Result};
