@@ -1,19 +1,11 @@
 //! `--benchmark` timing markers as CUDA events: recorded on the device's stream, timing the work queued between
 //! them, released and reused. Skips (with the reason) when no CUDA device is usable.
 
-use sd3_backend_cuda::CudaProvider;
-use sd3_core::{Backend, BackendProvider, DType, DeviceTimer, Result};
-use std::time::Instant;
+mod common;
 
-fn gpu() -> Option<Backend> {
-    match CudaProvider::new("").and_then(|p| p.open_device(0)) {
-        Ok(d) => Some(Backend::new("cuda", d)),
-        Err(e) => {
-            eprintln!("skipping CUDA marker tests: {e}");
-            None
-        }
-    }
-}
+use common::gpu;
+use sd3_core::{DType, DeviceTimer, Result};
+use std::time::Instant;
 
 #[test]
 fn markers_time_the_work_queued_between_them() -> Result<()> {

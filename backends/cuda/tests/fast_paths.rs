@@ -3,65 +3,20 @@
 //! the tensor-core attention on the strided views of a fused `[B, N, 3, H, Dh]` projection (the MM-DiT's joint
 //! attention layout), with sequence lengths that are not multiples of the tiles. Skips without a CUDA device.
 
-use sd3_backend_cuda::CudaProvider;
-use sd3_core::reference::ReferenceDevice;
-use sd3_core::{AttentionParams, Backend, BackendProvider, DType, Result, Tensor, UnaryOp};
-use std::sync::Arc;
+mod common;
 
-struct Pair {
-    gpu: Backend,
-    cpu: Backend,
-    state: u64,
-}
+use common::{lim, Pair};
+use sd3_core::{AttentionParams, DType, Result, Tensor, UnaryOp};
 
-impl Pair {
-    fn new() -> Option<Pair> {
-        match CudaProvider::new("").and_then(|p| p.open_device(0)) {
-            Ok(d) => Some(Pair {
-                gpu: Backend::new("cuda", d),
-                cpu: Backend::new("ref", Arc::new(ReferenceDevice::new())),
-                state: 7,
-            }),
-            Err(e) => {
-                eprintln!("skipping CUDA tests: {e}");
-                None
-            }
-        }
-    }
-
-    fn rand(&mut self, shape: &[usize], dt: DType, lo: f32, hi: f32) -> Result<(Tensor, Tensor)> {
-        let v: Vec<f32> = (0..shape.iter().product::<usize>())
-            .map(|_| {
-                self.state = self.state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                lo + (hi - lo) * ((self.state >> 40) as f32 / (1u64 << 24) as f32)
-            })
-            .collect();
-        Ok((self.gpu.from_f32(&v, shape, dt)?, self.cpu.from_f32(&v, shape, dt)?))
-    }
-}
-
-/// Normalised mean squared error against the reference, with a limit per dtype: f32 near its roundoff, f16
-/// and bf16 at their unit roundoff squared with headroom (one rounding of the output dominates).
+/// [`common::check`] at the dtype's limit, and no infinity either.
 fn check(name: &str, got: &Tensor, want: &Tensor, f32_limit: f64) -> Result<()> {
-    assert_eq!(got.shape(), want.shape(), "{name}");
-    let (g, w) = (got.to_f32_vec()?, want.to_f32_vec()?);
-    assert!(g.iter().all(|v| v.is_finite()), "{name}: non-finite output");
-    let num: f64 = g.iter().zip(&w).map(|(a, b)| ((*a - *b) as f64).powi(2)).sum();
-    let den: f64 = w.iter().map(|b| (*b as f64).powi(2)).sum::<f64>().max(1e-30);
-    let limit = match got.dtype() {
-        DType::F32 => f32_limit,
-        DType::F16 => 2e-6,
-        _ => 1e-4,
-    };
-    let e = num / den;
-    eprintln!("{name:<48} nmse {e:.3e} (limit {limit:.0e})");
-    assert!(e <= limit, "{name}: nmse {e:e} > {limit:e}");
-    Ok(())
+    assert!(got.to_f32_vec()?.iter().all(|v| v.is_finite()), "{name}: non-finite output");
+    common::check(name, got, want, lim(got.dtype(), f32_limit))
 }
 
 #[test]
 fn warp_per_row_norms() -> Result<()> {
-    let Some(mut p) = Pair::new() else { return Ok(()) };
+    let Some(mut p) = Pair::open(7) else { return Ok(()) };
     for dt in [DType::F32, DType::F16, DType::BF16] {
         // 1536: SD3-medium's width; 8: the smallest row; 3072: the largest row_warp takes; 3080: one past.
         for d in [1536, 8, 3072, 3080] {
@@ -107,7 +62,7 @@ fn warp_per_row_norms() -> Result<()> {
 
 #[test]
 fn vectorised_elementwise_at_size() -> Result<()> {
-    let Some(mut p) = Pair::new() else { return Ok(()) };
+    let Some(mut p) = Pair::open(7) else { return Ok(()) };
     for dt in [DType::F16, DType::BF16, DType::F32] {
         let (gx, cx) = p.rand(&[2, 333, 6144], dt, -4.0, 4.0)?;
         check(
@@ -134,7 +89,7 @@ fn vectorised_elementwise_at_size() -> Result<()> {
 
 #[test]
 fn flash_attention_on_joint_layout_views() -> Result<()> {
-    let Some(mut p) = Pair::new() else { return Ok(()) };
+    let Some(mut p) = Pair::open(7) else { return Ok(()) };
     for dt in [DType::F16, DType::BF16] {
         // (queries = keys, heads, head dim): tile-aligned, ragged, and shorter than one tile.
         for (n, h, dh) in [(256, 2, 64), (333, 3, 64), (45, 2, 64), (200, 2, 128), (70, 1, 128)] {
@@ -156,7 +111,7 @@ fn flash_attention_on_joint_layout_views() -> Result<()> {
 
 #[test]
 fn few_row_linears() -> Result<()> {
-    let Some(mut p) = Pair::new() else { return Ok(()) };
+    let Some(mut p) = Pair::open(7) else { return Ok(()) };
     for dt in [DType::F32, DType::F16, DType::BF16] {
         // (rows, in, out): the adaLN modulation's shape, one row, the most rows the kernel takes, one more.
         for (m, k, n) in [(2, 1536, 9216), (1, 64, 24), (8, 256, 40), (9, 256, 40)] {
@@ -192,7 +147,7 @@ fn few_row_linears() -> Result<()> {
 
 #[test]
 fn linears_with_fused_activations() -> Result<()> {
-    let Some(mut p) = Pair::new() else { return Ok(()) };
+    let Some(mut p) = Pair::open(7) else { return Ok(()) };
     for dt in [DType::F32, DType::F16, DType::BF16] {
         let (gx, cx) = p.rand(&[2, 50, 64], dt, -2.0, 2.0)?;
         let (gw, cw) = p.rand(&[96, 64], dt, -0.3, 0.3)?;

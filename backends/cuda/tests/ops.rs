@@ -2,10 +2,12 @@
 //! (`sd3_core::testing::cases`), and this file's own NMSE-based sweep over every float dtype. Skips (with the
 //! reason) when no CUDA device is usable; on a machine with one, run with `cargo test -p sd3-backend-cuda`.
 
+mod common;
+
+use common::{check, gpu, lim, Pair};
 use sd3_backend_cuda::CudaProvider;
-use sd3_core::reference::ReferenceDevice;
 use sd3_core::BackendProvider;
-use sd3_core::{AttentionParams, Backend, BinaryOp, DType, Device, Result, Tensor, UnaryOp};
+use sd3_core::{AttentionParams, BinaryOp, DType, Device, Result, Tensor, UnaryOp};
 use std::sync::{Arc, OnceLock};
 
 /// The CUDA device shared by the shared cases' tests, opened once.
@@ -37,67 +39,6 @@ sd3_core::backend_tests!(device();
     gather_rows,
 );
 
-struct Rng(u64);
-impl Rng {
-    fn uniform(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                lo + (hi - lo) * ((self.0 >> 40) as f32 / (1u64 << 24) as f32)
-            })
-            .collect()
-    }
-}
-
-fn gpu() -> Option<Backend> {
-    match CudaProvider::new("").and_then(|p| p.open_device(0)) {
-        Ok(d) => Some(Backend::new("cuda", d)),
-        Err(e) => {
-            eprintln!("skipping CUDA tests: {e}");
-            None
-        }
-    }
-}
-
-/// Both backends, and a way to make the same random tensor on each.
-struct Pair {
-    gpu: Backend,
-    cpu: Backend,
-    rng: Rng,
-}
-
-impl Pair {
-    fn rand(&mut self, shape: &[usize], dt: DType, lo: f32, hi: f32) -> Result<(Tensor, Tensor)> {
-        let v = self.rng.uniform(shape.iter().product(), lo, hi);
-        Ok((self.gpu.from_f32(&v, shape, dt)?, self.cpu.from_f32(&v, shape, dt)?))
-    }
-}
-
-fn nmse(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    assert!(got.iter().all(|v| !v.is_nan()), "NaN in output");
-    let num: f64 = got.iter().zip(want).map(|(a, b)| ((*a - *b) as f64).powi(2)).sum();
-    let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum::<f64>().max(1e-30);
-    num / den
-}
-
-fn check(name: &str, g: &Tensor, c: &Tensor, limit: f64) -> Result<()> {
-    assert_eq!(g.shape(), c.shape(), "{name}");
-    let e = nmse(&g.to_f32_vec()?, &c.to_f32_vec()?);
-    eprintln!("{name:<40} nmse {e:.3e} (limit {limit:.0e})");
-    assert!(e <= limit, "{name}: nmse {e:e} > {limit:e}");
-    Ok(())
-}
-
-/// f32: 1e-10 for exact-order ops, 1e-7 for reductions; half types: their unit roundoff squared, with headroom.
-fn lim(dt: DType, f32_limit: f64) -> f64 {
-    match dt {
-        DType::F32 => f32_limit,
-        DType::F16 => 2e-6,
-        _ => 1e-4,
-    }
-}
-
 fn params<'a>(causal: bool, bias: Option<&'a Tensor>, norm: Option<&'a Tensor>) -> AttentionParams<'a> {
     let mut a = AttentionParams::new(0.125);
     a.causal = causal;
@@ -108,8 +49,7 @@ fn params<'a>(causal: bool, bias: Option<&'a Tensor>, norm: Option<&'a Tensor>) 
 
 #[test]
 fn every_op_matches_the_reference() -> Result<()> {
-    let Some(gpu) = gpu() else { return Ok(()) };
-    let mut p = Pair { gpu, cpu: Backend::new("ref", Arc::new(ReferenceDevice::new())), rng: Rng(42) };
+    let Some(mut p) = Pair::open(42) else { return Ok(()) };
     for dt in [DType::F32, DType::F16, DType::BF16] {
         let (g, c) = p.rand(&[3, 33, 17], dt, -2.0, 2.0)?;
         let (g2, c2) = p.rand(&[33, 1], dt, -1.0, 1.0)?;
