@@ -20,7 +20,8 @@ fn main() -> anyhow::Result<()> {
         let n = shape.iter().product();
         be.from_f32(&sd3::noise::standard_normal(seed, n), shape, dtype)
     };
-    let time = |label: &str, flops: f64, f: &dyn Fn() -> sd3_core::Result<Tensor>| -> anyhow::Result<()> {
+    // Seconds per call of `f`, after one warm-up call, the device synchronised around the timed calls.
+    let seconds = |f: &dyn Fn() -> sd3_core::Result<Tensor>| -> anyhow::Result<f64> {
         f()?;
         be.synchronize()?;
         let t = Instant::now();
@@ -28,7 +29,10 @@ fn main() -> anyhow::Result<()> {
             f()?;
         }
         be.synchronize()?;
-        let s = t.elapsed().as_secs_f64() / iters as f64;
+        Ok(t.elapsed().as_secs_f64() / iters as f64)
+    };
+    let time = |label: &str, flops: f64, f: &dyn Fn() -> sd3_core::Result<Tensor>| -> anyhow::Result<()> {
+        let s = seconds(f)?;
         println!("{label:<40} {:>9.3} ms {:>8.1} TFLOP/s", s * 1e3, flops / s / 1e12);
         Ok(())
     };
@@ -60,14 +64,7 @@ fn main() -> anyhow::Result<()> {
     time("linear 2x1536 -> 9216 (adaLN)", 2.0 * (b * d * 6 * d) as f64, &|| pooled.linear(&w_mod, Some(&bias_mod)))?;
     // Memory-bound ops around the linears: GB/s = bytes read and written once.
     let gbs = |label: &str, bytes: f64, f: &dyn Fn() -> sd3_core::Result<Tensor>| -> anyhow::Result<()> {
-        f()?;
-        be.synchronize()?;
-        let t = Instant::now();
-        for _ in 0..iters {
-            f()?;
-        }
-        be.synchronize()?;
-        let s = t.elapsed().as_secs_f64() / iters as f64;
+        let s = seconds(f)?;
         println!("{label:<40} {:>9.3} ms {:>8.0} GB/s", s * 1e3, bytes / s / 1e9);
         Ok(())
     };

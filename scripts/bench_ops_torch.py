@@ -13,15 +13,25 @@ iters = int(sys.argv[2]) if len(sys.argv) > 2 else 20
 dev = "cuda"
 
 
-def timed(label, flops, fn):
+def seconds(fn):
+    """Seconds per call of fn, after one warm-up call, synchronised around the timed calls."""
     fn()
     torch.cuda.synchronize()
     t = time.perf_counter()
     for _ in range(iters):
         fn()
     torch.cuda.synchronize()
-    s = (time.perf_counter() - t) / iters
+    return (time.perf_counter() - t) / iters
+
+
+def timed(label, flops, fn):
+    s = seconds(fn)
     print(f"{label:<40} {s * 1e3:>9.3f} ms {flops / s / 1e12:>8.1f} TFLOP/s")
+
+
+def gbs(label, nbytes, fn):
+    s = seconds(fn)
+    print(f"{label:<40} {s * 1e3:>9.3f} ms {nbytes / s / 1e9:>8.0f} GB/s")
 
 
 b, h, n, dh, d = 2, 24, 4429, 64, 1536
@@ -44,17 +54,6 @@ with torch.no_grad():
     w_mod = torch.randn(6 * d, d, device=dev, dtype=dtype) * 0.02
     bias_mod = torch.randn(6 * d, device=dev, dtype=dtype)
     timed("linear 2x1536 -> 9216 (adaLN)", 2.0 * b * d * 6 * d, lambda: F.linear(pooled, w_mod, bias_mod))
-
-
-def gbs(label, nbytes, fn):
-    fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    torch.cuda.synchronize()
-    s = (time.perf_counter() - t) / iters
-    print(f"{label:<40} {s * 1e3:>9.3f} ms {nbytes / s / 1e9:>8.0f} GB/s")
 
 
 with torch.no_grad():
