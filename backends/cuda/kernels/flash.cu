@@ -13,14 +13,6 @@
 //   B 16x8 : b0 (k 2t..2t+1, n g), b1 (k 2t+8.., n g)
 //   C 16x8 : c0,c1 (g, 2t..2t+1), c2,c3 (g+8, 2t..2t+1)
 
-struct FlashParams {
-    u64 q, k, v, o;
-    i64 q_s[3], k_s[3], v_s[3], o_s[3];  // element strides over (batch, head, token); the feature stride is 1
-    i64 q_off, k_off, v_off, o_off;
-    int heads, nq, nk;
-    float scale_log2;  // softmax scale · log2(e): scores go through exp2
-};
-
 #if __CUDA_ARCH__ >= 800
 
 template <bool BF16>
@@ -36,22 +28,6 @@ __device__ __forceinline__ void mma16816(float* c, const unsigned* a, unsigned b
     }
 }
 
-// Two floats into one 16x2 register, `lo` in the low half.
-template <bool BF16>
-__device__ __forceinline__ unsigned pack2(float lo, float hi) {
-    unsigned r;
-    if (BF16) asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    else asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-
-// 2^x in one MUFU instruction (exp2f adds denormal handling the softmax does not need: its inputs are ≤ 0).
-__device__ __forceinline__ float fast_exp2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
-
 __device__ __forceinline__ void ldmatrix_x4(unsigned* r, const void* p) {
     unsigned a = (unsigned)__cvta_generic_to_shared(p);
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
@@ -63,15 +39,6 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned* r, const void* p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
 }
-
-// 16 bytes global → shared without staging in registers; `bytes` 0 fills zeros (rows past the last key).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes) {
-    unsigned d = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
 
 // Queue one ROWS x DH tile (rows k0.., zero past nk) into `tile` (row pitch DH + 8 halves).
 template <int DH, int ROWS, int THREADS>

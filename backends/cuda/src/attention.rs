@@ -34,8 +34,8 @@ pub fn attention(
         return Err(Error::InvalidArgument("attention over zero keys".into()));
     }
     if !has_bias && !causal {
-        if let Some(kernel) = flash_kernel(dev, q, k, v, out) {
-            return flash(dev, call, kernel, scale, qk_norm, norm_eps);
+        if let Some(launch) = flash_kernel(dev, q, k, v, out) {
+            return flash(dev, call, launch, scale, qk_norm, norm_eps);
         }
     }
     let mut temps: Vec<TensorDesc> = Vec::new();
@@ -183,15 +183,25 @@ pub fn attention(
     result
 }
 
-/// The tensor-core kernel for these operands, if it applies: f16/bf16 throughout, head dim 64 or 128,
+/// A fused-attention kernel and its launch shape: `rows` query rows per block of `threads`, `smem` bytes of
+/// dynamic shared memory.
+struct FlashLaunch<'a> {
+    kernel: &'a CudaFunction,
+    rows: usize,
+    threads: u32,
+    smem: u32,
+}
+
+/// The tensor-core kernel for these operands, if one applies: f16/bf16 throughout, head dim 64 or 128,
 /// unit feature stride, rows aligned for vector loads (offsets and strides multiples of 8 for K and V, 2 for Q and O).
+/// Head dim 64 on compute capability 9.0 takes the `wgmma` kernel (`flash_sm90.cu`), the rest `flash.cu`.
 fn flash_kernel<'a>(
     dev: &'a CudaDevice,
     q: &TensorDesc,
     k: &TensorDesc,
     v: &TensorDesc,
     out: &TensorDesc,
-) -> Option<&'a CudaFunction> {
+) -> Option<FlashLaunch<'a>> {
     let dt = q.dtype;
     if !matches!(dt, DType::F16 | DType::BF16) || [k.dtype, v.dtype, out.dtype].iter().any(|&d| d != dt) {
         return None;
@@ -212,17 +222,26 @@ fn flash_kernel<'a>(
     if !(aligned(q, 2) && aligned(out, 2) && aligned(k, 8) && aligned(v, 8)) {
         return None;
     }
-    Some(&dev.kernels.flash.as_ref()?[(dt == DType::BF16) as usize][(dh == 128) as usize])
+    let bf16 = (dt == DType::BF16) as usize;
+    if let (64, Some(f90)) = (dh, dev.kernels.flash90.as_ref()) {
+        // Two warpgroups of 64 query rows per block (see flash_sm90.cu).
+        return Some(FlashLaunch {
+            kernel: &f90[bf16],
+            rows: 128,
+            threads: 256,
+            smem: crate::kernels::FLASH90_SMEM_BYTES,
+        });
+    }
+    // 128 query rows per block: 4 warps of 32 rows at head dim 64, 8 warps of 16 at 128 (see flash.cu).
+    Some(FlashLaunch {
+        kernel: &dev.kernels.flash.as_ref()?[bf16][(dh == 128) as usize],
+        rows: 128,
+        threads: if dh == 64 { 128 } else { 256 },
+        smem: crate::kernels::flash_smem_bytes(dh, 64),
+    })
 }
 
-fn flash(
-    dev: &CudaDevice,
-    call: &OpCall,
-    kernel: &CudaFunction,
-    scale: f32,
-    qk_norm: bool,
-    norm_eps: f32,
-) -> Result<()> {
+fn flash(dev: &CudaDevice, call: &OpCall, launch: FlashLaunch, scale: f32, qk_norm: bool, norm_eps: f32) -> Result<()> {
     let (q, k, v, out) = (&call.inputs[0], &call.inputs[1], &call.inputs[2], &call.outputs[0]);
     let mut temps = Vec::new();
     // q/k RMS norm first, into contiguous temporaries of the same dtype.
@@ -238,7 +257,7 @@ fn flash(
         (q.clone(), k.clone())
     };
     let s3 = |t: &TensorDesc| [t.strides()[0] as i64, t.strides()[1] as i64, t.strides()[2] as i64];
-    let (b, h, nq, dh) = (q.shape()[0], q.shape()[1], q.shape()[2], q.shape()[3]);
+    let (b, h, nq) = (q.shape()[0], q.shape()[1], q.shape()[2]);
     let p = FlashParams {
         q: qn.buffer.0,
         k: kn.buffer.0,
@@ -257,13 +276,12 @@ fn flash(
         nk: k.shape()[2] as i32,
         scale_log2: scale * std::f32::consts::LOG2_E,
     };
-    // 128 query rows per block: 4 warps of 32 rows at head dim 64, 8 warps of 16 at 128 (see flash.cu).
     let cfg = LaunchConfig {
-        grid_dim: (nq.div_ceil(128) as u32, (b * h) as u32, 1),
-        block_dim: (if dh == 64 { 128 } else { 256 }, 1, 1),
-        shared_mem_bytes: crate::kernels::flash_smem_bytes(dh, 64),
+        grid_dim: (nq.div_ceil(launch.rows) as u32, (b * h) as u32, 1),
+        block_dim: (launch.threads, 1, 1),
+        shared_mem_bytes: launch.smem,
     };
-    let launched = unsafe { dev.stream.launch_builder(kernel).arg(&p).launch(cfg) };
+    let launched = unsafe { dev.stream.launch_builder(launch.kernel).arg(&p).launch(cfg) };
     for t in temps {
         dev.alloc.free(t.buffer);
     }

@@ -67,7 +67,10 @@ impl CudaDevice {
                 format!("multiprocessors={sms}"),
                 format!("tensor_cores={}", major >= 7),
                 "gemm=cublas".into(),
-                "attention=flash-mma (f16/bf16, head dim 64/128; chunked cuBLAS otherwise)".into(),
+                format!(
+                    "attention={} (f16/bf16, head dim 64/128; chunked cuBLAS otherwise)",
+                    if kernels.flash90.is_some() { "flash-wgmma at head dim 64, flash-mma" } else { "flash-mma" }
+                ),
             ],
         };
         let alloc = Allocator::default();

@@ -9,13 +9,18 @@ use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-const SOURCES: [&str; 4] = [
+const SOURCES: [&str; 5] = [
     include_str!("../kernels/elementwise.cu"),
     include_str!("../kernels/rows.cu"),
+    FLASH_COMMON,
     include_str!("../kernels/flash.cu"),
     include_str!("../kernels/gemv.cu"),
 ];
 const COMMON: &str = include_str!("../kernels/common.cuh");
+/// The Hopper attention, a module of its own: `wgmma` needs the arch-specific target `compute_90a`, whose PTX
+/// loads only on compute capability 9.0.
+const HOPPER_SOURCES: [&str; 2] = [FLASH_COMMON, include_str!("../kernels/flash_sm90.cu")];
+const FLASH_COMMON: &str = include_str!("../kernels/flash_common.cuh");
 
 /// Every kernel entry point, loaded once per device.
 pub struct Kernels {
@@ -37,11 +42,18 @@ pub struct Kernels {
     /// Tensor-core attention, indexed `[bf16 as usize][head_dim == 128]`; `None` before sm_80 (no cp.async or
     /// bf16 mma there).
     pub flash: Option<[[CudaFunction; 2]; 2]>,
+    /// The `wgmma` attention for head dim 64 on compute capability 9.0, `[f16, bf16]`; `None` elsewhere or when
+    /// `SD3_CUDA_FLASH90=off` (which keeps the `mma.sync` kernel, for comparison).
+    pub flash90: Option<[CudaFunction; 2]>,
 }
 
-fn source() -> String {
+/// Dynamic shared memory of `kernels/flash_sm90.cu`: double-buffered K and V tiles of 64 × 64 halves, plus 1 KiB
+/// to align them to the 1024-byte swizzle atom.
+pub const FLASH90_SMEM_BYTES: u32 = 4 * 64 * 64 * 2 + 1024;
+
+fn source(parts: &[&str]) -> String {
     let mut s = String::from(COMMON);
-    for part in SOURCES {
+    for part in parts {
         s.push('\n');
         s.push_str(part);
     }
@@ -70,26 +82,7 @@ impl Kernels {
                 format!("compute capability {major}.{minor} is older than the 7.0 the kernels need"),
             ));
         }
-        let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
-        let src = source();
-        let mut h = DefaultHasher::new();
-        src.hash(&mut h);
-        arch.hash(&mut h);
-        let key = format!("{arch}-{:016x}.ptx", h.finish());
-        let cached = cache_dir().map(|d| d.join(&key));
-        let ptx = match cached.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
-            Some(text) => Ptx::from_src(text),
-            None => {
-                let ptx = compile(&src, arch)?;
-                if let (Some(path), Some(dir)) = (&cached, cache_dir()) {
-                    // The cache is an optimisation: failing to write it is not an error.
-                    let _ = std::fs::create_dir_all(dir).and_then(|_| std::fs::write(path, ptx.to_src()));
-                }
-                ptx
-            }
-        };
-        let module =
-            ctx.load_module(ptx).map_err(|e| Error::backend("cuda", format!("loading the kernel module: {e}")))?;
+        let module = load_module(ctx, &source(&SOURCES), format!("compute_{major}{minor}"))?;
         let f = |name: &str| {
             module
                 .load_function(name)
@@ -112,9 +105,53 @@ impl Kernels {
             im2col: f("im2col")?,
             gemv_rows: f("gemv_rows")?,
             flash: if major >= 8 { Some(load_flash(&f)?) } else { None },
+            // An NVRTC too old for `compute_90a` leaves the Hopper attention out; the sm_80 kernel covers it.
+            flash90: if (major, minor) == (9, 0) { load_flash90(ctx).ok().flatten() } else { None },
             _module: module,
         })
     }
+}
+
+/// Compiles `src` for `arch` (or takes it from the disk cache) and loads it.
+fn load_module(ctx: &Arc<CudaContext>, src: &str, arch: String) -> Result<Arc<CudaModule>> {
+    let arch: &'static str = Box::leak(arch.into_boxed_str());
+    let mut h = DefaultHasher::new();
+    src.hash(&mut h);
+    arch.hash(&mut h);
+    let key = format!("{arch}-{:016x}.ptx", h.finish());
+    let cached = cache_dir().map(|d| d.join(&key));
+    let ptx = match cached.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
+        Some(text) => Ptx::from_src(text),
+        None => {
+            let ptx = compile(src, arch)?;
+            if let (Some(path), Some(dir)) = (&cached, cache_dir()) {
+                // The cache is an optimisation: failing to write it is not an error.
+                let _ = std::fs::create_dir_all(dir).and_then(|_| std::fs::write(path, ptx.to_src()));
+            }
+            ptx
+        }
+    };
+    ctx.load_module(ptx).map_err(|e| Error::backend("cuda", format!("loading the kernel module for {arch}: {e}")))
+}
+
+/// The Hopper attention, unless `SD3_CUDA_FLASH90=off`.
+fn load_flash90(ctx: &Arc<CudaContext>) -> Result<Option<[CudaFunction; 2]>> {
+    if std::env::var("SD3_CUDA_FLASH90").is_ok_and(|v| v == "off") {
+        return Ok(None);
+    }
+    let module = load_module(ctx, &source(&HOPPER_SOURCES), "compute_90a".into())?;
+    let load = |name: &str| -> Result<CudaFunction> {
+        let func = module
+            .load_function(name)
+            .map_err(|e| Error::backend("cuda", format!("kernel `{name}` missing from the module: {e}")))?;
+        func.set_attribute(
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            FLASH90_SMEM_BYTES as i32,
+        )
+        .map_err(|e| Error::backend("cuda", format!("kernel `{name}`: cannot reserve shared memory: {e}")))?;
+        Ok(func)
+    };
+    Ok(Some([load("flash90_f16")?, load("flash90_bf16")?]))
 }
 
 /// Dynamic shared memory of the flash kernels: double-buffered K and V tiles of `key_tile` rows, rows padded by
