@@ -7,7 +7,8 @@
 //! - `device.rs`: the `Device` implementation and op dispatch
 //! - `kernels.rs` + `kernels/*.cu`: NVRTC-compiled kernels, cached on disk
 //! - `gemm.rs`: matrix products through cuBLAS; `lt.rs`: linears with a fused bias through cuBLASLt;
-//!   `attention.rs`: the tensor-core flash kernel, or products through cuBLAS
+//!   `attention.rs`: the tensor-core flash kernels (`wgmma` on Hopper, `mma.sync` from sm_80), or products through
+//!   cuBLAS
 //! - `memory.rs`: the caching allocator
 //! - `events.rs`: `--benchmark` timing markers as CUDA events
 
