@@ -4,6 +4,7 @@
 //!
 //! `cargo run --example vae_decode -- [BACKEND] [SIZE] [DTYPE]` (defaults: cpu 256 f32; 1024 is SD3's default
 //! image size). Non-CPU backends are found like the CLI finds them (`SD3_PLUGIN_PATH`, `--plugin-dir` folders).
+//! `SD3_PROFILE=1` adds a per-op profile of one more decode.
 
 use safetensors::tensor::{Dtype, TensorView};
 use sd3::models::vae::AutoencoderKL;
@@ -87,6 +88,16 @@ fn main() -> anyhow::Result<()> {
         let mean = values.iter().map(|&v| v as f64).sum::<f64>() / values.len() as f64;
         let std = (values.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / values.len() as f64).sqrt();
         println!("run {run}: {secs:.3} s, output {:?}, finite {finite}, mean {mean:.4}, std {std:.4}", image.shape());
+    }
+    if std::env::var("SD3_PROFILE").is_ok_and(|v| v == "1") {
+        // One more decode with every op bracketed by synchronisations: where the time goes, by op and shape.
+        backend.enable_profiling();
+        vae.decode(&latents)?.to_f32_vec()?;
+        let total: f64 = backend.profile().iter().map(|p| p.2).sum();
+        println!("profile of one decode ({:.3} s with per-op synchronisation):", total);
+        for (name, n, secs) in backend.profile().iter().take(30) {
+            println!("{:>9.3} ms {:>5}x  {name}", secs * 1e3, n);
+        }
     }
     let fallbacks = backend.fallback_counts();
     println!("host fallbacks: {}", if fallbacks.is_empty() { "none".to_string() } else { format!("{fallbacks:?}") });

@@ -204,6 +204,7 @@ struct GroupNormParams {
     int contiguous;  // x and out contiguous: element index = offset + flat index
     u64 stats;       // double[2 * N * groups]: sum and sum of squares per (sample, group), zeroed by the host
     i64 chunk;       // elements of a group per block in group_norm_stats
+    u64 coeffs;      // float[3 * N * channels]: mean, scale and shift per (sample, channel), for group_norm_apply8
 };
 
 __device__ __forceinline__ i64 gn_index(const GroupNormParams& p, const TD& t, i64 flat) {
@@ -249,6 +250,68 @@ extern "C" __global__ void group_norm_apply(GroupNormParams p) {
             v = v * ldf(p.w.dtype, p.w.ptr, p.w.offset + c * p.w.strides[0]) +
                 ldf(p.b.dtype, p.b.ptr, p.b.offset + c * p.b.strides[0]);
         stf(p.out.dtype, p.out.ptr, gn_index(p, p.out, i), v);
+    }
+}
+
+// Group norm, pass 1 as in group_norm_stats, eight elements per thread with 16-byte loads: contiguous operands,
+// spatial size and offsets multiples of 8, chunks multiples of 8.
+extern "C" __global__ void group_norm_stats8(GroupNormParams p) {
+    __shared__ float scratch[32];
+    i64 ng = blockIdx.y, n = ng / p.groups, g = ng % p.groups;
+    i64 cpg = p.channels / p.groups, len = cpg * p.spatial;
+    i64 base = p.x.offset + (n * p.channels + g * cpg) * p.spatial;
+    i64 start = blockIdx.x * p.chunk, end = start + p.chunk < len ? start + p.chunk : len;
+    float s = 0.f, ss = 0.f;
+    for (i64 e = start + threadIdx.x * 8; e < end; e += blockDim.x * 8) {
+        float v[8];
+        load8(p.x.dtype, p.x.ptr, base + e, v);
+        #pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            s += v[j];
+            ss += v[j] * v[j];
+        }
+    }
+    s = block_sum(s, scratch);
+    ss = block_sum(ss, scratch);
+    if (threadIdx.x == 0) {
+        atomicAdd((double*)p.stats + 2 * ng, (double)s);
+        atomicAdd((double*)p.stats + 2 * ng + 1, (double)ss);
+    }
+}
+
+// Group norm, pass 2 for group_norm_apply8: per (sample, channel), the group's mean and the scale and shift that
+// fold in the affine weights, so pass 3 does no division and no f64 arithmetic per element.
+extern "C" __global__ void group_norm_coeffs(GroupNormParams p) {
+    i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x;  // sample · channels + channel
+    if (i >= p.x.shape[0] * p.channels) return;
+    i64 c = i % p.channels, n = i / p.channels, cpg = p.channels / p.groups, ng = n * p.groups + c / cpg;
+    double len = (double)(cpg * p.spatial);
+    double mean = ((const double*)p.stats)[2 * ng] / len;
+    double var = ((const double*)p.stats)[2 * ng + 1] / len - mean * mean;
+    float scale = (float)(1.0 / sqrt((var > 0.0 ? var : 0.0) + (double)p.eps)), shift = 0.f;
+    if (p.affine) {
+        scale *= ldf(p.w.dtype, p.w.ptr, p.w.offset + c * p.w.strides[0]);
+        shift = ldf(p.b.dtype, p.b.ptr, p.b.offset + c * p.b.strides[0]);
+    }
+    float* out = (float*)p.coeffs + 3 * i;
+    out[0] = (float)mean;
+    out[1] = scale;
+    out[2] = shift;
+}
+
+// Group norm, pass 3: y = (x - mean)·scale + shift over one (sample, channel) plane per blockIdx.y, eight
+// elements per thread (the same conditions as group_norm_stats8).
+extern "C" __global__ void group_norm_apply8(GroupNormParams p) {
+    const i64 nc = blockIdx.y;
+    const float* k = (const float*)p.coeffs + 3 * nc;
+    const float mean = k[0], scale = k[1], shift = k[2];
+    const i64 xb = p.x.offset + nc * p.spatial, ob = p.out.offset + nc * p.spatial;
+    for (i64 e = (blockIdx.x * (i64)blockDim.x + threadIdx.x) * 8; e < p.spatial; e += (i64)gridDim.x * blockDim.x * 8) {
+        float v[8];
+        load8(p.x.dtype, p.x.ptr, xb + e, v);
+        #pragma unroll
+        for (int j = 0; j < 8; ++j) v[j] = (v[j] - mean) * scale + shift;
+        store8(p.out.dtype, p.out.ptr, ob + e, v);
     }
 }
 
@@ -307,5 +370,32 @@ extern "C" __global__ void im2col(Im2colParams p) {
             if (row_in && ix >= 0 && ix < W) v = ldf(p.x.dtype, p.x.ptr, in_base + ix * p.x.strides[3]);
             stf(p.cols_dtype, p.cols, out_base + ox, v);
         }
+    }
+}
+
+// im2col of 16-bit data into a 16-bit column matrix, eight output pixels per thread and one 16-byte store: the
+// generic kernel's two-byte stores left the VAE's convolutions far below the memory bound. Needs the input's last
+// stride 1, OW a multiple of 8 and C·KH·KW·OH·OW/8 below 2^31 (32-bit index arithmetic); the host checks.
+extern "C" __global__ void im2col8_h(Im2colParams p) {
+    const int H = (int)p.x.shape[2], W = (int)p.x.shape[3];
+    const unsigned ow8 = (unsigned)(p.ow / 8), oh = (unsigned)p.oh, kw = p.kw, kh = p.kh;
+    const unsigned total = (unsigned)p.x.shape[1] * kh * kw * oh * ow8;
+    const unsigned short* x = (const unsigned short*)p.x.ptr + p.x.offset + p.n * p.x.strides[0];
+    U4* cols = (U4*)p.cols;
+    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
+        const unsigned g8 = i % ow8, pr = i / ow8, oy = pr % oh, row = pr / oh;
+        const unsigned kx = row % kw, t = row / kw, ky = t % kh, c = t / kh;
+        const int iy = (int)oy * p.sh + (int)ky - p.ph;
+        unsigned v[4] = {0u, 0u, 0u, 0u};
+        if (iy >= 0 && iy < H) {
+            const unsigned short* src = x + c * p.x.strides[1] + iy * p.x.strides[2];
+            const int ix0 = (int)(g8 * 8) * p.sw + (int)kx - p.pw;
+            #pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                const int ix = ix0 + e * p.sw;
+                if (ix >= 0 && ix < W) v[e / 2] |= (unsigned)src[ix] << ((e & 1) * 16);
+            }
+        }
+        cols[(u64)row * oh * ow8 + oy * ow8 + g8] = U4{v[0], v[1], v[2], v[3]};
     }
 }

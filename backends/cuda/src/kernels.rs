@@ -30,6 +30,8 @@ pub struct Kernels {
     /// `ew_vec` with 32-bit index arithmetic, for fewer than 2^31 elements.
     pub ew_vec32: CudaFunction,
     pub upsample: CudaFunction,
+    /// Nearest upsampling of 16-bit data, eight pixels per thread.
+    pub upsample_h8: CudaFunction,
     pub gather: CudaFunction,
     pub row_op: CudaFunction,
     /// Warp-per-row norms for rows of at most 1024, 1536 and 3072 elements, `[f16/bf16 rows][size]`.
@@ -37,7 +39,13 @@ pub struct Kernels {
     pub group_norm: CudaFunction,
     pub group_norm_stats: CudaFunction,
     pub group_norm_apply: CudaFunction,
+    /// Group norm with 16-byte accesses, for contiguous operands with 8-aligned planes.
+    pub group_norm_stats8: CudaFunction,
+    pub group_norm_coeffs: CudaFunction,
+    pub group_norm_apply8: CudaFunction,
     pub im2col: CudaFunction,
+    /// im2col of 16-bit data, eight pixels per thread.
+    pub im2col8_h: CudaFunction,
     pub gemv_rows: CudaFunction,
     /// Tensor-core attention, indexed `[bf16 as usize][head_dim == 128]`; `None` before sm_80 (no cp.async or
     /// bf16 mma there).
@@ -93,6 +101,7 @@ impl Kernels {
             ew_vec: f("ew_vec")?,
             ew_vec32: f("ew_vec32")?,
             upsample: f("upsample_nearest2d")?,
+            upsample_h8: f("upsample_nearest2d_h8")?,
             gather: f("gather_rows")?,
             row_op: f("row_op")?,
             row_warp: [
@@ -102,7 +111,11 @@ impl Kernels {
             group_norm: f("group_norm")?,
             group_norm_stats: f("group_norm_stats")?,
             group_norm_apply: f("group_norm_apply")?,
+            group_norm_stats8: f("group_norm_stats8")?,
+            group_norm_coeffs: f("group_norm_coeffs")?,
+            group_norm_apply8: f("group_norm_apply8")?,
             im2col: f("im2col")?,
+            im2col8_h: f("im2col8_h")?,
             gemv_rows: f("gemv_rows")?,
             flash: if major >= 8 { Some(load_flash(&f)?) } else { None },
             // An NVRTC too old for `compute_90a` leaves the Hopper attention out; the sm_80 kernel covers it.

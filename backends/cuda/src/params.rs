@@ -100,6 +100,7 @@ pub struct GroupNormParams {
     pub contiguous: i32,
     pub stats: u64,
     pub chunk: i64,
+    pub coeffs: u64,
 }
 
 #[repr(C)]

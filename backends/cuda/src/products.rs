@@ -5,7 +5,7 @@ use crate::device::CudaDevice;
 use crate::gemm::{collapse_batch, mat_layout, Gemm};
 use crate::lt::{BiasGemm, Epilogue};
 use crate::params::Im2colParams;
-use sd3_core::{Layout, OpCall, Result, TensorDesc, UnaryOp};
+use sd3_core::{DType, Layout, OpCall, Result, TensorDesc, UnaryOp};
 
 impl CudaDevice {
     /// `out = act(a·b + bias)`. GELU (tanh) and ReLU with a bias go into cuBLASLt's epilogue where the fused path
@@ -196,7 +196,17 @@ impl CudaDevice {
         let wc = self.contiguous_as(w, ct)?;
         let wd = wc.as_ref().unwrap_or(w);
         let cols = self.temp(&[ckk, oh * ow], ct)?;
-        let y = self.temp(&[nb, o, oh * ow], ct)?;
+        // The products go straight into `out` when it is contiguous, else through a temporary.
+        let direct = out.is_contiguous() && out.dtype == ct;
+        let y = if direct {
+            TensorDesc {
+                buffer: out.buffer,
+                dtype: ct,
+                layout: Layout { offset: out.layout.offset, ..Layout::contiguous(&[nb, o, oh * ow]) },
+            }
+        } else {
+            self.temp(&[nb, o, oh * ow], ct)?
+        };
         let es = ct.size_in_bytes() as u64;
         let mut beta = 0.0;
         if bias {
@@ -222,9 +232,20 @@ impl CudaDevice {
                 cols_dtype: ct as i32,
                 pad: 0,
             };
-            // One block per (column row, output row); threads along the output row.
-            let threads = (ow.next_multiple_of(32)).min(256) as u32;
-            self.launch(&self.kernels.im2col, (ckk * oh) as u64, threads, p)?;
+            let eighths = ckk * oh * ow / 8;
+            if x.dtype == ct
+                && matches!(ct, DType::F16 | DType::BF16)
+                && x.strides()[3] == 1
+                && ow.is_multiple_of(8)
+                && eighths < 1 << 31
+            {
+                // Eight pixels per thread, one 16-byte store each.
+                self.launch(&self.kernels.im2col8_h, eighths.div_ceil(256) as u64, 256, p)?;
+            } else {
+                // One block per (column row, output row); threads along the output row.
+                let threads = (ow.next_multiple_of(32)).min(256) as u32;
+                self.launch(&self.kernels.im2col, (ckk * oh) as u64, threads, p)?;
+            }
             // y[ni] [O, OH·OW] = W [O, CKK] · cols [CKK, OH·OW]
             let g = Gemm {
                 m: o as i64,
@@ -237,7 +258,7 @@ impl CudaDevice {
                 b: cols.buffer.0,
                 b_layout: mat_layout(ckk, oh * ow, oh * ow, 1).unwrap(),
                 b_batch_stride: 0,
-                c: y.buffer.0 + (ni * o * oh * ow) as u64 * es,
+                c: y.buffer.0 + (y.layout.offset + ni * o * oh * ow) as u64 * es,
                 ldc: (oh * ow) as i64,
                 c_batch_stride: 0,
                 ab_type: ct,
@@ -248,10 +269,12 @@ impl CudaDevice {
             let blas = self.blas.lock().unwrap();
             unsafe { g.run(*blas.handle())? };
         }
-        let yv = TensorDesc { buffer: y.buffer, dtype: ct, layout: Layout::contiguous(out.shape()) };
-        self.copy(&yv, out)?;
+        if !direct {
+            let yv = TensorDesc { buffer: y.buffer, dtype: ct, layout: Layout::contiguous(out.shape()) };
+            self.copy(&yv, out)?;
+            self.alloc.free(y.buffer);
+        }
         self.alloc.free(cols.buffer);
-        self.alloc.free(y.buffer);
         if let Some(t) = wc {
             self.alloc.free(t.buffer);
         }

@@ -1,7 +1,8 @@
 //! The CUDA backend's specialised kernels against the reference device, at the shapes and layouts that select
 //! them: the warp-per-row norms (`row_warp`), the 32-bit-index vectorised elementwise kernel (`ew_vec32`), and
 //! the tensor-core attention on the strided views of a fused `[B, N, 3, H, Dh]` projection (the MM-DiT's joint
-//! attention layout), with sequence lengths that are not multiples of the tiles. Skips without a CUDA device.
+//! attention layout), with sequence lengths that are not multiples of the tiles; the 16-byte im2col, group norm
+//! and upsampling of the VAE decoder. Skips without a CUDA device.
 
 mod common;
 
@@ -176,6 +177,64 @@ fn linears_with_fused_activations() -> Result<()> {
         gx.linear_into(&gw, Some(&gb), Some(UnaryOp::GeluTanh), &gbuf.narrow(1, 30, 50)?)?;
         cx.linear_into(&cw, Some(&cb), Some(UnaryOp::GeluTanh), &cbuf.narrow(1, 30, 50)?)?;
         check(&format!("linear + gelu into buffer rows {dt}"), &gbuf, &cbuf, 1e-9)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn vae_kernels_eight_pixels_per_thread() -> Result<()> {
+    let Some(mut p) = Pair::open(7) else { return Ok(()) };
+    for dt in [DType::F16, DType::BF16] {
+        // Output widths that are multiples of 8 take `im2col8_h`: padding on both edges, stride 2, a 1x1
+        // kernel, a second sample, and an input view with an offset (a channel slice of a bigger tensor).
+        let (gx, cx) = p.rand(&[2, 8, 16, 32], dt, -1.0, 1.0)?;
+        let (gk, ck) = p.rand(&[5, 8, 3, 3], dt, -1.0, 1.0)?;
+        let (gb, cb) = p.rand(&[5], dt, -1.0, 1.0)?;
+        for (stride, pad) in [(1, 1), (2, 1), (1, 0)] {
+            check(
+                &format!("conv3x3 s{stride} p{pad} {dt}"),
+                &gx.conv2d(&gk, Some(&gb), stride, pad)?,
+                &cx.conv2d(&ck, Some(&cb), stride, pad)?,
+                1e-9,
+            )?;
+        }
+        let (g1, c1) = p.rand(&[5, 8, 1, 1], dt, -1.0, 1.0)?;
+        check(&format!("conv1x1 {dt}"), &gx.conv2d(&g1, None, 1, 0)?, &cx.conv2d(&c1, None, 1, 0)?, 1e-9)?;
+        let slice = |t: &Tensor| t.narrow(1, 2, 6);
+        let (gk6, ck6) = p.rand(&[4, 6, 3, 3], dt, -1.0, 1.0)?;
+        check(
+            &format!("conv3x3 channel slice {dt}"),
+            &slice(&gx)?.conv2d(&gk6, None, 1, 1)?,
+            &slice(&cx)?.conv2d(&ck6, None, 1, 1)?,
+            1e-9,
+        )?;
+        // Nearest upsampling with 16-byte stores: factors 2 and 3, and a channel slice as input.
+        for factor in [2, 3] {
+            let name = format!("upsample x{factor} {dt}");
+            check(&name, &gx.upsample_nearest2d(factor)?, &cx.upsample_nearest2d(factor)?, 0.0)?;
+        }
+        check(
+            &format!("upsample channel slice {dt}"),
+            &slice(&gx)?.upsample_nearest2d(2)?,
+            &slice(&cx)?.upsample_nearest2d(2)?,
+            0.0,
+        )?;
+        // Group norm over groups of 65536 elements (the many-block path) with 16-byte accesses, two samples,
+        // without and with the affine weights, on data whose mean is far from zero.
+        let (gn, cn) = p.rand(&[2, 16, 128, 128], dt, 1.0, 5.0)?;
+        let (gw, cw) = p.rand(&[16], dt, 0.5, 1.5)?;
+        check(
+            &format!("group_norm 16-byte {dt}"),
+            &gn.group_norm(4, None, None, 1e-6)?,
+            &cn.group_norm(4, None, None, 1e-6)?,
+            1e-10,
+        )?;
+        check(
+            &format!("group_norm 16-byte affine {dt}"),
+            &gn.group_norm(4, Some(&gw), Some(&gw), 1e-6)?,
+            &cn.group_norm(4, Some(&cw), Some(&cw), 1e-6)?,
+            1e-10,
+        )?;
     }
     Ok(())
 }
