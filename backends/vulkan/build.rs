@@ -1,5 +1,6 @@
-//! Compiles `shaders/*.comp` (GLSL) to SPIR-V with `glslc` into `$OUT_DIR/<name>.spv`, which `src/pipelines.rs`
-//! embeds with `include_bytes!`. `$GLSLC` overrides the compiler's path.
+//! Compiles `shaders/*.comp` (GLSL) to SPIR-V with `glslc` into `$OUT_DIR/<name>.spv`, and writes
+//! `$OUT_DIR/shaders.rs`: a table of every shader's name and SPIR-V (`include_bytes!`), which `src/pipelines.rs`
+//! includes. `$GLSLC` overrides the compiler's path.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -15,6 +16,8 @@ fn main() {
         .map(|e| e.expect("reading backends/vulkan/shaders").path())
         .collect();
     entries.sort();
+    let mut table =
+        String::from("/// Every compiled shader: (file stem, SPIR-V).\npub static SHADERS: &[(&str, &[u8])] = &[\n");
     for path in entries {
         println!("cargo:rerun-if-changed={}", path.display());
         if path.extension().and_then(|e| e.to_str()) != Some("comp") {
@@ -44,5 +47,8 @@ fn main() {
             ),
             Ok(_) => {}
         }
+        table.push_str(&format!("    ({stem:?}, include_bytes!({:?})),\n", out.display().to_string()));
     }
+    table.push_str("];\n");
+    std::fs::write(out_dir.join("shaders.rs"), table).expect("writing $OUT_DIR/shaders.rs");
 }

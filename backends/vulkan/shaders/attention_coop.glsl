@@ -17,6 +17,10 @@
 #extension GL_KHR_shader_subgroup_shuffle : require
 #extension GL_EXT_control_flow_attributes : require
 #include "common.glsl"
+// Execution barrier of the subgroup that orders its shared-memory accesses only (subgroupBarrier() also orders
+// buffer memory, which cost a wait for outstanding memory operations at each of the three hand-offs per tile).
+#define SUBGROUP_SHARED_BARRIER() \
+    controlBarrier(gl_ScopeSubgroup, gl_ScopeSubgroup, gl_StorageSemanticsShared, gl_SemanticsAcquireRelease)
 #define BR 64
 #define BC 64
 #define D 64
@@ -143,7 +147,7 @@ void main() {
             }
             coopMatStoreNV(s, Ss, ss0 + j * FN, SS, false);
         }
-        subgroupBarrier();
+        SUBGROUP_SHARED_BARRIER();
         // Online softmax over this row's 32 columns, with the partner invocation holding the other 32.
         float sc[32];
         float tmax = NEG_INF;
@@ -171,7 +175,7 @@ void main() {
         }
         l = l * corr + psum + subgroupShuffleXor(psum, 16u);
         m = m_new;
-        subgroupBarrier();
+        SUBGROUP_SHARED_BARRIER();
         // P·V: 16 x 64 per subgroup, into the same slice of Ss, then folded into the registers.
         fcoopmatNV<16, gl_ScopeSubgroup, FM, FK> pf_[BC / FK];
         [[unroll]] for (uint k = 0u; k < BC / FK; ++k) coopMatLoadNV(pf_[k], Ps, ps0 + k * (FK / 8u), SV, false);
@@ -184,14 +188,14 @@ void main() {
             }
             coopMatStoreNV(pv, Ss, ss0 + j * FN, SS, false);
         }
-        subgroupBarrier();
+        SUBGROUP_SHARED_BARRIER();
         [[unroll]] for (uint c = 0u; c < 32u; ++c) o[c] = o[c] * corr + Ss[ss0 + r * SS + c0 + c];
         barrier();
     }
     // Normalised rows back through this subgroup's slice, then out two columns per invocation.
     float inv = l > 0.0 ? 1.0 / l : 0.0;
     [[unroll]] for (uint c = 0u; c < 32u; ++c) Ss[ss0 + r * SS + c0 + c] = o[c] * inv;
-    subgroupBarrier();
+    SUBGROUP_SHARED_BARRIER();
     uint sd = P[24];
     for (uint p = lane; p < 16u * 32u; p += gl_SubgroupSize) {
         uint rr = p / 32u, d = 2u * (p % 32u), orow = i0 + w * 16u + rr;

@@ -13,6 +13,9 @@ pub const ATTENTION_SHARED_BYTES: u32 = 2 * (64 * 72 * 2) + 4 * 16 * 72 * 2 + 4 
 const _: () = assert!(ATTENTION_SHARED_BYTES <= 48 * 1024);
 /// Environment switch: `SD3_VULKAN_COOP=0` keeps a capable device on the scalar shaders (for comparisons).
 pub const DISABLE_ENV: &str = "SD3_VULKAN_COOP";
+/// Environment switch: `SD3_VULKAN_COOP_SHAPE=16x8x16` makes a device that lists both shapes use the 16x8x16
+/// kernels (to test them on a device that would pick 16x16x16).
+pub const SHAPE_ENV: &str = "SD3_VULKAN_COOP_SHAPE";
 
 /// The cooperative-matrix kernels a device runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,6 +52,11 @@ impl<'a> CoopSupport<'a> {
 
 /// The kernels to use, or None (then the scalar shaders run everything). Prefers 16x16x16 fragments.
 pub fn select(s: &CoopSupport) -> Option<CoopKernels> {
+    select_shape(s, false)
+}
+
+/// [`select`], or with `narrow` the 16x8x16 kernels wherever the device lists that shape.
+pub fn select_shape(s: &CoopSupport, narrow: bool) -> Option<CoopKernels> {
     if !(s.nv_extension && s.shader_float16 && s.vulkan_memory_model)
         || s.subgroup_size != 32
         || s.shared_memory < ATTENTION_SHARED_BYTES
@@ -56,7 +64,7 @@ pub fn select(s: &CoopSupport) -> Option<CoopKernels> {
         return None;
     }
     let listed = |m, n, k| s.shapes.iter().any(|c| c.nv && c.is_f16_f32() && (c.m, c.n, c.k) == (m, n, k));
-    if listed(16, 16, 16) {
+    if listed(16, 16, 16) && !(narrow && listed(16, 8, 16)) {
         Some(CoopKernels { matmul: Kernel::MatmulCoop16, attention: Kernel::AttentionCoop16, shape: (16, 16, 16) })
     } else if listed(16, 8, 16) {
         Some(CoopKernels { matmul: Kernel::MatmulCoop8, attention: Kernel::AttentionCoop8, shape: (16, 8, 16) })
@@ -70,7 +78,8 @@ pub fn select_for(p: &PhysicalDevice) -> Option<CoopKernels> {
     if std::env::var(DISABLE_ENV).is_ok_and(|v| v == "0") {
         return None;
     }
-    select(&CoopSupport::of(p))
+    let narrow = std::env::var(SHAPE_ENV).is_ok_and(|v| v == "16x8x16");
+    select_shape(&CoopSupport::of(p), narrow)
 }
 
 #[cfg(test)]
@@ -100,6 +109,9 @@ mod tests {
         let narrow = [shape(16, 8, 16, T::FLOAT16, T::FLOAT32, true)];
         let k = select(&nvidia(&narrow)).unwrap();
         assert_eq!((k.matmul, k.attention, k.shape), (Kernel::MatmulCoop8, Kernel::AttentionCoop8, (16, 8, 16)));
+        assert_eq!(select_shape(&nvidia(&both), true).unwrap().matmul, Kernel::MatmulCoop8);
+        let wide = [shape(16, 16, 16, T::FLOAT16, T::FLOAT32, true)];
+        assert_eq!(select_shape(&nvidia(&wide), true).unwrap().matmul, Kernel::MatmulCoop16);
     }
 
     #[test]

@@ -103,19 +103,36 @@ impl VulkanDevice {
         let qinfo = [vk::DeviceQueueCreateInfo::default().queue_family_index(family).queue_priorities(&prio)];
         // The cooperative-matrix shaders need their extension, f16 arithmetic and the Vulkan memory model.
         let coop = crate::coop::select_for(&phys);
-        let extensions = [vk::NV_COOPERATIVE_MATRIX_NAME.as_ptr()];
+        let mut extensions = Vec::new();
         let mut f12 = vk::PhysicalDeviceVulkan12Features::default().shader_float16(true).vulkan_memory_model(true);
         let mut fcoop = vk::PhysicalDeviceCooperativeMatrixFeaturesNV::default().cooperative_matrix(true);
+        let mut fstats =
+            vk::PhysicalDevicePipelineExecutablePropertiesFeaturesKHR::default().pipeline_executable_info(true);
         let mut create = vk::DeviceCreateInfo::default().queue_create_infos(&qinfo);
         if coop.is_some() {
-            create = create.enabled_extension_names(&extensions).push_next(&mut f12).push_next(&mut fcoop);
+            extensions.push(vk::NV_COOPERATIVE_MATRIX_NAME.as_ptr());
+            create = create.push_next(&mut f12).push_next(&mut fcoop);
         }
+        // Debug: the driver's per-pipeline statistics (registers, spills), where asked for and offered.
+        let stats = crate::stats::requested() && unsafe { crate::stats::offered(i, phys.handle) };
+        if stats {
+            extensions.push(vk::KHR_PIPELINE_EXECUTABLE_PROPERTIES_NAME.as_ptr());
+            create = create.push_next(&mut fstats);
+        } else if crate::stats::requested() {
+            eprintln!("{}: {} lacks VK_KHR_pipeline_executable_properties", crate::stats::STATS_ENV, phys.name);
+        }
+        create = create.enabled_extension_names(&extensions);
         // SAFETY: valid physical device of this instance; every object is destroyed in `Drop`.
         let device = unsafe { i.create_device(phys.handle, &create, None) }
             .map_err(|e| vk_error(&format!("vkCreateDevice on {}", phys.name), e))?;
         let state = unsafe { Self::create_state(i, &device, &phys, family, unmapped_memory) };
         let state = match state {
-            Ok(s) => s,
+            Ok(mut s) => {
+                if stats {
+                    s.pipelines.stats = Some(ash::khr::pipeline_executable_properties::Device::new(i, &device));
+                }
+                s
+            }
             Err(e) => {
                 // SAFETY: nothing else uses the device yet. (Objects created before the failure are reclaimed
                 // with the device.)

@@ -19,6 +19,7 @@ mod markers;
 pub mod memory;
 mod ops;
 pub mod pipelines;
+mod stats;
 
 use ash::vk;
 pub use device::VulkanDevice;

@@ -69,29 +69,35 @@ impl Kernel {
         }
     }
 
-    fn spirv(self) -> &'static [u8] {
-        macro_rules! spv {
-            ($n:literal) => {
-                include_bytes!(concat!(env!("OUT_DIR"), "/", $n, ".spv"))
-            };
-        }
-        match self {
-            Kernel::Elementwise => spv!("elementwise"),
-            Kernel::Rows => spv!("rows"),
-            Kernel::Matmul => spv!("matmul"),
-            Kernel::Attention => spv!("attention"),
-            Kernel::Attention128 => spv!("attention128"),
-            Kernel::Conv2d => spv!("conv2d"),
-            Kernel::ConvGemm => spv!("conv_gemm"),
-            Kernel::GroupNorm => spv!("group_norm"),
-            Kernel::Gather => spv!("gather"),
-            Kernel::Matvec => spv!("matvec"),
-            Kernel::MatmulCoop16 => spv!("matmul_coop16"),
-            Kernel::MatmulCoop8 => spv!("matmul_coop8"),
-            Kernel::AttentionCoop16 => spv!("attention_coop16"),
-            Kernel::AttentionCoop8 => spv!("attention_coop8"),
-        }
+    /// The SPIR-V of this kernel, or of its variant `<name>_<variant>` (a benchmark alternative; see
+    /// [`VARIANT_ENV`]).
+    fn spirv(self, variant: Option<&str>) -> Result<&'static [u8]> {
+        let name = match variant {
+            Some(v) => format!("{}_{v}", self.name()),
+            None => self.name().to_string(),
+        };
+        SHADERS.iter().find(|(n, _)| *n == name).map(|(_, code)| *code).ok_or_else(|| {
+            sd3_core::Error::InvalidArgument(format!(
+                "vulkan: no shader {name}.comp (set by {VARIANT_ENV}); variants: {}",
+                SHADERS.iter().map(|(n, _)| *n).filter(|n| n.starts_with(self.name())).collect::<Vec<_>>().join(", ")
+            ))
+        })
     }
+}
+
+include!(concat!(env!("OUT_DIR"), "/shaders.rs"));
+
+/// Environment switch for benchmarks: `SD3_VULKAN_VARIANT=matmul_coop16:bk64,attention_coop16:x` builds each named
+/// kernel from `shaders/<kernel>_<variant>.comp` instead of `shaders/<kernel>.comp`.
+pub const VARIANT_ENV: &str = "SD3_VULKAN_VARIANT";
+
+fn variants_from_env() -> Vec<(String, String)> {
+    std::env::var(VARIANT_ENV)
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|kv| kv.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
 }
 
 pub struct Pipelines {
@@ -99,6 +105,10 @@ pub struct Pipelines {
     pub layout: vk::PipelineLayout,
     cache: [Option<vk::Pipeline>; Kernel::ALL.len()],
     pub created: usize,
+    variants: Vec<(String, String)>,
+    /// Set where `SD3_VULKAN_PIPELINE_STATS=1` and the device has the extension: print the driver's statistics of
+    /// each pipeline created (see [`crate::stats`]).
+    pub stats: Option<ash::khr::pipeline_executable_properties::Device>,
 }
 
 impl Pipelines {
@@ -121,7 +131,14 @@ impl Pipelines {
             let layout = device
                 .create_pipeline_layout(&vk::PipelineLayoutCreateInfo::default().set_layouts(&layouts), None)
                 .map_err(|e| vk_error("vkCreatePipelineLayout", e))?;
-            Ok(Pipelines { set_layout, layout, cache: [None; Kernel::ALL.len()], created: 0 })
+            Ok(Pipelines {
+                set_layout,
+                layout,
+                cache: [None; Kernel::ALL.len()],
+                created: 0,
+                variants: variants_from_env(),
+                stats: None,
+            })
         }
     }
 
@@ -131,7 +148,8 @@ impl Pipelines {
         if let Some(p) = self.cache[slot] {
             return Ok(p);
         }
-        let code = ash::util::read_spv(&mut std::io::Cursor::new(k.spirv())).map_err(|e| {
+        let variant = self.variants.iter().find(|(n, _)| n == k.name()).map(|(_, v)| v.as_str());
+        let code = ash::util::read_spv(&mut std::io::Cursor::new(k.spirv(variant)?)).map_err(|e| {
             sd3_core::Error::backend("vulkan", format!("embedded SPIR-V of {} is invalid: {e}", k.name()))
         })?;
         // SAFETY: valid SPIR-V from glslc; the module is destroyed once the pipeline exists.
@@ -143,11 +161,21 @@ impl Pipelines {
                 .stage(vk::ShaderStageFlags::COMPUTE)
                 .module(module)
                 .name(c"main");
-            let info = vk::ComputePipelineCreateInfo::default().stage(stage).layout(self.layout);
+            let mut info = vk::ComputePipelineCreateInfo::default().stage(stage).layout(self.layout);
+            if self.stats.is_some() {
+                info = info.flags(vk::PipelineCreateFlags::CAPTURE_STATISTICS_KHR);
+            }
             let result = device.create_compute_pipelines(vk::PipelineCache::null(), &[info], None);
             device.destroy_shader_module(module, None);
             let p = result.map_err(|(_, e)| vk_error(&format!("building the {} compute pipeline", k.name()), e))?[0];
             self.cache[slot] = Some(p);
+            if let Some(ext) = &self.stats {
+                crate::stats::print(
+                    ext,
+                    p,
+                    &format!("{}{}", k.name(), variant.map(|v| format!("_{v}")).unwrap_or_default()),
+                );
+            }
             self.created += 1;
             Ok(p)
         }
