@@ -87,8 +87,11 @@ impl Kernel {
 
 include!(concat!(env!("OUT_DIR"), "/shaders.rs"));
 
-/// Environment switch for benchmarks: `SD3_VULKAN_VARIANT=matmul_coop16:bk64,attention_coop16:x` builds each named
-/// kernel from `shaders/<kernel>_<variant>.comp` instead of `shaders/<kernel>.comp`.
+/// Environment switch for benchmarks: `SD3_VULKAN_VARIANT=matmul_coop16:a,attention_coop16:b` builds each named
+/// kernel from `shaders/<kernel>_<variant>.comp` (e.g. `matmul_coop16_a.comp`) instead of `shaders/<kernel>.comp`,
+/// so one binary can time alternatives of a shader on a device. A variant that does not exist is an error when the
+/// kernel's pipeline is first built. (No variant is kept in the tree once measured; `build.rs` compiles any
+/// `*.comp` added.)
 pub const VARIANT_ENV: &str = "SD3_VULKAN_VARIANT";
 
 fn variants_from_env() -> Vec<(String, String)> {
