@@ -8,11 +8,13 @@
 #   o='-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/amd64'; apt-get $o update
 #   (cd .gl && apt-get $o download libvulkan1 libglvnd0 libegl1 libgl1 libglx0 libopengl0 libgles2)
 #   cargo build --release -p sd3-backend-vulkan -p sd3 && cargo build --release -p sd3 --example bench_mmdit_gpu \
-#     --example vae_decode && cargo test --release -p sd3-backend-vulkan --no-run
+#     --example vae_decode && cargo build --release -p sd3-backend-vulkan --example vulkan_kernels \
+#     && cargo test --release -p sd3-backend-vulkan --no-run
 #   C=carry-vulkan; mkdir -p $C; cp target/release/{sd3,libsd3_backend_vulkan.so} \
-#     target/release/examples/{bench_mmdit_gpu,vae_decode} ../shared/tools/anchor_diffusers.py scripts/bench_vulkan_gpu.sh $C/
+#     target/release/examples/{bench_mmdit_gpu,vae_decode,vulkan_kernels} ../shared/tools/anchor_diffusers.py \
+#     scripts/bench_vulkan_gpu.sh $C/
 #   for t in ops paths device pipeline_on_vulkan; do cp $(ls -t target/release/deps/$t-* | grep -v '\.d$' | head -1) $C/test_$t; done
-#   strip $C/sd3 $C/*.so $C/test_* $C/bench_mmdit_gpu $C/vae_decode
+#   strip $C/sd3 $C/*.so $C/test_* $C/bench_mmdit_gpu $C/vae_decode $C/vulkan_kernels
 # Then run `bash carry-vulkan/bench_vulkan_gpu.sh` with carry [carry-vulkan, .gl, .whl] and timeout_s 420.
 # MODES (default "0 1") lists the SD3_VULKAN_HOST_VISIBLE settings to time the MM-DiT forward with.
 C=$PWD/carry-vulkan
@@ -29,6 +31,8 @@ export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json SD3_
 date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 run devices 30 4 $C/sd3 devices
 run conformance 90 5 $C/sd3 conformance --backend vulkan --json $OUT/conformance.json
+# Per-kernel device time (timestamp markers) and the driver's register/spill statistics of each pipeline.
+run kernels 40 30 env SD3_VULKAN_PIPELINE_STATS=1 $C/vulkan_kernels --iters 20
 for m in ${MODES:-0 1}; do
   run bench2_hv$m 60 30 env SD3_VULKAN_HOST_VISIBLE=$m $C/bench_mmdit_gpu --backend vulkan --dtype f16 --res 1024 \
     --batch 2 --layers 2 --iters 3 --profile
