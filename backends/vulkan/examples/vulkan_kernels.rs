@@ -7,7 +7,10 @@
 //! The GPU's clock ramps up under load: the attention first runs for `--warmup-ms` of wall time, untimed.
 //!
 //! `cargo run --release -p sd3-backend-vulkan --example vulkan_kernels -- [--iters 20] [--device 0]
-//! [--ops attention,linear,memory] [--warmup-ms 500]`
+//! [--ops attention,linear,memory] [--warmup-ms 500] [--repeat 1]`
+//!
+//! `--repeat N` times the whole sequence N times: on the H200 some figures depended on what ran just before them
+//! (see docs/performance.md, "MM-DiT on Vulkan").
 
 use sd3_backend_vulkan::VulkanProvider;
 use sd3_core::{AttentionParams, Backend, DType, Device, DeviceTimer, Tensor};
@@ -23,6 +26,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let index: usize = flag("--device", "0").parse()?;
     let ops = flag("--ops", "attention,linear,memory");
     let warmup_ms: u128 = flag("--warmup-ms", "500").parse()?;
+    let repeat: usize = flag("--repeat", "1").parse()?;
     let device: Arc<dyn Device> = Arc::new(VulkanProvider::new()?.open(index)?);
     let be = Backend::new("vulkan", device.clone());
     let dtype = DType::F16;
@@ -71,41 +75,47 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Tensor::attention(&q, &k, &v, &params)?;
         be.synchronize()?;
     }
-    if ops.contains("attention") {
-        flops("attention [2,24,4429,64]", 4.0 * (b * h * n * n * dh) as f64, &|| {
-            Tensor::attention(&q, &k, &v, &params)
-        })?;
-    }
     let tokens = b * 4096;
-    let x = r(&[tokens, d], 1.0)?;
-    let x4 = r(&[tokens, 4 * d], 1.0)?;
-    for (label, input, out_features) in [
-        ("linear 8192x1536 -> 4608 (qkv)", &x, 3 * d),
-        ("linear 8192x1536 -> 1536 (out)", &x, d),
-        ("linear 8192x1536 -> 6144 (ff up)", &x, 4 * d),
-        ("linear 8192x6144 -> 1536 (ff down)", &x4, d),
+    let (x, x4) = (r(&[tokens, d], 1.0)?, r(&[tokens, 4 * d], 1.0)?);
+    let mut linears = Vec::new();
+    for (label, four_k, out_features) in [
+        ("linear 8192x1536 -> 4608 (qkv)", false, 3 * d),
+        ("linear 8192x1536 -> 1536 (out)", false, d),
+        ("linear 8192x1536 -> 6144 (ff up)", false, 4 * d),
+        ("linear 8192x6144 -> 1536 (ff down)", true, d),
     ] {
-        if !ops.contains("linear") {
-            break;
-        }
-        let in_features = input.dim(1);
+        let in_features = if four_k { 4 * d } else { d };
         let (w, bias) = (r(&[out_features, in_features], 0.02)?, r(&[out_features], 1.0)?);
-        let flop = 2.0 * (tokens * in_features * out_features) as f64;
-        flops(label, flop, &|| input.linear(&w, Some(&bias)))?;
-    }
-    if !ops.contains("memory") {
-        return Ok(());
+        linears.push((label, four_k, w, bias, 2.0 * (tokens * in_features * out_features) as f64));
     }
     let es = dtype.size_in_bytes() as f64;
     let (x3, y3) = (r(&[b, 4096, d], 1.0)?, r(&[b, 4096, d], 1.0)?);
     let (scale, shift) = (r(&[b, 1, d], 1.0)?, r(&[b, 1, d], 1.0)?);
+    let (h3, heads) = (r(&[b, 4096, 4 * d], 1.0)?, r(&[b, 4096, h, dh], 1.0)?);
     let act = 2.0 * (b * 4096 * d) as f64 * es;
-    bytes("layer_norm_modulate [2,4096,1536]", act, &|| x3.layer_norm_modulate(&scale, &shift, 1e-6))?;
-    bytes("gated_residual [2,4096,1536]", 1.5 * act, &|| x3.gated_residual(&scale, &y3))?;
-    let h3 = r(&[b, 4096, 4 * d], 1.0)?;
-    bytes("gelu_tanh [2,4096,6144]", 4.0 * act, &|| h3.gelu_tanh())?;
-    let heads = r(&[b, 4096, h, dh], 1.0)?;
-    bytes("head split copy [2,4096,24,64]", act, &|| heads.permute(&[0, 2, 1, 3])?.contiguous())?;
+    // Repeated rounds show whether a figure depends on what ran before it (clock and power state).
+    for round in 1..=repeat {
+        if repeat > 1 {
+            println!("--- round {round} of {repeat}");
+        }
+        if ops.contains("attention") {
+            flops("attention [2,24,4429,64]", 4.0 * (b * h * n * n * dh) as f64, &|| {
+                Tensor::attention(&q, &k, &v, &params)
+            })?;
+        }
+        if ops.contains("linear") {
+            for (label, four_k, w, bias, flop) in &linears {
+                let input = if *four_k { &x4 } else { &x };
+                flops(label, *flop, &|| input.linear(w, Some(bias)))?;
+            }
+        }
+        if ops.contains("memory") {
+            bytes("layer_norm_modulate [2,4096,1536]", act, &|| x3.layer_norm_modulate(&scale, &shift, 1e-6))?;
+            bytes("gated_residual [2,4096,1536]", 1.5 * act, &|| x3.gated_residual(&scale, &y3))?;
+            bytes("gelu_tanh [2,4096,6144]", 4.0 * act, &|| h3.gelu_tanh())?;
+            bytes("head split copy [2,4096,24,64]", act, &|| heads.permute(&[0, 2, 1, 3])?.contiguous())?;
+        }
+    }
     for s in device.stats() {
         println!("{s}");
     }
