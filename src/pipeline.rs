@@ -193,6 +193,9 @@ pub struct StableDiffusion3Pipeline {
     /// `2^(len(block_out_channels) − 1)`.
     pub vae_scale_factor: usize,
     lora: LoraSet,
+    /// CFG-parallel denoising: a second device that runs the conditional half of the guidance batch while the
+    /// pipeline's own device runs the unconditional half (the seed's `--dp_size 2`).
+    cfg_backend: Option<Backend>,
 }
 
 impl StableDiffusion3Pipeline {
@@ -228,7 +231,17 @@ impl StableDiffusion3Pipeline {
             backend,
             options,
             lora,
+            cfg_backend: None,
         })
+    }
+
+    /// Split classifier-free guidance over two devices: each denoising step runs the unconditional batch on the
+    /// pipeline's backend and the conditional batch on `backend` at the same time, each holding its own copy of
+    /// the transformer. Latents and velocities cross between the two through host memory (one latent tensor each
+    /// way per step). Without guidance (`guidance ≤ 1`) the second device is not used.
+    pub fn with_cfg_parallel(mut self, backend: Backend) -> Self {
+        self.cfg_backend = Some(backend);
+        self
     }
 
     pub fn backend(&self) -> &Backend {
@@ -442,7 +455,19 @@ impl StableDiffusion3Pipeline {
         on_event: &mut dyn FnMut(&Event),
     ) -> Result<Tensor> {
         let t = self.clock(r)?;
-        let transformer = self.load_transformer()?;
+        let parallel = self.cfg_backend.as_ref().filter(|_| r.cfg());
+        let (transformer, cond_transformer) = match parallel {
+            // Both copies load at once, each on its own device.
+            Some(other) => std::thread::scope(|s| {
+                let second = s.spawn(|| self.load_transformer_on(other));
+                let first = self.load_transformer_on(&self.backend);
+                let second = second
+                    .join()
+                    .map_err(|_| sd3_core::Error::backend(other.name(), "loading the transformer panicked"))?;
+                Ok::<_, PipelineError>((first?, Some(second?)))
+            })?,
+            None => (self.load_transformer()?, None),
+        };
         self.backend.synchronize()?;
         on_event(&t.stage("transformer_load")?);
         let loop_start = self.clock(r)?;
@@ -453,28 +478,56 @@ impl StableDiffusion3Pipeline {
         } else {
             (cond.prompt_embeds.clone(), cond.pooled.clone())
         };
+        // Under CFG-parallel: the unconditional rows stay here, the conditional ones move to the second device.
+        let split = match (parallel, &cond_transformer) {
+            (Some(other), Some(tr)) => Some(CfgHalf {
+                transformer: tr,
+                backend: other,
+                embeds: cond_embeds.to_backend(other)?,
+                pooled: cond_pooled.to_backend(other)?,
+                uncond_embeds: cond.prompt_embeds.narrow(0, 0, n)?,
+                uncond_pooled: cond.pooled.narrow(0, 0, n)?,
+            }),
+            _ => None,
+        };
         let mut latents = latents.to_dtype(self.options.dtype)?;
         for (i, &timestep) in sched.timesteps.iter().enumerate() {
             let step_start = self.clock(r)?;
-            let x_in = if r.cfg() { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
-            let ts = vec![timestep; x_in.dim(0)];
-            let v = transformer.forward(&x_in, &cond.prompt_embeds, &cond.pooled, &ts, &[])?;
-            let v = if r.cfg() {
+            let slg = r.slg.as_ref().filter(|s| r.cfg() && s.active_at(i, r.steps));
+            let v = if let Some(half) = &split {
+                let ts = vec![timestep; n];
+                let (v_u, (v_c, v_skip)) = std::thread::scope(|s| {
+                    let conditional = s.spawn(|| half.forward(&latents, &ts, slg, &self.backend));
+                    let v_u = transformer.forward(&latents, &half.uncond_embeds, &half.uncond_pooled, &ts, &[]);
+                    let cond = conditional.join().map_err(|_| {
+                        sd3_core::Error::backend(half.backend.name(), "the conditional forward panicked")
+                    })?;
+                    Ok::<_, PipelineError>((v_u?, cond?))
+                })?;
+                guide(&v_u, &v_c, r.guidance, v_skip.as_ref().zip(slg.map(|s| s.scale)))?
+            } else if r.cfg() {
+                let x_in = Tensor::cat(&[&latents, &latents], 0)?;
+                let ts = vec![timestep; 2 * n];
+                let v = transformer.forward(&x_in, &cond.prompt_embeds, &cond.pooled, &ts, &[])?;
                 let (v_u, v_c) = (v.narrow(0, 0, n)?, v.narrow(0, n, n)?);
-                let mut guided = v_c.sub(&v_u)?.scale(r.guidance)?.add(&v_u)?;
-                if let Some(slg) = r.slg.as_ref().filter(|s| s.active_at(i, r.steps)) {
-                    let v_skip = transformer.forward(&latents, &cond_embeds, &cond_pooled, &ts[..n], &slg.layers)?;
-                    guided = guided.add(&v_c.sub(&v_skip)?.scale(slg.scale)?)?;
-                }
-                guided
+                let v_skip = match slg {
+                    Some(slg) => {
+                        Some(transformer.forward(&latents, &cond_embeds, &cond_pooled, &ts[..n], &slg.layers)?)
+                    }
+                    None => None,
+                };
+                guide(&v_u, &v_c, r.guidance, v_skip.as_ref().zip(slg.map(|s| s.scale)))?
             } else {
-                v
+                let ts = vec![timestep; n];
+                transformer.forward(&latents, &cond.prompt_embeds, &cond.pooled, &ts, &[])?
             };
             latents = sched.step(i, &v, &latents)?;
             self.backend.synchronize()?;
             let (seconds, device_seconds) = step_start.stop()?;
             on_event(&Event::Step { index: i, total: sched.len(), seconds, device_seconds });
         }
+        drop(split);
+        drop(cond_transformer);
         drop(transformer);
         on_event(&loop_start.stage("denoise")?);
         Ok(latents.to_dtype(DType::F32)?)
@@ -486,9 +539,13 @@ impl StableDiffusion3Pipeline {
     }
 
     pub fn load_transformer(&self) -> Result<Sd3Transformer2DModel> {
+        self.load_transformer_on(&self.backend)
+    }
+
+    fn load_transformer_on(&self, backend: &Backend) -> Result<Sd3Transformer2DModel> {
         let weights = self.component_weights("transformer")?;
         let dtype = self.options.dtype;
-        Ok(Sd3Transformer2DModel::from_weights(&weights, self.transformer_config.clone(), &self.backend, dtype)?)
+        Ok(Sd3Transformer2DModel::from_weights(&weights, self.transformer_config.clone(), backend, dtype)?)
     }
 
     /// VAE decode of final latents `[N, C, h, w]`: `z/scaling + shift` (in f32), decode, post-process to RGB8.
@@ -534,6 +591,48 @@ impl Clock {
 }
 
 /// Peak resident set size of this process (Linux `VmHWM`), `None` elsewhere.
+/// Classifier-free guidance: `v_u + guidance·(v_c − v_u)`, plus skip-layer guidance `scale·(v_c − v_skip)`.
+fn guide(v_u: &Tensor, v_c: &Tensor, guidance: f32, skip: Option<(&Tensor, f32)>) -> Result<Tensor> {
+    let guided = v_c.sub(v_u)?.scale(guidance)?.add(v_u)?;
+    Ok(match skip {
+        Some((v_skip, scale)) => guided.add(&v_c.sub(v_skip)?.scale(scale)?)?,
+        None => guided,
+    })
+}
+
+/// The conditional half of CFG-parallel denoising: the second device's transformer and conditioning, and the
+/// unconditional conditioning that stays on the first device.
+struct CfgHalf<'a> {
+    transformer: &'a Sd3Transformer2DModel,
+    backend: &'a Backend,
+    embeds: Tensor,
+    pooled: Tensor,
+    uncond_embeds: Tensor,
+    uncond_pooled: Tensor,
+}
+
+impl CfgHalf<'_> {
+    /// The conditional velocity (and the skip-layer one when `slg` is on) for `latents`, computed on the second
+    /// device and returned on `home`.
+    fn forward(
+        &self,
+        latents: &Tensor,
+        ts: &[f32],
+        slg: Option<&SkipLayerGuidance>,
+        home: &Backend,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let x = latents.to_backend(self.backend)?;
+        let v_c = self.transformer.forward(&x, &self.embeds, &self.pooled, ts, &[])?;
+        let v_skip = match slg {
+            Some(slg) => {
+                Some(self.transformer.forward(&x, &self.embeds, &self.pooled, ts, &slg.layers)?.to_backend(home)?)
+            }
+            None => None,
+        };
+        Ok((v_c.to_backend(home)?, v_skip))
+    }
+}
+
 pub fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;

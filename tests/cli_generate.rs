@@ -129,6 +129,14 @@ fn bad_sizes() {
 }
 
 #[test]
+fn bad_cfg_parallel() {
+    must_fail(&["--prompt", "x", "--dp-size", "3"], &["--dp-size 3", "1 or 2"]);
+    must_fail(&["--prompt", "x", "--dp-size", "2", "--guidance", "1"], &["--dp-size 2", "--guidance 1"]);
+    // The CPU backend has one device: the second one does not exist.
+    must_fail(&["--prompt", "x", "--dp-size", "2"], &["--dp-size 2", "device 1"]);
+}
+
+#[test]
 fn bad_model_folders() {
     let dir = scratch("cli-model");
     must_fail(&["--prompt", "x", "--model", s(&dir.join("nowhere"))], &["nowhere", "does not exist"]);

@@ -119,6 +119,13 @@ impl Tensor {
         Ok(out)
     }
 
+    /// This tensor on another backend (or another device of the same one), copied through host memory as
+    /// contiguous bytes (synchronises). Used to move small tensors between devices, e.g. latents under
+    /// CFG-parallel denoising.
+    pub fn to_backend(&self, backend: &Backend) -> Result<Tensor> {
+        backend.from_bytes(&self.to_bytes()?, self.shape(), self.dtype)
+    }
+
     /// All elements as f32 in row-major order (synchronises).
     pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
         Ok(self.dtype.bytes_to_f32(&self.to_bytes()?))

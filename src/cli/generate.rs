@@ -57,6 +57,10 @@ pub struct GenerateArgs {
     /// Images per prompt (one batch).
     #[arg(long = "num-images", default_value_t = 1)]
     pub num_images: usize,
+    /// Devices to split classifier-free guidance over: 2 runs the unconditional batch on `--device` and the
+    /// conditional one on the next device of the same backend, at the same time (the seed's `--dp_size 2`)
+    #[arg(long = "dp-size", default_value_t = 1, value_name = "N")]
+    pub dp_size: usize,
     /// Print per-stage timings (wall clock, and device time from device events where the backend has them), each
     /// step, peak memory and host fallbacks.
     #[arg(long)]
@@ -108,8 +112,26 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
     let backend = sd3::runtime::open_backend(&args.backend.request())?;
     say(format!("backend: {} ({})", backend.name(), backend.info().name));
     let options = PipelineOptions { dtype, no_t5: args.no_t5, loras };
-    let pipe = StableDiffusion3Pipeline::new(&model_dir, backend.clone(), options)
+    let mut pipe = StableDiffusion3Pipeline::new(&model_dir, backend.clone(), options)
         .with_context(|| format!("opening the model {}", model_dir.display()))?;
+    match args.dp_size {
+        1 => {}
+        2 => {
+            if args.guidance <= 1.0 {
+                bail!(
+                    "--dp-size 2 splits classifier-free guidance over two devices, but --guidance {} turns it off",
+                    args.guidance
+                );
+            }
+            let mut second = args.backend.request();
+            second.device += 1;
+            let other = sd3::runtime::open_backend(&second)
+                .with_context(|| format!("--dp-size 2: opening device {} of `{}`", second.device, second.backend))?;
+            say(format!("guidance split: conditional batch on device {} ({})", second.device, other.info().name));
+            pipe = pipe.with_cfg_parallel(other);
+        }
+        n => bail!("--dp-size {n}: 1 or 2 (the two halves of classifier-free guidance) are supported"),
+    }
 
     let size = pipe.default_size();
     let mut req =
