@@ -590,7 +590,6 @@ impl Clock {
     }
 }
 
-/// Peak resident set size of this process (Linux `VmHWM`), `None` elsewhere.
 /// Classifier-free guidance: `v_u + guidance·(v_c − v_u)`, plus skip-layer guidance `scale·(v_c − v_skip)`.
 fn guide(v_u: &Tensor, v_c: &Tensor, guidance: f32, skip: Option<(&Tensor, f32)>) -> Result<Tensor> {
     let guided = v_c.sub(v_u)?.scale(guidance)?.add(v_u)?;
@@ -633,6 +632,7 @@ impl CfgHalf<'_> {
     }
 }
 
+/// Peak resident set size of this process (Linux `VmHWM`), `None` elsewhere.
 pub fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
