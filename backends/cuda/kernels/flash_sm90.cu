@@ -1,7 +1,7 @@
 // Fused attention for Hopper (sm_90a): FlashAttention-2's algorithm on the warpgroup tensor-core instruction
 // `wgmma`, which reads its B operand straight from shared memory and runs asynchronously, instead of `mma.sync`
-// with every fragment staged through registers by ldmatrix (`flash.cu`, which this reuses for its helpers and
-// FlashParams). Head dim 64, f16/bf16, no mask or bias: the MM-DiT's joint attention.
+// with every fragment staged through registers by ldmatrix (`flash.cu`; the two share FlashParams and their PTX
+// helpers through `flash_common.cuh`). Head dim 64, f16/bf16, no mask or bias: the MM-DiT's joint attention.
 //
 // A block of two warpgroups (128 threads each) owns 128 query rows, 64 per warpgroup, held as wgmma A fragments in
 // registers for the whole pass. Key and value tiles of 64 rows stream through double-buffered shared memory with
