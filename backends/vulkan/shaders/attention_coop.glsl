@@ -1,12 +1,25 @@
 // Fused attention on cooperative matrices (VK_NV_cooperative_matrix) for f16 q, k, v with head dims <= 64:
 // o = softmax(scale·q̃·k̃ᵀ + bias + causal mask)·v, flash-style, the score matrix never written to memory.
-// A 128-invocation workgroup (4 subgroups of 32) takes 64 query rows of one (batch, head), each subgroup 16 of
-// them; keys and values stream through shared memory in tiles of 64, as 16-byte vectors of 8 halves (rows padded
-// to 72 halves; fragment offsets and strides in vectors). Per tile, each subgroup computes its 16x64 scores with
-// FM x FN x FK fragments into its f32 slice of shared memory, runs the online softmax there in plain code (two
-// invocations per row, 32 columns each; f32, exp2), writes the probabilities as f16 vectors, multiplies them by
-// the value tile on fragments again, and folds the product into the rows it keeps in registers (32 f32 per
-// invocation), rescaled by the running maximum's correction.
+// A workgroup takes 64 query rows of one (batch, head): 64 / RS subgroups of 32 invocations, RS rows each. Keys
+// and values stream through shared memory in tiles of 64, as 16-byte vectors of 8 halves (rows padded to 72
+// halves; fragment offsets and strides in vectors). With PREFETCH, the next tile is loaded into registers while
+// this one is used. Per tile, each subgroup:
+// - computes its RS x 64 scores on 16 x FN x FK fragments into its f32 slice of shared memory;
+// - runs the online softmax there in plain code (32 / RS invocations per row, f32, exp2 with the scale folded in):
+//   the row maximum from one read of the slice, the probabilities from a second, written as f16 vectors;
+// - multiplies them by the value tile into the output rows, which stay on accumulator fragments across tiles.
+// Bias, the causal mask and a partial last tile are applied by a loop that is not unrolled, before the softmax,
+// and K and V tiles that are not vector-loadable or need the norm are loaded in one too. The hot loop keeps only
+// the plain case's code: the same design with those per-element branches and gathered loads unrolled inside it
+// took 12.9 ms instead of 3.9 (docs/performance.md, "Attention, second pass").
+//
+// The running maximum's correction and the final 1/l are per row, and are applied to the accumulators element by
+// element. Which row an element of an accumulator fragment belongs to is implementation-defined, so the shader
+// reads it once from a probe: a fragment loaded from a slice whose every element is its own row number. It assumes
+// that each invocation holds 16·FN/32 elements of a 16 x FN f32 fragment (the case on NVIDIA).
+//
+// RS = 16 with PREFETCH is the default: on the H200 it took the joint attention [2, 24, 4429, 64] to 3.9 ms, against
+// 5.9 ms without the prefetch and 5.3 ms with RS = 32 (255 registers, no room for the prefetch).
 //
 // Parameters and bindings: as attention.glsl, plus [50], [51], [52]: q, k, v are vector-loadable (contiguous
 // along the head dim, rows 16-byte aligned). The host picks this shader only for f16 q, k, v and Dh, Dv <= 64.
@@ -18,19 +31,38 @@
 #extension GL_EXT_control_flow_attributes : require
 #include "common.glsl"
 // Execution barrier of the subgroup that orders its shared-memory accesses only (subgroupBarrier() also orders
-// buffer memory, which cost a wait for outstanding memory operations at each of the three hand-offs per tile).
+// buffer memory, which cost a wait for outstanding memory operations at each hand-off).
 #define SUBGROUP_SHARED_BARRIER() \
     controlBarrier(gl_ScopeSubgroup, gl_ScopeSubgroup, gl_StorageSemanticsShared, gl_SemanticsAcquireRelease)
+#ifndef RS
+#define RS 16
+#endif
+#ifndef PREFETCH
+#define PREFETCH 1
+#endif
 #define BR 64
 #define BC 64
 #define D 64
-// Shared row stride in 8-half vectors (72 halves).
+// Subgroups and invocations per workgroup; M fragments per subgroup; invocations per row and columns per
+// invocation in the softmax; 8-half vectors per invocation in a 64-row tile load; accumulator elements per
+// invocation; fragments along the head dim (k of q·kᵀ, n of p·v).
+#define NSG (BR / RS)
+#define WG (32 * NSG)
+#define NM (RS / 16)
+#define LPR (32 / RS)
+#define CPL (BC / LPR)
+#define NLD (BC * 8 / WG)
+#define NE (16 * FN / 32)
+#define KD (D / FK)
+#define ND (D / FN)
+// Shared row stride in 8-half vectors (72 halves), and of the f32 score slices in 4-float vectors (68 floats: a
+// vector load by 8 consecutive rows hits every bank once). The slices hold f32 bits as uvec4 (glslang's NV
+// fragment loads and stores take uint and uvec4 arrays, not vec4).
 #define SV ((D + 8) / 8)
-// Row stride of the f32 score slices: a multiple of 4 floats (fragment stores) that spreads rows over banks.
-#define SS (BC + 4)
+#define SS4 ((BC + 4) / 4)
 #define NEG_INF uintBitsToFloat(0xff800000u)
 #define LOG2E 1.4426950408889634
-layout(local_size_x = 128) in;
+layout(local_size_x = WG) in;
 
 layout(std430, set = 0, binding = 2) readonly buffer In2v { uvec4 q_v[]; };
 layout(std430, set = 0, binding = 3) readonly buffer In3v { uvec4 k_v[]; };
@@ -38,8 +70,8 @@ layout(std430, set = 0, binding = 4) readonly buffer In4v { uvec4 v_v[]; };
 
 shared uvec4 Ks[BC * SV];
 shared uvec4 Vs[BC * SV];
-shared uvec4 Ps[4 * 16 * SV];
-shared float Ss[4 * 16 * SS];
+shared uvec4 Ps[BR * SV];
+shared uvec4 Ss[BR * SS4];
 
 uint head_offset(uint b, uint h, uint v) { return P[v] + b * P[v + 1u] + h * P[v + 2u]; }
 
@@ -89,7 +121,7 @@ void main() {
     uint i0 = gl_WorkGroupID.x * BR;
     uint t = gl_LocalInvocationID.x;
     uint w = gl_SubgroupID, lane = gl_SubgroupInvocationID;
-    // Tile loads: vector t + 128*i (i < 4) covers row (t + 128 i) / 8, columns c8 .. c8+7 (the same columns for
+    // Tile loads: vector t + WG*i (i < NLD) covers row (t + WG i) / 8, columns c8 .. c8+7 (the same columns for
     // every i, so the norm weights are read once).
     uint c8 = 8u * (t % 8u);
     vec4 wq0 = vec4(0.0), wq1 = vec4(0.0), wk0 = vec4(0.0), wk1 = vec4(0.0);
@@ -104,103 +136,185 @@ void main() {
         wk0 = vec4(wk[0], wk[1], wk[2], wk[3]);
         wk1 = vec4(wk[4], wk[5], wk[6], wk[7]);
     }
-    // This invocation's row of its subgroup's 16 and which half of the 64 columns it takes (the row's other
-    // invocation is lane ^ 16).
-    uint r = lane % 16u, hh = lane / 16u;
-    uint row = i0 + w * 16u + r;
+    // The softmax's row of this invocation within its subgroup's RS, and where its columns start.
+    uint r = lane % RS, c0 = (lane / RS) * CPL;
+    uint row = i0 + w * RS + r;
+    uint ss0 = w * RS * SS4, ps0 = w * RS * SV;
+
+    // The row of each accumulator element held by this invocation (see the top).
+    uint erow[NE];
+    {
+        for (uint p = lane; p < 16u * (FN / 4u); p += 32u) Ss[ss0 + (p / (FN / 4u)) * SS4 + p % (FN / 4u)] =
+            uvec4(floatBitsToUint(float(p / (FN / 4u))));
+        SUBGROUP_SHARED_BARRIER();
+        fcoopmatNV<32, gl_ScopeSubgroup, 16, FN> probe;
+        coopMatLoadNV(probe, Ss, ss0, SS4, false);
+        [[unroll]] for (uint i = 0u; i < NE; ++i) erow[i] = uint(probe[i]);
+    }
 
     // The query block (normed) through Ks into this subgroup's A fragments.
     uint oq = head_offset(b, h, 25u) + i0 * P[28];
-    [[unroll]] for (uint i = 0u; i < 4u; ++i) {
-        uint qi = t + 128u * i;
+    [[unroll]] for (uint i = 0u; i < NLD; ++i) {
+        uint qi = t + WG * i;
         uvec4 x = vec_q(vq, oq, qi / 8u, c8, P[28], P[29], Nq - min(Nq, i0), Dh);
         Ks[(qi / 8u) * SV + qi % 8u] = qk_norm ? rms_norm8(x, eps, float(Dh), wq0, wq1) : x;
     }
     barrier();
-    fcoopmatNV<16, gl_ScopeSubgroup, FM, FK> qf[D / FK];
-    [[unroll]] for (uint k = 0u; k < D / FK; ++k) coopMatLoadNV(qf[k], Ks, w * 16u * SV + k * (FK / 8u), SV, false);
+    fcoopmatNV<16, gl_ScopeSubgroup, 16, FK> qf[NM * KD];
+    [[unroll]] for (uint mi = 0u; mi < NM; ++mi) {
+        [[unroll]] for (uint k = 0u; k < KD; ++k) {
+            coopMatLoadNV(qf[mi * KD + k], Ks, (w * RS + mi * 16u) * SV + k * (FK / 8u), SV, false);
+        }
+    }
     barrier();
 
-    float o[32];
-    [[unroll]] for (uint c = 0u; c < 32u; ++c) o[c] = 0.0;
+    fcoopmatNV<32, gl_ScopeSubgroup, 16, FN> o[NM * ND];
+    [[unroll]] for (uint x = 0u; x < NM * ND; ++x) o[x] = fcoopmatNV<32, gl_ScopeSubgroup, 16, FN>(0.0);
     float m = NEG_INF, l = 0.0;
     uint ok = head_offset(b, h, 30u), ov = head_offset(b, h, 35u);
     uint obias = head_offset(b, h, 40u) + row * P[43];
-    uint ss0 = w * 16u * SS, ps0 = w * 16u * SV, c0 = hh * 32u;
 
+    // K and V tiles: where both are vector-loadable and K is not normed (SD3's joint attention), 128-bit loads
+    // into registers (with PREFETCH, of the next tile while this one is used); otherwise the general loads in a
+    // loop that is not unrolled, so that its code stays out of the hot path.
+    bool fastkv = vk && vv && !qk_norm;
+    uvec4 kx[NLD], vx[NLD];
+#define LOAD_TILE(J0)                                                                                      \
+    {                                                                                                      \
+        uint nt_ = min(uint(BC), Nk - (J0));                                                               \
+        [[unroll]] for (uint i = 0u; i < NLD; ++i) {                                                       \
+            uint kr = (t + WG * i) / 8u;                                                                   \
+            kx[i] = vec_k(true, ok + (J0) * P[33], kr, c8, P[33], 1u, nt_, Dh);                            \
+            vx[i] = vec_v(true, ov + (J0) * P[38], kr, c8, P[38], 1u, nt_, Dv);                            \
+        }                                                                                                  \
+    }
+#define STORE_TILE()                                                                                       \
+    [[unroll]] for (uint i = 0u; i < NLD; ++i) {                                                           \
+        uint qi = t + WG * i;                                                                              \
+        Ks[(qi / 8u) * SV + qi % 8u] = kx[i];                                                              \
+        Vs[(qi / 8u) * SV + qi % 8u] = vx[i];                                                              \
+    }
+#if PREFETCH
+    if (fastkv) LOAD_TILE(0u)
+#endif
     for (uint j0 = 0u; j0 < Nk; j0 += BC) {
         uint nt = min(uint(BC), Nk - j0);
-        [[unroll]] for (uint i = 0u; i < 4u; ++i) {
-            uint qi = t + 128u * i, kr = qi / 8u;
-            uvec4 x = vec_k(vk, ok + j0 * P[33], kr, c8, P[33], P[34], nt, Dh);
-            Ks[kr * SV + qi % 8u] = qk_norm ? rms_norm8(x, eps, float(Dh), wk0, wk1) : x;
-            Vs[kr * SV + qi % 8u] = vec_v(vv, ov + j0 * P[38], kr, c8, P[38], P[39], nt, Dv);
+        if (fastkv) {
+#if !PREFETCH
+            LOAD_TILE(j0)
+#endif
+            STORE_TILE()
+        } else {
+            [[dont_unroll]] for (uint i = 0u; i < NLD; ++i) {
+                uint qi = t + WG * i, kr = qi / 8u;
+                uvec4 x = vec_k(vk, ok + j0 * P[33], kr, c8, P[33], P[34], nt, Dh);
+                Ks[kr * SV + qi % 8u] = qk_norm ? rms_norm8(x, eps, float(Dh), wk0, wk1) : x;
+                Vs[kr * SV + qi % 8u] = vec_v(vv, ov + j0 * P[38], kr, c8, P[38], P[39], nt, Dv);
+            }
         }
         barrier();
-        // Scores: 16 x 64 per subgroup.
+#if PREFETCH
+        if (fastkv && j0 + BC < Nk) LOAD_TILE(j0 + BC)
+#endif
+        // Scores: RS x 64 per subgroup.
         [[unroll]] for (uint j = 0u; j < BC / FN; ++j) {
-            fcoopmatNV<32, gl_ScopeSubgroup, FM, FN> s = fcoopmatNV<32, gl_ScopeSubgroup, FM, FN>(0.0);
-            [[unroll]] for (uint k = 0u; k < D / FK; ++k) {
+            fcoopmatNV<32, gl_ScopeSubgroup, 16, FN> s[NM];
+            [[unroll]] for (uint mi = 0u; mi < NM; ++mi) s[mi] = fcoopmatNV<32, gl_ScopeSubgroup, 16, FN>(0.0);
+            [[unroll]] for (uint k = 0u; k < KD; ++k) {
                 fcoopmatNV<16, gl_ScopeSubgroup, FK, FN> kf;
                 coopMatLoadNV(kf, Ks, j * FN * SV + k * (FK / 8u), SV, true);
-                s = coopMatMulAddNV(qf[k], kf, s);
+                [[unroll]] for (uint mi = 0u; mi < NM; ++mi) s[mi] = coopMatMulAddNV(qf[mi * KD + k], kf, s[mi]);
             }
-            coopMatStoreNV(s, Ss, ss0 + j * FN, SS, false);
+            [[unroll]] for (uint mi = 0u; mi < NM; ++mi) {
+                coopMatStoreNV(s[mi], Ss, ss0 + mi * 16u * SS4 + j * (FN / 4u), SS4, false);
+            }
         }
         SUBGROUP_SHARED_BARRIER();
-        // Online softmax over this row's 32 columns, with the partner invocation holding the other 32.
-        float sc[32];
-        float tmax = NEG_INF;
-        [[unroll]] for (uint c = 0u; c < 32u; ++c) {
-            uint j = j0 + c0 + c;
-            float s = Ss[ss0 + r * SS + c0 + c] * scale;
-            if (has_bias && j < Nk && row < Nq) s += ld5(dbias, obias + j * P[44]) * LOG2E;
-            if (c0 + c >= nt || (causal && j > row)) s = NEG_INF;
-            sc[c] = s;
-            tmax = max(tmax, s);
+        // Online softmax over this row's CPL columns (the row's other invocation, if any, is lane ^ 16). Where the
+        // tile has bias, a causal mask or missing keys, a loop that is not unrolled first turns this invocation's
+        // scores into final logits in place (scaled, in log2 units); then the maximum, and the probabilities from
+        // a second read of the slice.
+        uint sr = ss0 + r * SS4 + c0 / 4u;
+        float mul = scale;
+        if (has_bias || causal || nt < BC) {
+            mul = 1.0;
+            [[dont_unroll]] for (uint c = 0u; c < CPL; ++c) {
+                uint j = j0 + c0 + c;
+                float s = uintBitsToFloat(Ss[sr + c / 4u][c % 4u]) * scale;
+                if (has_bias && j < Nk && row < Nq) s += ld5(dbias, obias + j * P[44]) * LOG2E;
+                if (c0 + c >= nt || (causal && j > row)) s = NEG_INF;
+                Ss[sr + c / 4u][c % 4u] = floatBitsToUint(s);
+            }
         }
+        float tmax = NEG_INF;
+        [[unroll]] for (uint v = 0u; v < CPL / 4u; ++v) {
+            vec4 x = uintBitsToFloat(Ss[sr + v]) * mul;
+            tmax = max(tmax, max(max(x.x, x.y), max(x.z, x.w)));
+        }
+#if LPR == 2
         tmax = max(tmax, subgroupShuffleXor(tmax, 16u));
+#endif
         float m_new = max(m, tmax);
         float corr = m_new == NEG_INF ? 1.0 : exp2(m - m_new);
+        // A row with no key yet: every logit is -inf, and exp2(-inf - 0) = 0.
+        float mz = m_new == NEG_INF ? 0.0 : m_new;
         float psum = 0.0;
-        [[unroll]] for (uint c = 0u; c < 32u; ++c) {
-            sc[c] = m_new == NEG_INF ? 0.0 : exp2(sc[c] - m_new);
-            psum += sc[c];
+        [[unroll]] for (uint v = 0u; v < CPL / 8u; ++v) {
+            vec4 x0 = uintBitsToFloat(Ss[sr + 2u * v]), x1 = uintBitsToFloat(Ss[sr + 2u * v + 1u]);
+            vec4 p0 = exp2(x0 * mul - mz), p1 = exp2(x1 * mul - mz);
+            psum += (p0.x + p0.y) + (p0.z + p0.w) + (p1.x + p1.y) + (p1.z + p1.w);
+            Ps[ps0 + r * SV + c0 / 8u + v] =
+                uvec4(packHalf2x16(p0.xy), packHalf2x16(p0.zw), packHalf2x16(p1.xy), packHalf2x16(p1.zw));
         }
-        [[unroll]] for (uint v = 0u; v < 4u; ++v) {
-            uint c = 8u * v;
-            Ps[ps0 + r * SV + hh * 4u + v] =
-                uvec4(packHalf2x16(vec2(sc[c], sc[c + 1u])), packHalf2x16(vec2(sc[c + 2u], sc[c + 3u])),
-                      packHalf2x16(vec2(sc[c + 4u], sc[c + 5u])), packHalf2x16(vec2(sc[c + 6u], sc[c + 7u])));
-        }
-        l = l * corr + psum + subgroupShuffleXor(psum, 16u);
+#if LPR == 2
+        psum += subgroupShuffleXor(psum, 16u);
+#endif
+        l = l * corr + psum;
         m = m_new;
+        // The correction of each accumulator element's row (row R's is held by lane R).
+        [[unroll]] for (uint mi = 0u; mi < NM; ++mi) {
+            [[unroll]] for (uint i = 0u; i < NE; ++i) {
+                float cr = subgroupShuffle(corr, mi * 16u + erow[i]);
+                [[unroll]] for (uint n = 0u; n < ND; ++n) o[mi * ND + n][i] *= cr;
+            }
+        }
         SUBGROUP_SHARED_BARRIER();
-        // P·V: 16 x 64 per subgroup, into the same slice of Ss, then folded into the registers.
-        fcoopmatNV<16, gl_ScopeSubgroup, FM, FK> pf_[BC / FK];
-        [[unroll]] for (uint k = 0u; k < BC / FK; ++k) coopMatLoadNV(pf_[k], Ps, ps0 + k * (FK / 8u), SV, false);
-        [[unroll]] for (uint j = 0u; j < D / FN; ++j) {
-            fcoopmatNV<32, gl_ScopeSubgroup, FM, FN> pv = fcoopmatNV<32, gl_ScopeSubgroup, FM, FN>(0.0);
+        // O += P·V: RS x 64 per subgroup.
+        fcoopmatNV<16, gl_ScopeSubgroup, 16, FK> pf_[NM * (BC / FK)];
+        [[unroll]] for (uint mi = 0u; mi < NM; ++mi) {
+            [[unroll]] for (uint k = 0u; k < BC / FK; ++k) {
+                coopMatLoadNV(pf_[mi * (BC / FK) + k], Ps, ps0 + mi * 16u * SV + k * (FK / 8u), SV, false);
+            }
+        }
+        [[unroll]] for (uint n = 0u; n < ND; ++n) {
             [[unroll]] for (uint k = 0u; k < BC / FK; ++k) {
                 fcoopmatNV<16, gl_ScopeSubgroup, FK, FN> vf;
-                coopMatLoadNV(vf, Vs, k * FK * SV + j * (FN / 8u), SV, false);
-                pv = coopMatMulAddNV(pf_[k], vf, pv);
+                coopMatLoadNV(vf, Vs, k * FK * SV + n * (FN / 8u), SV, false);
+                [[unroll]] for (uint mi = 0u; mi < NM; ++mi) {
+                    o[mi * ND + n] = coopMatMulAddNV(pf_[mi * (BC / FK) + k], vf, o[mi * ND + n]);
+                }
             }
-            coopMatStoreNV(pv, Ss, ss0 + j * FN, SS, false);
         }
-        SUBGROUP_SHARED_BARRIER();
-        [[unroll]] for (uint c = 0u; c < 32u; ++c) o[c] = o[c] * corr + Ss[ss0 + r * SS + c0 + c];
         barrier();
     }
     // Normalised rows back through this subgroup's slice, then out two columns per invocation.
     float inv = l > 0.0 ? 1.0 / l : 0.0;
-    [[unroll]] for (uint c = 0u; c < 32u; ++c) Ss[ss0 + r * SS + c0 + c] = o[c] * inv;
+    [[unroll]] for (uint mi = 0u; mi < NM; ++mi) {
+        [[unroll]] for (uint i = 0u; i < NE; ++i) {
+            float iv = subgroupShuffle(inv, mi * 16u + erow[i]);
+            [[unroll]] for (uint n = 0u; n < ND; ++n) o[mi * ND + n][i] *= iv;
+        }
+        [[unroll]] for (uint n = 0u; n < ND; ++n) {
+            coopMatStoreNV(o[mi * ND + n], Ss, ss0 + mi * 16u * SS4 + n * (FN / 4u), SS4, false);
+        }
+    }
     SUBGROUP_SHARED_BARRIER();
     uint sd = P[24];
-    for (uint p = lane; p < 16u * 32u; p += gl_SubgroupSize) {
-        uint rr = p / 32u, d = 2u * (p % 32u), orow = i0 + w * 16u + rr;
+    for (uint p = lane; p < RS * 32u; p += 32u) {
+        uint rr = p / 32u, d = 2u * (p % 32u), orow = i0 + w * RS + rr;
         if (orow >= Nq || d >= Dv) continue;
-        float v0 = Ss[ss0 + rr * SS + d], v1 = Ss[ss0 + rr * SS + d + 1u];
+        vec4 x = uintBitsToFloat(Ss[ss0 + rr * SS4 + d / 4u]);
+        float v0 = x[d % 4u], v1 = x[d % 4u + 1u];
         uint e = head_offset(b, h, 20u) + orow * P[23] + d * sd;
         if (d_o == 1u && sd == 1u && (e & 1u) == 0u && d + 1u < Dv) {
             b1[e >> 1] = f32_to_f16(v0) | (f32_to_f16(v1) << 16);
