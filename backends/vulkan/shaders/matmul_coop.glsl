@@ -1,20 +1,37 @@
 // Batched matmul y = a·b (+ bias) on cooperative matrices (VK_NV_cooperative_matrix: tensor cores on NVIDIA):
-// f16 a and b, f32 accumulation, any output dtype. A 256-invocation workgroup (8 subgroups of 32, 2 x 4) computes
-// a 128 x 128 tile of y, each subgroup a 64 x 32 block of FM x FN fragments (FM, FN, FK set by the including shader to
-// a shape the device lists), stepping K by 32. Operands go through shared memory as 16-byte vectors of 8 halves
-// (the fragment loads then read whole vectors; offsets and strides are in vectors): a row-major (As[m][k]), b
-// column-major (Bs[n][k]), rows padded to 40 halves (no bank conflicts for the fragment loads). Each
-// invocation moves 2 vectors of a and 2 of b per K step, read with one 128-bit load each where the operand
-// is contiguous along K and 16-byte aligned (P[45], P[46], set by the host), else gathered half by half. The next
-// K tile is read into registers while the current one is multiplied.
+// f16 a and b, f32 accumulation. A 256-invocation workgroup (8 subgroups of 32, 2 x 4) computes a 128 x 128 tile of
+// y, each subgroup a 64 x 32 block of FM x FN fragments (FM, FN, FK set by the including shader to a shape the
+// device lists), stepping K by BK. Operands go through shared memory as 16-byte vectors of 8 halves (the fragment
+// loads then read whole vectors; offsets and strides are in vectors): a row-major (As[m][k]), b column-major
+// (Bs[n][k]), rows padded by 8 halves (no bank conflicts for the fragment loads). Each invocation moves BK / 16
+// vectors of a and as many of b per K step, read with one 128-bit load each where the operand is contiguous along K
+// and 16-byte aligned (P[45], P[46], set by the host), else gathered half by half. The next K tile is read into
+// registers while the current one is multiplied.
+//
+// Epilogue. Where the workgroup's tile lies inside y and y is f16 or f32 with unit column stride and 16-byte aligned
+// rows (the MM-DiT's linears), the accumulators start from the bias (a 16-row broadcast tile of it in shared memory,
+// loaded as fragments), and each is converted to the output type as a whole fragment (hardware rounding to nearest
+// even) and stored straight to y. Elsewhere each fragment goes through the subgroup's slice of Cs and is written
+// element by element, with the bias and the rounding in f32 code. (glslc's optimiser crashes on a sum of two
+// fragments, hence the bias as the starting value.)
+//
+// WHOLE_TILES (the matmul_coop_tiles shaders): the host guarantees M and N multiples of 128, K of BK, both operands
+// vector-loadable and y stored directly, so the shader has no bounds checks, gathers or element-wise epilogue.
+// That takes it from 255 registers to under 200, and BK 64 then fits without spilling.
 //
 // Every fragment is its own variable (macros expand the loops over fragments): NVIDIA's compiler kept an array of
 // accumulator fragments in local memory. The subgroup's hand-offs through Cs use SUBGROUP_SHARED_BARRIER, not
 // subgroupBarrier(): the latter is also a barrier for buffer memory, which made every fragment of the epilogue
-// wait for the stores before it (on the H200 the epilogue took 4/5 of the kernel's time).
+// wait for the stores before it.
 //
 // Parameters: as matmul.comp, plus [45] a is vector-loadable, [46] b is (the host picks this shader only when a and
 // b are f16).
+#ifndef BK
+#define BK 32
+#endif
+#ifndef WHOLE_TILES
+#define WHOLE_TILES 0
+#endif
 #extension GL_NV_cooperative_matrix : require
 #extension GL_EXT_shader_explicit_arithmetic_types_float16 : require
 #extension GL_KHR_memory_scope_semantics : require
@@ -28,8 +45,7 @@
 #define WM 64
 #define BM (2 * WM)
 #define BN (4 * WN)
-#define BK 32
-// Shared row stride in 8-half vectors (40 halves), vectors per tile row.
+// Shared row stride in 8-half vectors (BK + 8 halves), vectors per tile row.
 #define SV ((BK + 8) / 8)
 #define VPR (BK / 8)
 #define FRAGS_N (WN / FN)
@@ -38,6 +54,7 @@ layout(local_size_x = 256) in;
 #define ACC_T fcoopmatNV<32, gl_ScopeSubgroup, FM, FN>
 #define A_T fcoopmatNV<16, gl_ScopeSubgroup, FM, FK>
 #define B_T fcoopmatNV<16, gl_ScopeSubgroup, FK, FN>
+#define OUT16_T fcoopmatNV<16, gl_ScopeSubgroup, FM, FN>
 // X(i) over the 4 fragment rows (WM / FM with FM 16), Y(j) over the fragment columns, Z(i, j) over both.
 #define FOR_I(X) X(0) X(1) X(2) X(3)
 #if FRAGS_N == 2
@@ -48,17 +65,22 @@ layout(local_size_x = 256) in;
 #define FOR_N(Z, i) Z(i, 0) Z(i, 1) Z(i, 2) Z(i, 3)
 #endif
 #define FOR_IJ(Z) FOR_N(Z, 0) FOR_N(Z, 1) FOR_N(Z, 2) FOR_N(Z, 3)
-// Global vectors per invocation and K step: a's and b's (BM * VPR / 256 = BN * VPR / 256 = 2).
-#define FOR_VA(X) X(0) X(1)
-#define FOR_VB(X) X(0) X(1)
+// Global vectors per invocation and K step, of a and of b: BM * VPR / 256.
+#if BK == 32
+#define FOR_V(X) X(0) X(1)
+#elif BK == 64
+#define FOR_V(X) X(0) X(1) X(2) X(3)
+#endif
 
-// The a and b bindings again, as 16-byte vectors.
+// The a and b bindings again, as 16-byte vectors, and the output as 16-byte vectors for the fragment stores.
 layout(std430, set = 0, binding = 2) readonly buffer In2v { uvec4 a_v[]; };
 layout(std430, set = 0, binding = 3) readonly buffer In3v { uvec4 b_v[]; };
+layout(std430, set = 0, binding = 1) writeonly buffer OutV { uvec4 y_v[]; };
 
 shared uvec4 As[BM * SV];
 shared uvec4 Bs[BN * SV];
-shared float Cs[8 * FM * FN];
+// Per-subgroup fragment slices (element-wise epilogue) or the 16-row broadcast bias tile (direct epilogue).
+shared float Cs[FM * BN > 8 * FM * FN ? FM * BN : 8 * FM * FN];
 
 uint batch_offset(uint bi, uint v) {
     uint off = P[v];
@@ -77,8 +99,9 @@ uint h3(uint e) { return (b3[e >> 1] >> ((e & 1u) * 16u)) & 0xffffu; }
 // outside rows x cols). `vec` (uniform): unit sc, base, sr and cols multiples of 8, so one aligned 128-bit load.
 #define DEFINE_VEC8(NAME, BUF, BUFV, H)                                                                     \
     uvec4 NAME(bool vec, uint base, uint r, uint c, uint sr, uint sc, uint rows, uint cols) {               \
-        if (r >= rows || c >= cols) return uvec4(0u);                                                      \
         uint e = base + r * sr + c * sc;                                                                   \
+        if (WHOLE_TILES != 0) return BUFV[e >> 3];                                                         \
+        if (r >= rows || c >= cols) return uvec4(0u);                                                      \
         if (vec) return BUFV[e >> 3];                                                                      \
         uint w[4];                                                                                         \
         [[unroll]] for (uint j = 0u; j < 4u; ++j) {                                                        \
@@ -123,6 +146,7 @@ void main() {
     uint row0 = gl_WorkGroupID.y * BM, col0 = gl_WorkGroupID.x * BN;
     uint t = gl_LocalInvocationID.x;
     uint w = gl_SubgroupID, wm = w / 4u, wn = w % 4u;
+    uint r0 = row0 + wm * WM, c0 = col0 + wn * WN;
     // Vector q = t + 256*v of a tile covers tile row q / VPR, columns 8*(q % VPR) .. +7. b's "rows" are its
     // columns n (stored column-major), its "columns" k.
     bool va = P[45] != 0u, vb = P[46] != 0u;
@@ -132,23 +156,34 @@ void main() {
 #define Q_C(v) (8u * ((t + 256u * (v)) % VPR))
 #define LOAD_A(v) uvec4 ra##v = vec_a(va, abase, Q_R(v), Q_C(v), sam, sak, am, K);
 #define LOAD_B(v) uvec4 rb##v = vec_b(vb, bbase, Q_R(v), Q_C(v), sbn, sbk, bn, K);
-    FOR_VA(LOAD_A)
-    FOR_VB(LOAD_B)
+    FOR_V(LOAD_A)
+    FOR_V(LOAD_B)
 #define DECL_ACC(i, j) ACC_T acc##i##j = ACC_T(0.0);
     FOR_IJ(DECL_ACC)
+    // Workgroup-uniform: the whole tile inside y, f16 or f32 y with unit column stride and 16-byte aligned rows.
+    uint vecw = dy == 1u ? 8u : 4u;
+    bool direct = WHOLE_TILES != 0 || ((dy == 0u || dy == 1u) && syn == 1u && sym % vecw == 0u && oy % vecw == 0u &&
+                                       row0 + BM <= M && col0 + BN <= N);
+    if (direct && P[15] != 0u) {
+        // The bias of the tile's BN columns in each of FM rows of Cs.
+        for (uint e = t; e < FM * BN; e += 256u) Cs[e] = ld4(dbias, P[43] + (col0 + e % BN) * P[44]);
+        barrier();
+#define LOAD_BIAS(i, j) coopMatLoadNV(acc##i##j, Cs, wn * WN + j * FN, BN, false);
+        FOR_IJ(LOAD_BIAS)
+    }
     for (uint k0 = 0u; k0 < K; k0 += BK) {
 #define STORE_A(v) As[Q_R(v) * SV + Q_C(v) / 8u] = ra##v;
 #define STORE_B(v) Bs[Q_R(v) * SV + Q_C(v) / 8u] = rb##v;
-        FOR_VA(STORE_A)
-        FOR_VB(STORE_B)
+        FOR_V(STORE_A)
+        FOR_V(STORE_B)
         barrier();
         uint k1 = k0 + BK;
         if (k1 < K) {
             uint kl = K - k1;
 #define NEXT_A(v) ra##v = vec_a(va, abase + k1 * sak, Q_R(v), Q_C(v), sam, sak, am, kl);
 #define NEXT_B(v) rb##v = vec_b(vb, bbase + k1 * sbk, Q_R(v), Q_C(v), sbn, sbk, bn, kl);
-            FOR_VA(NEXT_A)
-            FOR_VB(NEXT_B)
+            FOR_V(NEXT_A)
+            FOR_V(NEXT_B)
         }
         [[unroll]] for (uint kk = 0u; kk < BK; kk += FK) {
 #define LOAD_FA(i) A_T fa##i; coopMatLoadNV(fa##i, As, (wm * WM + i * FM) * SV + kk / 8u, SV, false);
@@ -160,11 +195,24 @@ void main() {
         }
         barrier();
     }
+    if (direct) {
+#define STORE16(i, j)                                                                                        \
+    coopMatStoreNV(OUT16_T(acc##i##j), y_v, (oy + (r0 + i * FM) * sym + c0 + j * FN) / 8u, sym / 8u, false);
+#define STORE32(i, j) coopMatStoreNV(acc##i##j, y_v, (oy + (r0 + i * FM) * sym + c0 + j * FN) / 4u, sym / 4u, false);
+        if (dy == 1u) {
+            FOR_IJ(STORE16)
+        } else {
+            FOR_IJ(STORE32)
+        }
+        return;
+    }
+#if !WHOLE_TILES
     uint cs0 = w * FM * FN;
 #define OUT(i, j)                                                                                            \
     coopMatStoreNV(acc##i##j, Cs, cs0, FN, false);                                                           \
     SUBGROUP_SHARED_BARRIER();                                                                               \
-    write_fragment(cs0, row0 + wm * WM + i * FM, col0 + wn * WN + j * FN, M, N, oy, sym, syn, dy, dbias);    \
+    write_fragment(cs0, r0 + i * FM, c0 + j * FN, M, N, oy, sym, syn, dy, dbias);                            \
     SUBGROUP_SHARED_BARRIER();
     FOR_IJ(OUT)
+#endif
 }

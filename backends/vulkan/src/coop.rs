@@ -17,10 +17,17 @@ pub const DISABLE_ENV: &str = "SD3_VULKAN_COOP";
 /// kernels (to test them on a device that would pick 16x16x16).
 pub const SHAPE_ENV: &str = "SD3_VULKAN_COOP_SHAPE";
 
+/// The K step of the whole-tile matmul (`matmul_coop_tiles*.comp`): it runs where M and N are multiples of 128, K
+/// of this, both operands are f16 and contiguous along K in 16-byte aligned rows, and y is f16 or f32, contiguous
+/// along N, with 16-byte aligned rows. Everything else runs `matmul_coop*.comp`.
+pub const TILES_K_STEP: usize = 64;
+
 /// The cooperative-matrix kernels a device runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CoopKernels {
     pub matmul: Kernel,
+    /// The matmul for whole tiles (see [`TILES_K_STEP`]).
+    pub matmul_tiles: Kernel,
     pub attention: Kernel,
     /// Fragment shape M x N x K.
     pub shape: (u32, u32, u32),
@@ -65,9 +72,19 @@ pub fn select_shape(s: &CoopSupport, narrow: bool) -> Option<CoopKernels> {
     }
     let listed = |m, n, k| s.shapes.iter().any(|c| c.nv && c.is_f16_f32() && (c.m, c.n, c.k) == (m, n, k));
     if listed(16, 16, 16) && !(narrow && listed(16, 8, 16)) {
-        Some(CoopKernels { matmul: Kernel::MatmulCoop16, attention: Kernel::AttentionCoop16, shape: (16, 16, 16) })
+        Some(CoopKernels {
+            matmul: Kernel::MatmulCoop16,
+            matmul_tiles: Kernel::MatmulCoopTiles16,
+            attention: Kernel::AttentionCoop16,
+            shape: (16, 16, 16),
+        })
     } else if listed(16, 8, 16) {
-        Some(CoopKernels { matmul: Kernel::MatmulCoop8, attention: Kernel::AttentionCoop8, shape: (16, 8, 16) })
+        Some(CoopKernels {
+            matmul: Kernel::MatmulCoop8,
+            matmul_tiles: Kernel::MatmulCoopTiles8,
+            attention: Kernel::AttentionCoop8,
+            shape: (16, 8, 16),
+        })
     } else {
         None
     }

@@ -411,8 +411,25 @@ fn execute_one(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
                     && t.strides()[other].is_multiple_of(8)
                     && t.strides()[..rank - 2].iter().all(|s| s.is_multiple_of(8))
             };
-            p.u(45, vec8(a, &bins[0], rank - 1) as usize);
-            p.u(46, vec8(b, &bins[1], rank - 2) as usize);
+            let (va, vb) = (vec8(a, &bins[0], rank - 1), vec8(b, &bins[1], rank - 2));
+            p.u(45, va as usize);
+            p.u(46, vb as usize);
+            // Whole 128x128 tiles of y, stored fragment by fragment: rows 16-byte aligned, unit column stride.
+            let y_rows = |w: usize| {
+                y.strides()[rank - 1] == 1
+                    && (by.elem_offset as usize).is_multiple_of(w)
+                    && y.strides()[..rank - 1].iter().all(|s| s.is_multiple_of(w))
+            };
+            let whole_tiles = m.is_multiple_of(128)
+                && n.is_multiple_of(128)
+                && k.is_multiple_of(crate::coop::TILES_K_STEP)
+                && va
+                && vb
+                && match y.dtype {
+                    DType::F16 => y_rows(8),
+                    DType::F32 => y_rows(4),
+                    _ => false,
+                };
             match dev.coop {
                 // A few rows against a K-contiguous b (a linear layer on one token per sample): memory-bound on b.
                 _ if batch == 1 && m <= MATVEC_MAX_M && b.strides()[rank - 2] == 1 => {
@@ -420,7 +437,8 @@ fn execute_one(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
                 }
                 // 128x128 tiles on cooperative matrices when both operands are f16.
                 Some(c) if a.dtype == DType::F16 && b.dtype == DType::F16 => {
-                    (c.matmul, [n.div_ceil(128) as u32, m.div_ceil(128) as u32, batch as u32])
+                    let kernel = if whole_tiles { c.matmul_tiles } else { c.matmul };
+                    (kernel, [n.div_ceil(128) as u32, m.div_ceil(128) as u32, batch as u32])
                 }
                 _ => (Kernel::Matmul, [n.div_ceil(64) as u32, m.div_ceil(64) as u32, batch as u32]),
             }

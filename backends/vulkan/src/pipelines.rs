@@ -30,10 +30,14 @@ pub enum Kernel {
     MatmulCoop8,
     AttentionCoop16,
     AttentionCoop8,
+    /// The cooperative matmul for whole 128x128 tiles, K a multiple of 64, vector-loadable operands and an output
+    /// stored fragment by fragment (matmul_coop_tiles*.comp; `coop::whole_tiles` checks).
+    MatmulCoopTiles16,
+    MatmulCoopTiles8,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 14] = [
+    pub const ALL: [Kernel; 16] = [
         Kernel::Elementwise,
         Kernel::Rows,
         Kernel::Matmul,
@@ -48,6 +52,8 @@ impl Kernel {
         Kernel::MatmulCoop8,
         Kernel::AttentionCoop16,
         Kernel::AttentionCoop8,
+        Kernel::MatmulCoopTiles16,
+        Kernel::MatmulCoopTiles8,
     ];
 
     pub fn name(self) -> &'static str {
@@ -66,6 +72,8 @@ impl Kernel {
             Kernel::MatmulCoop8 => "matmul_coop8",
             Kernel::AttentionCoop16 => "attention_coop16",
             Kernel::AttentionCoop8 => "attention_coop8",
+            Kernel::MatmulCoopTiles16 => "matmul_coop_tiles16",
+            Kernel::MatmulCoopTiles8 => "matmul_coop_tiles8",
         }
     }
 

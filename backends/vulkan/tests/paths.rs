@@ -43,6 +43,24 @@ fn f16_matmul_unaligned_and_row_major() {
     check(dev, "matmul f16 row-major b", op, &[a, w], &Spec::new(&[3, 130, 140], F32), tol_for(F16, 0.0));
 }
 
+/// Whole 128x128 output tiles with 16-byte aligned rows: the cooperative shaders store fragments straight to y
+/// (f16 and f32 outputs), their accumulators starting from the bias. K 96 runs the general shader, K 128 and 64 the
+/// whole-tile one; a weight broadcast over the batch, an f32 bias.
+#[test]
+fn f16_matmul_whole_tiles_with_bias() {
+    let dev = device_or_skip!();
+    let dev = dev.as_ref();
+    let op = Op::Matmul { bias: true, act: None };
+    for k in [96, 128] {
+        let (a, w) = (Spec::new(&[256, k], F16), Spec::permuted(&[k, 384], &[1, 0], F16));
+        let (bias, y) = (Spec::new(&[384], F16), Spec::new(&[256, 384], F16));
+        check(dev, &format!("matmul f16 whole tiles k {k}"), op, &[a, w, bias], &y, tol_for(F16, 0.0));
+    }
+    let (a, w) = (Spec::new(&[2, 128, 64], F16), Spec::strided(&[2, 64, 256], &[0, 1, 64], 0, F16));
+    let bias = Spec::new(&[256], F32);
+    check(dev, "matmul f32 out whole tiles", op, &[a, w, bias], &Spec::new(&[2, 128, 256], F32), tol_for(F16, 0.0));
+}
+
 #[test]
 fn f16_attention_qk_norm_bias_and_odd_head_dims() {
     let dev = device_or_skip!();

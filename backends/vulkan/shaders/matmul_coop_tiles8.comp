@@ -1,0 +1,9 @@
+#version 450
+// Cooperative-matrix matmul on 16x8x16 fragments for whole 128x128 tiles, K in steps of 64 (body:
+// matmul_coop.glsl; the host checks the conditions).
+#define FM 16
+#define FN 8
+#define FK 16
+#define BK 64
+#define WHOLE_TILES 1
+#include "matmul_coop.glsl"
