@@ -1,5 +1,5 @@
 //! Per-kernel device time of the Vulkan backend at SD3-medium shapes (1024², batch 2): the joint attention
-//! `[2, 24, 4429, 64]`, the four linears of a block and the memory-bound ops around them, f16. Each op runs
+//! `[2, 24, 4429, 64]`, the four linears of a block on each stream and the memory-bound ops around them, f16. Each op runs
 //! `--iters` times back to back between two timestamp markers (no synchronisation in between), so the figure is
 //! device time per call; wall time per call is printed beside it. `SD3_VULKAN_VARIANT` picks shader variants and
 //! `SD3_VULKAN_PIPELINE_STATS=1` prints the driver's statistics of each pipeline (see `src/pipelines.rs`).
@@ -75,18 +75,31 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Tensor::attention(&q, &k, &v, &params)?;
         be.synchronize()?;
     }
-    let tokens = b * 4096;
+    // The image stream's 2 x 4096 tokens and the context stream's 2 x 333.
+    let (tokens, ctx) = (b * 4096, b * 333);
     let (x, x4) = (r(&[tokens, d], 1.0)?, r(&[tokens, 4 * d], 1.0)?);
+    let (c, c4) = (r(&[ctx, d], 1.0)?, r(&[ctx, 4 * d], 1.0)?);
     let mut linears = Vec::new();
-    for (label, four_k, out_features) in [
-        ("linear 8192x1536 -> 4608 (qkv)", false, 3 * d),
-        ("linear 8192x1536 -> 1536 (out)", false, d),
-        ("linear 8192x1536 -> 6144 (ff up)", false, 4 * d),
-        ("linear 8192x6144 -> 1536 (ff down)", true, d),
+    for (label, context, four_k, out_features) in [
+        ("linear 8192x1536 -> 4608 (qkv)", false, false, 3 * d),
+        ("linear 8192x1536 -> 1536 (out)", false, false, d),
+        ("linear 8192x1536 -> 6144 (ff up)", false, false, 4 * d),
+        ("linear 8192x6144 -> 1536 (ff down)", false, true, d),
+        ("linear 666x1536 -> 4608 (ctx qkv)", true, false, 3 * d),
+        ("linear 666x1536 -> 1536 (ctx out)", true, false, d),
+        ("linear 666x1536 -> 6144 (ctx ff up)", true, false, 4 * d),
+        ("linear 666x6144 -> 1536 (ctx ff down)", true, true, d),
     ] {
         let in_features = if four_k { 4 * d } else { d };
+        let rows = if context { ctx } else { tokens };
         let (w, bias) = (r(&[out_features, in_features], 0.02)?, r(&[out_features], 1.0)?);
-        linears.push((label, four_k, w, bias, 2.0 * (tokens * in_features * out_features) as f64));
+        let input = match (context, four_k) {
+            (false, false) => &x,
+            (false, true) => &x4,
+            (true, false) => &c,
+            (true, true) => &c4,
+        };
+        linears.push((label, input, w, bias, 2.0 * (rows * in_features * out_features) as f64));
     }
     let es = dtype.size_in_bytes() as f64;
     let (x3, y3) = (r(&[b, 4096, d], 1.0)?, r(&[b, 4096, d], 1.0)?);
@@ -104,14 +117,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             })?;
         }
         if ops.contains("linear") {
-            for (label, four_k, w, bias, flop) in &linears {
-                let input = if *four_k { &x4 } else { &x };
+            for (label, input, w, bias, flop) in &linears {
                 flops(label, *flop, &|| input.linear(w, Some(bias)))?;
             }
         }
         if ops.contains("memory") {
             bytes("layer_norm_modulate [2,4096,1536]", act, &|| x3.layer_norm_modulate(&scale, &shift, 1e-6))?;
             bytes("gated_residual [2,4096,1536]", 1.5 * act, &|| x3.gated_residual(&scale, &y3))?;
+            bytes("modulate [2,4096,1536]", act, &|| x3.modulate(&scale, &shift))?;
+            bytes("add [2,4096,1536]", 1.5 * act, &|| x3.add(&y3))?;
             bytes("gelu_tanh [2,4096,6144]", 4.0 * act, &|| h3.gelu_tanh())?;
             bytes("head split copy [2,4096,24,64]", act, &|| heads.permute(&[0, 2, 1, 3])?.contiguous())?;
         }

@@ -15,9 +15,12 @@
 // element by element, with the bias and the rounding in f32 code. (glslc's optimiser crashes on a sum of two
 // fragments, hence the bias as the starting value.)
 //
-// WHOLE_TILES (the matmul_coop_tiles shaders): the host guarantees M and N multiples of 128, K of BK, both operands
-// vector-loadable and y stored directly, so the shader has no bounds checks, gathers or element-wise epilogue.
-// That takes it from 255 registers to under 200, and BK 64 then fits without spilling.
+// WHOLE_TILES (the matmul_coop_tiles shaders): the host guarantees K a multiple of BK, both operands
+// vector-loadable and y stored directly, so the shader has no per-element bounds checks, gathers or element-wise
+// epilogue. That takes it from 255 registers to under 200, and BK 64 then fits without spilling. M and N need not
+// be multiples of 128 (the context stream's 2 x 333 rows): loads clamp the row (column of b) to the last valid one,
+// so a partial tile reads only real data, and in the last row or column tile the fragments wholly inside y are
+// stored directly, those straddling its edge through Cs element by element, those outside not at all.
 //
 // Every fragment is its own variable (macros expand the loops over fragments): NVIDIA's compiler kept an array of
 // accumulator fragments in local memory. The subgroup's hand-offs through Cs use SUBGROUP_SHARED_BARRIER, not
@@ -100,7 +103,7 @@ uint h3(uint e) { return (b3[e >> 1] >> ((e & 1u) * 16u)) & 0xffffu; }
 #define DEFINE_VEC8(NAME, BUF, BUFV, H)                                                                     \
     uvec4 NAME(bool vec, uint base, uint r, uint c, uint sr, uint sc, uint rows, uint cols) {               \
         uint e = base + r * sr + c * sc;                                                                   \
-        if (WHOLE_TILES != 0) return BUFV[e >> 3];                                                         \
+        if (WHOLE_TILES != 0) return BUFV[(base + min(r, rows - 1u) * sr + c) >> 3];                       \
         if (r >= rows || c >= cols) return uvec4(0u);                                                      \
         if (vec) return BUFV[e >> 3];                                                                      \
         uint w[4];                                                                                         \
@@ -116,8 +119,9 @@ DEFINE_VEC8(vec_b, b3, b_v, h3)
 
 // Fragment (i, j) of this subgroup, stored in its slice of Cs, out to y with the bias and the output dtype; f16
 // outputs with unit column stride are written a word (two columns) at a time.
-void write_fragment(uint cs0, uint r0, uint c0, uint M, uint N, uint oy, uint sym, uint syn, uint dy, uint dbias) {
-    bool has_bias = P[15] != 0u;
+// (`has_bias` false: the accumulators started from the bias.)
+void write_fragment(uint cs0, uint r0, uint c0, uint M, uint N, uint oy, uint sym, uint syn, uint dy, uint dbias,
+                    bool has_bias) {
     for (uint p = gl_SubgroupInvocationID; p < FM * FN / 2u; p += gl_SubgroupSize) {
         uint fr = p / (FN / 2u), fc = 2u * (p % (FN / 2u));
         uint r = r0 + fr, c = c0 + fc;
@@ -166,7 +170,7 @@ void main() {
                                        row0 + BM <= M && col0 + BN <= N);
     if (direct && P[15] != 0u) {
         // The bias of the tile's BN columns in each of FM rows of Cs.
-        for (uint e = t; e < FM * BN; e += 256u) Cs[e] = ld4(dbias, P[43] + (col0 + e % BN) * P[44]);
+        for (uint e = t; e < FM * BN; e += 256u) Cs[e] = ld4(dbias, P[43] + min(col0 + e % BN, N - 1u) * P[44]);
         barrier();
 #define LOAD_BIAS(i, j) coopMatLoadNV(acc##i##j, Cs, wn * WN + j * FN, BN, false);
         FOR_IJ(LOAD_BIAS)
@@ -195,10 +199,12 @@ void main() {
         }
         barrier();
     }
-    if (direct) {
 #define STORE16(i, j)                                                                                        \
     coopMatStoreNV(OUT16_T(acc##i##j), y_v, (oy + (r0 + i * FM) * sym + c0 + j * FN) / 8u, sym / 8u, false);
 #define STORE32(i, j) coopMatStoreNV(acc##i##j, y_v, (oy + (r0 + i * FM) * sym + c0 + j * FN) / 4u, sym / 4u, false);
+    // Workgroup-uniform; always true for the whole-tile shader's full tiles.
+    bool full = WHOLE_TILES == 0 ? direct : row0 + BM <= M && col0 + BN <= N;
+    if (full) {
         if (dy == 1u) {
             FOR_IJ(STORE16)
         } else {
@@ -206,12 +212,28 @@ void main() {
         }
         return;
     }
-#if !WHOLE_TILES
     uint cs0 = w * FM * FN;
+#if WHOLE_TILES
+    // The last row or column tile: per fragment (subgroup-uniform), direct where wholly inside y.
+#define EDGE(i, j)                                                                                           \
+    if (r0 + i * FM + FM <= M && c0 + j * FN + FN <= N) {                                                    \
+        if (dy == 1u) {                                                                                      \
+            STORE16(i, j)                                                                                    \
+        } else {                                                                                             \
+            STORE32(i, j)                                                                                    \
+        }                                                                                                    \
+    } else if (r0 + i * FM < M && c0 + j * FN < N) {                                                         \
+        coopMatStoreNV(acc##i##j, Cs, cs0, FN, false);                                                       \
+        SUBGROUP_SHARED_BARRIER();                                                                           \
+        write_fragment(cs0, r0 + i * FM, c0 + j * FN, M, N, oy, sym, syn, dy, dbias, false);                 \
+        SUBGROUP_SHARED_BARRIER();                                                                           \
+    }
+    FOR_IJ(EDGE)
+#else
 #define OUT(i, j)                                                                                            \
     coopMatStoreNV(acc##i##j, Cs, cs0, FN, false);                                                           \
     SUBGROUP_SHARED_BARRIER();                                                                               \
-    write_fragment(cs0, r0 + i * FM, c0 + j * FN, M, N, oy, sym, syn, dy, dbias);                            \
+    write_fragment(cs0, r0 + i * FM, c0 + j * FN, M, N, oy, sym, syn, dy, dbias, P[15] != 0u);               \
     SUBGROUP_SHARED_BARRIER();
     FOR_IJ(OUT)
 #endif

@@ -1,5 +1,5 @@
 #version 450
-// Cooperative-matrix matmul on 16x16x16 fragments for whole 128x128 tiles, K in steps of 64 (body:
+// Cooperative-matrix matmul on 16x16x16 fragments without per-element bounds checks, K in steps of 64 (body:
 // matmul_coop.glsl; the host checks the conditions).
 #define FM 16
 #define FN 16

@@ -17,9 +17,10 @@ pub const DISABLE_ENV: &str = "SD3_VULKAN_COOP";
 /// kernels (to test them on a device that would pick 16x16x16).
 pub const SHAPE_ENV: &str = "SD3_VULKAN_COOP_SHAPE";
 
-/// The K step of the whole-tile matmul (`matmul_coop_tiles*.comp`): it runs where M and N are multiples of 128, K
-/// of this, both operands are f16 and contiguous along K in 16-byte aligned rows, and y is f16 or f32, contiguous
-/// along N, with 16-byte aligned rows. Everything else runs `matmul_coop*.comp`.
+/// The K step of the whole-tile matmul (`matmul_coop_tiles*.comp`): it runs where K is a multiple of this, both
+/// operands are f16 and contiguous along K in 16-byte aligned rows, and y is f16 or f32, contiguous along N, with
+/// 16-byte aligned rows (M and N any: only a last partial tile checks bounds). Everything else runs
+/// `matmul_coop*.comp`.
 pub const TILES_K_STEP: usize = 64;
 
 /// The cooperative-matrix kernels a device runs.

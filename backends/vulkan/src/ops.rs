@@ -109,6 +109,24 @@ fn word_pairs(y: &TensorDesc, b: &Bound) -> bool {
         && (0..rank - 1).all(|d| y.shape()[d] == 1 || y.strides()[d].is_multiple_of(2))
 }
 
+/// Whether an elementwise call runs 8 elements per invocation as 16-byte vectors (the shader's vector mode): f32,
+/// f16 or bf16 operands whose last dim is a multiple of 8 and contiguous, and whose every row starts 16 bytes
+/// aligned in its binding (outer strides and offsets multiples of 8; zero strides broadcast an input).
+fn vector_views(call: &OpCall, by: &Bound, bins: &[Bound]) -> bool {
+    let y = &call.outputs[0];
+    let rank = y.rank();
+    !matches!(call.op, Op::UpsampleNearest2d { .. })
+        && rank >= 1
+        && y.shape()[rank - 1].is_multiple_of(8)
+        && std::iter::once((y, by)).chain(call.inputs.iter().zip(bins)).all(|(t, b)| {
+            matches!(t.dtype, DType::F32 | DType::F16 | DType::BF16)
+                && t.shape() == y.shape()
+                && t.strides()[rank - 1] == 1
+                && (b.elem_offset as usize).is_multiple_of(8)
+                && t.strides()[..rank - 1].iter().all(|s| s.is_multiple_of(8))
+        })
+}
+
 /// Parameter words of one dispatch.
 struct Params([u32; PARAM_WORDS]);
 
@@ -274,7 +292,15 @@ fn execute_one(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
                 p.view(29 + 9 * k, b, t, 0..rank);
                 bindings.push((2 + k as u32, b.info));
             }
-            let items = if word_pairs(y, &by) { y.elem_count() / 2 } else { y.elem_count() };
+            let vector = vector_views(call, &by, &bins);
+            p.u(19, vector as usize);
+            let items = if vector {
+                y.elem_count() / 8
+            } else if word_pairs(y, &by) {
+                y.elem_count() / 2
+            } else {
+                y.elem_count()
+            };
             (Kernel::Elementwise, groups_for(items))
         }
         Op::Softmax | Op::LayerNorm { .. } | Op::RmsNorm { .. } | Op::LayerNormModulate { .. } => {
@@ -414,15 +440,14 @@ fn execute_one(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
             let (va, vb) = (vec8(a, &bins[0], rank - 1), vec8(b, &bins[1], rank - 2));
             p.u(45, va as usize);
             p.u(46, vb as usize);
-            // Whole 128x128 tiles of y, stored fragment by fragment: rows 16-byte aligned, unit column stride.
+            // y stored fragment by fragment (rows 16-byte aligned, unit column stride), K in whole steps: the
+            // whole-tile shader, which also takes a partial last row or column tile (M, N any).
             let y_rows = |w: usize| {
                 y.strides()[rank - 1] == 1
                     && (by.elem_offset as usize).is_multiple_of(w)
                     && y.strides()[..rank - 1].iter().all(|s| s.is_multiple_of(w))
             };
-            let whole_tiles = m.is_multiple_of(128)
-                && n.is_multiple_of(128)
-                && k.is_multiple_of(crate::coop::TILES_K_STEP)
+            let whole_tiles = k.is_multiple_of(crate::coop::TILES_K_STEP)
                 && va
                 && vb
                 && match y.dtype {

@@ -30,8 +30,9 @@ pub enum Kernel {
     MatmulCoop8,
     AttentionCoop16,
     AttentionCoop8,
-    /// The cooperative matmul for whole 128x128 tiles, K a multiple of 64, vector-loadable operands and an output
-    /// stored fragment by fragment (matmul_coop_tiles*.comp; `coop::whole_tiles` checks).
+    /// The cooperative matmul without per-element bounds checks (but for a partial last tile): K a multiple of 64,
+    /// vector-loadable operands and an output stored fragment by fragment (matmul_coop_tiles*.comp; see
+    /// `coop::TILES_K_STEP`).
     MatmulCoopTiles16,
     MatmulCoopTiles8,
 }

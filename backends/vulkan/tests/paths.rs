@@ -5,8 +5,8 @@
 
 mod common;
 
-use sd3_core::testing::{check, tol_for, Spec};
-use sd3_core::DType::{F16, F32};
+use sd3_core::testing::{check, tol_for, Spec, EXACT};
+use sd3_core::DType::{BF16, F16, F32};
 use sd3_core::Op;
 
 macro_rules! device_or_skip {
@@ -59,6 +59,53 @@ fn f16_matmul_whole_tiles_with_bias() {
     let (a, w) = (Spec::new(&[2, 128, 64], F16), Spec::strided(&[2, 64, 256], &[0, 1, 64], 0, F16));
     let bias = Spec::new(&[256], F32);
     check(dev, "matmul f32 out whole tiles", op, &[a, w, bias], &Spec::new(&[2, 128, 256], F32), tol_for(F16, 0.0));
+}
+
+/// M and N not multiples of 128 with K a multiple of 64: the whole-tile shader's partial last row and column tiles
+/// (the context stream's 2 x 333 rows), fragments straddling the edge (M 200: rows 192..199 of a 16-row
+/// fragment) and tiles of fewer rows than a fragment (M 130), f16 and f32 outputs and biases, batched.
+#[test]
+fn f16_matmul_partial_tiles_with_bias() {
+    let dev = device_or_skip!();
+    let dev = dev.as_ref();
+    let op = Op::Matmul { bias: true, act: None };
+    for (m, n, out) in [(200, 384, F16), (130, 200, F32), (666, 136, F16)] {
+        let (a, w) = (Spec::new(&[m, 128], F16), Spec::permuted(&[128, n], &[1, 0], F16));
+        let bias = Spec::new(&[n], if out == F16 { F16 } else { F32 });
+        let what = format!("matmul f16 partial tiles {m}x{n} -> {out:?}");
+        check(dev, &what, op, &[a, w, bias], &Spec::new(&[m, n], out), tol_for(F16, 0.0));
+    }
+    let (a, w) = (Spec::new(&[2, 150, 64], F16), Spec::strided(&[2, 64, 256], &[0, 1, 64], 0, F16));
+    let bias = Spec::new(&[256], F32);
+    check(dev, "matmul batched partial tiles", op, &[a, w, bias], &Spec::new(&[2, 150, 256], F32), tol_for(F16, 0.0));
+}
+
+/// The elementwise shader's vector mode (8 elements per invocation): modulate and the gated residual with
+/// `[B, 1, D]` operands broadcast over the rows, GELU, casts between f32 and f16, a bf16 binary op, an output view
+/// with padded rows; and beside them a last dim not a multiple of 8 (the generic path).
+#[test]
+fn elementwise_vector_mode_with_broadcast() {
+    use sd3_core::{BinaryOp, UnaryOp};
+    let dev = device_or_skip!();
+    let dev = dev.as_ref();
+    for d in [64, 20] {
+        let x = || Spec::new(&[2, 40, d], F16);
+        let row = || Spec::strided(&[2, 40, d], &[d, 0, 1], 0, F16);
+        let y = Spec::new(&[2, 40, d], F16);
+        check(dev, &format!("modulate d {d}"), Op::Modulate, &[x(), row(), row()], &y, tol_for(F16, 0.0));
+        check(dev, &format!("gated residual d {d}"), Op::GatedResidual, &[x(), row(), x()], &y, tol_for(F16, 0.0));
+    }
+    let x = Spec::new(&[3, 5, 48], F16);
+    let gelu = Op::Unary(UnaryOp::GeluTanh);
+    check(dev, "gelu tanh f16", gelu, std::slice::from_ref(&x), &Spec::new(&[3, 5, 48], F16), tol_for(F16, 1e-5));
+    let padded = Spec::strided(&[3, 5, 48], &[5 * 56, 56, 1], 8, F16);
+    check(dev, "copy into padded rows", Op::Copy, std::slice::from_ref(&x), &padded, EXACT);
+    check(dev, "cast f16 -> f32", Op::Copy, &[x], &Spec::new(&[3, 5, 48], F32), EXACT);
+    let x32 = Spec::new(&[4, 32], F32);
+    check(dev, "cast f32 -> f16", Op::Copy, &[x32], &Spec::new(&[4, 32], F16), tol_for(F16, 0.0));
+    let (p, q) = (Spec::new(&[2, 3, 16], BF16), Spec::strided(&[2, 3, 16], &[0, 16, 1], 0, F32));
+    let mul = Op::Binary(BinaryOp::Mul);
+    check(dev, "bf16 * broadcast f32", mul, &[p, q], &Spec::new(&[2, 3, 16], BF16), tol_for(BF16, 0.0));
 }
 
 #[test]
