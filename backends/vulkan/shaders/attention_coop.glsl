@@ -1,25 +1,30 @@
 // Fused attention on cooperative matrices (VK_NV_cooperative_matrix) for f16 q, k, v with head dims <= 64:
 // o = softmax(scale·q̃·k̃ᵀ + bias + causal mask)·v, flash-style, the score matrix never written to memory.
-// A workgroup takes 64 query rows of one (batch, head): 64 / RS subgroups of 32 invocations, RS rows each. Keys
-// and values stream through shared memory in tiles of 64, as 16-byte vectors of 8 halves (rows padded to 72
-// halves; fragment offsets and strides in vectors). With PREFETCH, the next tile is loaded into registers while
-// this one is used. Per tile, each subgroup:
-// - computes its RS x 64 scores on 16 x FN x FK fragments into its f32 slice of shared memory;
-// - runs the online softmax there in plain code (32 / RS invocations per row, f32, exp2 with the scale folded in):
-//   the row maximum from one read of the slice, the probabilities from a second, written as f16 vectors;
-// - multiplies them by the value tile into the output rows, which stay on accumulator fragments across tiles.
-// Bias, the causal mask and a partial last tile are applied by a loop that is not unrolled, before the softmax,
-// and K and V tiles that are not vector-loadable or need the norm are loaded in one too. The hot loop keeps only
-// the plain case's code: the same design with those per-element branches and gathered loads unrolled inside it
-// took 12.9 ms instead of 3.9 (docs/performance.md, "Attention, second pass").
+// A workgroup takes 64 query rows of one (batch, head): 4 subgroups of 32 invocations, 16 rows each. Keys and
+// values stream through shared memory in tiles of 64, as 16-byte vectors of 8 halves (rows padded to 72 halves;
+// fragment offsets and strides in vectors). With PREFETCH, the next tile is loaded into registers while this one
+// is used. Per tile, each subgroup:
+// - computes its 16 x 64 scores on 16 x FN accumulator fragments, which the softmax then works on in place;
+// - reduces each row's maximum: a per-element maximum over the fragments, written as one fragment to its f32 slice
+//   of shared memory and read back by rows (two invocations per row);
+// - turns the scores into probabilities element by element (f32, exp2 with the scale folded into one FMA), and
+//   keeps the row sums per element, in a fragment that is reduced by rows only once, at the end;
+// - converts the probability fragments to f16 and multiplies them by the value tile into the output rows, which
+//   stay on accumulator fragments across tiles. With 16 x 16 fragments a converted score fragment is the A operand
+//   as it is; with 16 x 8 ones (two per A operand), P goes through shared memory.
+// Bias, the causal mask and a partial last tile go through the slice too, in a loop that is not unrolled, and K
+// and V tiles that are not vector-loadable or need the norm are loaded in one: the hot loop keeps only the plain
+// case's code (the same design with those branches unrolled inside it took 12.9 ms instead of 3.9,
+// docs/performance.md, "Attention, second pass").
 //
-// The running maximum's correction and the final 1/l are per row, and are applied to the accumulators element by
-// element. Which row an element of an accumulator fragment belongs to is implementation-defined, so the shader
+// The running maximum, its correction and the final 1/l are per row, and are applied to the accumulator elements
+// one by one. Which row an element of an accumulator fragment belongs to is implementation-defined, so the shader
 // reads it once from a probe: a fragment loaded from a slice whose every element is its own row number. It assumes
-// that each invocation holds 16·FN/32 elements of a 16 x FN f32 fragment (the case on NVIDIA).
+// only that each invocation holds 16·FN/32 elements of a 16 x FN f32 fragment (the case on NVIDIA); the row
+// reductions go through shared memory, which on the H200 was as fast as shuffles over NVIDIA's known layout.
 //
-// RS = 16 with PREFETCH is the default: on the H200 it took the joint attention [2, 24, 4429, 64] to 3.9 ms, against
-// 5.9 ms without the prefetch and 5.3 ms with RS = 32 (255 registers, no room for the prefetch).
+// On the H200 this took the joint attention [2, 24, 4429, 64] from 3.85 ms (the scores and P through the slices)
+// to 3.08 ms, 252 registers (docs/performance.md, "Attention, third pass"); 3.44 ms without the prefetch.
 //
 // Parameters and bindings: as attention.glsl, plus [50], [51], [52]: q, k, v are vector-loadable (contiguous
 // along the head dim, rows 16-byte aligned). The host picks this shader only for f16 q, k, v and Dh, Dv <= 64.
@@ -34,27 +39,26 @@
 // buffer memory, which cost a wait for outstanding memory operations at each hand-off).
 #define SUBGROUP_SHARED_BARRIER() \
     controlBarrier(gl_ScopeSubgroup, gl_ScopeSubgroup, gl_StorageSemanticsShared, gl_SemanticsAcquireRelease)
-#ifndef RS
-#define RS 16
-#endif
 #ifndef PREFETCH
 #define PREFETCH 1
 #endif
 #define BR 64
 #define BC 64
 #define D 64
-// Subgroups and invocations per workgroup; M fragments per subgroup; invocations per row and columns per
-// invocation in the softmax; 8-half vectors per invocation in a 64-row tile load; accumulator elements per
-// invocation; fragments along the head dim (k of q·kᵀ, n of p·v).
+// Query rows per subgroup (one fragment high); subgroups and invocations per workgroup; invocations per row and
+// columns per invocation where the slice is worked on by rows; 8-half vectors per invocation in a 64-row tile
+// load; accumulator elements per invocation; fragments along the head dim (k of q·kᵀ, n of p·v); score fragments
+// per tile.
+#define RS 16
 #define NSG (BR / RS)
 #define WG (32 * NSG)
-#define NM (RS / 16)
 #define LPR (32 / RS)
 #define CPL (BC / LPR)
 #define NLD (BC * 8 / WG)
 #define NE (16 * FN / 32)
 #define KD (D / FK)
 #define ND (D / FN)
+#define NS (BC / FN)
 // Shared row stride in 8-half vectors (72 halves), and of the f32 score slices in 4-float vectors (68 floats: a
 // vector load by 8 consecutive rows hits every bank once). The slices hold f32 bits as uvec4 (glslang's NV
 // fragment loads and stores take uint and uvec4 arrays, not vec4).
@@ -70,7 +74,9 @@ layout(std430, set = 0, binding = 4) readonly buffer In4v { uvec4 v_v[]; };
 
 shared uvec4 Ks[BC * SV];
 shared uvec4 Vs[BC * SV];
+#if FN != FK
 shared uvec4 Ps[BR * SV];
+#endif
 shared uvec4 Ss[BR * SS4];
 
 uint head_offset(uint b, uint h, uint v) { return P[v] + b * P[v + 1u] + h * P[v + 2u]; }
@@ -136,10 +142,13 @@ void main() {
         wk0 = vec4(wk[0], wk[1], wk[2], wk[3]);
         wk1 = vec4(wk[4], wk[5], wk[6], wk[7]);
     }
-    // The softmax's row of this invocation within its subgroup's RS, and where its columns start.
+    // Where the slice is worked on by rows: this invocation's row and where its columns start.
     uint r = lane % RS, c0 = (lane / RS) * CPL;
     uint row = i0 + w * RS + r;
-    uint ss0 = w * RS * SS4, ps0 = w * RS * SV;
+    uint ss0 = w * RS * SS4;
+#if FN != FK
+    uint ps0 = w * RS * SV;
+#endif
 
     // The row of each accumulator element held by this invocation (see the top).
     uint erow[NE];
@@ -160,17 +169,16 @@ void main() {
         Ks[(qi / 8u) * SV + qi % 8u] = qk_norm ? rms_norm8(x, eps, float(Dh), wq0, wq1) : x;
     }
     barrier();
-    fcoopmatNV<16, gl_ScopeSubgroup, 16, FK> qf[NM * KD];
-    [[unroll]] for (uint mi = 0u; mi < NM; ++mi) {
-        [[unroll]] for (uint k = 0u; k < KD; ++k) {
-            coopMatLoadNV(qf[mi * KD + k], Ks, (w * RS + mi * 16u) * SV + k * (FK / 8u), SV, false);
-        }
-    }
+    fcoopmatNV<16, gl_ScopeSubgroup, 16, FK> qf[KD];
+    [[unroll]] for (uint k = 0u; k < KD; ++k) coopMatLoadNV(qf[k], Ks, w * RS * SV + k * (FK / 8u), SV, false);
     barrier();
 
-    fcoopmatNV<32, gl_ScopeSubgroup, 16, FN> o[NM * ND];
-    [[unroll]] for (uint x = 0u; x < NM * ND; ++x) o[x] = fcoopmatNV<32, gl_ScopeSubgroup, 16, FN>(0.0);
-    float m = NEG_INF, l = 0.0;
+    fcoopmatNV<32, gl_ScopeSubgroup, 16, FN> o[ND];
+    [[unroll]] for (uint n = 0u; n < ND; ++n) o[n] = fcoopmatNV<32, gl_ScopeSubgroup, 16, FN>(0.0);
+    // The running maximum of each accumulator element's row (scaled, log2 units), and the partial row sums.
+    float me[NE];
+    [[unroll]] for (uint i = 0u; i < NE; ++i) me[i] = NEG_INF;
+    fcoopmatNV<32, gl_ScopeSubgroup, 16, FN> lf = fcoopmatNV<32, gl_ScopeSubgroup, 16, FN>(0.0);
     uint ok = head_offset(b, h, 30u), ov = head_offset(b, h, 35u);
     uint obias = head_offset(b, h, 40u) + row * P[43];
 
@@ -216,98 +224,112 @@ void main() {
 #if PREFETCH
         if (fastkv && j0 + BC < Nk) LOAD_TILE(j0 + BC)
 #endif
-        // Scores: RS x 64 per subgroup.
-        [[unroll]] for (uint j = 0u; j < BC / FN; ++j) {
-            fcoopmatNV<32, gl_ScopeSubgroup, 16, FN> s[NM];
-            [[unroll]] for (uint mi = 0u; mi < NM; ++mi) s[mi] = fcoopmatNV<32, gl_ScopeSubgroup, 16, FN>(0.0);
+        // Scores: 16 x 64 per subgroup, NS fragments.
+        fcoopmatNV<32, gl_ScopeSubgroup, 16, FN> s[NS];
+        [[unroll]] for (uint j = 0u; j < NS; ++j) {
+            s[j] = fcoopmatNV<32, gl_ScopeSubgroup, 16, FN>(0.0);
             [[unroll]] for (uint k = 0u; k < KD; ++k) {
                 fcoopmatNV<16, gl_ScopeSubgroup, FK, FN> kf;
                 coopMatLoadNV(kf, Ks, j * FN * SV + k * (FK / 8u), SV, true);
-                [[unroll]] for (uint mi = 0u; mi < NM; ++mi) s[mi] = coopMatMulAddNV(qf[mi * KD + k], kf, s[mi]);
-            }
-            [[unroll]] for (uint mi = 0u; mi < NM; ++mi) {
-                coopMatStoreNV(s[mi], Ss, ss0 + mi * 16u * SS4 + j * (FN / 4u), SS4, false);
+                s[j] = coopMatMulAddNV(qf[k], kf, s[j]);
             }
         }
-        SUBGROUP_SHARED_BARRIER();
-        // Online softmax over this row's CPL columns (the row's other invocation, if any, is lane ^ 16). Where the
-        // tile has bias, a causal mask or missing keys, a loop that is not unrolled first turns this invocation's
-        // scores into final logits in place (scaled, in log2 units); then the maximum, and the probabilities from
-        // a second read of the slice.
-        uint sr = ss0 + r * SS4 + c0 / 4u;
+        // Bias, causal mask or missing keys: the scores through the slice, where a loop that is not unrolled turns
+        // them into final logits (scaled, in log2 units), and back.
         float mul = scale;
         if (has_bias || causal || nt < BC) {
             mul = 1.0;
+            [[unroll]] for (uint j = 0u; j < NS; ++j) coopMatStoreNV(s[j], Ss, ss0 + j * (FN / 4u), SS4, false);
+            SUBGROUP_SHARED_BARRIER();
+            uint sr = ss0 + r * SS4 + c0 / 4u;
             [[dont_unroll]] for (uint c = 0u; c < CPL; ++c) {
                 uint j = j0 + c0 + c;
-                float s = uintBitsToFloat(Ss[sr + c / 4u][c % 4u]) * scale;
-                if (has_bias && j < Nk && row < Nq) s += ld5(dbias, obias + j * P[44]) * LOG2E;
-                if (c0 + c >= nt || (causal && j > row)) s = NEG_INF;
-                Ss[sr + c / 4u][c % 4u] = floatBitsToUint(s);
+                float x = uintBitsToFloat(Ss[sr + c / 4u][c % 4u]) * scale;
+                if (has_bias && j < Nk && row < Nq) x += ld5(dbias, obias + j * P[44]) * LOG2E;
+                if (c0 + c >= nt || (causal && j > row)) x = NEG_INF;
+                Ss[sr + c / 4u][c % 4u] = floatBitsToUint(x);
             }
+            SUBGROUP_SHARED_BARRIER();
+            [[unroll]] for (uint j = 0u; j < NS; ++j) coopMatLoadNV(s[j], Ss, ss0 + j * (FN / 4u), SS4, false);
+            SUBGROUP_SHARED_BARRIER();
         }
+        // Each element's row maximum over the tile (unscaled): the maximum over the fragments, element by element,
+        // as one fragment through the slice, where invocations r and r + 16 take half of row r each.
+        fcoopmatNV<32, gl_ScopeSubgroup, 16, FN> mf = s[0];
+        [[unroll]] for (uint i = 0u; i < NE; ++i) {
+            [[unroll]] for (uint j = 1u; j < NS; ++j) mf[i] = max(mf[i], s[j][i]);
+        }
+        coopMatStoreNV(mf, Ss, ss0, SS4, false);
+        SUBGROUP_SHARED_BARRIER();
         float tmax = NEG_INF;
-        [[unroll]] for (uint v = 0u; v < CPL / 4u; ++v) {
-            vec4 x = uintBitsToFloat(Ss[sr + v]) * mul;
+        [[unroll]] for (uint v = 0u; v < FN / 8u; ++v) {
+            vec4 x = uintBitsToFloat(Ss[ss0 + (lane % 16u) * SS4 + (lane / 16u) * (FN / 8u) + v]);
             tmax = max(tmax, max(max(x.x, x.y), max(x.z, x.w)));
         }
-#if LPR == 2
         tmax = max(tmax, subgroupShuffleXor(tmax, 16u));
-#endif
-        float m_new = max(m, tmax);
-        float corr = m_new == NEG_INF ? 1.0 : exp2(m - m_new);
-        // A row with no key yet: every logit is -inf, and exp2(-inf - 0) = 0.
-        float mz = m_new == NEG_INF ? 0.0 : m_new;
-        float psum = 0.0;
-        [[unroll]] for (uint v = 0u; v < CPL / 8u; ++v) {
-            vec4 x0 = uintBitsToFloat(Ss[sr + 2u * v]), x1 = uintBitsToFloat(Ss[sr + 2u * v + 1u]);
-            vec4 p0 = exp2(x0 * mul - mz), p1 = exp2(x1 * mul - mz);
-            psum += (p0.x + p0.y) + (p0.z + p0.w) + (p1.x + p1.y) + (p1.z + p1.w);
-            Ps[ps0 + r * SV + c0 / 8u + v] =
-                uvec4(packHalf2x16(p0.xy), packHalf2x16(p0.zw), packHalf2x16(p1.xy), packHalf2x16(p1.zw));
-        }
-#if LPR == 2
-        psum += subgroupShuffleXor(psum, 16u);
-#endif
-        l = l * corr + psum;
-        m = m_new;
-        // The correction of each accumulator element's row (row R's is held by lane R).
-        [[unroll]] for (uint mi = 0u; mi < NM; ++mi) {
-            [[unroll]] for (uint i = 0u; i < NE; ++i) {
-                float cr = subgroupShuffle(corr, mi * 16u + erow[i]);
-                [[unroll]] for (uint n = 0u; n < ND; ++n) o[mi * ND + n][i] *= cr;
-            }
-        }
         SUBGROUP_SHARED_BARRIER();
-        // O += P·V: RS x 64 per subgroup.
-        fcoopmatNV<16, gl_ScopeSubgroup, 16, FK> pf_[NM * (BC / FK)];
-        [[unroll]] for (uint mi = 0u; mi < NM; ++mi) {
-            [[unroll]] for (uint k = 0u; k < BC / FK; ++k) {
-                coopMatLoadNV(pf_[mi * (BC / FK) + k], Ps, ps0 + mi * 16u * SV + k * (FK / 8u), SV, false);
+        // The online softmax, element by element (the elements of a row all see the same values); the row sums are
+        // kept per element in lf.
+        [[unroll]] for (uint i = 0u; i < NE; ++i) {
+            float m_new = max(me[i], subgroupShuffle(tmax, erow[i]) * mul);
+            float corr = m_new == NEG_INF ? 1.0 : exp2(me[i] - m_new);
+            // A row with no key yet: every logit is -inf, and exp2(-inf - 0) = 0.
+            float mz = m_new == NEG_INF ? 0.0 : m_new;
+            float ps = 0.0;
+            [[unroll]] for (uint j = 0u; j < NS; ++j) {
+                float p = exp2(fma(s[j][i], mul, -mz));
+                s[j][i] = p;
+                ps += p;
             }
+            lf[i] = lf[i] * corr + ps;
+            me[i] = m_new;
+            [[unroll]] for (uint n = 0u; n < ND; ++n) o[n][i] *= corr;
         }
-        [[unroll]] for (uint n = 0u; n < ND; ++n) {
-            [[unroll]] for (uint k = 0u; k < BC / FK; ++k) {
+        // O += P·V: 16 x 64 per subgroup.
+#if FN == FK
+        [[unroll]] for (uint k = 0u; k < BC / FK; ++k) {
+            fcoopmatNV<16, gl_ScopeSubgroup, 16, FK> pa = fcoopmatNV<16, gl_ScopeSubgroup, 16, FK>(s[k]);
+            [[unroll]] for (uint n = 0u; n < ND; ++n) {
                 fcoopmatNV<16, gl_ScopeSubgroup, FK, FN> vf;
                 coopMatLoadNV(vf, Vs, k * FK * SV + n * (FN / 8u), SV, false);
-                [[unroll]] for (uint mi = 0u; mi < NM; ++mi) {
-                    o[mi * ND + n] = coopMatMulAddNV(pf_[mi * (BC / FK) + k], vf, o[mi * ND + n]);
-                }
+                o[n] = coopMatMulAddNV(pa, vf, o[n]);
             }
         }
+#else
+        [[unroll]] for (uint j = 0u; j < NS; ++j) {
+            fcoopmatNV<16, gl_ScopeSubgroup, 16, FN> ph = fcoopmatNV<16, gl_ScopeSubgroup, 16, FN>(s[j]);
+            coopMatStoreNV(ph, Ps, ps0 + j * (FN / 8u), SV, false);
+        }
+        SUBGROUP_SHARED_BARRIER();
+        [[unroll]] for (uint k = 0u; k < BC / FK; ++k) {
+            fcoopmatNV<16, gl_ScopeSubgroup, 16, FK> pa;
+            coopMatLoadNV(pa, Ps, ps0 + k * (FK / 8u), SV, false);
+            [[unroll]] for (uint n = 0u; n < ND; ++n) {
+                fcoopmatNV<16, gl_ScopeSubgroup, FK, FN> vf;
+                coopMatLoadNV(vf, Vs, k * FK * SV + n * (FN / 8u), SV, false);
+                o[n] = coopMatMulAddNV(pa, vf, o[n]);
+            }
+        }
+#endif
         barrier();
     }
+    // Row sums: the partial sums' fragment through the slice, half a row per invocation.
+    float l = 0.0;
+    coopMatStoreNV(lf, Ss, ss0, SS4, false);
+    SUBGROUP_SHARED_BARRIER();
+    [[unroll]] for (uint v = 0u; v < FN / 8u; ++v) {
+        vec4 x = uintBitsToFloat(Ss[ss0 + (lane % 16u) * SS4 + (lane / 16u) * (FN / 8u) + v]);
+        l += (x.x + x.y) + (x.z + x.w);
+    }
+    l += subgroupShuffleXor(l, 16u);
+    SUBGROUP_SHARED_BARRIER();
     // Normalised rows back through this subgroup's slice, then out two columns per invocation.
     float inv = l > 0.0 ? 1.0 / l : 0.0;
-    [[unroll]] for (uint mi = 0u; mi < NM; ++mi) {
-        [[unroll]] for (uint i = 0u; i < NE; ++i) {
-            float iv = subgroupShuffle(inv, mi * 16u + erow[i]);
-            [[unroll]] for (uint n = 0u; n < ND; ++n) o[mi * ND + n][i] *= iv;
-        }
-        [[unroll]] for (uint n = 0u; n < ND; ++n) {
-            coopMatStoreNV(o[mi * ND + n], Ss, ss0 + mi * 16u * SS4 + n * (FN / 4u), SS4, false);
-        }
+    [[unroll]] for (uint i = 0u; i < NE; ++i) {
+        float iv = subgroupShuffle(inv, erow[i]);
+        [[unroll]] for (uint n = 0u; n < ND; ++n) o[n][i] *= iv;
     }
+    [[unroll]] for (uint n = 0u; n < ND; ++n) coopMatStoreNV(o[n], Ss, ss0 + n * (FN / 4u), SS4, false);
     SUBGROUP_SHARED_BARRIER();
     uint sd = P[24];
     for (uint p = lane; p < RS * 32u; p += 32u) {
