@@ -23,8 +23,8 @@
 // only that each invocation holds 16·FN/32 elements of a 16 x FN f32 fragment (the case on NVIDIA); the row
 // reductions go through shared memory, which on the H200 was as fast as shuffles over NVIDIA's known layout.
 //
-// On the H200 this took the joint attention [2, 24, 4429, 64] from 3.85 ms (the scores and P through the slices)
-// to 3.08 ms, 252 registers (docs/performance.md, "Attention, third pass"); 3.44 ms without the prefetch.
+// On the H200 this took the joint attention [2, 24, 4429, 64] from 3.89 ms (the scores and P through the slices)
+// to 2.98 ms, 254 registers (docs/performance.md, "Attention, third pass"); 3.44 ms without the prefetch.
 //
 // Parameters and bindings: as attention.glsl, plus [50], [51], [52]: q, k, v are vector-loadable (contiguous
 // along the head dim, rows 16-byte aligned). The host picks this shader only for f16 q, k, v and Dh, Dv <= 64.
