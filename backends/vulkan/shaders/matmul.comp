@@ -5,9 +5,10 @@
 //
 // P: [0] M, [1] N, [2] K, [3] batch count, [4] batch rank, [5..11) batch shape, [11..15) dtypes y, a, b, bias,
 // [15] has bias, views (offset, two matrix strides, 6 batch strides): a@16 (s_m, s_k), b@25 (s_k, s_n),
-// y@34 (s_m, s_n); bias@43 (offset, stride).
+// y@34 (s_m, s_n); bias@43 (offset, stride); [47] activation epilogue: 0 none, else the UnaryOp id + 1.
 #extension GL_EXT_control_flow_attributes : require
 #include "common.glsl"
+#include "unary.glsl"
 layout(local_size_x = 256) in;
 
 shared float As[16][64];
@@ -63,6 +64,7 @@ void main() {
             if (c >= N) continue;
             float v = acc[i][j];
             if (P[15] != 0u) v += ld4(dbias, P[43] + c * P[44]);
+            if (P[47] != 0u) v = unary(P[47] - 1u, v);
             st(dy, oy + r * sym + c * syn, v);
         }
     }

@@ -5,9 +5,11 @@
 // aligned: P[46]), all M rows accumulated in f32 and reduced in shared memory. 256 invocations = 8 columns per
 // workgroup; workgroups grid-stride over the columns.
 //
-// P: as matmul.comp (a@16, b@25, y@34, bias@43; dtypes [11..15), [15] has bias), plus [46] b is vector-loadable (as in matmul_coop.glsl).
+// P: as matmul.comp (a@16, b@25, y@34, bias@43; dtypes [11..15), [15] has bias; [47] activation epilogue), plus
+// [46] b is vector-loadable (as in matmul_coop.glsl).
 #extension GL_EXT_control_flow_attributes : require
 #include "common.glsl"
+#include "unary.glsl"
 #define MAXM 8
 layout(local_size_x = 256) in;
 
@@ -56,6 +58,7 @@ void main() {
         if (n < N && lane < M) {
             float v = red[lane][col * 32u];
             if (P[15] != 0u) v += ld4(dbias, P[43] + n * P[44]);
+            if (P[47] != 0u) v = unary(P[47] - 1u, v);
             st(dy, oy + lane * sym + n * syn, v);
         }
         barrier();

@@ -607,7 +607,8 @@ impl Device for VulkanDevice {
     }
 
     fn supports(&self, call: &OpCall) -> bool {
-        ops::supports(call) && ops::bindable(call, self.phys.limits.max_storage_buffer_range as u64)
+        ops::supports(call, self.coop.is_some())
+            && ops::bindable(call, self.phys.limits.max_storage_buffer_range as u64)
     }
 
     fn execute(&self, call: &OpCall) -> Result<()> {

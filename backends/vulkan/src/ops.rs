@@ -41,7 +41,8 @@ pub fn bindable(call: &OpCall, max_range: u64) -> bool {
     scratch_fits && call.inputs.iter().chain(call.outputs).all(|t| t.byte_span().len() as u64 + 256 <= max_range)
 }
 
-pub fn supports(call: &OpCall) -> bool {
+/// Whether this backend runs `call`; `coop` is whether the device has the cooperative-matrix kernels.
+pub fn supports(call: &OpCall, coop: bool) -> bool {
     let all = || call.inputs.iter().chain(call.outputs);
     if call.outputs.len() != 1 || call.inputs.len() != call.op.n_inputs() || !all().all(indexable) {
         return false;
@@ -59,9 +60,10 @@ pub fn supports(call: &OpCall) -> bool {
                 && ids.rank() == 1
                 && rank == 2
         }
-        // Activation epilogues are declined: the core runs the matmul and a unary op.
-        Op::Matmul { act: Some(_), .. } => false,
-        Op::Matmul { act: None, .. } => {
+        // The cooperative kernels have no activation epilogue: f16 products on such a device decline it, and the
+        // core runs the matmul and a unary op. matmul.comp and matvec.comp apply it before the store.
+        Op::Matmul { act: Some(_), .. } if coop && call.inputs[..2].iter().all(|t| t.dtype == DType::F16) => false,
+        Op::Matmul { .. } => {
             let tiles = |n: usize| n.div_ceil(64) <= MAX_GROUPS as usize;
             floats
                 && (2..=8).contains(&rank)
@@ -205,7 +207,7 @@ fn collapse(call: &OpCall) -> Option<Vec<TensorDesc>> {
 }
 
 pub fn execute(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
-    if !supports(call) {
+    if !supports(call, dev.coop.is_some()) {
         return Err(Error::Unsupported {
             backend: "vulkan".into(),
             op: call.op.name(),
@@ -398,8 +400,9 @@ fn execute_one(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
             p.u(17, 2);
             (Kernel::GroupNorm, grid(n * groups * chunks))
         }
-        Op::Matmul { bias, .. } => {
+        Op::Matmul { bias, act } => {
             let (a, b, rank) = (&call.inputs[0], &call.inputs[1], y.rank());
+            p.u(47, act.map_or(0, |u| u as usize + 1));
             let (m, n, k) = (y.shape()[rank - 2], y.shape()[rank - 1], a.shape()[rank - 1]);
             let batch: usize = y.shape()[..rank - 2].iter().product();
             p.u(0, m);
