@@ -69,7 +69,11 @@ impl CudaDevice {
                 "gemm=cublas".into(),
                 format!(
                     "attention={} (f16/bf16, head dim 64/128; chunked cuBLAS otherwise)",
-                    if kernels.flash90.is_some() { "flash-wgmma at head dim 64, flash-mma" } else { "flash-mma" }
+                    match (&kernels.flash90, &kernels.flash90_unavailable) {
+                        (Some(_), _) => "flash-wgmma at head dim 64, flash-mma".to_string(),
+                        (None, Some(why)) => format!("flash-mma (the wgmma kernel is unavailable: {why})"),
+                        (None, None) => "flash-mma".to_string(),
+                    }
                 ),
             ],
         };

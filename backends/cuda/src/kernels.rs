@@ -53,6 +53,9 @@ pub struct Kernels {
     /// The `wgmma` attention for head dim 64 on compute capability 9.0, `[f16, bf16]`; `None` elsewhere or when
     /// `SD3_CUDA_FLASH90=off` (which keeps the `mma.sync` kernel, for comparison).
     pub flash90: Option<[CudaFunction; 2]>,
+    /// Why `flash90` is `None` on a compute-capability-9.0 GPU (e.g. an NVRTC without `compute_90a`), shown by
+    /// `sd3 devices`.
+    pub flash90_unavailable: Option<String>,
 }
 
 /// Dynamic shared memory of `kernels/flash_sm90.cu`: double-buffered K and V tiles of 64 × 64 halves, plus 1 KiB
@@ -96,6 +99,15 @@ impl Kernels {
                 .load_function(name)
                 .map_err(|e| Error::backend("cuda", format!("kernel `{name}` missing from the module: {e}")))
         };
+        // A failure here (e.g. an NVRTC too old for `compute_90a`) leaves the Hopper attention out, with the reason
+        // kept for `sd3 devices`; the sm_80 kernel covers its calls.
+        let (flash90, flash90_unavailable) = match (major, minor) {
+            (9, 0) => match load_flash90(ctx) {
+                Ok(f) => (f, None),
+                Err(e) => (None, Some(e.to_string())),
+            },
+            _ => (None, None),
+        };
         Ok(Kernels {
             ew: f("ew")?,
             ew_vec: f("ew_vec")?,
@@ -118,8 +130,8 @@ impl Kernels {
             im2col8_h: f("im2col8_h")?,
             gemv_rows: f("gemv_rows")?,
             flash: if major >= 8 { Some(load_flash(&f)?) } else { None },
-            // An NVRTC too old for `compute_90a` leaves the Hopper attention out; the sm_80 kernel covers it.
-            flash90: if (major, minor) == (9, 0) { load_flash90(ctx).ok().flatten() } else { None },
+            flash90,
+            flash90_unavailable,
             _module: module,
         })
     }
