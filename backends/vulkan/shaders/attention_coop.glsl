@@ -35,6 +35,7 @@
 #extension GL_KHR_shader_subgroup_shuffle : require
 #extension GL_EXT_control_flow_attributes : require
 #include "common.glsl"
+#include "vec8.glsl"
 // Execution barrier of the subgroup that orders its shared-memory accesses only (subgroupBarrier() also orders
 // buffer memory, which cost a wait for outstanding memory operations at each hand-off).
 #define SUBGROUP_SHARED_BARRIER() \
@@ -81,28 +82,12 @@ shared uvec4 Ss[BR * SS4];
 
 uint head_offset(uint b, uint h, uint v) { return P[v] + b * P[v + 1u] + h * P[v + 2u]; }
 
-uint hq(uint e) { return (b2[e >> 1] >> ((e & 1u) * 16u)) & 0xffffu; }
-uint hk(uint e) { return (b3[e >> 1] >> ((e & 1u) * 16u)) & 0xffffu; }
-uint hv(uint e) { return (b4[e >> 1] >> ((e & 1u) * 16u)) & 0xffffu; }
-
-// Halves c..c+7 of row r of a [rows x cols] f16 block at base + r*sr + c*sc as a vector (zero outside); `vec`:
-// one aligned 128-bit load.
-#define DEFINE_VEC8(NAME, BUF, BUFV, H)                                                                     \
-    uvec4 NAME(bool vec, uint base, uint r, uint c, uint sr, uint sc, uint rows, uint cols) {               \
-        if (r >= rows || c >= cols) return uvec4(0u);                                                      \
-        uint e = base + r * sr + c * sc;                                                                   \
-        if (vec) return BUFV[e >> 3];                                                                      \
-        uint w[4];                                                                                         \
-        [[unroll]] for (uint j = 0u; j < 4u; ++j) {                                                        \
-            uint lo = c + 2u * j < cols ? H(e + 2u * j * sc) : 0u;                                         \
-            uint hi = c + 2u * j + 1u < cols ? H(e + (2u * j + 1u) * sc) : 0u;                             \
-            w[j] = lo | (hi << 16);                                                                        \
-        }                                                                                                  \
-        return uvec4(w[0], w[1], w[2], w[3]);                                                              \
-    }
-DEFINE_VEC8(vec_q, b2, q_v, hq)
-DEFINE_VEC8(vec_k, b3, k_v, hk)
-DEFINE_VEC8(vec_v, b4, v_v, hv)
+DEFINE_HALF(hq, b2)
+DEFINE_HALF(hk, b3)
+DEFINE_HALF(hv, b4)
+DEFINE_VEC8(vec_q, q_v, hq, 0)
+DEFINE_VEC8(vec_k, k_v, hk, 0)
+DEFINE_VEC8(vec_v, v_v, hv, 0)
 
 // A vector's 8 halves times `s`, RMS-normed over the row (8 consecutive invocations hold one row's 64 columns)
 // and scaled by the 8 weights `w`.

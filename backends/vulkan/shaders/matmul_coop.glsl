@@ -41,6 +41,7 @@
 #extension GL_KHR_shader_subgroup_basic : require
 #extension GL_EXT_control_flow_attributes : require
 #include "common.glsl"
+#include "vec8.glsl"
 // Execution barrier of the subgroup that orders its shared-memory accesses only.
 #define SUBGROUP_SHARED_BARRIER() \
     controlBarrier(gl_ScopeSubgroup, gl_ScopeSubgroup, gl_StorageSemanticsShared, gl_SemanticsAcquireRelease)
@@ -95,27 +96,11 @@ uint batch_offset(uint bi, uint v) {
     return off;
 }
 
-uint h2(uint e) { return (b2[e >> 1] >> ((e & 1u) * 16u)) & 0xffffu; }
-uint h3(uint e) { return (b3[e >> 1] >> ((e & 1u) * 16u)) & 0xffffu; }
-
-// Halves c..c+7 of tile row r of an operand whose element (r, c) lies at base + r*sr + c*sc, as one vector (zero
-// outside rows x cols). `vec` (uniform): unit sc, base, sr and cols multiples of 8, so one aligned 128-bit load.
-#define DEFINE_VEC8(NAME, BUF, BUFV, H)                                                                     \
-    uvec4 NAME(bool vec, uint base, uint r, uint c, uint sr, uint sc, uint rows, uint cols) {               \
-        uint e = base + r * sr + c * sc;                                                                   \
-        if (WHOLE_TILES != 0) return BUFV[(base + min(r, rows - 1u) * sr + c) >> 3];                       \
-        if (r >= rows || c >= cols) return uvec4(0u);                                                      \
-        if (vec) return BUFV[e >> 3];                                                                      \
-        uint w[4];                                                                                         \
-        [[unroll]] for (uint j = 0u; j < 4u; ++j) {                                                        \
-            uint lo = c + 2u * j < cols ? H(e + 2u * j * sc) : 0u;                                         \
-            uint hi = c + 2u * j + 1u < cols ? H(e + (2u * j + 1u) * sc) : 0u;                             \
-            w[j] = lo | (hi << 16);                                                                        \
-        }                                                                                                  \
-        return uvec4(w[0], w[1], w[2], w[3]);                                                              \
-    }
-DEFINE_VEC8(vec_a, b2, a_v, h2)
-DEFINE_VEC8(vec_b, b3, b_v, h3)
+DEFINE_HALF(h2, b2)
+DEFINE_HALF(h3, b3)
+// WHOLE_TILES: rows past the operand are clamped to its last row instead of zeroed (their products land outside y).
+DEFINE_VEC8(vec_a, a_v, h2, WHOLE_TILES)
+DEFINE_VEC8(vec_b, b_v, h3, WHOLE_TILES)
 
 // Fragment (i, j) of this subgroup, stored in its slice of Cs, out to y with the bias and the output dtype; f16
 // outputs with unit column stride are written a word (two columns) at a time.
