@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/setup-system.sh
+scripts/build-glslang.sh
 export CARGO_TERM_COLOR=never
 cargo build --workspace --all-targets
 cargo test --workspace --no-fail-fast

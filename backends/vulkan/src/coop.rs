@@ -16,6 +16,12 @@ pub const DISABLE_ENV: &str = "SD3_VULKAN_COOP";
 /// Environment switch: `SD3_VULKAN_COOP_SHAPE=16x8x16` makes a device that lists both shapes use the 16x8x16
 /// kernels (to test them on a device that would pick 16x16x16).
 pub const SHAPE_ENV: &str = "SD3_VULKAN_COOP_SHAPE";
+/// Environment switch: `SD3_VULKAN_CM2=0` keeps a device with `VK_NV_cooperative_matrix2` on the subgroup-scope
+/// cooperative shaders (for comparisons).
+pub const CM2_ENV: &str = "SD3_VULKAN_CM2";
+/// Workgroup size and the (query rows, key tile, head dim) of `attention_cm2.comp`: the device must list a
+/// workgroup-scope f16 shape for this many invocations whose granularities divide them.
+pub const CM2_ATTENTION: (u32, (u32, u32, u32)) = (128, (64, 32, 64));
 
 /// The K step of the whole-tile matmul (`matmul_coop_tiles*.comp`): it runs where K is a multiple of this, both
 /// operands are f16 and contiguous along K in 16-byte aligned rows, and y is f16 or f32, contiguous along N, with
@@ -32,6 +38,8 @@ pub struct CoopKernels {
     pub attention: Kernel,
     /// Fragment shape M x N x K.
     pub shape: (u32, u32, u32),
+    /// The workgroup-scope shaders (`*_cm2.comp`, `VK_NV_cooperative_matrix2`) run where they apply.
+    pub cm2: bool,
 }
 
 /// The features the cooperative shaders need, as a device reports them.
@@ -43,6 +51,8 @@ pub struct CoopSupport<'a> {
     pub subgroup_size: u32,
     pub shared_memory: u32,
     pub shapes: &'a [CoopShape],
+    /// `VK_NV_cooperative_matrix2` covers the `*_cm2.comp` shaders, with 16-bit storage (see [`crate::cm2`]).
+    pub cm2: bool,
 }
 
 impl<'a> CoopSupport<'a> {
@@ -54,6 +64,7 @@ impl<'a> CoopSupport<'a> {
             subgroup_size: p.subgroup_size,
             shared_memory: p.limits.max_compute_shared_memory_size,
             shapes: &p.coop_shapes,
+            cm2: crate::pipelines::CM2_SHADERS_BUILT && p.storage_16bit && p.cm2.runs(CM2_ATTENTION.0, CM2_ATTENTION.1),
         }
     }
 }
@@ -78,6 +89,7 @@ pub fn select_shape(s: &CoopSupport, narrow: bool) -> Option<CoopKernels> {
             matmul_tiles: Kernel::MatmulCoopTiles16,
             attention: Kernel::AttentionCoop16,
             shape: (16, 16, 16),
+            cm2: s.cm2,
         })
     } else if listed(16, 8, 16) {
         Some(CoopKernels {
@@ -85,6 +97,7 @@ pub fn select_shape(s: &CoopSupport, narrow: bool) -> Option<CoopKernels> {
             matmul_tiles: Kernel::MatmulCoopTiles8,
             attention: Kernel::AttentionCoop8,
             shape: (16, 8, 16),
+            cm2: s.cm2,
         })
     } else {
         None
@@ -97,7 +110,9 @@ pub fn select_for(p: &PhysicalDevice) -> Option<CoopKernels> {
         return None;
     }
     let narrow = std::env::var(SHAPE_ENV).is_ok_and(|v| v == "16x8x16");
-    select_shape(&CoopSupport::of(p), narrow)
+    let mut s = CoopSupport::of(p);
+    s.cm2 &= !std::env::var(CM2_ENV).is_ok_and(|v| v == "0");
+    select_shape(&s, narrow)
 }
 
 #[cfg(test)]
@@ -117,6 +132,7 @@ mod tests {
             subgroup_size: 32,
             shared_memory: 49152,
             shapes,
+            cm2: false,
         }
     }
 
@@ -130,6 +146,17 @@ mod tests {
         assert_eq!(select_shape(&nvidia(&both), true).unwrap().matmul, Kernel::MatmulCoop8);
         let wide = [shape(16, 16, 16, T::FLOAT16, T::FLOAT32, true)];
         assert_eq!(select_shape(&nvidia(&wide), true).unwrap().matmul, Kernel::MatmulCoop16);
+    }
+
+    #[test]
+    fn workgroup_scope_shaders_follow_the_support() {
+        let ok = [shape(16, 16, 16, T::FLOAT16, T::FLOAT32, true)];
+        assert!(!select(&nvidia(&ok)).unwrap().cm2);
+        assert!(select(&CoopSupport { cm2: true, ..nvidia(&ok) }).unwrap().cm2);
+        let narrow = [shape(16, 8, 16, T::FLOAT16, T::FLOAT32, true)];
+        assert!(select(&CoopSupport { cm2: true, ..nvidia(&narrow) }).unwrap().cm2);
+        // Without the subgroup-scope shapes nothing cooperative runs, the workgroup-scope attention included.
+        assert_eq!(select(&CoopSupport { cm2: true, ..nvidia(&[]) }), None);
     }
 
     #[test]

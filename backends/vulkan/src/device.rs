@@ -108,10 +108,22 @@ impl VulkanDevice {
         let mut fcoop = vk::PhysicalDeviceCooperativeMatrixFeaturesNV::default().cooperative_matrix(true);
         let mut fstats =
             vk::PhysicalDevicePipelineExecutablePropertiesFeaturesKHR::default().pipeline_executable_info(true);
+        let mut f11 = vk::PhysicalDeviceVulkan11Features::default().storage_buffer16_bit_access(true);
+        let mut fkhr = vk::PhysicalDeviceCooperativeMatrixFeaturesKHR::default().cooperative_matrix(true);
+        let mut fcm2 = crate::cm2::Features::needed();
         let mut create = vk::DeviceCreateInfo::default().queue_create_infos(&qinfo);
         if coop.is_some() {
             extensions.push(vk::NV_COOPERATIVE_MATRIX_NAME.as_ptr());
             create = create.push_next(&mut f12).push_next(&mut fcoop);
+        }
+        // The workgroup-scope shaders: the KHR cooperative matrices they build on, the extension's features, and
+        // 16-bit storage (they bind f16 tensors as f16 arrays).
+        if coop.is_some_and(|c| c.cm2) {
+            extensions.push(vk::KHR_COOPERATIVE_MATRIX_NAME.as_ptr());
+            extensions.push(crate::cm2::EXTENSION.as_ptr());
+            create = create.push_next(&mut f11).push_next(&mut fkhr);
+            // SAFETY: `fcm2` lives until `create_device` below returns.
+            create.p_next = unsafe { fcm2.chain(create.p_next) };
         }
         // Debug: the driver's per-pipeline statistics (registers, spills), where asked for and offered.
         let stats = crate::stats::requested() && unsafe { crate::stats::offered(i, phys.handle) };
@@ -657,8 +669,11 @@ impl Device for VulkanDevice {
             format!("vulkan.pipelines_created={}", st.pipelines.created),
             match self.coop {
                 Some(k) => format!(
-                    "vulkan.cooperative_matrix={}x{}x{} (f16 matmul and attention)",
-                    k.shape.0, k.shape.1, k.shape.2
+                    "vulkan.cooperative_matrix={}x{}x{} (f16 matmul and attention){}",
+                    k.shape.0,
+                    k.shape.1,
+                    k.shape.2,
+                    if k.cm2 { ", attention on workgroup scope (VK_NV_cooperative_matrix2)" } else { "" }
                 ),
                 None => "vulkan.cooperative_matrix=off (scalar shaders)".to_string(),
             },

@@ -23,7 +23,8 @@ impl Drop for VkInstance {
 }
 
 impl VkInstance {
-    /// Load the Vulkan loader and create a Vulkan 1.2 instance.
+    /// Load the Vulkan loader and create an instance (for Vulkan 1.3: the cooperative-matrix-2 shaders are
+    /// SPIR-V 1.6; devices of 1.2 still qualify and run the others).
     pub fn new() -> Result<Arc<VkInstance>> {
         // SAFETY: loading the system's Vulkan loader library; ash resolves its entry points.
         let entry = unsafe { ash::Entry::load() }.map_err(|e| {
@@ -38,7 +39,7 @@ impl VkInstance {
         let app = vk::ApplicationInfo::default()
             .application_name(c"sd3")
             .engine_name(c"sd3")
-            .api_version(vk::API_VERSION_1_2);
+            .api_version(vk::API_VERSION_1_3);
         let info = vk::InstanceCreateInfo::default().application_info(&app);
         // SAFETY: valid create info; no layers or extensions.
         let instance = unsafe { entry.create_instance(&info, None) }.map_err(|e| match e {
@@ -79,6 +80,8 @@ pub struct PhysicalDevice {
     pub cooperative_matrix_nv: bool,
     /// The cooperative-matrix shapes and types the device lists (KHR and NV queries).
     pub coop_shapes: Vec<CoopShape>,
+    /// What the device offers of `VK_NV_cooperative_matrix2` (with `VK_KHR_cooperative_matrix`, on Vulkan 1.3).
+    pub cm2: crate::cm2::Support,
     pub vulkan_memory_model: bool,
     pub subgroup_size: u32,
     pub limits: vk::PhysicalDeviceLimits,
@@ -214,6 +217,9 @@ pub fn enumerate(inst: &VkInstance) -> Result<(Vec<PhysicalDevice>, Vec<String>)
             i.get_physical_device_features2(h, &mut f2);
             let cooperative_matrix_nv = nv_ext && fnv.cooperative_matrix != 0;
             let coop_shapes = coop_shapes(inst, h, cooperative_matrix, cooperative_matrix_nv);
+            let cm2_offered =
+                cooperative_matrix && has(crate::cm2::EXTENSION) && props.api_version >= vk::API_VERSION_1_3;
+            let cm2 = crate::cm2::query(inst, h, cm2_offered);
             let mem = i.get_physical_device_memory_properties(h);
             let heaps = mem.memory_heaps[..mem.memory_heap_count as usize]
                 .iter()
@@ -260,6 +266,7 @@ pub fn enumerate(inst: &VkInstance) -> Result<(Vec<PhysicalDevice>, Vec<String>)
                 cooperative_matrix,
                 cooperative_matrix_nv,
                 coop_shapes,
+                cm2,
                 vulkan_memory_model: f12.vulkan_memory_model != 0,
                 subgroup_size: subgroup.subgroup_size,
                 limits: props.limits,
@@ -308,6 +315,7 @@ impl PhysicalDevice {
                     "cooperative_matrix_shapes={}",
                     self.coop_shapes.iter().map(CoopShape::describe).collect::<Vec<_>>().join(",")
                 ),
+                self.cm2.describe(),
                 format!("vulkanMemoryModel={}", self.vulkan_memory_model),
                 format!("subgroupSize={}", self.subgroup_size),
                 format!("timestampPeriod={}ns,timestampValidBits={}", l.timestamp_period, self.timestamp_bits),

@@ -12,6 +12,7 @@
 //! - `ops`: which calls run here, and the parameters each shader gets.
 
 mod attention_wide;
+pub mod cm2;
 pub mod coop;
 pub mod device;
 pub mod instance;

@@ -516,7 +516,21 @@ fn execute_one(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
                     && t.strides()[..3].iter().all(|s| s.is_multiple_of(8));
                 p.u(50 + i, vec8 as usize);
             }
+            // The workgroup-scope shader: f16 q, k, v, y with head dims of 64, nothing but the softmax, every view
+            // contiguous along the head dim with offsets and strides in multiples of 8.
+            let cm2 = dev.coop.is_some_and(|c| c.cm2)
+                && f16
+                && y.dtype == DType::F16
+                && dh == 64
+                && v.shape()[3] == 64
+                && !(causal || bias || qk_norm)
+                && [q, k, v, y].iter().all(|t| {
+                    t.strides()[3] == 1
+                        && t.layout.offset.is_multiple_of(8)
+                        && t.strides()[..3].iter().all(|s| s.is_multiple_of(8))
+                });
             let (kernel, rows) = match dev.coop {
+                Some(_) if cm2 => (Kernel::AttentionCm2, crate::coop::CM2_ATTENTION.1 .0 as usize),
                 // Cooperative matrices: f16 q, k, v with head dims up to 64, 64 query rows per workgroup.
                 Some(c) if f16 && dh.max(v.shape()[3]) <= ATTN_SMALL_D => (c.attention, 64),
                 _ if dh.max(v.shape()[3]) <= ATTN_SMALL_D => (Kernel::Attention, 64),

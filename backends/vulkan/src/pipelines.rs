@@ -35,10 +35,12 @@ pub enum Kernel {
     /// `coop::TILES_K_STEP`).
     MatmulCoopTiles16,
     MatmulCoopTiles8,
+    /// Attention on workgroup-scope cooperative matrices (`VK_NV_cooperative_matrix2`; see `coop::CM2_ATTENTION`).
+    AttentionCm2,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 16] = [
+    pub const ALL: [Kernel; 17] = [
         Kernel::Elementwise,
         Kernel::Rows,
         Kernel::Matmul,
@@ -55,6 +57,7 @@ impl Kernel {
         Kernel::AttentionCoop8,
         Kernel::MatmulCoopTiles16,
         Kernel::MatmulCoopTiles8,
+        Kernel::AttentionCm2,
     ];
 
     pub fn name(self) -> &'static str {
@@ -75,6 +78,7 @@ impl Kernel {
             Kernel::AttentionCoop8 => "attention_coop8",
             Kernel::MatmulCoopTiles16 => "matmul_coop_tiles16",
             Kernel::MatmulCoopTiles8 => "matmul_coop_tiles8",
+            Kernel::AttentionCm2 => "attention_cm2",
         }
     }
 

@@ -132,6 +132,23 @@ fn f16_attention_qk_norm_bias_and_odd_head_dims() {
     check(dev, "attention f16 dh 36", op, &[q, k, v], &Spec::new(&[1, 2, 50, 20], F16), tol_for(F16, 0.0));
 }
 
+/// Plain softmax attention in f16 at head dim 64 in SD3's layout (`[B, N, H, D]` views): on a device with
+/// `VK_NV_cooperative_matrix2` the workgroup-scope shader (`attention_cm2.comp`), with query rows past its 64-row
+/// tiles and keys past its 32-key tiles, and scores large enough for the running maximum to move.
+#[test]
+fn f16_attention_sd3_layout_partial_tiles() {
+    let dev = device_or_skip!();
+    let dev = dev.as_ref();
+    for (b, h, nq, nk) in [(2, 3, 200, 333), (1, 2, 64, 32), (1, 1, 1, 1)] {
+        let q = Spec::permuted(&[b, h, nq, 64], &[0, 2, 1, 3], F16).range(-3.0, 3.0);
+        let k = Spec::permuted(&[b, h, nk, 64], &[0, 2, 1, 3], F16).range(-3.0, 3.0);
+        let v = Spec::permuted(&[b, h, nk, 64], &[0, 2, 1, 3], F16);
+        let y = Spec::permuted(&[b, h, nq, 64], &[0, 2, 1, 3], F16);
+        let op = Op::Attention { scale: 0.125, causal: false, bias: false, qk_norm: false, norm_eps: 0.0 };
+        check(dev, &format!("attention f16 sd3 layout {nq}x{nk}"), op, &[q, k, v], &y, tol_for(F16, 0.0));
+    }
+}
+
 /// Head dims above the fused shaders' 128 (the VAE's single-head attention, head dim 512): matmul, softmax and
 /// matmul on the device, with an additive bias; f16 (P in f16) and f32.
 #[test]
