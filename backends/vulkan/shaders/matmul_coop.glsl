@@ -12,7 +12,10 @@
 // rows (the MM-DiT's linears), the accumulators start from the bias (a 16-row broadcast tile of it in shared memory,
 // loaded as fragments), and each is converted to the output type as a whole fragment (hardware rounding to nearest
 // even) and stored straight to y. Elsewhere each fragment goes through the subgroup's slice of Cs and is written
-// element by element, with the bias and the rounding in f32 code. (glslc's optimiser crashes on a sum of two
+// element by element, with the bias and the rounding in f32 code. The GELU epilogue (P[47], tanh form only) is
+// applied in f32 before the conversion: on the accumulator fragments where they hold the bias, else in that
+// element-wise write. It adds nothing to the whole-tile shader's 196 registers and replaces a pass of 0.14 ms
+// per MM-DiT block (docs/performance.md). (glslc's optimiser crashes on a sum of two
 // fragments, hence the bias as the starting value.)
 //
 // WHOLE_TILES (the matmul_coop_tiles shaders): the host guarantees K a multiple of BK, both operands
@@ -102,11 +105,19 @@ DEFINE_HALF(h3, b3)
 DEFINE_VEC8(vec_a, a_v, h2, WHOLE_TILES)
 DEFINE_VEC8(vec_b, b_v, h3, WHOLE_TILES)
 
-// Fragment (i, j) of this subgroup, stored in its slice of Cs, out to y with the bias and the output dtype; f16
-// outputs with unit column stride are written a word (two columns) at a time.
-// (`has_bias` false: the accumulators started from the bias.)
+// The activation epilogue these shaders have: P[47] for the MM-DiT's GELU (tanh form; UnaryOp id 13, plus 1).
+// Other activations are declined by the host (the core runs a unary op after the matmul): the general unary
+// function in this epilogue took the whole-tile shader from 196 registers to 249, with spills.
+const uint ACT_GELU_TANH = 14u;
+
+// 0.5 x (1 + tanh u) = x · sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3).
+float gelu_tanh(float x) { return x / (1.0 + exp(-1.5957691216057308 * (x + 0.044715 * x * x * x))); }
+
+// Fragment (i, j) of this subgroup, stored in its slice of Cs, out to y with the bias, the GELU epilogue and the
+// output dtype; f16 outputs with unit column stride are written a word (two columns) at a time.
+// (`has_bias` and `gelu` false: the accumulators started from the bias and had the GELU applied.)
 void write_fragment(uint cs0, uint r0, uint c0, uint M, uint N, uint oy, uint sym, uint syn, uint dy, uint dbias,
-                    bool has_bias) {
+                    bool has_bias, bool gelu) {
     for (uint p = gl_SubgroupInvocationID; p < FM * FN / 2u; p += gl_SubgroupSize) {
         uint fr = p / (FN / 2u), fc = 2u * (p % (FN / 2u));
         uint r = r0 + fr, c = c0 + fc;
@@ -115,6 +126,10 @@ void write_fragment(uint cs0, uint r0, uint c0, uint M, uint N, uint oy, uint sy
         if (has_bias) {
             v0 += ld4(dbias, P[43] + c * P[44]);
             if (c + 1u < N) v1 += ld4(dbias, P[43] + (c + 1u) * P[44]);
+        }
+        if (gelu) {
+            v0 = gelu_tanh(v0);
+            v1 = gelu_tanh(v1);
         }
         uint e = oy + r * sym + c * syn;
         if (dy == 1u && syn == 1u && (e & 1u) == 0u && c + 1u < N) {
@@ -184,6 +199,11 @@ void main() {
         }
         barrier();
     }
+    // The GELU epilogue, on the accumulators where they hold the bias already (elsewhere in write_fragment).
+#define GELU(i, j) for (int e = 0; e < acc##i##j.length(); ++e) acc##i##j[e] = gelu_tanh(acc##i##j[e]);
+    if (direct && P[47] == ACT_GELU_TANH) {
+        FOR_IJ(GELU)
+    }
 #define STORE16(i, j)                                                                                        \
     coopMatStoreNV(OUT16_T(acc##i##j), y_v, (oy + (r0 + i * FM) * sym + c0 + j * FN) / 8u, sym / 8u, false);
 #define STORE32(i, j) coopMatStoreNV(acc##i##j, y_v, (oy + (r0 + i * FM) * sym + c0 + j * FN) / 4u, sym / 4u, false);
@@ -210,7 +230,7 @@ void main() {
     } else if (r0 + i * FM < M && c0 + j * FN < N) {                                                         \
         coopMatStoreNV(acc##i##j, Cs, cs0, FN, false);                                                       \
         SUBGROUP_SHARED_BARRIER();                                                                           \
-        write_fragment(cs0, r0 + i * FM, c0 + j * FN, M, N, oy, sym, syn, dy, dbias, false);                 \
+        write_fragment(cs0, r0 + i * FM, c0 + j * FN, M, N, oy, sym, syn, dy, dbias, false, false);          \
         SUBGROUP_SHARED_BARRIER();                                                                           \
     }
     FOR_IJ(EDGE)
@@ -218,7 +238,8 @@ void main() {
 #define OUT(i, j)                                                                                            \
     coopMatStoreNV(acc##i##j, Cs, cs0, FN, false);                                                           \
     SUBGROUP_SHARED_BARRIER();                                                                               \
-    write_fragment(cs0, r0 + i * FM, c0 + j * FN, M, N, oy, sym, syn, dy, dbias, P[15] != 0u);               \
+    write_fragment(cs0, r0 + i * FM, c0 + j * FN, M, N, oy, sym, syn, dy, dbias, P[15] != 0u,                \
+                   P[47] == ACT_GELU_TANH);                                                                  \
     SUBGROUP_SHARED_BARRIER();
     FOR_IJ(OUT)
 #endif

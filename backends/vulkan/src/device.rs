@@ -1,6 +1,8 @@
 //! [`VulkanDevice`]: one logical device with one compute queue. Ops are recorded into a command buffer (one
-//! dispatch each, a full memory barrier between them) and submitted as a batch when the host needs results
-//! (`download`, `synchronize`, `upload`) or when the batch's descriptor pool or parameter ring is full.
+//! dispatch each) and submitted as a batch when the host needs results (`download`, `synchronize`, `upload`) or
+//! when the batch's descriptor pool or parameter ring is full. A memory barrier goes before a dispatch only where
+//! it touches bytes that a dispatch recorded since the last barrier writes, or writes bytes one reads (see
+//! [`Access`]), so independent dispatches (the image and text streams' linears) may run at the same time.
 
 use crate::coop::CoopKernels;
 use crate::instance::{PhysicalDevice, VkInstance};
@@ -44,8 +46,34 @@ struct Frame {
     in_flight: bool,
 }
 
+/// Bytes of one buffer that a recorded dispatch reads or writes (whole 16-byte units: shaders store 16-bit
+/// elements as 32-bit words and load 16-byte vectors).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Access {
+    pub buffer: vk::Buffer,
+    pub start: u64,
+    pub end: u64,
+}
+
+impl Access {
+    fn overlaps(&self, o: &Access) -> bool {
+        self.buffer == o.buffer && self.start < o.end && o.start < self.end
+    }
+}
+
+/// Environment switch: `SD3_VULKAN_BARRIERS=all` puts a barrier after every dispatch (the behaviour before
+/// hazard tracking), for comparisons.
+pub const BARRIERS_ENV: &str = "SD3_VULKAN_BARRIERS";
+
 pub(crate) struct State {
     pub alloc: Allocator,
+    /// What the dispatches recorded since the last barrier read and write.
+    pending_reads: Vec<Access>,
+    pending_writes: Vec<Access>,
+    /// `SD3_VULKAN_BARRIERS=all`.
+    barrier_every_dispatch: bool,
+    /// Barriers recorded (device stats).
+    pub barriers: u64,
     pipelines: Pipelines,
     cmd_pool: vk::CommandPool,
     frames: Vec<Frame>,
@@ -70,10 +98,13 @@ pub(crate) struct State {
     pub(crate) markers: Option<Markers>,
 }
 
-/// A tensor as a shader sees it: the buffer range bound and the view's element offset inside that range.
+/// A tensor as a shader sees it: the buffer range bound and the view's element offset inside that range, and the
+/// bytes the view spans (for hazard tracking).
+#[derive(Clone, Copy)]
 pub(crate) struct Bound {
     pub info: vk::DescriptorBufferInfo,
     pub elem_offset: u32,
+    pub span: Access,
 }
 
 impl VulkanDevice {
@@ -226,6 +257,10 @@ impl VulkanDevice {
             max_range: phys.limits.max_storage_buffer_range as u64,
             mem_props,
             dispatches: 0,
+            pending_reads: Vec::new(),
+            pending_writes: Vec::new(),
+            barrier_every_dispatch: std::env::var(BARRIERS_ENV).is_ok_and(|v| v == "all"),
+            barriers: 0,
             submits: 0,
             timestamps,
             timestamp_mask: if phys.timestamp_bits >= 64 { u64::MAX } else { (1u64 << phys.timestamp_bits) - 1 },
@@ -306,7 +341,11 @@ impl State {
         Ok(())
     }
 
-    fn barrier(&self, d: &ash::Device, dst_stage: vk::PipelineStageFlags, dst_access: vk::AccessFlags) {
+    /// A barrier after everything recorded so far: nothing is pending after it.
+    fn barrier(&mut self, d: &ash::Device, dst_stage: vk::PipelineStageFlags, dst_access: vk::AccessFlags) {
+        self.pending_reads.clear();
+        self.pending_writes.clear();
+        self.barriers += 1;
         let b = [vk::MemoryBarrier::default()
             .src_access_mask(vk::AccessFlags::SHADER_WRITE | vk::AccessFlags::TRANSFER_WRITE)
             .dst_access_mask(dst_access)];
@@ -324,7 +363,7 @@ impl State {
         }
     }
 
-    fn barrier_device(&self, d: &ash::Device) {
+    fn barrier_device(&mut self, d: &ash::Device) {
         self.barrier(
             d,
             vk::PipelineStageFlags::COMPUTE_SHADER | vk::PipelineStageFlags::TRANSFER,
@@ -420,17 +459,23 @@ impl State {
             )));
         }
         let buffer = self.alloc.block(a.block).buffer;
+        let span = Access {
+            buffer,
+            start: (a.offset + span.start as u64) / 16 * 16,
+            end: (a.offset + span.end as u64).div_ceil(16) * 16,
+        };
         if a.size <= self.max_range {
             let elem_offset = u32::try_from(t.layout.offset)
                 .map_err(|_| Error::InvalidArgument("vulkan: tensor offset beyond 2^32 elements".into()))?;
             return Ok(Bound {
                 info: vk::DescriptorBufferInfo { buffer, offset: a.offset, range: a.size },
                 elem_offset,
+                span,
             });
         }
         let align = self.param_align.max(es);
-        let start = (span.start as u64 / align) * align;
-        let end = (span.end as u64).div_ceil(4) * 4;
+        let start = (t.byte_span().start as u64 / align) * align;
+        let end = (t.byte_span().end as u64).div_ceil(4) * 4;
         let range = end - start;
         if range > self.max_range {
             return Err(Error::Unsupported {
@@ -445,17 +490,20 @@ impl State {
         Ok(Bound {
             info: vk::DescriptorBufferInfo { buffer, offset: a.offset + start, range },
             elem_offset: (t.layout.offset as u64 - start / es) as u32,
+            span,
         })
     }
 
-    /// Record one dispatch of `kernel` with parameter words `params` and buffers `bound` (binding, range).
+    /// Record one dispatch of `kernel` with parameter words `params` and tensors `bound` (binding, tensor; binding
+    /// 1 is the output, written, the others are read). A barrier goes first where the dispatch reads bytes that a
+    /// pending dispatch writes, or writes bytes that one reads or writes.
     pub fn dispatch(
         &mut self,
         d: &ash::Device,
         queue: vk::Queue,
         kernel: Kernel,
         params: &[u32],
-        bound: &[(u32, vk::DescriptorBufferInfo)],
+        bound: &[(u32, Bound)],
         groups: [u32; 3],
     ) -> Result<()> {
         let pbytes = (params.len() * 4) as u64;
@@ -495,8 +543,15 @@ impl State {
         };
         let mut infos = [dummy; BINDINGS as usize];
         infos[0] = vk::DescriptorBufferInfo { buffer: params_buffer, offset: poff, range: pbytes };
-        for &(b, info) in bound {
-            infos[b as usize] = info;
+        for &(b, t) in bound {
+            infos[b as usize] = t.info;
+        }
+        let writes = |a: &Access| self.pending_writes.iter().any(|w| w.overlaps(a));
+        let hazard = bound
+            .iter()
+            .any(|(b, t)| writes(&t.span) || (*b == 1 && self.pending_reads.iter().any(|r| r.overlaps(&t.span))));
+        if hazard || self.barrier_every_dispatch {
+            self.barrier_device(d);
         }
         let layouts = [self.pipelines.set_layout];
         // SAFETY: the pool has room (checked above); the set is written before use and freed by the pool reset.
@@ -520,7 +575,13 @@ impl State {
             d.cmd_bind_descriptor_sets(cmd, vk::PipelineBindPoint::COMPUTE, self.pipelines.layout, 0, &[set], &[]);
             d.cmd_dispatch(cmd, groups[0], groups[1], groups[2]);
         }
-        self.barrier_device(d);
+        for &(b, t) in bound {
+            if b == 1 {
+                self.pending_writes.push(t.span);
+            } else {
+                self.pending_reads.push(t.span);
+            }
+        }
         self.frames[self.cur].sets += 1;
         self.dispatches += 1;
         Ok(())
@@ -537,8 +598,8 @@ impl Device for VulkanDevice {
     }
 
     fn free(&self, buffer: BufferId) {
-        // Safe while queued work still uses it: later work is ordered after it by the barriers, and dedicated
-        // blocks are only destroyed after the next wait.
+        // Safe while queued work still uses it: a later dispatch that writes its bytes gets a barrier first (the
+        // pending reads), and dedicated blocks are only destroyed after the next wait.
         self.lock().alloc.free(buffer)
     }
 
@@ -606,6 +667,10 @@ impl Device for VulkanDevice {
             return Ok(());
         }
         st.begin(&self.device)?;
+        // The copy is not tracked: order it after every pending dispatch.
+        if !(st.pending_reads.is_empty() && st.pending_writes.is_empty()) {
+            st.barrier_device(&self.device);
+        }
         let region = vk::BufferCopy {
             src_offset: sa.offset + so as u64,
             dst_offset: da.offset + d_o as u64,
@@ -678,6 +743,7 @@ impl Device for VulkanDevice {
                 None => "vulkan.cooperative_matrix=off (scalar shaders)".to_string(),
             },
             format!("vulkan.dispatches={}", st.dispatches),
+            format!("vulkan.barriers={}", st.barriers),
             format!("vulkan.markers_live={}", st.markers.as_ref().map_or(0, |m| m.live())),
             format!("vulkan.submits={}", st.submits),
             match st.timestamps {

@@ -3,8 +3,7 @@
 
 use crate::device::{Bound, VulkanDevice};
 use crate::pipelines::Kernel;
-use ash::vk;
-use sd3_core::{DType, Error, Layout, Op, OpCall, Result, TensorDesc};
+use sd3_core::{DType, Error, Layout, Op, OpCall, Result, TensorDesc, UnaryOp};
 
 const PARAM_WORDS: usize = 64;
 /// Grid-stride shaders launch at most this many workgroups along x (the guaranteed minimum of the limit).
@@ -60,9 +59,14 @@ pub fn supports(call: &OpCall, coop: bool) -> bool {
                 && ids.rank() == 1
                 && rank == 2
         }
-        // The cooperative kernels have no activation epilogue: f16 products on such a device decline it, and the
-        // core runs the matmul and a unary op. matmul.comp and matvec.comp apply it before the store.
-        Op::Matmul { act: Some(_), .. } if coop && call.inputs[..2].iter().all(|t| t.dtype == DType::F16) => false,
+        // The cooperative kernels' only activation epilogue is the MM-DiT's GELU (tanh form): f16 products on such
+        // a device decline the others, and the core runs the matmul and a unary op. matmul.comp and matvec.comp
+        // apply any activation before the store.
+        Op::Matmul { act: Some(a), .. }
+            if coop && a != UnaryOp::GeluTanh && call.inputs[..2].iter().all(|t| t.dtype == DType::F16) =>
+        {
+            false
+        }
         Op::Matmul { .. } => {
             let tiles = |n: usize| n.div_ceil(64) <= MAX_GROUPS as usize;
             floats
@@ -248,7 +252,7 @@ fn execute_one(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
     let by = st.bind(y)?;
     let bins: Vec<Bound> = call.inputs.iter().map(|t| st.bind(t)).collect::<Result<_>>()?;
     let mut p = Params::new();
-    let mut bindings: Vec<(u32, vk::DescriptorBufferInfo)> = vec![(1, by.info)];
+    let mut bindings: Vec<(u32, Bound)> = vec![(1, by)];
     let dt = |t: &TensorDesc| t.dtype as usize;
     let mut scratch = None;
     let (kernel, groups) = match call.op {
@@ -292,7 +296,7 @@ fn execute_one(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
             for (k, (t, b)) in call.inputs.iter().zip(&bins).enumerate() {
                 p.u(13 + k, dt(t));
                 p.view(29 + 9 * k, b, t, 0..rank);
-                bindings.push((2 + k as u32, b.info));
+                bindings.push((2 + k as u32, *b));
             }
             let vector = vector_views(call, &by, &bins);
             p.u(19, vector as usize);
@@ -339,7 +343,7 @@ fn execute_one(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
                 }
                 p.u(at + 8, t.strides()[t.rank() - 1]);
                 if k > 0 {
-                    bindings.push((1 + k as u32, b.info));
+                    bindings.push((1 + k as u32, **b));
                 }
             }
             (Kernel::Rows, grid(rows))
@@ -365,13 +369,13 @@ fn execute_one(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
             p.u(19, GN_CHUNK);
             p.view(20, &by, y, 0..rank);
             p.view(29, &bins[0], x, 0..rank);
-            bindings.push((2, bins[0].info));
+            bindings.push((2, bins[0]));
             if affine {
                 for k in 0..2 {
                     let t = &call.inputs[1 + k];
                     p.u(13 + k, dt(t));
                     p.view(38 + 2 * k, &bins[1 + k], t, t.rank() - 1..t.rank());
-                    bindings.push((3 + k as u32, bins[1 + k].info));
+                    bindings.push((3 + k as u32, bins[1 + k]));
                 }
             }
             // Per-chunk partial sums, then partial squared deviations, in a scratch buffer; the last pass
@@ -385,13 +389,13 @@ fn execute_one(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
                 p.0[42] = sb.elem_offset;
                 for mode in 0..2 {
                     p.u(17, mode);
-                    let b = [(1, sb.info), (2, bins[0].info)];
+                    let b = [(1, sb), (2, bins[0])];
                     st.dispatch(dev.raw(), dev.queue(), Kernel::GroupNorm, &p.0, &b, grid(n * groups * chunks))?;
                 }
                 Ok(sb)
             });
             match stats {
-                Ok(sb) => bindings.push((5, sb.info)),
+                Ok(sb) => bindings.push((5, sb)),
                 Err(e) => {
                     st.alloc.free(id);
                     return Err(e);
@@ -420,14 +424,14 @@ fn execute_one(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
                     p.u(at + 3 + d, t.strides()[d]);
                 }
             }
-            bindings.push((2, bins[0].info));
-            bindings.push((3, bins[1].info));
+            bindings.push((2, bins[0]));
+            bindings.push((3, bins[1]));
             if bias {
                 let t = &call.inputs[2];
                 p.u(14, dt(t));
                 p.u(15, 1);
                 p.view(43, &bins[2], t, t.rank() - 1..t.rank());
-                bindings.push((4, bins[2].info));
+                bindings.push((4, bins[2]));
             }
             // The cooperative shader reads 8 halves at once along K where an operand is contiguous along K and every
             // row starts 16 bytes aligned.
@@ -487,14 +491,14 @@ fn execute_one(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
             for (i, (t, bd)) in call.inputs.iter().zip(&bins).take(3).enumerate() {
                 p.u(12 + i, dt(t));
                 p.view(25 + 5 * i, bd, t, 0..4);
-                bindings.push((2 + i as u32, bd.info));
+                bindings.push((2 + i as u32, *bd));
             }
             let mut next = 3;
             if bias {
                 let t = &call.inputs[3];
                 p.u(15, dt(t));
                 p.view(40, &bins[3], t, 0..4);
-                bindings.push((5, bins[3].info));
+                bindings.push((5, bins[3]));
                 next = 4;
             }
             if qk_norm {
@@ -502,7 +506,7 @@ fn execute_one(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
                     let t = &call.inputs[next + j];
                     p.u(16 + j, dt(t));
                     p.view(45 + 2 * j, &bins[next + j], t, t.rank() - 1..t.rank());
-                    bindings.push((6 + j as u32, bins[next + j].info));
+                    bindings.push((6 + j as u32, bins[next + j]));
                 }
             }
             let f16 = [q, k, v].iter().all(|t| t.dtype == DType::F16);
@@ -554,13 +558,13 @@ fn execute_one(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
             for (i, (t, bd)) in call.inputs.iter().zip(&bins).take(2).enumerate() {
                 p.u(15 + i, dt(t));
                 p.view(25 + 5 * i, bd, t, 0..4);
-                bindings.push((2 + i as u32, bd.info));
+                bindings.push((2 + i as u32, *bd));
             }
             if bias {
                 let t = &call.inputs[2];
                 p.u(17, dt(t));
                 p.view(35, &bins[2], t, t.rank() - 1..t.rank());
-                bindings.push((4, bins[2].info));
+                bindings.push((4, bins[2]));
             }
             // Tiled implicit GEMM (64 output channels x 64 output pixels per workgroup, one image per z) where the
             // grid fits; the direct shader otherwise.
@@ -582,8 +586,8 @@ fn execute_one(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
             p.view(8, &by, y, 0..2);
             p.view(11, &bins[0], table, 0..2);
             p.view(14, &bins[1], ids, 0..1);
-            bindings.push((2, bins[0].info));
-            bindings.push((3, bins[1].info));
+            bindings.push((2, bins[0]));
+            bindings.push((3, bins[1]));
             (Kernel::Gather, groups_for(y.elem_count()))
         }
     };

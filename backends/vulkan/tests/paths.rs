@@ -7,7 +7,7 @@ mod common;
 
 use sd3_core::testing::{check, tol_for, Spec, EXACT};
 use sd3_core::DType::{BF16, F16, F32};
-use sd3_core::Op;
+use sd3_core::{Op, UnaryOp};
 
 macro_rules! device_or_skip {
     () => {
@@ -78,6 +78,25 @@ fn f16_matmul_partial_tiles_with_bias() {
     let (a, w) = (Spec::new(&[2, 150, 64], F16), Spec::strided(&[2, 64, 256], &[0, 1, 64], 0, F16));
     let bias = Spec::new(&[256], F32);
     check(dev, "matmul batched partial tiles", op, &[a, w, bias], &Spec::new(&[2, 150, 256], F32), tol_for(F16, 0.0));
+}
+
+/// The cooperative matmuls' GELU epilogue (tanh form, the MM-DiT's feed-forward): on the accumulators of whole
+/// tiles, in the element-wise write of a partial last tile, in the general shader (K not a multiple of 64, with
+/// unaligned and aligned tiles), each after the bias; f16 and f32 outputs. Other activations on f16 products are
+/// declined on such a device and split by the core (`Backend`), as the conformance suite checks.
+#[test]
+fn f16_matmul_gelu_epilogue() {
+    let dev = device_or_skip!();
+    let dev = dev.as_ref();
+    let op = Op::Matmul { bias: true, act: Some(UnaryOp::GeluTanh) };
+    for (m, k, n, out) in
+        [(256, 128, 384, F16), (200, 128, 136, F16), (130, 64, 200, F32), (256, 96, 256, F16), (70, 40, 50, F16)]
+    {
+        let (a, w) = (Spec::new(&[m, k], F16), Spec::permuted(&[k, n], &[1, 0], F16));
+        let bias = Spec::new(&[n], if out == F16 { F16 } else { F32 });
+        let what = format!("matmul f16 gelu {m}x{k}x{n} -> {out:?}");
+        check(dev, &what, op, &[a, w, bias], &Spec::new(&[m, n], out), tol_for(F16, 0.0));
+    }
 }
 
 /// The elementwise shader's vector mode (8 elements per invocation): modulate and the gated residual with
