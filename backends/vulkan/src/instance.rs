@@ -84,6 +84,8 @@ pub struct PhysicalDevice {
     pub cm2: crate::cm2::Support,
     pub vulkan_memory_model: bool,
     pub subgroup_size: u32,
+    /// Subgroup arithmetic (`subgroupAdd`) in compute shaders: `rows_vec8.comp` needs it.
+    pub subgroup_arithmetic: bool,
     pub limits: vk::PhysicalDeviceLimits,
     pub max_memory_allocation: u64,
     /// A queue family with compute support.
@@ -269,6 +271,8 @@ pub fn enumerate(inst: &VkInstance) -> Result<(Vec<PhysicalDevice>, Vec<String>)
                 cm2,
                 vulkan_memory_model: f12.vulkan_memory_model != 0,
                 subgroup_size: subgroup.subgroup_size,
+                subgroup_arithmetic: subgroup.supported_stages.contains(vk::ShaderStageFlags::COMPUTE)
+                    && subgroup.supported_operations.contains(vk::SubgroupFeatureFlags::ARITHMETIC),
                 limits: props.limits,
                 max_memory_allocation: maint3.max_memory_allocation_size,
                 compute_family,
@@ -317,7 +321,7 @@ impl PhysicalDevice {
                 ),
                 self.cm2.describe(),
                 format!("vulkanMemoryModel={}", self.vulkan_memory_model),
-                format!("subgroupSize={}", self.subgroup_size),
+                format!("subgroupSize={},subgroupArithmetic={}", self.subgroup_size, self.subgroup_arithmetic),
                 format!("timestampPeriod={}ns,timestampValidBits={}", l.timestamp_period, self.timestamp_bits),
                 format!("maxStorageBufferRange={}", l.max_storage_buffer_range),
                 format!("maxMemoryAllocationSize={}", self.max_memory_allocation),

@@ -346,7 +346,25 @@ fn execute_one(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
                     bindings.push((1 + k as u32, **b));
                 }
             }
-            (Kernel::Rows, grid(rows))
+            // Layer norm (modulate) over f16 rows in registers: whole 16-byte vectors of every operand, at most
+            // 8 per invocation of a subgroup (rows_vec8.comp's MAXV).
+            let sg = dev.phys.subgroup_size as usize;
+            let vec8 = matches!(mode, 1 | 3)
+                && dev.phys.subgroup_arithmetic
+                && sg > 0
+                && d.is_multiple_of(8)
+                && d <= 64 * sg
+                && tensors.iter().all(|(t, b)| {
+                    t.dtype == DType::F16
+                        && t.strides()[t.rank() - 1] == 1
+                        && (b.elem_offset as usize).is_multiple_of(8)
+                        && t.strides()[..t.rank() - 1].iter().all(|s| s.is_multiple_of(8))
+                });
+            if vec8 {
+                (Kernel::RowsVec8, grid(rows.div_ceil((256 / sg).max(1))))
+            } else {
+                (Kernel::Rows, grid(rows))
+            }
         }
         Op::GroupNorm { groups, eps, affine } => {
             let (x, rank) = (&call.inputs[0], y.rank());

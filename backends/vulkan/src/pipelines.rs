@@ -14,6 +14,8 @@ pub const BINDINGS: u32 = 8;
 pub enum Kernel {
     Elementwise,
     Rows,
+    /// Layer norm and layer-norm-modulate over f16 rows in registers, one subgroup per row (rows_vec8.comp).
+    RowsVec8,
     Matmul,
     Attention,
     /// Attention for head dims 65..=128.
@@ -40,9 +42,10 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 17] = [
+    pub const ALL: [Kernel; 18] = [
         Kernel::Elementwise,
         Kernel::Rows,
+        Kernel::RowsVec8,
         Kernel::Matmul,
         Kernel::Attention,
         Kernel::Attention128,
@@ -64,6 +67,7 @@ impl Kernel {
         match self {
             Kernel::Elementwise => "elementwise",
             Kernel::Rows => "rows",
+            Kernel::RowsVec8 => "rows_vec8",
             Kernel::Matmul => "matmul",
             Kernel::Attention => "attention",
             Kernel::Attention128 => "attention128",

@@ -99,6 +99,47 @@ fn f16_matmul_gelu_epilogue() {
     }
 }
 
+/// Layer norm and layer-norm-modulate over f16 rows in registers (`rows_vec8.comp`, where the device has subgroup
+/// arithmetic): the MM-DiT's `[B, N, D]` rows with `[B, 1, D]` scale and shift broadcast over them, an affine layer
+/// norm, a plain one, rows of one to 8 vectors per invocation (D 1536 on NVIDIA, 512 on lavapipe with its
+/// 8-wide subgroups); and beside them rows too long for it (D 4104), a D not a multiple of 8 and f32 operands,
+/// which take rows.comp.
+#[test]
+fn f16_layer_norm_rows_in_registers() {
+    let dev = device_or_skip!();
+    let dev = dev.as_ref();
+    for (n, d) in [(70, 1536), (20, 512), (33, 8), (5, 4104), (9, 100)] {
+        let x = Spec::new(&[2, n, d], F16).range(-3.0, 5.0);
+        let cond = Spec::strided(&[2, n, d], &[d, 0, 1], 0, F16);
+        let y = Spec::new(&[2, n, d], F16);
+        let op = Op::LayerNormModulate { eps: 1e-6 };
+        check(
+            dev,
+            &format!("layer norm modulate f16 {n}x{d}"),
+            op,
+            &[x.clone(), cond.clone(), cond],
+            &y,
+            tol_for(F16, 0.0),
+        );
+        let (w, b) = (Spec::new(&[d], F16), Spec::new(&[d], F16));
+        let op = Op::LayerNorm { eps: 1e-5, affine: true };
+        check(dev, &format!("layer norm affine f16 {n}x{d}"), op, &[x.clone(), w, b], &y, tol_for(F16, 0.0));
+        let op = Op::LayerNorm { eps: 1e-6, affine: false };
+        check(dev, &format!("layer norm f16 {n}x{d}"), op, std::slice::from_ref(&x), &y, tol_for(F16, 0.0));
+    }
+    let x = Spec::new(&[3, 40, 256], F32);
+    let cond = Spec::strided(&[3, 40, 256], &[256, 0, 1], 0, F32);
+    let op = Op::LayerNormModulate { eps: 1e-6 };
+    check(
+        dev,
+        "layer norm modulate f32",
+        op,
+        &[x, cond.clone(), cond],
+        &Spec::new(&[3, 40, 256], F32),
+        tol_for(F32, 2e-5),
+    );
+}
+
 /// The elementwise shader's vector mode (8 elements per invocation): modulate and the gated residual with
 /// `[B, 1, D]` operands broadcast over the rows, GELU, casts between f32 and f16, a bf16 binary op, an output view
 /// with padded rows; and beside them a last dim not a multiple of 8 (the generic path).
