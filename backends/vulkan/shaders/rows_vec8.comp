@@ -5,7 +5,7 @@
 // the reference. The host picks it where x, y (and the affine or modulate operands) are f16, the rows contiguous
 // with 16-byte aligned starts, D a multiple of 8 and at most 8·MAXV·subgroupSize, and the device offers subgroup
 // arithmetic; rows.comp runs everything else. On the H200 it takes the MM-DiT's layer-norm-modulate
-// [2, 4096, 1536] from 0.096 ms (rows.comp) to see docs/performance.md.
+// [2, 4096, 1536] to 0.036 ms (1.39 TB/s), from rows.comp's 0.096 ms.
 //
 // P: as rows.comp.
 #extension GL_KHR_shader_subgroup_basic : require
