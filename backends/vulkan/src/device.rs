@@ -27,6 +27,8 @@ pub struct VulkanDevice {
     pub phys: PhysicalDevice,
     /// Matmul and attention on cooperative matrices, where the device has them (see [`crate::coop`]).
     pub coop: Option<CoopKernels>,
+    /// Which path convolutions take (`SD3_VULKAN_CONV`, read at open).
+    pub(crate) conv_path: crate::conv_im2col::ConvPath,
     device: ash::Device,
     queue: vk::Queue,
     state: Mutex<State>,
@@ -185,7 +187,8 @@ impl VulkanDevice {
         };
         // SAFETY: the queue was requested at creation.
         let queue = unsafe { device.get_device_queue(family, 0) };
-        Ok(VulkanDevice { phys, coop, device, queue, state: Mutex::new(state), _instance: instance })
+        let conv_path = crate::conv_im2col::ConvPath::from_env();
+        Ok(VulkanDevice { phys, coop, conv_path, device, queue, state: Mutex::new(state), _instance: instance })
     }
 
     unsafe fn create_state(

@@ -13,6 +13,7 @@
 
 mod attention_wide;
 pub mod cm2;
+pub(crate) mod conv_im2col;
 pub mod coop;
 pub mod device;
 pub mod instance;

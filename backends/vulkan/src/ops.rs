@@ -221,6 +221,9 @@ pub fn execute(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
     if crate::attention_wide::is_wide(call) {
         return crate::attention_wide::execute(dev, call);
     }
+    if crate::conv_im2col::applies(dev, call) {
+        return crate::conv_im2col::execute(dev, call);
+    }
     let elementwise = matches!(
         call.op,
         Op::Copy

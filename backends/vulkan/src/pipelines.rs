@@ -24,6 +24,8 @@ pub enum Kernel {
     /// Convolution as an implicit GEMM (conv_gemm.comp).
     ConvGemm,
     GroupNorm,
+    /// The columns of the im2col convolution (im2col.comp; see `conv_im2col.rs`).
+    Im2col,
     Gather,
     /// Matmul with at most 8 rows of a and b contiguous along K (matvec.comp).
     Matvec,
@@ -42,7 +44,7 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 18] = [
+    pub const ALL: [Kernel; 19] = [
         Kernel::Elementwise,
         Kernel::Rows,
         Kernel::RowsVec8,
@@ -52,6 +54,7 @@ impl Kernel {
         Kernel::Conv2d,
         Kernel::ConvGemm,
         Kernel::GroupNorm,
+        Kernel::Im2col,
         Kernel::Gather,
         Kernel::Matvec,
         Kernel::MatmulCoop16,
@@ -74,6 +77,7 @@ impl Kernel {
             Kernel::Conv2d => "conv2d",
             Kernel::ConvGemm => "conv_gemm",
             Kernel::GroupNorm => "group_norm",
+            Kernel::Im2col => "im2col",
             Kernel::Gather => "gather",
             Kernel::Matvec => "matvec",
             Kernel::MatmulCoop16 => "matmul_coop16",
