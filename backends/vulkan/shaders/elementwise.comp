@@ -8,8 +8,9 @@
 // Vector mode (P[19], set by the host; not for upsampling): every operand f32, f16 or bf16, the last dim a multiple
 // of 8 and contiguous in each, every row starting 16 bytes aligned (outer strides and offsets multiples of 8
 // elements; inputs broadcast over outer dims by zero strides, as modulate's and the gated residual's [B, 1, D]
-// operands). Each invocation then takes 8 adjacent elements of a row: one 16-byte load per 16-bit operand (two per
-// f32), the row's offsets from one division per outer dim, one 16-byte store.
+// operands), or an input broadcast along the last dim (stride 0: a per-row value, as a convolution's bias over its
+// pixels), read as one element. Each invocation then takes 8 adjacent elements of a row: one 16-byte load per
+// 16-bit operand (two per f32), the row's offsets from one division per outer dim, one 16-byte store.
 //
 // P: [0] mode, [1] sub (unary/binary function, upsample factor), [2] n, [3] rank, [4..12) output shape,
 // [12..16) dtypes of y, a, b, c, [16] f0, [17] f1, [18] pair mode, [19] vector mode, views (offset + 8 strides)
@@ -112,9 +113,12 @@ vec4 value4(uint mode, uint sub, vec4 a, vec4 b, vec4 c) {
 void vector_mode(uint mode, uint sub, uint n, uint rank, uint first, uint step) {
     uint dy = P[12], da = P[13], db = P[14], dc = P[15];
     uint last = rank - 1u, vpr = P[4u + last] / 8u;
+    // An input's stride along the last dim: 1, or 0 where it is broadcast along the rows (a per-row value, as a
+    // convolution's bias over the pixels): one element then stands for all 8.
+    uint la = P[30u + last], lb = P[39u + last], lc = P[48u + last];
     for (uint j = first; j < n / 8u; j += step) {
         uint c = 8u * (j % vpr), row = j / vpr;
-        uint oy = P[20] + c, oa = P[29] + c, ob = P[38] + c, oc = P[47] + c;
+        uint oy = P[20] + c, oa = P[29] + c * la, ob = P[38] + c * lb, oc = P[47] + c * lc;
         for (uint d = last; d-- > 0u;) {
             uint nd = P[4u + d], i = row % nd;
             row /= nd;
@@ -123,7 +127,7 @@ void vector_mode(uint mode, uint sub, uint n, uint rank, uint first, uint step) 
             ob += i * P[39u + d];
             oc += i * P[48u + d];
         }
-        if (mode == 0u && da == dy) {
+        if (mode == 0u && da == dy && la == 1u) {
             // Same-dtype copy: the bits as they are.
             if (dy == 0u) {
                 y_v[oy >> 2] = a_v[oa >> 2];
@@ -134,9 +138,18 @@ void vector_mode(uint mode, uint sub, uint n, uint rank, uint first, uint step) 
             continue;
         }
         vec4 alo = vec4(0.0), ahi = vec4(0.0), blo = vec4(0.0), bhi = vec4(0.0), clo = vec4(0.0), chi = vec4(0.0);
-        if (mode != 1u) load8_a(da, oa, alo, ahi);
-        if (mode == 3u || mode == 5u || mode == 6u) load8_b(db, ob, blo, bhi);
-        if (mode == 5u || mode == 6u) load8_c(dc, oc, clo, chi);
+        if (mode != 1u) {
+            if (la == 0u) alo = ahi = vec4(ld2(da, oa));
+            else load8_a(da, oa, alo, ahi);
+        }
+        if (mode == 3u || mode == 5u || mode == 6u) {
+            if (lb == 0u) blo = bhi = vec4(ld3(db, ob));
+            else load8_b(db, ob, blo, bhi);
+        }
+        if (mode == 5u || mode == 6u) {
+            if (lc == 0u) clo = chi = vec4(ld4(dc, oc));
+            else load8_c(dc, oc, clo, chi);
+        }
         store8(dy, oy, value4(mode, sub, alo, blo, clo), value4(mode, sub, ahi, bhi, chi));
     }
 }

@@ -124,12 +124,15 @@ fn vector_views(call: &OpCall, by: &Bound, bins: &[Bound]) -> bool {
     !matches!(call.op, Op::UpsampleNearest2d { .. })
         && rank >= 1
         && y.shape()[rank - 1].is_multiple_of(8)
-        && std::iter::once((y, by)).chain(call.inputs.iter().zip(bins)).all(|(t, b)| {
-            matches!(t.dtype, DType::F32 | DType::F16 | DType::BF16)
-                && t.shape() == y.shape()
-                && t.strides()[rank - 1] == 1
-                && (b.elem_offset as usize).is_multiple_of(8)
-                && t.strides()[..rank - 1].iter().all(|s| s.is_multiple_of(8))
+        && std::iter::once((y, by)).chain(call.inputs.iter().zip(bins)).enumerate().all(|(i, (t, b))| {
+            let float = matches!(t.dtype, DType::F32 | DType::F16 | DType::BF16) && t.shape() == y.shape();
+            // An input broadcast along the last dim (stride 0) is read one element per 8.
+            let row_broadcast = i > 0 && t.strides()[rank - 1] == 0;
+            float
+                && (row_broadcast
+                    || (t.strides()[rank - 1] == 1
+                        && (b.elem_offset as usize).is_multiple_of(8)
+                        && t.strides()[..rank - 1].iter().all(|s| s.is_multiple_of(8))))
         })
 }
 

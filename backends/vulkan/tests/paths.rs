@@ -166,6 +166,22 @@ fn elementwise_vector_mode_with_broadcast() {
     let (p, q) = (Spec::new(&[2, 3, 16], BF16), Spec::strided(&[2, 3, 16], &[0, 16, 1], 0, F32));
     let mul = Op::Binary(BinaryOp::Mul);
     check(dev, "bf16 * broadcast f32", mul, &[p, q], &Spec::new(&[2, 3, 16], BF16), tol_for(BF16, 0.0));
+    // A per-row value broadcast along the last dim (a convolution's bias over its pixels): f16 and f32, and as
+    // the first operand.
+    let (y, bias) = (Spec::new(&[24, 64], F16), Spec::strided(&[24, 64], &[1, 0], 3, F16));
+    let add = Op::Binary(BinaryOp::Add);
+    check(dev, "f16 + per-row bias", add, &[y.clone(), bias.clone()], &Spec::new(&[24, 64], F16), tol_for(F16, 0.0));
+    let bias32 = Spec::strided(&[2, 24, 64], &[24, 1, 0], 0, F32);
+    let y3 = Spec::new(&[2, 24, 64], F16);
+    check(dev, "f16 + per-row f32 bias", add, &[y3, bias32], &Spec::new(&[2, 24, 64], F16), tol_for(F16, 0.0));
+    check(
+        dev,
+        "per-row bias - f16",
+        Op::Binary(BinaryOp::Sub),
+        &[bias, y],
+        &Spec::new(&[24, 64], F16),
+        tol_for(F16, 0.0),
+    );
 }
 
 #[test]
