@@ -2,7 +2,7 @@
 //! an explicit im2col whose product runs on the whole-tile matmul shader instead of `conv_gemm.comp`'s scalar
 //! implicit GEMM. Per image and band of output rows:
 //! 1. `im2col.comp` writes the band's patches as columns `[pixels, KH·KW·C]` (K ordered tap, then channel), zero
-//!    in the padding, straight from the NCHW input;
+//!    in the padding, straight from the NCHW input (through shared memory: coalesced reads, whole-sector writes);
 //! 2. one matmul `w'[O, KH·KW·C] · columnsᵀ` writes the band of the output `[O, pixels]`, with the weights
 //!    reordered once per call to `[O, KH, KW, C]` (a copy), so that both operands are contiguous along K (the
 //!    whole-tile shader's condition, with K a multiple of 64);
@@ -101,7 +101,8 @@ pub fn execute(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
         ConvPath::Im2col(bytes) => bytes,
         _ => BAND_BYTES,
     };
-    let band_rows = (band_bytes / (ow * k * 2)).clamp(1, oh);
+    // At most 65535 workgroups of 32 pixels per band (im2col.comp's grid).
+    let band_rows = (band_bytes / (ow * k * 2)).min(65535 * 32 / ow).clamp(1, oh);
     let mut owned = Vec::new();
     let result = (|| {
         let mut alloc = |elems: usize| -> Result<BufferId> {
@@ -158,9 +159,8 @@ fn im2col(dev: &VulkanDevice, image: &TensorDesc, columns: &TensorDesc, geometry
     for (i, s) in image.strides().iter().enumerate() {
         p[13 + i] = *s as u32;
     }
-    let items = geometry[8] * geometry[9] / 8;
-    let groups = items.div_ceil(256).max(1);
-    let x = groups.min(65535);
-    let grid = [x as u32, groups.div_ceil(x).min(65535) as u32, 1];
+    // Pixel tiles of 32 × kernel taps × chunks of 64 channels.
+    let (c, taps) = (geometry[0], geometry[9] / geometry[0]);
+    let grid = [geometry[8].div_ceil(32) as u32, taps as u32, c.div_ceil(64) as u32];
     st.dispatch(dev.raw(), dev.queue(), Kernel::Im2col, &p, &[(1, bc), (2, bx)], grid)
 }
