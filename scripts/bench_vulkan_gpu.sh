@@ -13,7 +13,7 @@
 #   C=carry-vulkan; mkdir -p $C; cp target/release/{sd3,libsd3_backend_vulkan.so} \
 #     target/release/examples/{bench_mmdit_gpu,vae_decode,vulkan_kernels} ../shared/tools/anchor_diffusers.py \
 #     scripts/bench_vulkan_gpu.sh $C/
-#   for t in ops paths device pipeline_on_vulkan; do cp $(ls -t target/release/deps/$t-* | grep -v '\.d$' | head -1) $C/test_$t; done
+#   for t in ops paths device conv_im2col pipeline_on_vulkan; do cp $(ls -t target/release/deps/$t-* | grep -v '\.d$' | head -1) $C/test_$t; done
 #   strip $C/sd3 $C/*.so $C/test_* $C/bench_mmdit_gpu $C/vae_decode $C/vulkan_kernels
 # Then run `bash carry-vulkan/bench_vulkan_gpu.sh` with carry [carry-vulkan, .gl, .whl] and timeout_s 420.
 # MODES (default "0 1") lists the SD3_VULKAN_HOST_VISIBLE settings to time the MM-DiT forward with.
@@ -41,7 +41,7 @@ for m in ${MODES:-0 1}; do
 done
 # The test binaries find fixtures/ through the source path they were built in ($TREE).
 T=${TREE:-/work/wt/vulkan}; mkdir -p $T/backends/vulkan && ln -sfn $PWD/fixtures $T/fixtures
-for t in ops paths device pipeline_on_vulkan; do run test_$t 60 4 $C/test_$t; done
+for t in ops paths device conv_im2col pipeline_on_vulkan; do run test_$t 60 4 $C/test_$t; done
 run cli_benchmark 40 16 $C/sd3 --backend vulkan --prompt "a cat" --benchmark --out /tmp/cat.png
 run vae1024 90 8 $C/vae_decode vulkan 1024 f16
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
