@@ -393,6 +393,14 @@ fn execute_one(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
             p.u(19, GN_CHUNK);
             p.view(20, &by, y, 0..rank);
             p.view(29, &bins[0], x, 0..rank);
+            // Vector mode: contiguous f16 x and y with 16-byte aligned starts, 8 | spatial (8 elements of a channel
+            // per invocation).
+            let vec8 = [(x, &bins[0]), (y, &by)].iter().all(|(t, b)| {
+                t.dtype == DType::F16
+                    && t.strides() == sd3_core::layout::contiguous_strides(t.shape()).as_slice()
+                    && b.elem_offset.is_multiple_of(8)
+            }) && spatial.is_multiple_of(8);
+            p.u(43, vec8 as usize);
             bindings.push((2, bins[0]));
             if affine {
                 for k in 0..2 {

@@ -140,6 +140,21 @@ fn f16_layer_norm_rows_in_registers() {
     );
 }
 
+/// Group norm's vector mode (contiguous f16, spatial sizes a multiple of 8: the VAE's activations): groups of one
+/// chunk and of several (8 channels × 64² = 4 chunks of 8192), affine with f16 and f32 parameters, and plain.
+#[test]
+fn f16_group_norm_vector_mode() {
+    let dev = device_or_skip!();
+    let dev = dev.as_ref();
+    let x = Spec::new(&[2, 64, 16, 24], F16).range(-3.0, 5.0);
+    let (w, b) = (Spec::new(&[64], F16), Spec::new(&[64], F32));
+    let op = Op::GroupNorm { groups: 32, eps: 1e-6, affine: true };
+    check(dev, "group norm f16 vector", op, &[x, w, b], &Spec::new(&[2, 64, 16, 24], F16), tol_for(F16, 0.0));
+    let x = Spec::new(&[1, 64, 64, 64], F16);
+    let op = Op::GroupNorm { groups: 8, eps: 1e-5, affine: false };
+    check(dev, "group norm f16 vector, 4 chunks", op, &[x], &Spec::new(&[1, 64, 64, 64], F16), tol_for(F16, 0.0));
+}
+
 /// The elementwise shader's vector mode (8 elements per invocation): modulate and the gated residual with
 /// `[B, 1, D]` operands broadcast over the rows, GELU, casts between f32 and f16, a bf16 binary op, an output view
 /// with padded rows; and beside them a last dim not a multiple of 8 (the generic path).
