@@ -41,7 +41,10 @@ impl ConvPath {
             Ok("im2col") => ConvPath::Im2col(BAND_BYTES),
             Ok(v) => match v.strip_prefix("im2col:").and_then(|b| b.parse().ok()) {
                 Some(bytes) => ConvPath::Im2col(bytes),
-                None => ConvPath::Auto,
+                None => {
+                    eprintln!("{CONV_ENV}={v:?} not understood (gemm, im2col or im2col:BYTES): ignored");
+                    ConvPath::Auto
+                }
             },
             Err(_) => ConvPath::Auto,
         }
@@ -49,8 +52,9 @@ impl ConvPath {
 }
 
 /// Whether `call` runs here: a convolution of f16 tensors on a device with the cooperative shaders (see
-/// [`ConvPath`]), C a multiple of 8 and K = C·KH·KW a multiple of 64, output rows a multiple of 8 pixels wide and each output image contiguous in its last two dims
-/// with 16-byte aligned channel planes (so that every band is a 16-byte aligned `[O, pixels]` view).
+/// [`ConvPath`]), C a multiple of 8 and K = C·KH·KW a multiple of 64, output rows a multiple of 8 pixels wide, and
+/// each output image contiguous in its last two dims with 16-byte aligned channel planes (so that every band is a
+/// 16-byte aligned `[O, pixels]` view).
 pub fn applies(dev: &VulkanDevice, call: &OpCall) -> bool {
     let Op::Conv2d { .. } = call.op else { return false };
     let (x, w, y) = (&call.inputs[0], &call.inputs[1], &call.outputs[0]);
