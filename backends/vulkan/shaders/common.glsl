@@ -154,3 +154,15 @@ uint view_offset(uint lin, uint rank, uint shape_at, uint view_at) {
 // about one item: the flat workgroup index, and the number of workgroups launched.
 uint flat_group() { return gl_WorkGroupID.y * gl_NumWorkGroups.x + gl_WorkGroupID.x; }
 uint group_count() { return gl_NumWorkGroups.x * gl_NumWorkGroups.y; }
+
+// Row ops (rows.comp, rows_vec8.comp): the offset of row `row` in the view at P[view_at] (offset, then the strides
+// of the outer dims), the outer shape (orank dims) at P[5..].
+uint row_base(uint row, uint orank, uint view_at) {
+    uint off = P[view_at];
+    for (int d = int(orank) - 1; d >= 0; --d) {
+        uint n = P[5u + uint(d)];
+        off += (row % n) * P[view_at + 1u + uint(d)];
+        row /= n;
+    }
+    return off;
+}

@@ -38,16 +38,6 @@ float reduce_max(float v) {
     return r;
 }
 
-uint row_base(uint row, uint orank, uint view_at) {
-    uint off = P[view_at];
-    for (int d = int(orank) - 1; d >= 0; --d) {
-        uint n = P[5u + uint(d)];
-        off += (row % n) * P[view_at + 1u + uint(d)];
-        row /= n;
-    }
-    return off;
-}
-
 // Store the row's outputs, element j's value being F(j).
 #define WRITE_ROW(F)                                                                                     \
     if (pairs) {                                                                                         \

@@ -19,16 +19,6 @@ layout(std430, set = 0, binding = 3) readonly buffer In3V { uvec4 t2_v[]; };
 layout(std430, set = 0, binding = 4) readonly buffer In4V { uvec4 t3_v[]; };
 #define MAXV 8
 
-uint row_base(uint row, uint orank, uint view_at) {
-    uint off = P[view_at];
-    for (int d = int(orank) - 1; d >= 0; --d) {
-        uint n = P[5u + uint(d)];
-        off += (row % n) * P[view_at + 1u + uint(d)];
-        row /= n;
-    }
-    return off;
-}
-
 // The 8 halves of a vector as f32.
 void unpack8(uvec4 v, out float f[8]) {
     [[unroll]] for (uint j = 0u; j < 4u; ++j) {
