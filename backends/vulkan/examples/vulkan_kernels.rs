@@ -105,6 +105,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (x3, y3) = (r(&[b, 4096, d], 1.0)?, r(&[b, 4096, d], 1.0)?);
     let (scale, shift) = (r(&[b, 1, d], 1.0)?, r(&[b, 1, d], 1.0)?);
     let (h3, heads) = (r(&[b, 4096, 4 * d], 1.0)?, r(&[b, 4096, h, dh], 1.0)?);
+    // A block's adaLN modulation: temb [2, 1536] through norm1.linear (6 chunks).
+    let (temb, w_ada, b_ada) = (r(&[b, d], 1.0)?, r(&[6 * d, d], 0.02)?, r(&[6 * d], 1.0)?);
     let act = 2.0 * (b * 4096 * d) as f64 * es;
     // Repeated rounds show whether a figure depends on what ran before it (clock and power state).
     for round in 1..=repeat {
@@ -122,6 +124,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         }
         if ops.contains("memory") {
+            bytes("adaLN linear [2,1536] -> 9216", (6 * d * d) as f64 * es, &|| temb.linear(&w_ada, Some(&b_ada)))?;
             bytes("layer_norm_modulate [2,4096,1536]", act, &|| x3.layer_norm_modulate(&scale, &shift, 1e-6))?;
             bytes("gated_residual [2,4096,1536]", 1.5 * act, &|| x3.gated_residual(&scale, &y3))?;
             bytes("modulate [2,4096,1536]", act, &|| x3.modulate(&scale, &shift))?;

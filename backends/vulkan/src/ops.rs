@@ -497,7 +497,7 @@ fn execute_one(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
             match dev.coop {
                 // A few rows against a K-contiguous b (a linear layer on one token per sample): memory-bound on b.
                 _ if batch == 1 && m <= MATVEC_MAX_M && b.strides()[rank - 2] == 1 => {
-                    (Kernel::Matvec, grid(n.div_ceil(8)))
+                    (Kernel::Matvec, grid(n.div_ceil(32)))
                 }
                 // 128x128 tiles on cooperative matrices when both operands are f16.
                 Some(c) if a.dtype == DType::F16 && b.dtype == DType::F16 => {
