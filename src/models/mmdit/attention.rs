@@ -8,6 +8,7 @@
 //! `to_out`, rows `N..N+S` `to_add_out`. A device that cannot read such views gets contiguous copies from the
 //! core's legalisation, never a host round trip.
 
+use super::parallel::{Comm, RowParallelLinear, Shard};
 use super::params::{Linear, Params};
 use super::MmditError;
 use sd3_core::{AttentionParams, Backend, DType, Tensor};
@@ -45,6 +46,7 @@ pub struct QkvProjection {
 }
 
 impl QkvProjection {
+    /// A tensor-parallel rank holds heads `shard.range(heads)` (q, k and v of each).
     #[allow(clippy::too_many_arguments)]
     fn load(
         p: &Params,
@@ -53,6 +55,7 @@ impl QkvProjection {
         norms: Option<[&str; 2]>,
         heads: usize,
         head_dim: usize,
+        shard: Shard,
         backend: &Backend,
         dtype: DType,
     ) -> Result<Self, MmditError> {
@@ -64,7 +67,10 @@ impl QkvProjection {
             }
             None => None,
         };
-        Ok(QkvProjection { qkv: Linear::load_fused(p, &full, dim, dim, backend, dtype)?, norm, heads, head_dim })
+        let local = shard.range(heads);
+        let rows = local.start * head_dim..local.end * head_dim;
+        let qkv = Linear::load_fused_rows(p, &full, dim, dim, rows, backend, dtype)?;
+        Ok(QkvProjection { qkv, norm, heads: local.len(), head_dim })
     }
 
     /// `x [B, N, D]` → q, k, v views `[B, N, H, Dh]` of a fresh `[B, N, 3, H, Dh]` buffer, q and k RMS-normed per
@@ -102,8 +108,8 @@ fn split_qkv(qkv: &Tensor, heads: usize, head_dim: usize) -> sd3_core::Result<[T
 pub struct JointAttention {
     image: QkvProjection,
     context: QkvProjection,
-    to_out: Linear,
-    to_add_out: Option<Linear>,
+    to_out: RowParallelLinear,
+    to_add_out: Option<RowParallelLinear>,
     scale: f32,
 }
 
@@ -116,6 +122,7 @@ impl JointAttention {
         head_dim: usize,
         qk_norm: bool,
         context_pre_only: bool,
+        shard: Shard,
         backend: &Backend,
         dtype: DType,
     ) -> Result<Self, MmditError> {
@@ -130,6 +137,7 @@ impl JointAttention {
                 image_norm,
                 heads,
                 head_dim,
+                shard,
                 backend,
                 dtype,
             )?,
@@ -140,21 +148,23 @@ impl JointAttention {
                 context_norm,
                 heads,
                 head_dim,
+                shard,
                 backend,
                 dtype,
             )?,
-            to_out: Linear::load(p, &format!("{prefix}.to_out.0"), dim, dim, backend, dtype)?,
+            to_out: RowParallelLinear::load(p, &format!("{prefix}.to_out.0"), dim, dim, shard, backend, dtype)?,
             to_add_out: if context_pre_only {
                 None
             } else {
-                Some(Linear::load(p, &format!("{prefix}.to_add_out"), dim, dim, backend, dtype)?)
+                Some(RowParallelLinear::load(p, &format!("{prefix}.to_add_out"), dim, dim, shard, backend, dtype)?)
             },
             scale: (head_dim as f32).powf(-0.5),
         })
     }
 
     /// `x̂ [B, N, D]`, `ĉ [B, S, D]` → (image output `[B, N, D]`, text output `[B, S, D]` unless context_pre_only).
-    pub fn forward(&self, x: &Tensor, c: &Tensor) -> sd3_core::Result<(Tensor, Option<Tensor>)> {
+    /// A tensor-parallel rank attends over its heads and sums the output projections over `comm`.
+    pub fn forward(&self, x: &Tensor, c: &Tensor, comm: &Comm) -> sd3_core::Result<(Tensor, Option<Tensor>)> {
         let (b, n, s) = (x.dim(0), x.dim(1), c.dim(1));
         let (h, dh) = (self.image.heads, self.image.head_dim);
         let (d, t) = (h * dh, n + s);
@@ -185,9 +195,9 @@ impl JointAttention {
         let params = AttentionParams::new(self.scale);
         Tensor::attention_into(&heads_first(&q)?, &heads_first(&k)?, &heads_first(&v)?, &params, &heads_first(&o)?)?;
         let o = o.reshape(&[b, nq, d])?;
-        let ox = self.to_out.forward(&o.narrow(1, 0, n)?)?;
+        let ox = self.to_out.forward(&o.narrow(1, 0, n)?, comm)?;
         let oc = match &self.to_add_out {
-            Some(to_add_out) => Some(to_add_out.forward(&o.narrow(1, n, s)?)?),
+            Some(to_add_out) => Some(to_add_out.forward(&o.narrow(1, n, s)?, comm)?),
             None => None,
         };
         Ok((ox, oc))
@@ -197,7 +207,7 @@ impl JointAttention {
 /// `attn2` of a dual-attention (MMDiT-X) block: self-attention over image tokens only.
 pub struct SelfAttention {
     qkv: QkvProjection,
-    to_out: Linear,
+    to_out: RowParallelLinear,
     scale: f32,
 }
 
@@ -208,24 +218,26 @@ impl SelfAttention {
         heads: usize,
         head_dim: usize,
         qk_norm: bool,
+        shard: Shard,
         backend: &Backend,
         dtype: DType,
     ) -> Result<Self, MmditError> {
         let dim = heads * head_dim;
         let norm = qk_norm.then_some(["norm_q", "norm_k"]);
+        let names = ["to_q", "to_k", "to_v"];
         Ok(SelfAttention {
-            qkv: QkvProjection::load(p, prefix, ["to_q", "to_k", "to_v"], norm, heads, head_dim, backend, dtype)?,
-            to_out: Linear::load(p, &format!("{prefix}.to_out.0"), dim, dim, backend, dtype)?,
+            qkv: QkvProjection::load(p, prefix, names, norm, heads, head_dim, shard, backend, dtype)?,
+            to_out: RowParallelLinear::load(p, &format!("{prefix}.to_out.0"), dim, dim, shard, backend, dtype)?,
             scale: (head_dim as f32).powf(-0.5),
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> sd3_core::Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, comm: &Comm) -> sd3_core::Result<Tensor> {
         let [q, k, v] = self.qkv.forward(x)?;
         let (b, n) = (x.dim(0), x.dim(1));
         let o = x.backend().empty(&[b, n, self.qkv.heads, self.qkv.head_dim], x.dtype())?;
         let params = AttentionParams::new(self.scale);
         Tensor::attention_into(&heads_first(&q)?, &heads_first(&k)?, &heads_first(&v)?, &params, &heads_first(&o)?)?;
-        self.to_out.forward(&o.reshape(&[b, n, self.qkv.heads * self.qkv.head_dim])?)
+        self.to_out.forward(&o.reshape(&[b, n, self.qkv.heads * self.qkv.head_dim])?, comm)
     }
 }

@@ -3,6 +3,7 @@
 //! norm and `norm_out`, chunks **(scale, shift)**), and `FeedForward` (`gelu-approximate`).
 
 use super::attention::{JointAttention, SelfAttention};
+use super::parallel::{Comm, RowParallelLinear, Shard};
 use super::params::{Linear, Params};
 use super::MmditError;
 use sd3_core::{Backend, DType, Tensor, UnaryOp};
@@ -32,29 +33,42 @@ impl AdaLayerNormContinuous {
 }
 
 /// `FeedForward(D, D, activation_fn="gelu-approximate")`: `net.0.proj` (D→4D), GELU(tanh), `net.2` (4D→D).
-/// The GELU is the epilogue of the first matmul (`Op::Matmul { act }`), not a pass of its own.
+/// The GELU is the epilogue of the first matmul (`Op::Matmul { act }`), not a pass of its own. A tensor-parallel
+/// rank holds hidden units `shard.range(4D)`.
 pub struct FeedForward {
     proj_in: Linear,
-    proj_out: Linear,
+    proj_out: RowParallelLinear,
 }
 
 impl FeedForward {
-    pub fn load(p: &Params, name: &str, dim: usize, backend: &Backend, dtype: DType) -> Result<Self, MmditError> {
+    pub fn load(
+        p: &Params,
+        name: &str,
+        dim: usize,
+        shard: Shard,
+        backend: &Backend,
+        dtype: DType,
+    ) -> Result<Self, MmditError> {
+        let proj_in = format!("{name}.net.0.proj");
+        let proj_in = match shard.size {
+            1 => Linear::load(p, &proj_in, dim, 4 * dim, backend, dtype)?,
+            _ => Linear::load_fused_rows(p, &[proj_in], dim, 4 * dim, shard.range(4 * dim), backend, dtype)?,
+        };
         Ok(FeedForward {
-            proj_in: Linear::load(p, &format!("{name}.net.0.proj"), dim, 4 * dim, backend, dtype)?,
-            proj_out: Linear::load(p, &format!("{name}.net.2"), 4 * dim, dim, backend, dtype)?,
+            proj_in,
+            proj_out: RowParallelLinear::load(p, &format!("{name}.net.2"), 4 * dim, dim, shard, backend, dtype)?,
         })
     }
-    pub fn forward(&self, x: &Tensor) -> sd3_core::Result<Tensor> {
-        self.down(&self.up(x)?)
+    pub fn forward(&self, x: &Tensor, comm: &Comm) -> sd3_core::Result<Tensor> {
+        self.down(&self.up(x)?, comm)
     }
-    /// `GELU(net.0.proj(x))`, the hidden activations.
+    /// `GELU(net.0.proj(x))`, the hidden activations (this rank's units).
     pub fn up(&self, x: &Tensor) -> sd3_core::Result<Tensor> {
         self.proj_in.forward_act(x, UnaryOp::GeluTanh)
     }
-    /// `net.2(h)`.
-    pub fn down(&self, h: &Tensor) -> sd3_core::Result<Tensor> {
-        self.proj_out.forward(h)
+    /// `net.2(h)`, summed over the group.
+    pub fn down(&self, h: &Tensor, comm: &Comm) -> sd3_core::Result<Tensor> {
+        self.proj_out.forward(h, comm)
     }
 }
 
@@ -83,6 +97,8 @@ pub struct BlockSpec {
     pub qk_norm: bool,
     pub dual: bool,
     pub last: bool,
+    /// The slice of the block a tensor-parallel rank holds ([`Shard::WHOLE`] on one device).
+    pub shard: Shard,
 }
 
 impl JointTransformerBlock {
@@ -90,9 +106,9 @@ impl JointTransformerBlock {
         let dim = s.heads * s.head_dim;
         let chunks = if s.dual { 9 } else { 6 };
         let attn =
-            JointAttention::load(p, &format!("{prefix}.attn"), s.heads, s.head_dim, s.qk_norm, s.last, backend, dtype)?;
+            JointAttention::load(p, &format!("{prefix}.attn"), s.heads, s.head_dim, s.qk_norm, s.last, s.shard, backend, dtype)?;
         let attn2 = if s.dual {
-            Some(SelfAttention::load(p, &format!("{prefix}.attn2"), s.heads, s.head_dim, s.qk_norm, backend, dtype)?)
+            Some(SelfAttention::load(p, &format!("{prefix}.attn2"), s.heads, s.head_dim, s.qk_norm, s.shard, backend, dtype)?)
         } else {
             None
         };
@@ -101,7 +117,7 @@ impl JointTransformerBlock {
         } else {
             let ctx = ContextStream {
                 norm1: Linear::load(p, &format!("{prefix}.norm1_context.linear"), dim, 6 * dim, backend, dtype)?,
-                ff: FeedForward::load(p, &format!("{prefix}.ff_context"), dim, backend, dtype)?,
+                ff: FeedForward::load(p, &format!("{prefix}.ff_context"), dim, s.shard, backend, dtype)?,
             };
             (Some(ctx), None)
         };
@@ -109,7 +125,7 @@ impl JointTransformerBlock {
             norm1: Linear::load(p, &format!("{prefix}.norm1.linear"), dim, chunks * dim, backend, dtype)?,
             attn,
             attn2,
-            ff: FeedForward::load(p, &format!("{prefix}.ff"), dim, backend, dtype)?,
+            ff: FeedForward::load(p, &format!("{prefix}.ff"), dim, s.shard, backend, dtype)?,
             context,
             context_norm_last,
         })
@@ -120,7 +136,15 @@ impl JointTransformerBlock {
     /// The two streams' ops are issued in pairs (image, then text) of the same step: the text stream's are small
     /// (333 tokens against 4096 at 1024²), and a device that runs independent work side by side (the Vulkan
     /// plugin puts no barrier between dispatches that share no bytes) then runs them beside the image stream's.
-    pub fn forward(&self, x: &Tensor, c: &Tensor, temb_silu: &Tensor) -> sd3_core::Result<(Option<Tensor>, Tensor)> {
+    ///
+    /// A tensor-parallel rank runs its slice and sums the attention and MLP outputs over `comm`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        c: &Tensor,
+        temb_silu: &Tensor,
+        comm: &Comm,
+    ) -> sd3_core::Result<(Option<Tensor>, Tensor)> {
         let n = if self.attn2.is_some() { 9 } else { 6 };
         // shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp (, shift_msa2, scale_msa2, gate_msa2)
         let m = modulation(&self.norm1, temb_silu, n)?;
@@ -136,7 +160,7 @@ impl JointTransformerBlock {
         };
         // Dual blocks: x̂2 = LN(x)·(1+scale_msa2)+shift_msa2, from the block's input.
         let x_hat2 = if self.attn2.is_some() { Some(x.layer_norm_modulate(&m[7], &m[6], LN_EPS)?) } else { None };
-        let (a_x, a_c) = self.attn.forward(&x_hat, &c_hat)?;
+        let (a_x, a_c) = self.attn.forward(&x_hat, &c_hat, comm)?;
         let mut x = x.gated_residual(&m[2], &a_x)?;
         let c = match (&cm, a_c) {
             (Some(cm), Some(a_c)) => Some(c.gated_residual(&cm[2], &a_c)?),
@@ -144,15 +168,15 @@ impl JointTransformerBlock {
         };
         if let (Some(attn2), Some(x_hat2)) = (&self.attn2, &x_hat2) {
             // Image-only self-attention, added after the joint-attention residual, before the MLP.
-            x = x.gated_residual(&m[8], &attn2.forward(x_hat2)?)?;
+            x = x.gated_residual(&m[8], &attn2.forward(x_hat2, comm)?)?;
         }
         let x_ff = x.layer_norm_modulate(&m[4], &m[3], LN_EPS)?;
         let (Some(ctx), Some(cm), Some(c)) = (&self.context, &cm, c) else {
-            return Ok((None, x.gated_residual(&m[5], &self.ff.forward(&x_ff)?)?));
+            return Ok((None, x.gated_residual(&m[5], &self.ff.forward(&x_ff, comm)?)?));
         };
         let c_ff = c.layer_norm_modulate(&cm[4], &cm[3], LN_EPS)?;
         let (h_x, h_c) = (self.ff.up(&x_ff)?, ctx.ff.up(&c_ff)?);
-        let (f_x, f_c) = (self.ff.down(&h_x)?, ctx.ff.down(&h_c)?);
+        let (f_x, f_c) = (self.ff.down(&h_x, comm)?, ctx.ff.down(&h_c, comm)?);
         Ok((Some(c.gated_residual(&cm[5], &f_c)?), x.gated_residual(&m[5], &f_x)?))
     }
 }

@@ -8,11 +8,13 @@
 pub mod attention;
 pub mod block;
 pub mod embeddings;
+pub mod parallel;
 pub mod params;
 
 use crate::weights::{read_config, Weights, WeightsError};
 use block::{AdaLayerNormContinuous, BlockSpec, JointTransformerBlock};
 use embeddings::{PatchEmbed, TimeTextEmbed, TIMESTEP_CHANNELS};
+use parallel::{Comm, Shard};
 use params::{Linear, Params};
 use sd3_core::{Backend, DType, Tensor};
 use serde::Deserialize;
@@ -28,6 +30,8 @@ pub enum MmditError {
     Input(String),
     #[error(transparent)]
     Core(#[from] sd3_core::Error),
+    #[error("tensor-parallel forward: {0}")]
+    Parallel(String),
 }
 
 /// `transformer/config.json` (diffusers' constructor defaults where a key is absent).
@@ -296,6 +300,17 @@ impl Sd3Transformer2DModel {
         backend: &Backend,
         dtype: DType,
     ) -> Result<Self, MmditError> {
+        Self::from_weights_shard(w, config, Shard::WHOLE, backend, dtype)
+    }
+
+    /// A tensor-parallel rank's slice of the model ([`parallel`]), from already opened weights.
+    pub fn from_weights_shard(
+        w: &Weights,
+        config: Sd3TransformerConfig,
+        shard: Shard,
+        backend: &Backend,
+        dtype: DType,
+    ) -> Result<Self, MmditError> {
         config.validate()?;
         config.check_against(w)?;
         let expected = config.expected_tensors();
@@ -306,7 +321,7 @@ impl Sd3Transformer2DModel {
             }
             w.check_shape(name, shape)?;
         }
-        Self::build(&Params::Weights(w), config, backend, dtype)
+        Self::build(&Params::Weights(w), config, shard, backend, dtype)
     }
 
     /// Seeded random weights for a config: benchmarks and tests that need no files.
@@ -316,13 +331,34 @@ impl Sd3Transformer2DModel {
         backend: &Backend,
         dtype: DType,
     ) -> Result<Self, MmditError> {
-        config.validate()?;
-        Self::build(&Params::Random { seed, scale: 0.02 }, config, backend, dtype)
+        Self::random_shard(config, seed, Shard::WHOLE, backend, dtype)
     }
 
-    fn build(p: &Params, config: Sd3TransformerConfig, backend: &Backend, dtype: DType) -> Result<Self, MmditError> {
+    /// A tensor-parallel rank's slice of [`Sd3Transformer2DModel::random`] (the same values, sliced).
+    pub fn random_shard(
+        config: Sd3TransformerConfig,
+        seed: u64,
+        shard: Shard,
+        backend: &Backend,
+        dtype: DType,
+    ) -> Result<Self, MmditError> {
+        config.validate()?;
+        Self::build(&Params::Random { seed, scale: 0.02 }, config, shard, backend, dtype)
+    }
+
+    fn build(
+        p: &Params,
+        config: Sd3TransformerConfig,
+        shard: Shard,
+        backend: &Backend,
+        dtype: DType,
+    ) -> Result<Self, MmditError> {
         let c = &config;
         let d = c.inner_dim();
+        parallel::check_divides(c.num_attention_heads, 4 * d, shard.size)?;
+        if shard.rank >= shard.size {
+            return Err(MmditError::Config(format!("tensor-parallel rank {} of {}", shard.rank, shard.size)));
+        }
         let blocks = (0..c.num_layers)
             .map(|i| {
                 let spec = BlockSpec {
@@ -331,6 +367,7 @@ impl Sd3Transformer2DModel {
                     qk_norm: c.has_qk_norm(),
                     dual: c.dual_attention_layers.contains(&i),
                     last: i + 1 == c.num_layers,
+                    shard,
                 };
                 JointTransformerBlock::load(p, &format!("transformer_blocks.{i}"), spec, backend, dtype)
             })
@@ -374,6 +411,20 @@ impl Sd3Transformer2DModel {
         timesteps: &[f32],
         skip_layers: &[usize],
     ) -> Result<Tensor, MmditError> {
+        self.forward_in_group(hidden_states, encoder_hidden_states, pooled, timesteps, skip_layers, &Comm::WHOLE)
+    }
+
+    /// [`Sd3Transformer2DModel::forward`] on a tensor-parallel rank: every rank of the group calls it with the same
+    /// inputs (on its own device), and each gets the whole output.
+    pub fn forward_in_group(
+        &self,
+        hidden_states: &Tensor,
+        encoder_hidden_states: &Tensor,
+        pooled: &Tensor,
+        timesteps: &[f32],
+        skip_layers: &[usize],
+        comm: &Comm,
+    ) -> Result<Tensor, MmditError> {
         let c = &self.config;
         let b = hidden_states.dim(0);
         self.check_inputs(hidden_states, encoder_hidden_states, pooled, timesteps)?;
@@ -386,7 +437,7 @@ impl Sd3Transformer2DModel {
             if skip_layers.contains(&i) {
                 continue;
             }
-            let (new_ctx, new_x) = block.forward(&x, &ctx, &temb_silu)?;
+            let (new_ctx, new_x) = block.forward(&x, &ctx, &temb_silu, comm)?;
             x = new_x;
             if let Some(nc) = new_ctx {
                 ctx = nc;

@@ -99,16 +99,30 @@ impl Linear {
         backend: &Backend,
         dtype: DType,
     ) -> Result<Linear, WeightsError> {
-        let mut w = Vec::with_capacity(names.len() * out * inp);
-        let mut b = Vec::with_capacity(names.len() * out);
+        Self::load_fused_rows(p, names, inp, out, 0..out, backend, dtype)
+    }
+
+    /// [`Linear::load_fused`] keeping output features `rows` of each part (a tensor-parallel rank's slice).
+    pub fn load_fused_rows(
+        p: &Params,
+        names: &[String],
+        inp: usize,
+        out: usize,
+        rows: std::ops::Range<usize>,
+        backend: &Backend,
+        dtype: DType,
+    ) -> Result<Linear, WeightsError> {
+        let mut w = Vec::with_capacity(names.len() * rows.len() * inp);
+        let mut b = Vec::with_capacity(names.len() * rows.len());
         for name in names {
-            w.extend(p.host(&format!("{name}.weight"), &[out, inp])?);
-            b.extend(p.host(&format!("{name}.bias"), &[out])?);
+            w.extend_from_slice(&p.host(&format!("{name}.weight"), &[out, inp])?[rows.start * inp..rows.end * inp]);
+            b.extend_from_slice(&p.host(&format!("{name}.bias"), &[out])?[rows.clone()]);
         }
         let upload = |v: &[f32], shape: &[usize]| {
             backend.from_f32(v, shape, dtype).map_err(|source| WeightsError::Upload { name: names.join("+"), source })
         };
-        Ok(Linear { weight: upload(&w, &[names.len() * out, inp])?, bias: Some(upload(&b, &[names.len() * out])?) })
+        let n = names.len() * rows.len();
+        Ok(Linear { weight: upload(&w, &[n, inp])?, bias: Some(upload(&b, &[n])?) })
     }
 
     pub fn forward(&self, x: &Tensor) -> sd3_core::Result<Tensor> {
