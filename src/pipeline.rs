@@ -17,6 +17,7 @@
 use crate::image_out::{to_rgb8, RgbImage};
 use crate::lora::{LoraError, LoraSet};
 use crate::models::clip::ClipTextModel;
+use crate::models::mmdit::parallel::TensorParallelTransformer;
 use crate::models::mmdit::{MmditError, Sd3Transformer2DModel, Sd3TransformerConfig};
 use crate::models::t5::T5EncoderModel;
 use crate::models::vae::AutoencoderKL;
@@ -193,9 +194,12 @@ pub struct StableDiffusion3Pipeline {
     /// `2^(len(block_out_channels) − 1)`.
     pub vae_scale_factor: usize,
     lora: LoraSet,
-    /// CFG-parallel denoising: a second device that runs the conditional half of the guidance batch while the
-    /// pipeline's own device runs the unconditional half (the seed's `--dp_size 2`).
-    cfg_backend: Option<Backend>,
+    /// Tensor-parallel denoising: more devices that each hold a slice of the transformer beside the pipeline's own
+    /// (the seed's `--mp_size`; `models::mmdit::parallel`). Empty: the transformer on one device.
+    tp_backends: Vec<Backend>,
+    /// CFG-parallel denoising: the devices that run the conditional half of the guidance batch while the
+    /// pipeline's own run the unconditional half (the seed's `--dp_size 2`), as many as the unconditional half has.
+    cfg_backends: Vec<Backend>,
 }
 
 impl StableDiffusion3Pipeline {
@@ -231,7 +235,8 @@ impl StableDiffusion3Pipeline {
             backend,
             options,
             lora,
-            cfg_backend: None,
+            tp_backends: Vec::new(),
+            cfg_backends: Vec::new(),
         })
     }
 
@@ -240,8 +245,28 @@ impl StableDiffusion3Pipeline {
     /// the transformer. Latents and velocities cross between the two through host memory (one latent tensor each
     /// way per step). Without guidance (`guidance ≤ 1`) the second device is not used.
     pub fn with_cfg_parallel(mut self, backend: Backend) -> Self {
-        self.cfg_backend = Some(backend);
+        self.cfg_backends = vec![backend];
         self
+    }
+
+    /// Split the transformer over the pipeline's device and `more` (tensor parallelism: each device holds
+    /// `1 / (1 + more.len())` of every block's big linears; see `models::mmdit::parallel`). With CFG-parallel too
+    /// ([`Self::with_cfg_parallel_group`]), the conditional half gets a group of the same size.
+    pub fn with_tensor_parallel(mut self, more: Vec<Backend>) -> Self {
+        self.tp_backends = more;
+        self
+    }
+
+    /// CFG-parallel with the conditional half on a tensor-parallel group of its own (`--dp-size 2 --mp-size N`):
+    /// `group` has as many devices as the unconditional half (the pipeline's device and its tensor-parallel ones).
+    pub fn with_cfg_parallel_group(mut self, group: Vec<Backend>) -> Self {
+        self.cfg_backends = group;
+        self
+    }
+
+    /// The devices of the unconditional (or only) half's transformer.
+    fn transformer_group(&self) -> Vec<Backend> {
+        std::iter::once(self.backend.clone()).chain(self.tp_backends.iter().cloned()).collect()
     }
 
     pub fn backend(&self) -> &Backend {
@@ -455,18 +480,28 @@ impl StableDiffusion3Pipeline {
         on_event: &mut dyn FnMut(&Event),
     ) -> Result<Tensor> {
         let t = self.clock(r)?;
-        let parallel = self.cfg_backend.as_ref().filter(|_| r.cfg());
+        let group = self.transformer_group();
+        let parallel = Some(&self.cfg_backends).filter(|g| !g.is_empty() && r.cfg());
+        if let Some(cond_group) = parallel {
+            if cond_group.len() != group.len() {
+                return Err(PipelineError::Input(format!(
+                    "CFG-parallel: the conditional half has {} devices, the unconditional half {}",
+                    cond_group.len(),
+                    group.len()
+                )));
+            }
+        }
         let (transformer, cond_transformer) = match parallel {
-            // Both copies load at once, each on its own device.
-            Some(other) => std::thread::scope(|s| {
-                let second = s.spawn(|| self.load_transformer_on(other));
-                let first = self.load_transformer_on(&self.backend);
-                let second = second
-                    .join()
-                    .map_err(|_| sd3_core::Error::backend(other.name(), "loading the transformer panicked"))?;
+            // Both copies load at once, each on its own devices.
+            Some(cond_group) => std::thread::scope(|s| {
+                let second = s.spawn(|| self.load_transformer_group(cond_group));
+                let first = self.load_transformer_group(&group);
+                let second = second.join().map_err(|_| {
+                    sd3_core::Error::backend(cond_group[0].name(), "loading the transformer panicked")
+                })?;
                 Ok::<_, PipelineError>((first?, Some(second?)))
             })?,
-            None => (self.load_transformer()?, None),
+            None => (self.load_transformer_group(&group)?, None),
         };
         self.backend.synchronize()?;
         on_event(&t.stage("transformer_load")?);
@@ -480,11 +515,11 @@ impl StableDiffusion3Pipeline {
         };
         // Under CFG-parallel: the unconditional rows stay here, the conditional ones move to the second device.
         let split = match (parallel, &cond_transformer) {
-            (Some(other), Some(tr)) => Some(CfgHalf {
+            (Some(cond_group), Some(tr)) => Some(CfgHalf {
                 transformer: tr,
-                backend: other,
-                embeds: cond_embeds.to_backend(other)?,
-                pooled: cond_pooled.to_backend(other)?,
+                backend: &cond_group[0],
+                embeds: cond_embeds.to_backend(&cond_group[0])?,
+                pooled: cond_pooled.to_backend(&cond_group[0])?,
                 uncond_embeds: cond.prompt_embeds.narrow(0, 0, n)?,
                 uncond_pooled: cond.pooled.narrow(0, 0, n)?,
             }),
@@ -548,6 +583,13 @@ impl StableDiffusion3Pipeline {
         Ok(Sd3Transformer2DModel::from_weights(&weights, self.transformer_config.clone(), backend, dtype)?)
     }
 
+    /// The transformer on `group` (split over it when it has more than one device).
+    fn load_transformer_group(&self, group: &[Backend]) -> Result<TensorParallelTransformer> {
+        let weights = self.component_weights("transformer")?;
+        let dtype = self.options.dtype;
+        Ok(TensorParallelTransformer::load(&weights, &self.transformer_config, group, dtype)?)
+    }
+
     /// VAE decode of final latents `[N, C, h, w]`: `z/scaling + shift` (in f32), decode, post-process to RGB8.
     pub fn decode(&self, latents: &Tensor) -> Result<Vec<RgbImage>> {
         let dir = self.model_dir.join("vae");
@@ -602,7 +644,7 @@ fn guide(v_u: &Tensor, v_c: &Tensor, guidance: f32, skip: Option<(&Tensor, f32)>
 /// The conditional half of CFG-parallel denoising: the second device's transformer and conditioning, and the
 /// unconditional conditioning that stays on the first device.
 struct CfgHalf<'a> {
-    transformer: &'a Sd3Transformer2DModel,
+    transformer: &'a TensorParallelTransformer,
     backend: &'a Backend,
     embeds: Tensor,
     pooled: Tensor,

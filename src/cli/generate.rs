@@ -61,6 +61,11 @@ pub struct GenerateArgs {
     /// conditional one on the next device of the same backend, at the same time (the seed's `--dp_size 2`)
     #[arg(long = "dp-size", default_value_t = 1, value_name = "N")]
     pub dp_size: usize,
+    /// Devices to split the transformer over (tensor parallelism, the seed's `--mp_size`): `--device` and the next
+    /// N−1 devices of the same backend each hold 1/N of every block's big linears; the partial sums meet through
+    /// host memory. With `--dp-size 2`, the conditional half takes the N devices after those.
+    #[arg(long = "mp-size", default_value_t = 1, value_name = "N")]
+    pub mp_size: usize,
     /// Print per-stage timings (wall clock, and device time from device events where the backend has them), each
     /// step, peak memory and host fallbacks.
     #[arg(long)]
@@ -114,6 +119,22 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
     let options = PipelineOptions { dtype, no_t5: args.no_t5, loras };
     let mut pipe = StableDiffusion3Pipeline::new(&model_dir, backend.clone(), options)
         .with_context(|| format!("opening the model {}", model_dir.display()))?;
+    let mp = args.mp_size;
+    if mp == 0 {
+        bail!("--mp-size 0: at least one device holds the transformer");
+    }
+    // Device `--device + offset` of the same backend.
+    let open_next = |offset: usize, flag: &str| -> anyhow::Result<sd3_core::Backend> {
+        let mut req = args.backend.request();
+        req.device += offset;
+        sd3::runtime::open_backend(&req)
+            .with_context(|| format!("{flag}: opening device {} of `{}`", req.device, req.backend))
+    };
+    if mp > 1 {
+        let more = (1..mp).map(|i| open_next(i, "--mp-size")).collect::<anyhow::Result<Vec<_>>>()?;
+        say(format!("transformer split over devices {}..={}", args.backend.device, args.backend.device + mp - 1));
+        pipe = pipe.with_tensor_parallel(more);
+    }
     match args.dp_size {
         1 => {}
         2 => {
@@ -123,12 +144,15 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<ExitCode> {
                     args.guidance
                 );
             }
-            let mut second = args.backend.request();
-            second.device += 1;
-            let other = sd3::runtime::open_backend(&second)
-                .with_context(|| format!("--dp-size 2: opening device {} of `{}`", second.device, second.backend))?;
-            say(format!("guidance split: conditional batch on device {} ({})", second.device, other.info().name));
-            pipe = pipe.with_cfg_parallel(other);
+            let group = (mp..2 * mp).map(|i| open_next(i, "--dp-size 2")).collect::<anyhow::Result<Vec<_>>>()?;
+            say(format!(
+                "guidance split: conditional batch on device{} {}..={} ({})",
+                if mp > 1 { "s" } else { "" },
+                args.backend.device + mp,
+                args.backend.device + 2 * mp - 1,
+                group[0].info().name
+            ));
+            pipe = pipe.with_cfg_parallel_group(group);
         }
         n => bail!("--dp-size {n}: 1 or 2 (the two halves of classifier-free guidance) are supported"),
     }
