@@ -496,9 +496,9 @@ impl StableDiffusion3Pipeline {
             Some(cond_group) => std::thread::scope(|s| {
                 let second = s.spawn(|| self.load_transformer_group(cond_group));
                 let first = self.load_transformer_group(&group);
-                let second = second.join().map_err(|_| {
-                    sd3_core::Error::backend(cond_group[0].name(), "loading the transformer panicked")
-                })?;
+                let second = second
+                    .join()
+                    .map_err(|_| sd3_core::Error::backend(cond_group[0].name(), "loading the transformer panicked"))?;
                 Ok::<_, PipelineError>((first?, Some(second?)))
             })?,
             None => (self.load_transformer_group(&group)?, None),

@@ -137,6 +137,14 @@ fn bad_cfg_parallel() {
 }
 
 #[test]
+fn bad_tensor_parallel() {
+    must_fail(&["--prompt", "x", "--mp-size", "0"], &["--mp-size 0"]);
+    // The CPU backend has one device: --mp-size 2 needs device 1; with --dp-size 2 as well, devices 1 to 3.
+    must_fail(&["--prompt", "x", "--mp-size", "2"], &["--mp-size", "device 1"]);
+    must_fail(&["--prompt", "x", "--mp-size", "2", "--dp-size", "2"], &["--mp-size", "device 1"]);
+}
+
+#[test]
 fn bad_model_folders() {
     let dir = scratch("cli-model");
     must_fail(&["--prompt", "x", "--model", s(&dir.join("nowhere"))], &["nowhere", "does not exist"]);

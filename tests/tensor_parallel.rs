@@ -4,8 +4,8 @@
 
 use sd3::golden::{fixtures_dir, GoldenCase};
 use sd3::models::mmdit::parallel::TensorParallelTransformer;
-use sd3::pipeline::StableDiffusion3Pipeline;
 use sd3::models::mmdit::{Sd3Transformer2DModel, Sd3TransformerConfig};
+use sd3::pipeline::StableDiffusion3Pipeline;
 use sd3::runtime::{open_backend, BackendRequest};
 use sd3_core::{Backend, DType};
 use std::path::Path;

@@ -212,6 +212,7 @@ pub struct SelfAttention {
 }
 
 impl SelfAttention {
+    #[allow(clippy::too_many_arguments)]
     pub fn load(
         p: &Params,
         prefix: &str,

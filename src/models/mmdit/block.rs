@@ -105,10 +105,28 @@ impl JointTransformerBlock {
     pub fn load(p: &Params, prefix: &str, s: BlockSpec, backend: &Backend, dtype: DType) -> Result<Self, MmditError> {
         let dim = s.heads * s.head_dim;
         let chunks = if s.dual { 9 } else { 6 };
-        let attn =
-            JointAttention::load(p, &format!("{prefix}.attn"), s.heads, s.head_dim, s.qk_norm, s.last, s.shard, backend, dtype)?;
+        let attn = JointAttention::load(
+            p,
+            &format!("{prefix}.attn"),
+            s.heads,
+            s.head_dim,
+            s.qk_norm,
+            s.last,
+            s.shard,
+            backend,
+            dtype,
+        )?;
         let attn2 = if s.dual {
-            Some(SelfAttention::load(p, &format!("{prefix}.attn2"), s.heads, s.head_dim, s.qk_norm, s.shard, backend, dtype)?)
+            Some(SelfAttention::load(
+                p,
+                &format!("{prefix}.attn2"),
+                s.heads,
+                s.head_dim,
+                s.qk_norm,
+                s.shard,
+                backend,
+                dtype,
+            )?)
         } else {
             None
         };

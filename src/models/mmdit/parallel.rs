@@ -40,7 +40,7 @@ impl Shard {
 
 /// Error unless `size` divides the head count and the feed-forward width.
 pub fn check_divides(heads: usize, ff_hidden: usize, size: usize) -> Result<(), MmditError> {
-    if size == 0 || heads % size != 0 || ff_hidden % size != 0 {
+    if size == 0 || !heads.is_multiple_of(size) || !ff_hidden.is_multiple_of(size) {
         return Err(MmditError::Config(format!(
             "tensor parallelism over {size} devices needs the {heads} attention heads and the {ff_hidden} \
              feed-forward units to split evenly"
@@ -93,16 +93,18 @@ impl RowParallelLinear {
         dtype: DType,
     ) -> Result<Self, MmditError> {
         if shard.size == 1 {
-            return Ok(RowParallelLinear { linear: Linear::load(p, name, inp, out, backend, dtype)?, bias_after_sum: None });
+            return Ok(RowParallelLinear {
+                linear: Linear::load(p, name, inp, out, backend, dtype)?,
+                bias_after_sum: None,
+            });
         }
         let cols = shard.range(inp);
         let w = p.host(&format!("{name}.weight"), &[out, inp])?;
         let local: Vec<f32> = w.chunks(inp).flat_map(|row| row[cols.clone()].iter().copied()).collect();
         let upload = |v: &[f32], shape: &[usize]| {
-            backend.from_f32(v, shape, dtype).map_err(|source| crate::weights::WeightsError::Upload {
-                name: name.to_string(),
-                source,
-            })
+            backend
+                .from_f32(v, shape, dtype)
+                .map_err(|source| crate::weights::WeightsError::Upload { name: name.to_string(), source })
         };
         Ok(RowParallelLinear {
             linear: Linear { weight: upload(&local, &[out, cols.len()])?, bias: None },
