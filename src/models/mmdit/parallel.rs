@@ -55,15 +55,15 @@ pub trait AllReduce: Send + Sync {
     fn sum(&self, partial: &Tensor) -> sd3_core::Result<Tensor>;
 }
 
-/// A rank's view of its group: its slice of the model and the group's all-reduce (none on one device).
+/// A rank's link to its group: the group's all-reduce (none on one device). The rank's slice of the model is fixed
+/// when it is loaded ([`Shard`]).
 #[derive(Clone, Copy)]
 pub struct Comm<'a> {
-    pub shard: Shard,
     pub all_reduce: Option<&'a dyn AllReduce>,
 }
 
 impl Comm<'_> {
-    pub const WHOLE: Comm<'static> = Comm { shard: Shard::WHOLE, all_reduce: None };
+    pub const WHOLE: Comm<'static> = Comm { all_reduce: None };
 
     /// The sum of `partial` over the group (itself on one device).
     pub fn sum(&self, partial: Tensor) -> sd3_core::Result<Tensor> {
@@ -260,15 +260,6 @@ impl TensorParallelTransformer {
         Ok(TensorParallelTransformer { ranks, backends: backends.to_vec() })
     }
 
-    /// The devices, rank by rank.
-    pub fn backends(&self) -> &[Backend] {
-        &self.backends
-    }
-
-    pub fn config(&self) -> &Sd3TransformerConfig {
-        &self.ranks[0].config
-    }
-
     /// [`Sd3Transformer2DModel::forward`] over the group; inputs and output on the first device.
     pub fn forward(
         &self,
@@ -286,7 +277,7 @@ impl TensorParallelTransformer {
         // Rank r: its copy of the inputs, the forward, and on failure (or panic) an abort so no rank waits for it.
         let run = |rank: usize| -> Result<Tensor, MmditError> {
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                let comm = Comm { shard: Shard { rank, size }, all_reduce: Some(&reduce) };
+                let comm = Comm { all_reduce: Some(&reduce) };
                 let b = &self.backends[rank];
                 let (x, c, p) = match rank {
                     0 => (hidden_states.clone(), encoder_hidden_states.clone(), pooled.clone()),
