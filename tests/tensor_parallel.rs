@@ -106,6 +106,12 @@ fn pipeline_with_the_transformer_over_two_devices() {
 }
 
 #[test]
+fn pipeline_with_a_lora_over_two_devices() {
+    // The LoRA deltas are merged into the weights before each device takes its slice.
+    check_pipeline("sd3-lora", 2, 1);
+}
+
+#[test]
 fn pipeline_with_guidance_halves_each_over_two_devices() {
     // mp 2 × dp 2: four devices, skip-layer guidance on the conditional group.
     check_pipeline("sd35-slg", 2, 2);
