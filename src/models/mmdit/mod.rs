@@ -30,7 +30,7 @@ pub enum MmditError {
     Input(String),
     #[error(transparent)]
     Core(#[from] sd3_core::Error),
-    #[error("tensor-parallel forward: {0}")]
+    #[error("tensor parallelism: {0}")]
     Parallel(String),
 }
 

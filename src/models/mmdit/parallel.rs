@@ -243,18 +243,20 @@ impl TensorParallelTransformer {
         if backends.is_empty() {
             return Err(MmditError::Config("tensor parallelism needs at least one device".into()));
         }
+        // Rank 0 on this thread (as on one device), the others beside it.
         let ranks = std::thread::scope(|s| {
             let load = &load;
-            let handles: Vec<_> =
-                backends.iter().enumerate().map(|(rank, backend)| s.spawn(move || load(rank, backend))).collect();
-            handles
-                .into_iter()
+            let others: Vec<_> = backends
+                .iter()
                 .enumerate()
-                .map(|(rank, h)| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(MmditError::Config(format!("loading tensor-parallel rank {rank} panicked")))
-                    })
-                })
+                .skip(1)
+                .map(|(rank, backend)| s.spawn(move || load(rank, backend)))
+                .collect();
+            let first = load(0, &backends[0]);
+            std::iter::once(first)
+                .chain(others.into_iter().enumerate().map(|(i, h)| {
+                    h.join().unwrap_or_else(|_| Err(MmditError::Parallel(format!("loading rank {} panicked", i + 1))))
+                }))
                 .collect::<Result<Vec<_>, _>>()
         })?;
         Ok(TensorParallelTransformer { ranks, backends: backends.to_vec() })
