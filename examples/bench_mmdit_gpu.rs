@@ -3,11 +3,14 @@
 //!
 //! ```text
 //! cargo run --release --example bench_mmdit_gpu -- --backend cuda --dtype bf16 --res 1024 --batch 2 [--layers 24] [--iters 10]
+//!     [--mp-size N]
 //! ```
+//! `--mp-size N` splits the model over devices 0..N of the backend (tensor parallelism, `models::mmdit::parallel`).
 //! Prints the median wall time of a synchronised forward, the achieved TFLOP/s (linears + attention, the
 //! PERFORMANCE.md count), host fallbacks and the device's allocator statistics.
 
-use sd3::models::mmdit::{Sd3Transformer2DModel, Sd3TransformerConfig};
+use sd3::models::mmdit::parallel::TensorParallelTransformer;
+use sd3::models::mmdit::Sd3TransformerConfig;
 use sd3::runtime::{open_backend, BackendRequest};
 use sd3_core::DType;
 use std::time::Instant;
@@ -26,13 +29,24 @@ fn main() -> anyhow::Result<()> {
     let iters: usize = arg(&args, "--iters", 10);
     let mut req = BackendRequest::named(&backend_name);
     req.strict = args.iter().any(|a| a == "--strict");
-    let backend = open_backend(&req)?;
+    let mp: usize = arg(&args, "--mp-size", 1);
+    let group = (0..mp.max(1))
+        .map(|i| open_backend(&BackendRequest { device: req.device + i, ..req.clone() }))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let backend = group[0].clone();
+    let sync = || group.iter().try_for_each(|b| b.synchronize());
     let mut config = Sd3TransformerConfig::sd3_medium();
     config.num_layers = layers;
     let t0 = Instant::now();
-    let model = Sd3Transformer2DModel::random(config.clone(), 0, &backend, dtype)?;
-    backend.synchronize()?;
-    eprintln!("built {layers}-layer model in {:.1} s on {}", t0.elapsed().as_secs_f64(), backend.info().name);
+    let model = TensorParallelTransformer::random(&config, 0, &group, dtype)?;
+    sync()?;
+    eprintln!(
+        "built {layers}-layer model in {:.1} s on {} ({} device{})",
+        t0.elapsed().as_secs_f64(),
+        backend.info().name,
+        group.len(),
+        if group.len() > 1 { "s" } else { "" }
+    );
     let lat = res / 8;
     let noise = |n: usize, seed: u64| -> Vec<f32> {
         let mut s = seed;
@@ -60,7 +74,7 @@ fn main() -> anyhow::Result<()> {
         let s = Instant::now();
         let y = model.forward(&x, &ctx, &pooled, &t, &[])?;
         let queued = s.elapsed().as_secs_f64() * 1e3;
-        backend.synchronize()?;
+        sync()?;
         let ms = s.elapsed().as_secs_f64() * 1e3;
         if i >= 2 {
             times.push(ms);
@@ -95,7 +109,7 @@ fn main() -> anyhow::Result<()> {
     let txt = 333.0;
     let flop = batch as f64 * layers as f64 * (2.0 * 12.0 * d * d * (img + txt) + 4.0 * (img + txt).powi(2) * d);
     println!(
-        "mmdit backend={backend_name} dtype={dtype} res={res} batch={batch} layers={layers}: median {median:.2} ms \
+        "mmdit backend={backend_name} dtype={dtype} res={res} batch={batch} layers={layers} mp={mp}: median {median:.2} ms \
          ({:.1} TFLOP/s), min {:.2} ms, max {:.2} ms",
         flop / median / 1e9,
         times[0],
