@@ -10,8 +10,8 @@
 //!
 //! That is four all-reduces per block (image and text stream, after attention and after the MLP), five in a
 //! dual-attention block. [`HostAllReduce`] sums through host memory, which works between any devices (the plugin
-//! ABI has no device-to-device transfer yet), so it halves each device's weight memory and FLOPs but pays a
-//! download and an upload of each partial sum.
+//! ABI has no device-to-device transfer yet): a group of N divides each device's share of the blocks' weights and
+//! FLOPs by N, but pays a download and an upload of every partial sum.
 
 use super::params::{Linear, Params};
 use super::{MmditError, Sd3Transformer2DModel, Sd3TransformerConfig};
