@@ -9,9 +9,9 @@
 //! - Everything else (embeddings, adaLN modulation, norms, `proj_out`) is replicated.
 //!
 //! That is four all-reduces per block (image and text stream, after attention and after the MLP), five in a
-//! dual-attention block, two in the last block (no text-stream output). [`HostAllReduce`] sums through host memory, which works between any devices (the plugin
-//! ABI has no device-to-device transfer yet): a group of N divides each device's share of the blocks' weights and
-//! FLOPs by N, but pays a download and an upload of every partial sum.
+//! dual-attention block, two in the last block (no text-stream output). [`HostAllReduce`] sums through host memory,
+//! which works between any devices (the plugin ABI has no device-to-device transfer yet): a group of N divides each
+//! device's share of the blocks' weights and FLOPs by N, but pays a download and an upload of every partial sum.
 
 use super::params::{Linear, Params};
 use super::{MmditError, Sd3Transformer2DModel, Sd3TransformerConfig};
