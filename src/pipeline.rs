@@ -18,7 +18,7 @@ use crate::image_out::{to_rgb8, RgbImage};
 use crate::lora::{LoraError, LoraSet};
 use crate::models::clip::ClipTextModel;
 use crate::models::mmdit::parallel::TensorParallelTransformer;
-use crate::models::mmdit::{MmditError, Sd3Transformer2DModel, Sd3TransformerConfig};
+use crate::models::mmdit::{MmditError, Sd3TransformerConfig};
 use crate::models::t5::T5EncoderModel;
 use crate::models::vae::AutoencoderKL;
 use crate::noise::{load_init_noise, seeded_latents, InitNoiseError};
@@ -571,16 +571,6 @@ impl StableDiffusion3Pipeline {
     /// Start timing a stage or step: wall clock, and device markers when the request asks for device timing.
     fn clock(&self, r: &GenerationRequest) -> Result<Clock> {
         Ok(Clock { wall: Instant::now(), device: DeviceTimer::start_if(r.device_timing, self.backend.device())? })
-    }
-
-    pub fn load_transformer(&self) -> Result<Sd3Transformer2DModel> {
-        self.load_transformer_on(&self.backend)
-    }
-
-    fn load_transformer_on(&self, backend: &Backend) -> Result<Sd3Transformer2DModel> {
-        let weights = self.component_weights("transformer")?;
-        let dtype = self.options.dtype;
-        Ok(Sd3Transformer2DModel::from_weights(&weights, self.transformer_config.clone(), backend, dtype)?)
     }
 
     /// The transformer on `group` (split over it when it has more than one device).

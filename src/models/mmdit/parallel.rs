@@ -122,6 +122,9 @@ impl RowParallelLinear {
     }
 }
 
+/// What a rank's all-reduce returns when another rank failed: the other rank's error is the one to report.
+const ANOTHER_RANK_FAILED: &str = "another rank failed during the forward";
+
 /// [`AllReduce`] through host memory: each rank downloads its partial sum, the last to arrive publishes the total,
 /// and each rank uploads it to its own device. Works between any backends and devices.
 pub struct HostAllReduce {
@@ -160,7 +163,7 @@ impl AllReduce for HostAllReduce {
     fn sum(&self, partial: &Tensor) -> sd3_core::Result<Tensor> {
         let values = partial.to_f32_vec()?;
         let poisoned = || sd3_core::Error::backend("tensor-parallel", "another rank panicked during an all-reduce");
-        let aborted = || sd3_core::Error::backend("tensor-parallel", "another rank failed during the forward");
+        let aborted = || sd3_core::Error::backend("tensor-parallel", ANOTHER_RANK_FAILED);
         let mut round = self.state.lock().map_err(|_| poisoned())?;
         if round.aborted {
             return Err(aborted());
@@ -306,7 +309,7 @@ impl TensorParallelTransformer {
                 }))
                 .flatten()
                 .collect::<Vec<_>>();
-            failures.sort_by_key(|m| m.contains("another rank failed"));
+            failures.sort_by_key(|m| m.contains(ANOTHER_RANK_FAILED));
             match failures.first() {
                 None => first,
                 Some(m) => Err(MmditError::Parallel(m.clone())),
