@@ -36,7 +36,7 @@ fn main() {
         }
         let stem = path.file_stem().and_then(|s| s.to_str()).expect("shader file names are UTF-8");
         let out = out_dir.join(format!("{stem}.spv"));
-        if stem.contains("_cm2") {
+        if stem.contains("_cm2") || stem.contains("_khr") {
             if !glslang.exists() {
                 cm2_built = false;
                 continue;

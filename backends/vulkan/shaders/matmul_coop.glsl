@@ -38,7 +38,22 @@
 #ifndef WHOLE_TILES
 #define WHOLE_TILES 0
 #endif
+#ifndef KHR
+#define KHR 0
+#endif
+#if KHR
+// The same kernel in VK_KHR_cooperative_matrix's syntax (compiled by glslang 15; see build.rs).
+#extension GL_KHR_cooperative_matrix : require
+#define COOP_LOAD(m, buf, off, st, col_major) \
+    coopMatLoad(m, buf, off, st, (col_major) ? gl_CooperativeMatrixLayoutColumnMajor : gl_CooperativeMatrixLayoutRowMajor)
+#define COOP_STORE(m, buf, off, st) coopMatStore(m, buf, off, st, gl_CooperativeMatrixLayoutRowMajor)
+#define COOP_MMA(a, b, c) coopMatMulAdd(a, b, c)
+#else
 #extension GL_NV_cooperative_matrix : require
+#define COOP_LOAD(m, buf, off, st, col_major) coopMatLoadNV(m, buf, off, st, col_major)
+#define COOP_STORE(m, buf, off, st) coopMatStoreNV(m, buf, off, st, false)
+#define COOP_MMA(a, b, c) coopMatMulAddNV(a, b, c)
+#endif
 #extension GL_EXT_shader_explicit_arithmetic_types_float16 : require
 #extension GL_KHR_memory_scope_semantics : require
 #extension GL_KHR_shader_subgroup_basic : require
@@ -58,10 +73,17 @@
 #define FRAGS_N (WN / FN)
 layout(local_size_x = 256) in;
 
+#if KHR
+#define ACC_T coopmat<float, gl_ScopeSubgroup, FM, FN, gl_MatrixUseAccumulator>
+#define A_T coopmat<float16_t, gl_ScopeSubgroup, FM, FK, gl_MatrixUseA>
+#define B_T coopmat<float16_t, gl_ScopeSubgroup, FK, FN, gl_MatrixUseB>
+#define OUT16_T coopmat<float16_t, gl_ScopeSubgroup, FM, FN, gl_MatrixUseAccumulator>
+#else
 #define ACC_T fcoopmatNV<32, gl_ScopeSubgroup, FM, FN>
 #define A_T fcoopmatNV<16, gl_ScopeSubgroup, FM, FK>
 #define B_T fcoopmatNV<16, gl_ScopeSubgroup, FK, FN>
 #define OUT16_T fcoopmatNV<16, gl_ScopeSubgroup, FM, FN>
+#endif
 // X(i) over the 4 fragment rows (WM / FM with FM 16), Y(j) over the fragment columns, Z(i, j) over both.
 #define FOR_I(X) X(0) X(1) X(2) X(3)
 #if FRAGS_N == 2
@@ -172,7 +194,7 @@ void main() {
         // The bias of the tile's BN columns in each of FM rows of Cs.
         for (uint e = t; e < FM * BN; e += 256u) Cs[e] = ld4(dbias, P[43] + min(col0 + e % BN, N - 1u) * P[44]);
         barrier();
-#define LOAD_BIAS(i, j) coopMatLoadNV(acc##i##j, Cs, wn * WN + j * FN, BN, false);
+#define LOAD_BIAS(i, j) COOP_LOAD(acc##i##j, Cs, wn * WN + j * FN, BN, false);
         FOR_IJ(LOAD_BIAS)
     }
     for (uint k0 = 0u; k0 < K; k0 += BK) {
@@ -190,9 +212,9 @@ void main() {
             FOR_V(NEXT_B)
         }
         [[unroll]] for (uint kk = 0u; kk < BK; kk += FK) {
-#define LOAD_FA(i) A_T fa##i; coopMatLoadNV(fa##i, As, (wm * WM + i * FM) * SV + kk / 8u, SV, false);
-#define LOAD_FB(j) B_T fb##j; coopMatLoadNV(fb##j, Bs, (wn * WN + j * FN) * SV + kk / 8u, SV, true);
-#define MMA(i, j) acc##i##j = coopMatMulAddNV(fa##i, fb##j, acc##i##j);
+#define LOAD_FA(i) A_T fa##i; COOP_LOAD(fa##i, As, (wm * WM + i * FM) * SV + kk / 8u, SV, false);
+#define LOAD_FB(j) B_T fb##j; COOP_LOAD(fb##j, Bs, (wn * WN + j * FN) * SV + kk / 8u, SV, true);
+#define MMA(i, j) acc##i##j = COOP_MMA(fa##i, fb##j, acc##i##j);
             FOR_I(LOAD_FA)
             FOR_J(LOAD_FB)
             FOR_IJ(MMA)
@@ -205,8 +227,8 @@ void main() {
         FOR_IJ(GELU)
     }
 #define STORE16(i, j)                                                                                        \
-    coopMatStoreNV(OUT16_T(acc##i##j), y_v, (oy + (r0 + i * FM) * sym + c0 + j * FN) / 8u, sym / 8u, false);
-#define STORE32(i, j) coopMatStoreNV(acc##i##j, y_v, (oy + (r0 + i * FM) * sym + c0 + j * FN) / 4u, sym / 4u, false);
+    COOP_STORE(OUT16_T(acc##i##j), y_v, (oy + (r0 + i * FM) * sym + c0 + j * FN) / 8u, sym / 8u);
+#define STORE32(i, j) COOP_STORE(acc##i##j, y_v, (oy + (r0 + i * FM) * sym + c0 + j * FN) / 4u, sym / 4u);
     // Workgroup-uniform; always true for the whole-tile shader's full tiles.
     bool full = WHOLE_TILES == 0 ? direct : row0 + BM <= M && col0 + BN <= N;
     if (full) {
@@ -228,7 +250,7 @@ void main() {
             STORE32(i, j)                                                                                    \
         }                                                                                                    \
     } else if (r0 + i * FM < M && c0 + j * FN < N) {                                                         \
-        coopMatStoreNV(acc##i##j, Cs, cs0, FN, false);                                                       \
+        COOP_STORE(acc##i##j, Cs, cs0, FN);                                                              \
         SUBGROUP_SHARED_BARRIER();                                                                           \
         write_fragment(cs0, r0 + i * FM, c0 + j * FN, M, N, oy, sym, syn, dy, dbias, false, false);          \
         SUBGROUP_SHARED_BARRIER();                                                                           \
@@ -236,7 +258,7 @@ void main() {
     FOR_IJ(EDGE)
 #else
 #define OUT(i, j)                                                                                            \
-    coopMatStoreNV(acc##i##j, Cs, cs0, FN, false);                                                           \
+    COOP_STORE(acc##i##j, Cs, cs0, FN);                                                                  \
     SUBGROUP_SHARED_BARRIER();                                                                               \
     write_fragment(cs0, r0 + i * FM, c0 + j * FN, M, N, oy, sym, syn, dy, dbias, P[15] != 0u,                \
                    P[47] == ACT_GELU_TANH);                                                                  \
