@@ -2,10 +2,11 @@
 //! of every shader's name and SPIR-V (`include_bytes!`), which `src/pipelines.rs` includes.
 //!
 //! Two compilers: `glslc` (`$GLSLC` overrides its path) for most shaders, and glslang 15 (`glslangValidator`) for
-//! the `*_cm2*.comp` shaders, which use `GL_NV_cooperative_matrix2`: the distributions' glslc (shaderc 2023,
-//! Debian 12) does not know it. `scripts/build-glslang.sh` builds glslang 15.3 from the sources that the
-//! `shaderc-sys` crate vendors into `<workspace>/.tools/glslang/`, where this script looks for it; `$SD3_GLSLANG`
-//! overrides the path. Without it those shaders are left out, with a warning.
+//! the `*_cm2*.comp` shaders, which use `GL_NV_cooperative_matrix2`, and the `*_khr*.comp` ones, which use
+//! `GL_KHR_cooperative_matrix`: the distributions' glslc (shaderc 2023, Debian 12) knows neither.
+//! `scripts/build-glslang.sh` builds glslang 15.3 from the sources that the `shaderc-sys` crate vendors into
+//! `<workspace>/.tools/glslang/`, where this script looks for it; `$SD3_GLSLANG` overrides the path. Without it
+//! those shaders are left out, with a warning.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -79,7 +80,7 @@ fn main() {
         );
     }
     table.push_str(&format!(
-        "/// The `*_cm2*.comp` shaders were built (glslang 15 was found).\npub const CM2_SHADERS_BUILT: bool = {cm2_built};\n"
+        "/// The `*_cm2*.comp` and `*_khr*.comp` shaders were built (glslang 15 was found).\npub const CM2_SHADERS_BUILT: bool = {cm2_built};\n"
     ));
     std::fs::write(out_dir.join("shaders.rs"), table).expect("writing $OUT_DIR/shaders.rs");
 }

@@ -19,6 +19,10 @@ pub const SHAPE_ENV: &str = "SD3_VULKAN_COOP_SHAPE";
 /// Environment switch: `SD3_VULKAN_CM2=0` keeps a device with `VK_NV_cooperative_matrix2` on the subgroup-scope
 /// cooperative shaders (for comparisons).
 pub const CM2_ENV: &str = "SD3_VULKAN_CM2";
+/// Environment switch: `SD3_VULKAN_KHR=1` runs the cooperative matmuls in `VK_KHR_cooperative_matrix`'s form
+/// (`matmul_khr16.comp`, `matmul_khr_tiles16.comp`) on a device that lists the KHR 16x16x16 shape. Opt-in until it is timed: the products
+/// alone run 1.6× faster in that form on NVIDIA's driver (docs/performance.md, "The ceiling of the products").
+pub const KHR_ENV: &str = "SD3_VULKAN_KHR";
 /// Workgroup size and the (query rows, key tile, head dim) of `attention_cm2.comp`: the device must list a
 /// workgroup-scope f16 shape for this many invocations whose granularities divide them.
 pub const CM2_ATTENTION: (u32, (u32, u32, u32)) = (128, (64, 32, 64));
@@ -40,6 +44,8 @@ pub struct CoopKernels {
     pub shape: (u32, u32, u32),
     /// The workgroup-scope shaders (`*_cm2.comp`, `VK_NV_cooperative_matrix2`) run where they apply.
     pub cm2: bool,
+    /// The matmuls are the KHR form's (the device needs `VK_KHR_cooperative_matrix` enabled).
+    pub khr: bool,
 }
 
 /// The features the cooperative shaders need, as a device reports them.
@@ -53,6 +59,8 @@ pub struct CoopSupport<'a> {
     pub shapes: &'a [CoopShape],
     /// `VK_NV_cooperative_matrix2` covers the `*_cm2.comp` shaders, with 16-bit storage (see [`crate::cm2`]).
     pub cm2: bool,
+    /// `VK_KHR_cooperative_matrix` lists f16 16x16x16 at subgroup scope, and the `*_khr*.comp` shaders were built.
+    pub khr: bool,
 }
 
 impl<'a> CoopSupport<'a> {
@@ -65,6 +73,9 @@ impl<'a> CoopSupport<'a> {
             shared_memory: p.limits.max_compute_shared_memory_size,
             shapes: &p.coop_shapes,
             cm2: crate::pipelines::CM2_SHADERS_BUILT && p.storage_16bit && p.cm2.runs(CM2_ATTENTION.0, CM2_ATTENTION.1),
+            khr: crate::pipelines::CM2_SHADERS_BUILT
+                && p.cooperative_matrix
+                && p.coop_shapes.iter().any(|c| !c.nv && c.is_f16_f32() && (c.m, c.n, c.k) == (16, 16, 16)),
         }
     }
 }
@@ -85,11 +96,12 @@ pub fn select_shape(s: &CoopSupport, narrow: bool) -> Option<CoopKernels> {
     let listed = |m, n, k| s.shapes.iter().any(|c| c.nv && c.is_f16_f32() && (c.m, c.n, c.k) == (m, n, k));
     if listed(16, 16, 16) && !(narrow && listed(16, 8, 16)) {
         Some(CoopKernels {
-            matmul: Kernel::MatmulCoop16,
-            matmul_tiles: Kernel::MatmulCoopTiles16,
+            matmul: if s.khr { Kernel::MatmulKhr16 } else { Kernel::MatmulCoop16 },
+            matmul_tiles: if s.khr { Kernel::MatmulKhrTiles16 } else { Kernel::MatmulCoopTiles16 },
             attention: Kernel::AttentionCoop16,
             shape: (16, 16, 16),
             cm2: s.cm2,
+            khr: s.khr,
         })
     } else if listed(16, 8, 16) {
         Some(CoopKernels {
@@ -98,6 +110,7 @@ pub fn select_shape(s: &CoopSupport, narrow: bool) -> Option<CoopKernels> {
             attention: Kernel::AttentionCoop8,
             shape: (16, 8, 16),
             cm2: s.cm2,
+            khr: false,
         })
     } else {
         None
@@ -112,6 +125,7 @@ pub fn select_for(p: &PhysicalDevice) -> Option<CoopKernels> {
     let narrow = std::env::var(SHAPE_ENV).is_ok_and(|v| v == "16x8x16");
     let mut s = CoopSupport::of(p);
     s.cm2 &= !std::env::var(CM2_ENV).is_ok_and(|v| v == "0");
+    s.khr &= std::env::var(KHR_ENV).is_ok_and(|v| v == "1");
     select_shape(&s, narrow)
 }
 
@@ -133,7 +147,20 @@ mod tests {
             shared_memory: 49152,
             shapes,
             cm2: false,
+            khr: false,
         }
+    }
+
+    #[test]
+    fn the_khr_form_of_the_matmuls_only_where_supported() {
+        let both = [shape(16, 16, 16, T::FLOAT16, T::FLOAT32, true), shape(16, 16, 16, T::FLOAT16, T::FLOAT32, false)];
+        let k = select(&CoopSupport { khr: true, ..nvidia(&both) }).unwrap();
+        assert_eq!((k.matmul_tiles, k.matmul, k.khr), (Kernel::MatmulKhrTiles16, Kernel::MatmulKhr16, true));
+        assert_eq!(select(&nvidia(&both)).unwrap().matmul_tiles, Kernel::MatmulCoopTiles16);
+        // The 16x8x16 kernels have no KHR form.
+        let three = [both[0], both[1], shape(16, 8, 16, T::FLOAT16, T::FLOAT32, true)];
+        let k = select_shape(&CoopSupport { khr: true, ..nvidia(&three) }, true).unwrap();
+        assert_eq!((k.matmul_tiles, k.khr), (Kernel::MatmulCoopTiles8, false));
     }
 
     #[test]

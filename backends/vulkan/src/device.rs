@@ -149,12 +149,16 @@ impl VulkanDevice {
             extensions.push(vk::NV_COOPERATIVE_MATRIX_NAME.as_ptr());
             create = create.push_next(&mut f12).push_next(&mut fcoop);
         }
-        // The workgroup-scope shaders: the KHR cooperative matrices they build on, the extension's features, and
-        // 16-bit storage (they bind f16 tensors as f16 arrays).
-        if coop.is_some_and(|c| c.cm2) {
+        // The KHR cooperative matrices: the matmuls' KHR form, and what the workgroup-scope shaders build on.
+        if coop.is_some_and(|c| c.cm2 || c.khr) {
             extensions.push(vk::KHR_COOPERATIVE_MATRIX_NAME.as_ptr());
+            create = create.push_next(&mut fkhr);
+        }
+        // The workgroup-scope shaders: the extension's features, and 16-bit storage (they bind f16 tensors as f16
+        // arrays).
+        if coop.is_some_and(|c| c.cm2) {
             extensions.push(crate::cm2::EXTENSION.as_ptr());
-            create = create.push_next(&mut f11).push_next(&mut fkhr);
+            create = create.push_next(&mut f11);
             // SAFETY: `fcm2` lives until `create_device` below returns.
             create.p_next = unsafe { fcm2.chain(create.p_next) };
         }
@@ -737,11 +741,12 @@ impl Device for VulkanDevice {
             format!("vulkan.pipelines_created={}", st.pipelines.created),
             match self.coop {
                 Some(k) => format!(
-                    "vulkan.cooperative_matrix={}x{}x{} (f16 matmul and attention){}",
+                    "vulkan.cooperative_matrix={}x{}x{} (f16 matmul and attention){}{}",
                     k.shape.0,
                     k.shape.1,
                     k.shape.2,
-                    if k.cm2 { ", attention on workgroup scope (VK_NV_cooperative_matrix2)" } else { "" }
+                    if k.cm2 { ", attention on workgroup scope (VK_NV_cooperative_matrix2)" } else { "" },
+                    if k.khr { ", matmul in the KHR form" } else { "" }
                 ),
                 None => "vulkan.cooperative_matrix=off (scalar shaders)".to_string(),
             },

@@ -39,12 +39,16 @@ pub enum Kernel {
     /// `coop::TILES_K_STEP`).
     MatmulCoopTiles16,
     MatmulCoopTiles8,
+    /// `MatmulCoop16` and `MatmulCoopTiles16` in the KHR extension's form (matmul_khr16.comp,
+    /// matmul_khr_tiles16.comp; see `coop::KHR_ENV`).
+    MatmulKhr16,
+    MatmulKhrTiles16,
     /// Attention on workgroup-scope cooperative matrices (`VK_NV_cooperative_matrix2`; see `coop::CM2_ATTENTION`).
     AttentionCm2,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 19] = [
+    pub const ALL: [Kernel; 21] = [
         Kernel::Elementwise,
         Kernel::Rows,
         Kernel::RowsVec8,
@@ -63,6 +67,8 @@ impl Kernel {
         Kernel::AttentionCoop8,
         Kernel::MatmulCoopTiles16,
         Kernel::MatmulCoopTiles8,
+        Kernel::MatmulKhr16,
+        Kernel::MatmulKhrTiles16,
         Kernel::AttentionCm2,
     ];
 
@@ -86,6 +92,8 @@ impl Kernel {
             Kernel::AttentionCoop8 => "attention_coop8",
             Kernel::MatmulCoopTiles16 => "matmul_coop_tiles16",
             Kernel::MatmulCoopTiles8 => "matmul_coop_tiles8",
+            Kernel::MatmulKhr16 => "matmul_khr16",
+            Kernel::MatmulKhrTiles16 => "matmul_khr_tiles16",
             Kernel::AttentionCm2 => "attention_cm2",
         }
     }

@@ -1,0 +1,34 @@
+#!/bin/bash
+# Branch vulkan-khr: the cooperative matmuls in VK_KHR_cooperative_matrix's form (SD3_VULKAN_KHR=1) against the NV
+# form, on a lent NVIDIA machine (the `run` tool), in one call: correctness first, then kernels, forwards, diffusers.
+#
+# Prepare here (see scripts/bench_vulkan_gpu.sh for the .gl and .whl folders):
+#   cargo build --release -p sd3 -p sd3-backend-vulkan && cargo build --release -p sd3 --example bench_mmdit_gpu \
+#     && cargo build --release -p sd3-backend-vulkan --example vulkan_kernels \
+#     && cargo test --release -p sd3-backend-vulkan --no-run
+#   C=carry-khr; mkdir -p $C; cp target/release/{sd3,libsd3_backend_vulkan.so} \
+#     target/release/examples/{bench_mmdit_gpu,vulkan_kernels} scripts/{bench_vulkan_khr.sh,anchor_mmdit_f16.py} $C/
+#   for t in ops paths; do cp $(ls -t target/release/deps/$t-* | grep -v '\.d$' | head -1) $C/test_$t; done
+#   strip $C/sd3 $C/*.so $C/test_* $C/bench_mmdit_gpu $C/vulkan_kernels
+# Then run `bash carry-khr/bench_vulkan_khr.sh` with carry [carry-khr, .gl, .whl] and timeout_s 480.
+C=$PWD/carry-khr; LOG=$OUT/log.txt
+for f in .gl/*.deb; do dpkg -x $f /; done; ldconfig
+export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json SD3_PLUGIN_PATH=$C
+date -u; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+# quiet NAME TIMEOUT CMD...: full output to log.txt, the verdict line on stdout.
+quiet() { local name=$1 t=$2; shift 2; timeout $t "$@" > /tmp/$name.txt 2>&1; local rc=$?
+  cat /tmp/$name.txt >> $LOG; echo "$name rc=$rc $(grep -E 'test result|passed,' /tmp/$name.txt | tail -1)"; }
+for khr in 1 0; do
+  export SD3_VULKAN_KHR=$khr
+  quiet paths_khr$khr 90 $C/test_paths
+  quiet ops_khr$khr 90 $C/test_ops
+  quiet conformance_khr$khr 150 $C/sd3 conformance --backend vulkan
+  $C/vulkan_kernels --iters 20 --repeat 2 --ops linear 2>&1 | sed -n '/round 2/,$p' | grep -E "linear|cooperative"
+done
+B="bench_mmdit_gpu --backend vulkan --dtype f16 --res 1024 --batch 2 --iters 5"
+for r in 1 2; do for khr in 0 1; do
+  echo "forward SD3_VULKAN_KHR=$khr: $(SD3_VULKAN_KHR=$khr timeout 90 $C/$B 2>&1 | grep -o 'median.*' | head -1)"
+done; done
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl > /dev/null 2>&1
+echo "diffusers: $(PYTHONPATH=/tmp/site timeout 150 python3 $C/anchor_mmdit_f16.py 2>&1 | tail -1)"
+date -u
