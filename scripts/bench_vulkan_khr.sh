@@ -25,10 +25,18 @@ for khr in 1 0; do
   quiet conformance_khr$khr 150 $C/sd3 conformance --backend vulkan
   $C/vulkan_kernels --iters 20 --repeat 2 --ops linear 2>&1 | sed -n '/round 2/,$p' | grep -E "linear|cooperative"
 done
+# The subgroup-scope attention in the KHR form against the workgroup-scope one (attention_cm2).
+export SD3_VULKAN_KHR=1
+KA="SD3_VULKAN_CM2=0 SD3_VULKAN_VARIANT=attention_coop16:khr"
+quiet paths_khr_attention 90 env $KA $C/test_paths
+for v in "" "$KA"; do echo "attention ${v:-cm2}: $(env $v $C/vulkan_kernels --iters 20 --repeat 2 --ops attention 2>&1 \
+  | sed -n '/round 2/,$p' | grep attention)"; done
 B="bench_mmdit_gpu --backend vulkan --dtype f16 --res 1024 --batch 2 --iters 5"
-for r in 1 2; do for khr in 0 1; do
-  echo "forward SD3_VULKAN_KHR=$khr: $(SD3_VULKAN_KHR=$khr timeout 90 $C/$B 2>&1 | grep -o 'median.*' | head -1)"
-done; done
+for r in 1 2; do
+  echo "forward NV: $(SD3_VULKAN_KHR=0 timeout 90 $C/$B 2>&1 | grep -o 'median.*' | head -1)"
+  echo "forward KHR matmuls: $(SD3_VULKAN_KHR=1 timeout 90 $C/$B 2>&1 | grep -o 'median.*' | head -1)"
+  echo "forward KHR matmuls and attention: $(env $KA timeout 90 $C/$B 2>&1 | grep -o 'median.*' | head -1)"
+done
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl > /dev/null 2>&1
 echo "diffusers: $(PYTHONPATH=/tmp/site timeout 150 python3 $C/anchor_mmdit_f16.py 2>&1 | tail -1)"
 date -u

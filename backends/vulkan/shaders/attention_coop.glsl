@@ -28,7 +28,33 @@
 //
 // Parameters and bindings: as attention.glsl, plus [50], [51], [52]: q, k, v are vector-loadable (contiguous
 // along the head dim, rows 16-byte aligned). The host picks this shader only for f16 q, k, v and Dh, Dv <= 64.
+#ifndef KHR
+#define KHR 0
+#endif
+#if KHR
+// The same shader in VK_KHR_cooperative_matrix's syntax (compiled by glslang 15; see build.rs). Turning a score
+// accumulator into an A operand needs VK_NV_cooperative_matrix2's conversions.
+#extension GL_KHR_cooperative_matrix : require
+#extension GL_NV_cooperative_matrix2 : require
+#define ACC_F32(M, N) coopmat<float, gl_ScopeSubgroup, M, N, gl_MatrixUseAccumulator>
+#define ACC_F16(M, N) coopmat<float16_t, gl_ScopeSubgroup, M, N, gl_MatrixUseAccumulator>
+#define OPD_A(M, K) coopmat<float16_t, gl_ScopeSubgroup, M, K, gl_MatrixUseA>
+#define OPD_B(K, N) coopmat<float16_t, gl_ScopeSubgroup, K, N, gl_MatrixUseB>
+#define COOP_LOAD(m, buf, off, st, col_major) \
+    coopMatLoad(m, buf, off, st, (col_major) ? gl_CooperativeMatrixLayoutColumnMajor : gl_CooperativeMatrixLayoutRowMajor)
+#define COOP_STORE(m, buf, off, st, col_major) \
+    coopMatStore(m, buf, off, st, (col_major) ? gl_CooperativeMatrixLayoutColumnMajor : gl_CooperativeMatrixLayoutRowMajor)
+#define COOP_MMA(a, b, c) coopMatMulAdd(a, b, c)
+#else
 #extension GL_NV_cooperative_matrix : require
+#define ACC_F32(M, N) fcoopmatNV<32, gl_ScopeSubgroup, M, N>
+#define ACC_F16(M, N) fcoopmatNV<16, gl_ScopeSubgroup, M, N>
+#define OPD_A(M, K) fcoopmatNV<16, gl_ScopeSubgroup, M, K>
+#define OPD_B(K, N) fcoopmatNV<16, gl_ScopeSubgroup, K, N>
+#define COOP_LOAD(m, buf, off, st, col_major) coopMatLoadNV(m, buf, off, st, col_major)
+#define COOP_STORE(m, buf, off, st, col_major) coopMatStoreNV(m, buf, off, st, col_major)
+#define COOP_MMA(a, b, c) coopMatMulAddNV(a, b, c)
+#endif
 #extension GL_EXT_shader_explicit_arithmetic_types_float16 : require
 #extension GL_KHR_memory_scope_semantics : require
 #extension GL_KHR_shader_subgroup_basic : require
@@ -141,8 +167,8 @@ void main() {
         for (uint p = lane; p < 16u * (FN / 4u); p += 32u) Ss[ss0 + (p / (FN / 4u)) * SS4 + p % (FN / 4u)] =
             uvec4(floatBitsToUint(float(p / (FN / 4u))));
         SUBGROUP_SHARED_BARRIER();
-        fcoopmatNV<32, gl_ScopeSubgroup, 16, FN> probe;
-        coopMatLoadNV(probe, Ss, ss0, SS4, false);
+        ACC_F32(16, FN) probe;
+        COOP_LOAD(probe, Ss, ss0, SS4, false);
         [[unroll]] for (uint i = 0u; i < NE; ++i) erow[i] = uint(probe[i]);
     }
 
@@ -154,16 +180,16 @@ void main() {
         Ks[(qi / 8u) * SV + qi % 8u] = qk_norm ? rms_norm8(x, eps, float(Dh), wq0, wq1) : x;
     }
     barrier();
-    fcoopmatNV<16, gl_ScopeSubgroup, 16, FK> qf[KD];
-    [[unroll]] for (uint k = 0u; k < KD; ++k) coopMatLoadNV(qf[k], Ks, w * RS * SV + k * (FK / 8u), SV, false);
+    OPD_A(16, FK) qf[KD];
+    [[unroll]] for (uint k = 0u; k < KD; ++k) COOP_LOAD(qf[k], Ks, w * RS * SV + k * (FK / 8u), SV, false);
     barrier();
 
-    fcoopmatNV<32, gl_ScopeSubgroup, 16, FN> o[ND];
-    [[unroll]] for (uint n = 0u; n < ND; ++n) o[n] = fcoopmatNV<32, gl_ScopeSubgroup, 16, FN>(0.0);
+    ACC_F32(16, FN) o[ND];
+    [[unroll]] for (uint n = 0u; n < ND; ++n) o[n] = ACC_F32(16, FN)(0.0);
     // The running maximum of each accumulator element's row (scaled, log2 units), and the partial row sums.
     float me[NE];
     [[unroll]] for (uint i = 0u; i < NE; ++i) me[i] = NEG_INF;
-    fcoopmatNV<32, gl_ScopeSubgroup, 16, FN> lf = fcoopmatNV<32, gl_ScopeSubgroup, 16, FN>(0.0);
+    ACC_F32(16, FN) lf = ACC_F32(16, FN)(0.0);
     uint ok = head_offset(b, h, 30u), ov = head_offset(b, h, 35u);
     uint obias = head_offset(b, h, 40u) + row * P[43];
 
@@ -210,13 +236,13 @@ void main() {
         if (fastkv && j0 + BC < Nk) LOAD_TILE(j0 + BC)
 #endif
         // Scores: 16 x 64 per subgroup, NS fragments.
-        fcoopmatNV<32, gl_ScopeSubgroup, 16, FN> s[NS];
+        ACC_F32(16, FN) s[NS];
         [[unroll]] for (uint j = 0u; j < NS; ++j) {
-            s[j] = fcoopmatNV<32, gl_ScopeSubgroup, 16, FN>(0.0);
+            s[j] = ACC_F32(16, FN)(0.0);
             [[unroll]] for (uint k = 0u; k < KD; ++k) {
-                fcoopmatNV<16, gl_ScopeSubgroup, FK, FN> kf;
-                coopMatLoadNV(kf, Ks, j * FN * SV + k * (FK / 8u), SV, true);
-                s[j] = coopMatMulAddNV(qf[k], kf, s[j]);
+                OPD_B(FK, FN) kf;
+                COOP_LOAD(kf, Ks, j * FN * SV + k * (FK / 8u), SV, true);
+                s[j] = COOP_MMA(qf[k], kf, s[j]);
             }
         }
         // Bias, causal mask or missing keys: the scores through the slice, where a loop that is not unrolled turns
@@ -224,7 +250,7 @@ void main() {
         float mul = scale;
         if (has_bias || causal || nt < BC) {
             mul = 1.0;
-            [[unroll]] for (uint j = 0u; j < NS; ++j) coopMatStoreNV(s[j], Ss, ss0 + j * (FN / 4u), SS4, false);
+            [[unroll]] for (uint j = 0u; j < NS; ++j) COOP_STORE(s[j], Ss, ss0 + j * (FN / 4u), SS4, false);
             SUBGROUP_SHARED_BARRIER();
             uint sr = ss0 + r * SS4 + c0 / 4u;
             [[dont_unroll]] for (uint c = 0u; c < CPL; ++c) {
@@ -235,16 +261,16 @@ void main() {
                 Ss[sr + c / 4u][c % 4u] = floatBitsToUint(x);
             }
             SUBGROUP_SHARED_BARRIER();
-            [[unroll]] for (uint j = 0u; j < NS; ++j) coopMatLoadNV(s[j], Ss, ss0 + j * (FN / 4u), SS4, false);
+            [[unroll]] for (uint j = 0u; j < NS; ++j) COOP_LOAD(s[j], Ss, ss0 + j * (FN / 4u), SS4, false);
             SUBGROUP_SHARED_BARRIER();
         }
         // Each element's row maximum over the tile (unscaled): the maximum over the fragments, element by element,
         // as one fragment through the slice, where invocations r and r + 16 take half of row r each.
-        fcoopmatNV<32, gl_ScopeSubgroup, 16, FN> mf = s[0];
+        ACC_F32(16, FN) mf = s[0];
         [[unroll]] for (uint i = 0u; i < NE; ++i) {
             [[unroll]] for (uint j = 1u; j < NS; ++j) mf[i] = max(mf[i], s[j][i]);
         }
-        coopMatStoreNV(mf, Ss, ss0, SS4, false);
+        COOP_STORE(mf, Ss, ss0, SS4, false);
         SUBGROUP_SHARED_BARRIER();
         float tmax = NEG_INF;
         [[unroll]] for (uint v = 0u; v < FN / 8u; ++v) {
@@ -273,26 +299,26 @@ void main() {
         // O += P·V: 16 x 64 per subgroup.
 #if FN == FK
         [[unroll]] for (uint k = 0u; k < BC / FK; ++k) {
-            fcoopmatNV<16, gl_ScopeSubgroup, 16, FK> pa = fcoopmatNV<16, gl_ScopeSubgroup, 16, FK>(s[k]);
+            OPD_A(16, FK) pa = OPD_A(16, FK)(s[k]);
             [[unroll]] for (uint n = 0u; n < ND; ++n) {
-                fcoopmatNV<16, gl_ScopeSubgroup, FK, FN> vf;
-                coopMatLoadNV(vf, Vs, k * FK * SV + n * (FN / 8u), SV, false);
-                o[n] = coopMatMulAddNV(pa, vf, o[n]);
+                OPD_B(FK, FN) vf;
+                COOP_LOAD(vf, Vs, k * FK * SV + n * (FN / 8u), SV, false);
+                o[n] = COOP_MMA(pa, vf, o[n]);
             }
         }
 #else
         [[unroll]] for (uint j = 0u; j < NS; ++j) {
-            fcoopmatNV<16, gl_ScopeSubgroup, 16, FN> ph = fcoopmatNV<16, gl_ScopeSubgroup, 16, FN>(s[j]);
-            coopMatStoreNV(ph, Ps, ps0 + j * (FN / 8u), SV, false);
+            ACC_F16(16, FN) ph = ACC_F16(16, FN)(s[j]);
+            COOP_STORE(ph, Ps, ps0 + j * (FN / 8u), SV, false);
         }
         SUBGROUP_SHARED_BARRIER();
         [[unroll]] for (uint k = 0u; k < BC / FK; ++k) {
-            fcoopmatNV<16, gl_ScopeSubgroup, 16, FK> pa;
-            coopMatLoadNV(pa, Ps, ps0 + k * (FK / 8u), SV, false);
+            OPD_A(16, FK) pa;
+            COOP_LOAD(pa, Ps, ps0 + k * (FK / 8u), SV, false);
             [[unroll]] for (uint n = 0u; n < ND; ++n) {
-                fcoopmatNV<16, gl_ScopeSubgroup, FK, FN> vf;
-                coopMatLoadNV(vf, Vs, k * FK * SV + n * (FN / 8u), SV, false);
-                o[n] = coopMatMulAddNV(pa, vf, o[n]);
+                OPD_B(FK, FN) vf;
+                COOP_LOAD(vf, Vs, k * FK * SV + n * (FN / 8u), SV, false);
+                o[n] = COOP_MMA(pa, vf, o[n]);
             }
         }
 #endif
@@ -300,7 +326,7 @@ void main() {
     }
     // Row sums: the partial sums' fragment through the slice, half a row per invocation.
     float l = 0.0;
-    coopMatStoreNV(lf, Ss, ss0, SS4, false);
+    COOP_STORE(lf, Ss, ss0, SS4, false);
     SUBGROUP_SHARED_BARRIER();
     [[unroll]] for (uint v = 0u; v < FN / 8u; ++v) {
         vec4 x = uintBitsToFloat(Ss[ss0 + (lane % 16u) * SS4 + (lane / 16u) * (FN / 8u) + v]);
@@ -314,7 +340,7 @@ void main() {
         float iv = subgroupShuffle(inv, erow[i]);
         [[unroll]] for (uint n = 0u; n < ND; ++n) o[n][i] *= iv;
     }
-    [[unroll]] for (uint n = 0u; n < ND; ++n) coopMatStoreNV(o[n], Ss, ss0 + n * (FN / 4u), SS4, false);
+    [[unroll]] for (uint n = 0u; n < ND; ++n) COOP_STORE(o[n], Ss, ss0 + n * (FN / 4u), SS4, false);
     SUBGROUP_SHARED_BARRIER();
     uint sd = P[24];
     for (uint p = lane; p < RS * 32u; p += 32u) {

@@ -155,8 +155,10 @@ impl VulkanDevice {
             create = create.push_next(&mut fkhr);
         }
         // The workgroup-scope shaders: the extension's features, and 16-bit storage (they bind f16 tensors as f16
-        // arrays).
-        if coop.is_some_and(|c| c.cm2) {
+        // arrays). The KHR form of the subgroup-scope attention (a variant, `attention_coop16_khr.comp`) needs the
+        // extension's conversions too, so KHR mode enables it wherever the device has it.
+        let cm2_offered = crate::coop::CoopSupport::of(&phys).cm2;
+        if coop.is_some_and(|c| c.cm2 || (c.khr && cm2_offered)) {
             extensions.push(crate::cm2::EXTENSION.as_ptr());
             create = create.push_next(&mut f11);
             // SAFETY: `fcm2` lives until `create_device` below returns.
