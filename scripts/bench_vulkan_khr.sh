@@ -10,7 +10,8 @@
 #     target/release/examples/{bench_mmdit_gpu,vulkan_kernels} scripts/{bench_vulkan_khr.sh,anchor_mmdit_f16.py} $C/
 #   for t in ops paths; do cp $(ls -t target/release/deps/$t-* | grep -v '\.d$' | head -1) $C/test_$t; done
 #   strip $C/sd3 $C/*.so $C/test_* $C/bench_mmdit_gpu $C/vulkan_kernels
-# Then run `bash carry-khr/bench_vulkan_khr.sh` with carry [carry-khr, .gl, .whl] and timeout_s 480.
+# Then run `bash carry-khr/bench_vulkan_khr.sh` with carry [carry-khr, .gl, .whl] and timeout_s 540; and
+# `bash carry-khr/bench_vulkan_khr.sh tiles` (a second call) for the KHR whole-tile kernel's other subgroup grids.
 C=$PWD/carry-khr; LOG=$OUT/log.txt
 for f in .gl/*.deb; do dpkg -x $f /; done; ldconfig
 export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json SD3_PLUGIN_PATH=$C
@@ -18,6 +19,20 @@ date -u; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 # quiet NAME TIMEOUT CMD...: full output to log.txt, the verdict line on stdout.
 quiet() { local name=$1 t=$2; shift 2; timeout $t "$@" > /tmp/$name.txt 2>&1; local rc=$?
   cat /tmp/$name.txt >> $LOG; echo "$name rc=$rc $(grep -E 'test result|passed,' /tmp/$name.txt | tail -1)"; }
+B="bench_mmdit_gpu --backend vulkan --dtype f16 --res 1024 --batch 2 --iters 5"
+if [ "${1:-}" = tiles ]; then
+  # matmul_khr_tiles16 variants: (variant, tile) pairs; each checked by `paths` before it is timed.
+  export SD3_VULKAN_KHR=1
+  for vt in k32:128x128 w4:128x128 t256x128:256x128 t128x256:128x256; do
+    v=${vt%%:*}; t=${vt##*:}; export SD3_VULKAN_VARIANT=matmul_khr_tiles16:$v SD3_VULKAN_TILES=$t
+    quiet paths_$v 90 $C/test_paths
+    SD3_VULKAN_PIPELINE_STATS=1 $C/vulkan_kernels --iters 20 --repeat 2 --ops linear > /tmp/k.txt 2>&1
+    cat /tmp/k.txt >> $LOG; grep "khr_tiles16" /tmp/k.txt | grep -o "Register Count=[0-9]*" | head -1
+    sed -n '/round 2/,$p' /tmp/k.txt | grep linear
+    echo "forward $v: $(timeout 90 $C/$B 2>&1 | grep -o 'median.*' | head -1)"
+  done
+  exit 0
+fi
 for khr in 1 0; do
   export SD3_VULKAN_KHR=$khr
   quiet paths_khr$khr 90 $C/test_paths
@@ -31,7 +46,6 @@ KA="SD3_VULKAN_CM2=0 SD3_VULKAN_VARIANT=attention_coop16:khr"
 quiet paths_khr_attention 90 env $KA $C/test_paths
 for v in "" "$KA"; do echo "attention ${v:-cm2}: $(env $v $C/vulkan_kernels --iters 20 --repeat 2 --ops attention 2>&1 \
   | sed -n '/round 2/,$p' | grep attention)"; done
-B="bench_mmdit_gpu --backend vulkan --dtype f16 --res 1024 --batch 2 --iters 5"
 for r in 1 2; do
   echo "forward NV: $(SD3_VULKAN_KHR=0 timeout 90 $C/$B 2>&1 | grep -o 'median.*' | head -1)"
   echo "forward KHR matmuls: $(SD3_VULKAN_KHR=1 timeout 90 $C/$B 2>&1 | grep -o 'median.*' | head -1)"

@@ -63,15 +63,28 @@
 // Execution barrier of the subgroup that orders its shared-memory accesses only.
 #define SUBGROUP_SHARED_BARRIER() \
     controlBarrier(gl_ScopeSubgroup, gl_ScopeSubgroup, gl_StorageSemanticsShared, gl_SemanticsAcquireRelease)
-#define WN 32
+// Subgroups along M and N, and each one's block (defaults: 2 x 4 subgroups of 64 x 32; other values are timing
+// variants, with the grid set by SD3_VULKAN_TILES, coop::tiles_block).
+#ifndef WGM
+#define WGM 2
+#endif
+#ifndef WGN
+#define WGN 4
+#endif
+#ifndef WM
 #define WM 64
-#define BM (2 * WM)
-#define BN (4 * WN)
+#endif
+#ifndef WN
+#define WN 32
+#endif
+#define THREADS (32 * WGM * WGN)
+#define BM (WGM * WM)
+#define BN (WGN * WN)
 // Shared row stride in 8-half vectors (BK + 8 halves), vectors per tile row.
 #define SV ((BK + 8) / 8)
 #define VPR (BK / 8)
 #define FRAGS_N (WN / FN)
-layout(local_size_x = 256) in;
+layout(local_size_x = THREADS) in;
 
 #if KHR
 #define ACC_T coopmat<float, gl_ScopeSubgroup, FM, FN, gl_MatrixUseAccumulator>
@@ -92,13 +105,33 @@ layout(local_size_x = 256) in;
 #elif FRAGS_N == 4
 #define FOR_J(Y) Y(0) Y(1) Y(2) Y(3)
 #define FOR_N(Z, i) Z(i, 0) Z(i, 1) Z(i, 2) Z(i, 3)
+#elif FRAGS_N == 8
+#define FOR_J(Y) Y(0) Y(1) Y(2) Y(3) Y(4) Y(5) Y(6) Y(7)
+#define FOR_N(Z, i) Z(i, 0) Z(i, 1) Z(i, 2) Z(i, 3) Z(i, 4) Z(i, 5) Z(i, 6) Z(i, 7)
 #endif
 #define FOR_IJ(Z) FOR_N(Z, 0) FOR_N(Z, 1) FOR_N(Z, 2) FOR_N(Z, 3)
-// Global vectors per invocation and K step, of a and of b: BM * VPR / 256.
-#if BK == 32
-#define FOR_V(X) X(0) X(1)
-#elif BK == 64
-#define FOR_V(X) X(0) X(1) X(2) X(3)
+// Global vectors per invocation and K step, of a (BM * VPR / THREADS) and of b (BN * VPR / THREADS).
+#define FOR_1(X) X(0)
+#define FOR_2(X) X(0) X(1)
+#define FOR_4(X) X(0) X(1) X(2) X(3)
+#define FOR_8(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
+#if BM * VPR / THREADS == 1
+#define FOR_VA FOR_1
+#elif BM * VPR / THREADS == 2
+#define FOR_VA FOR_2
+#elif BM * VPR / THREADS == 4
+#define FOR_VA FOR_4
+#elif BM * VPR / THREADS == 8
+#define FOR_VA FOR_8
+#endif
+#if BN * VPR / THREADS == 1
+#define FOR_VB FOR_1
+#elif BN * VPR / THREADS == 2
+#define FOR_VB FOR_2
+#elif BN * VPR / THREADS == 4
+#define FOR_VB FOR_4
+#elif BN * VPR / THREADS == 8
+#define FOR_VB FOR_8
 #endif
 
 // The a and b bindings again, as 16-byte vectors, and the output as 16-byte vectors for the fragment stores.
@@ -109,7 +142,7 @@ layout(std430, set = 0, binding = 1) writeonly buffer OutV { uvec4 y_v[]; };
 shared uvec4 As[BM * SV];
 shared uvec4 Bs[BN * SV];
 // Per-subgroup fragment slices (element-wise epilogue) or the 16-row broadcast bias tile (direct epilogue).
-shared float Cs[FM * BN > 8 * FM * FN ? FM * BN : 8 * FM * FN];
+shared float Cs[FM * BN > WGM * WGN * FM * FN ? FM * BN : WGM * WGN * FM * FN];
 
 uint batch_offset(uint bi, uint v) {
     uint off = P[v];
@@ -171,19 +204,19 @@ void main() {
     uint sam = P[17], sak = P[18], sbk = P[26], sbn = P[27], sym = P[35], syn = P[36];
     uint row0 = gl_WorkGroupID.y * BM, col0 = gl_WorkGroupID.x * BN;
     uint t = gl_LocalInvocationID.x;
-    uint w = gl_SubgroupID, wm = w / 4u, wn = w % 4u;
+    uint w = gl_SubgroupID, wm = w / uint(WGN), wn = w % uint(WGN);
     uint r0 = row0 + wm * WM, c0 = col0 + wn * WN;
-    // Vector q = t + 256*v of a tile covers tile row q / VPR, columns 8*(q % VPR) .. +7. b's "rows" are its
+    // Vector q = t + THREADS*v of a tile covers tile row q / VPR, columns 8*(q % VPR) .. +7. b's "rows" are its
     // columns n (stored column-major), its "columns" k.
     bool va = P[45] != 0u, vb = P[46] != 0u;
     uint am = M - min(M, row0), bn = N - min(N, col0);
     uint abase = oa + row0 * sam, bbase = ob + col0 * sbn;
-#define Q_R(v) ((t + 256u * (v)) / VPR)
-#define Q_C(v) (8u * ((t + 256u * (v)) % VPR))
+#define Q_R(v) ((t + uint(THREADS) * (v)) / VPR)
+#define Q_C(v) (8u * ((t + uint(THREADS) * (v)) % VPR))
 #define LOAD_A(v) uvec4 ra##v = vec_a(va, abase, Q_R(v), Q_C(v), sam, sak, am, K);
 #define LOAD_B(v) uvec4 rb##v = vec_b(vb, bbase, Q_R(v), Q_C(v), sbn, sbk, bn, K);
-    FOR_V(LOAD_A)
-    FOR_V(LOAD_B)
+    FOR_VA(LOAD_A)
+    FOR_VB(LOAD_B)
 #define DECL_ACC(i, j) ACC_T acc##i##j = ACC_T(0.0);
     FOR_IJ(DECL_ACC)
     // Workgroup-uniform: the whole tile inside y, f16 or f32 y with unit column stride and 16-byte aligned rows.
@@ -192,7 +225,7 @@ void main() {
                                        row0 + BM <= M && col0 + BN <= N);
     if (direct && P[15] != 0u) {
         // The bias of the tile's BN columns in each of FM rows of Cs.
-        for (uint e = t; e < FM * BN; e += 256u) Cs[e] = ld4(dbias, P[43] + min(col0 + e % BN, N - 1u) * P[44]);
+        for (uint e = t; e < FM * BN; e += uint(THREADS)) Cs[e] = ld4(dbias, P[43] + min(col0 + e % BN, N - 1u) * P[44]);
         barrier();
 #define LOAD_BIAS(i, j) COOP_LOAD(acc##i##j, Cs, wn * WN + j * FN, BN, false);
         FOR_IJ(LOAD_BIAS)
@@ -200,16 +233,16 @@ void main() {
     for (uint k0 = 0u; k0 < K; k0 += BK) {
 #define STORE_A(v) As[Q_R(v) * SV + Q_C(v) / 8u] = ra##v;
 #define STORE_B(v) Bs[Q_R(v) * SV + Q_C(v) / 8u] = rb##v;
-        FOR_V(STORE_A)
-        FOR_V(STORE_B)
+        FOR_VA(STORE_A)
+        FOR_VB(STORE_B)
         barrier();
         uint k1 = k0 + BK;
         if (k1 < K) {
             uint kl = K - k1;
 #define NEXT_A(v) ra##v = vec_a(va, abase + k1 * sak, Q_R(v), Q_C(v), sam, sak, am, kl);
 #define NEXT_B(v) rb##v = vec_b(vb, bbase + k1 * sbk, Q_R(v), Q_C(v), sbn, sbk, bn, kl);
-            FOR_V(NEXT_A)
-            FOR_V(NEXT_B)
+            FOR_VA(NEXT_A)
+            FOR_VB(NEXT_B)
         }
         [[unroll]] for (uint kk = 0u; kk < BK; kk += FK) {
 #define LOAD_FA(i) A_T fa##i; COOP_LOAD(fa##i, As, (wm * WM + i * FM) * SV + kk / 8u, SV, false);

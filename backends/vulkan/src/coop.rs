@@ -33,6 +33,21 @@ pub const CM2_ATTENTION: (u32, (u32, u32, u32)) = (128, (64, 32, 64));
 /// `matmul_coop*.comp`.
 pub const TILES_K_STEP: usize = 64;
 
+/// Timing only: `SD3_VULKAN_TILES=256x128` sets the whole-tile kernel's (rows, columns) per workgroup, for
+/// `SD3_VULKAN_VARIANT` builds of it with other subgroup grids (`matmul_khr_tiles16_t256x128.comp`, ...). Default
+/// 128x128, the landed kernels' tile.
+pub const TILES_ENV: &str = "SD3_VULKAN_TILES";
+
+pub fn tiles_block() -> (usize, usize) {
+    static TILE: std::sync::OnceLock<(usize, usize)> = std::sync::OnceLock::new();
+    *TILE.get_or_init(|| {
+        std::env::var(TILES_ENV)
+            .ok()
+            .and_then(|v| v.split_once('x').and_then(|(m, n)| Some((m.parse().ok()?, n.parse().ok()?))))
+            .unwrap_or((128, 128))
+    })
+}
+
 /// The cooperative-matrix kernels a device runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CoopKernels {

@@ -501,8 +501,9 @@ fn execute_one(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
                 }
                 // 128x128 tiles on cooperative matrices when both operands are f16.
                 Some(c) if a.dtype == DType::F16 && b.dtype == DType::F16 => {
-                    let kernel = if whole_tiles { c.matmul_tiles } else { c.matmul };
-                    (kernel, [n.div_ceil(128) as u32, m.div_ceil(128) as u32, batch as u32])
+                    let (kernel, (bm, bn)) =
+                        if whole_tiles { (c.matmul_tiles, crate::coop::tiles_block()) } else { (c.matmul, (128, 128)) };
+                    (kernel, [n.div_ceil(bn) as u32, m.div_ceil(bm) as u32, batch as u32])
                 }
                 _ => (Kernel::Matmul, [n.div_ceil(64) as u32, m.div_ceil(64) as u32, batch as u32]),
             }
