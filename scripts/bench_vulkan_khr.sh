@@ -1,6 +1,7 @@
 #!/bin/bash
-# Branch vulkan-khr: the cooperative matmuls in VK_KHR_cooperative_matrix's form (SD3_VULKAN_KHR=1) against the NV
-# form, on a lent NVIDIA machine (the `run` tool), in one call: correctness first, then kernels, forwards, diffusers.
+# The cooperative matmuls in VK_KHR_cooperative_matrix's form (the default, SD3_VULKAN_KHR=1) against the NV form
+# (SD3_VULKAN_KHR=0), on a lent NVIDIA machine (the `run` tool), in one call: correctness first, then kernels,
+# forwards, diffusers (docs/performance.md, "The KHR form").
 #
 # Prepare here (see scripts/bench_vulkan_gpu.sh for the .gl and .whl folders):
 #   cargo build --release -p sd3 -p sd3-backend-vulkan && cargo build --release -p sd3 --example bench_mmdit_gpu \
@@ -11,7 +12,9 @@
 #   for t in ops paths; do cp $(ls -t target/release/deps/$t-* | grep -v '\.d$' | head -1) $C/test_$t; done
 #   strip $C/sd3 $C/*.so $C/test_* $C/bench_mmdit_gpu $C/vulkan_kernels
 # Then run `bash carry-khr/bench_vulkan_khr.sh` with carry [carry-khr, .gl, .whl] and timeout_s 540; and
-# `bash carry-khr/bench_vulkan_khr.sh tiles` (a second call) for the KHR whole-tile kernel's other subgroup grids.
+# `bash carry-khr/bench_vulkan_khr.sh tiles VARIANT:RxC...` (a second call) for variants of the KHR whole-tile
+# kernel with other subgroup grids (shaders/matmul_khr_tiles16_VARIANT.comp, setting WGM, WGN, WM, WN, BK; none is
+# kept once measured), each with its workgroup tile RxC.
 C=$PWD/carry-khr; LOG=$OUT/log.txt
 for f in .gl/*.deb; do dpkg -x $f /; done; ldconfig
 export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json SD3_PLUGIN_PATH=$C
@@ -21,14 +24,14 @@ quiet() { local name=$1 t=$2; shift 2; timeout $t "$@" > /tmp/$name.txt 2>&1; lo
   cat /tmp/$name.txt >> $LOG; echo "$name rc=$rc $(grep -E 'test result|passed,' /tmp/$name.txt | tail -1)"; }
 B="bench_mmdit_gpu --backend vulkan --dtype f16 --res 1024 --batch 2 --iters 5"
 if [ "${1:-}" = tiles ]; then
-  # matmul_khr_tiles16 variants: (variant, tile) pairs; each checked by `paths` before it is timed.
-  export SD3_VULKAN_KHR=1
-  for vt in k32:128x128 w4:128x128 t256x128:256x128 t128x256:128x256; do
+  # matmul_khr_tiles16 variants: (variant, tile) pairs, each checked by `paths` before it is timed.
+  export SD3_VULKAN_KHR=1; shift
+  for vt in "$@"; do
     v=${vt%%:*}; t=${vt##*:}; export SD3_VULKAN_VARIANT=matmul_khr_tiles16:$v SD3_VULKAN_TILES=$t
     quiet paths_$v 90 $C/test_paths
-    SD3_VULKAN_PIPELINE_STATS=1 $C/vulkan_kernels --iters 20 --repeat 2 --ops linear > /tmp/k.txt 2>&1
+    SD3_VULKAN_PIPELINE_STATS=1 $C/vulkan_kernels --iters 20 --repeat 3 --ops linear > /tmp/k.txt 2>&1
     cat /tmp/k.txt >> $LOG; grep "khr_tiles16" /tmp/k.txt | grep -o "Register Count=[0-9]*" | head -1
-    sed -n '/round 2/,$p' /tmp/k.txt | grep linear
+    sed -n "/round 3/,\$p" /tmp/k.txt | grep linear
     echo "forward $v: $(timeout 90 $C/$B 2>&1 | grep -o 'median.*' | head -1)"
   done
   exit 0

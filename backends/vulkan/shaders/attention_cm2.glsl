@@ -3,17 +3,22 @@
 // written to memory. A workgroup takes BR query rows of one (batch, head) and walks the keys in tiles of BC. The
 // driver splits each product among the workgroup's subgroups and stages the tensor-addressed K and V tiles through
 // shared memory itself; the softmax's row maxima and sums are the extension's row reductions, and the per-row
-// rescalings are row-smeared matrices, so no code depends on the fragment layout.
+// values (maxima, sums, corrections) are BR x 16 matrices smeared along each row, resized to the scores' or the
+// output's shape by row reductions, so no code depends on the fragment layout.
 //
 // The scores are scaled by scale·log2(e) in f32 and exponentiated with exp2. Rows of q beyond Nq load as zeros
 // (clamped layouts) and are not stored; keys beyond Nk in the last tile are masked to -FLT_MAX/2 before the
 // maximum (the running maximum starts there too, so no infinity ever meets a subtraction).
 //
-// On the H200 this takes the joint attention [2, 24, 4429, 64] to 1.70 ms (141 TFLOP/s; 147 registers) from the
-// subgroup-scope shader's 2.98 ms. Measured and rejected there (docs/performance.md, "Workgroup-scope cooperative
+// On the H200 this takes the joint attention [2, 24, 4429, 64] to 1.64 ms (147 TFLOP/s; 128 registers) from the
+// subgroup-scope shader's 2.98 ms (1.69 ms, 147 registers, with the per-row values kept as BR x BC matrices; the
+// correction's exponentials then ran on every score). Measured and rejected there (docs/performance.md, "Workgroup-scope cooperative
 // matrices"): key tiles of 64 (2.04 ms), 16 (1.90) and 128 (4.9); 128 query rows with 256 invocations (2.31) or
 // 128 (1.8-2.9), 96 rows (2.67), 32 rows (2.64); 64 invocations (6.7); row sums as a product with a matrix of
-// ones (3.7); K/V tiles prefetched a tile ahead (3.39); row sums kept per element until the end (1.74).
+// ones (3.7); K/V tiles prefetched a tile ahead (3.39); row sums kept per element until the end (1.74). With the
+// BR x 16 per-row values: key tiles of 64 (1.98) or 16 (1.89); the maxima and corrections through shared memory,
+// read by row in per-element functions (2.40); both exponentials in f16 (1.81); q prescaled (1.67 alone, 1.75
+// with them).
 //
 // Parameters: as attention.glsl ([0] B, [1] H, [2] Nq, [3] Nk, [4] Dh, [5] Dv, [9] scale, views y@20, q@25, k@30,
 // v@35 as (offset, strides of b, h, n, d)). The host picks this shader only without bias, causal mask or q/k norm,
@@ -44,6 +49,7 @@ layout(std430, set = 0, binding = 4) readonly buffer V16 { float16_t v16[]; };
 
 #define SCORES coopmat<float, gl_ScopeWorkgroup, BR, BC, gl_MatrixUseAccumulator>
 #define OUT coopmat<float, gl_ScopeWorkgroup, BR, D, gl_MatrixUseAccumulator>
+#define ROWS coopmat<float, gl_ScopeWorkgroup, BR, 16, gl_MatrixUseAccumulator>
 #define CLAMPED tensorLayoutNV<2, gl_CooperativeMatrixClampModeConstantNV>
 const float NEG_HALF_MAX = -1.70141173e38;  // -FLT_MAX/2
 
@@ -78,7 +84,8 @@ void main() {
     float scale_log2 = uintBitsToFloat(P[9]) * 1.4426950408889634;
 
     OUT o = OUT(0.0);
-    SCORES m = SCORES(NEG_HALF_MAX), l = SCORES(0.0);
+    // m: the running row maxima, l: the running row sums, one value per row smeared over 16 columns.
+    ROWS m = ROWS(NEG_HALF_MAX), l = ROWS(0.0);
     for (uint j0 = 0u; j0 < Nk; j0 += BC) {
         coopmat<float16_t, gl_ScopeWorkgroup, D, BC, gl_MatrixUseB> kt;
         coopMatLoadTensorNV(kt, k16, ok, sliceTensorLayoutNV(lk, j0, BC, 0, D), transposed);
@@ -86,11 +93,13 @@ void main() {
         s = s * scale_log2;
         if (j0 + BC > Nk) coopMatPerElementNV(s, s, mask_cols, Nk - j0);
 
-        // m: the running row maxima, l: the running row sums (both smeared along each row).
-        SCORES row_max, m_old = m, p, correction, row_sum;
+        ROWS row_max, m_old = m, correction, row_sum;
         coopMatReduceNV(row_max, s, gl_CooperativeMatrixReduceRowNV, max_of);
         coopMatPerElementNV(m, row_max, max_elem, m_old);
-        coopMatPerElementNV(p, s - m, exp2_elem);
+        // The maxima resized to the scores' shape (a row reduction that keeps one element of each row).
+        SCORES m_s, p;
+        coopMatReduceNV(m_s, m, gl_CooperativeMatrixReduceRowNV, first_of);
+        coopMatPerElementNV(p, s - m_s, exp2_elem);
         coopMatPerElementNV(correction, m_old - m, exp2_elem);
         coopMatReduceNV(row_sum, p, gl_CooperativeMatrixReduceRowNV, sum_of);
         l = correction * l + row_sum;

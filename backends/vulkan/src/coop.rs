@@ -1,7 +1,10 @@
 //! Whether a device runs matmul and attention on cooperative matrices (tensor cores), and with which fragment
-//! shape. The shaders use `GL_NV_cooperative_matrix` (the form the build's glslc compiles; NVIDIA's drivers offer
-//! it beside the KHR one), f16 operands with f32 accumulation, subgroups of 32. Everything else (lavapipe, other
-//! GPUs, f32/bf16 operands) runs the scalar shaders.
+//! shape. The subgroup-scope shaders use `GL_NV_cooperative_matrix` (the form the distributions' glslc compiles;
+//! NVIDIA's drivers offer it beside the KHR one), f16 operands with f32 accumulation, subgroups of 32. Where
+//! glslang 15 built them and the device's `VK_KHR_cooperative_matrix` lists the 16x16x16 f16 shape, the matmuls run
+//! in the KHR form instead (faster on NVIDIA's driver, see [`KHR_ENV`]), and the attention on workgroup scope
+//! (`VK_NV_cooperative_matrix2`) where the device has it. Everything else (lavapipe, other GPUs, f32/bf16 operands)
+//! runs the scalar shaders.
 
 use crate::instance::{CoopShape, PhysicalDevice};
 use crate::pipelines::Kernel;
@@ -19,9 +22,10 @@ pub const SHAPE_ENV: &str = "SD3_VULKAN_COOP_SHAPE";
 /// Environment switch: `SD3_VULKAN_CM2=0` keeps a device with `VK_NV_cooperative_matrix2` on the subgroup-scope
 /// cooperative shaders (for comparisons).
 pub const CM2_ENV: &str = "SD3_VULKAN_CM2";
-/// Environment switch: `SD3_VULKAN_KHR=1` runs the cooperative matmuls in `VK_KHR_cooperative_matrix`'s form
-/// (`matmul_khr16.comp`, `matmul_khr_tiles16.comp`) on a device that lists the KHR 16x16x16 shape. Opt-in until it is timed: the products
-/// alone run 1.6× faster in that form on NVIDIA's driver (docs/performance.md, "The ceiling of the products").
+/// Environment switch: `SD3_VULKAN_KHR=0` runs the cooperative matmuls in `VK_NV_cooperative_matrix`'s form
+/// (`matmul_coop16.comp`, `matmul_coop_tiles16.comp`) on a device whose KHR extension lists the 16x16x16 f16 shape,
+/// where they otherwise run in the KHR form (`matmul_khr16.comp`, `matmul_khr_tiles16.comp`): on NVIDIA's driver
+/// the same products run 1.6× faster in that form, and the forward 17% faster (docs/performance.md, "The KHR form").
 pub const KHR_ENV: &str = "SD3_VULKAN_KHR";
 /// Workgroup size and the (query rows, key tile, head dim) of `attention_cm2.comp`: the device must list a
 /// workgroup-scope f16 shape for this many invocations whose granularities divide them.
@@ -34,8 +38,8 @@ pub const CM2_ATTENTION: (u32, (u32, u32, u32)) = (128, (64, 32, 64));
 pub const TILES_K_STEP: usize = 64;
 
 /// Timing only: `SD3_VULKAN_TILES=256x128` sets the whole-tile kernel's (rows, columns) per workgroup, for
-/// `SD3_VULKAN_VARIANT` builds of it with other subgroup grids (`matmul_khr_tiles16_t256x128.comp`, ...). Default
-/// 128x128, the landed kernels' tile.
+/// `SD3_VULKAN_VARIANT` builds of it with other subgroup grids (a `matmul_khr_tiles16_<variant>.comp` that sets
+/// `WGM`, `WGN`, `WM`, `WN`; `scripts/bench_vulkan_khr.sh tiles`). Default 128x128, the landed kernels' tile.
 pub const TILES_ENV: &str = "SD3_VULKAN_TILES";
 
 pub fn tiles_block() -> (usize, usize) {
@@ -140,7 +144,7 @@ pub fn select_for(p: &PhysicalDevice) -> Option<CoopKernels> {
     let narrow = std::env::var(SHAPE_ENV).is_ok_and(|v| v == "16x8x16");
     let mut s = CoopSupport::of(p);
     s.cm2 &= !std::env::var(CM2_ENV).is_ok_and(|v| v == "0");
-    s.khr &= std::env::var(KHR_ENV).is_ok_and(|v| v == "1");
+    s.khr &= !std::env::var(KHR_ENV).is_ok_and(|v| v == "0");
     select_shape(&s, narrow)
 }
 
