@@ -3,22 +3,25 @@
 // written to memory. A workgroup takes BR query rows of one (batch, head) and walks the keys in tiles of BC. The
 // driver splits each product among the workgroup's subgroups and stages the tensor-addressed K and V tiles through
 // shared memory itself; the softmax's row maxima and sums are the extension's row reductions, and the per-row
-// values (maxima, sums, corrections) are BR x 16 matrices smeared along each row, resized to the scores' or the
+// values (maxima, sums, corrections) are BR x RW matrices smeared along each row, resized to the scores' or the
 // output's shape by row reductions, so no code depends on the fragment layout.
 //
 // The scores are scaled by scale·log2(e) in f32 and exponentiated with exp2. Rows of q beyond Nq load as zeros
 // (clamped layouts) and are not stored; keys beyond Nk in the last tile are masked to -FLT_MAX/2 before the
 // maximum (the running maximum starts there too, so no infinity ever meets a subtraction).
 //
-// On the H200 this takes the joint attention [2, 24, 4429, 64] to 1.64 ms (147 TFLOP/s; 128 registers) from the
-// subgroup-scope shader's 2.98 ms (1.69 ms, 147 registers, with the per-row values kept as BR x BC matrices; the
-// correction's exponentials then ran on every score). Measured and rejected there (docs/performance.md, "Workgroup-scope cooperative
-// matrices"): key tiles of 64 (2.04 ms), 16 (1.90) and 128 (4.9); 128 query rows with 256 invocations (2.31) or
-// 128 (1.8-2.9), 96 rows (2.67), 32 rows (2.64); 64 invocations (6.7); row sums as a product with a matrix of
-// ones (3.7); K/V tiles prefetched a tile ahead (3.39); row sums kept per element until the end (1.74). With the
-// BR x 16 per-row values: key tiles of 64 (1.98) or 16 (1.89); the maxima and corrections through shared memory,
-// read by row in per-element functions (2.40); both exponentials in f16 (1.81); q prescaled (1.67 alone, 1.75
-// with them).
+// On the H200 this takes the joint attention [2, 24, 4429, 64] to 1.43-1.45 ms (168 TFLOP/s; 124 registers) from
+// the subgroup-scope shader's 2.98 ms: 128 query rows by 32 keys on 256 invocations, with the per-row values on
+// BR x RW matrices (RW 16 and 32 timed alike). Measured and rejected there (docs/performance.md, "Workgroup-scope
+// cooperative matrices", "The KHR form"): with the per-row values as BR x BC matrices, 64 x 32 on 128 invocations
+// was best (1.69 ms, 147 registers), against key tiles of 64 (2.04), 16 (1.90) and 128 (4.9); 128 query rows with
+// 256 invocations and key tiles of 64 (2.31) or 32 (2.32, in an earlier session); 96 rows (2.67); 32 rows (2.64);
+// 64 invocations (6.7); row sums as a product with a matrix of ones (3.7); K/V tiles prefetched a tile ahead
+// (3.39). With BR x 16 per-row values: 64 x 32 on 128 invocations 1.65 ms; 128 x 32 on 128 (1.81, 240 registers);
+// 256 x 32 on 256 (2.07) or 512 (1.75); 96 x 32 (2.80); key tiles of 16 (1.89-1.97) or 64 (1.98-2.07); the maxima
+// and corrections through shared memory, read by row in per-element functions (2.40); both exponentials in f16
+// (1.81); q prescaled (1.75); 16-row subgroup-scope fragments reading K and V straight from memory, with no shared
+// memory or barriers (6.9).
 //
 // Parameters: as attention.glsl ([0] B, [1] H, [2] Nq, [3] Nk, [4] Dh, [5] Dv, [9] scale, views y@20, q@25, k@30,
 // v@35 as (offset, strides of b, h, n, d)). The host picks this shader only without bias, causal mask or q/k norm,
@@ -30,13 +33,13 @@
 #extension GL_NV_cooperative_matrix2 : require
 #extension GL_EXT_control_flow_attributes : require
 #ifndef BR
-#define BR 64
+#define BR 128
 #endif
 #ifndef BC
 #define BC 32
 #endif
 #ifndef WG
-#define WG 128
+#define WG 256
 #endif
 #define D 64
 layout(local_size_x = WG) in;
@@ -49,7 +52,12 @@ layout(std430, set = 0, binding = 4) readonly buffer V16 { float16_t v16[]; };
 
 #define SCORES coopmat<float, gl_ScopeWorkgroup, BR, BC, gl_MatrixUseAccumulator>
 #define OUT coopmat<float, gl_ScopeWorkgroup, BR, D, gl_MatrixUseAccumulator>
-#define ROWS coopmat<float, gl_ScopeWorkgroup, BR, 16, gl_MatrixUseAccumulator>
+// Columns of the per-row matrices: the N granularity of workgroup-scope matrices on 256 invocations (32 on the
+// H200; 16 took the same time).
+#ifndef RW
+#define RW 32
+#endif
+#define ROWS coopmat<float, gl_ScopeWorkgroup, BR, RW, gl_MatrixUseAccumulator>
 #define CLAMPED tensorLayoutNV<2, gl_CooperativeMatrixClampModeConstantNV>
 const float NEG_HALF_MAX = -1.70141173e38;  // -FLT_MAX/2
 
@@ -84,7 +92,7 @@ void main() {
     float scale_log2 = uintBitsToFloat(P[9]) * 1.4426950408889634;
 
     OUT o = OUT(0.0);
-    // m: the running row maxima, l: the running row sums, one value per row smeared over 16 columns.
+    // m: the running row maxima, l: the running row sums, one value per row smeared over RW columns.
     ROWS m = ROWS(NEG_HALF_MAX), l = ROWS(0.0);
     for (uint j0 = 0u; j0 < Nk; j0 += BC) {
         coopmat<float16_t, gl_ScopeWorkgroup, D, BC, gl_MatrixUseB> kt;

@@ -273,6 +273,8 @@ mod tests {
         let s = h200();
         assert!(s.runs(128, (64, 32, 64)));
         assert!(s.runs(256, (128, 256, 64)));
+        let (invocations, tile) = crate::coop::CM2_ATTENTION;
+        assert!(s.runs(invocations, tile), "the landed attention_cm2 on the H200");
         // 128 invocations need rows in multiples of 32; no listing for 96 invocations.
         assert!(!s.runs(128, (48, 32, 64)));
         assert!(!s.runs(96, (64, 32, 64)));

@@ -29,7 +29,18 @@ pub const CM2_ENV: &str = "SD3_VULKAN_CM2";
 pub const KHR_ENV: &str = "SD3_VULKAN_KHR";
 /// Workgroup size and the (query rows, key tile, head dim) of `attention_cm2.comp`: the device must list a
 /// workgroup-scope f16 shape for this many invocations whose granularities divide them.
-pub const CM2_ATTENTION: (u32, (u32, u32, u32)) = (128, (64, 32, 64));
+pub const CM2_ATTENTION: (u32, (u32, u32, u32)) = (256, (128, 32, 64));
+
+/// Timing only: `SD3_VULKAN_CM2_ROWS=128` sets the query rows per workgroup of `attention_cm2.comp`'s grid, for
+/// `SD3_VULKAN_VARIANT` builds of it with another `BR`. Default the landed shader's 128.
+pub const CM2_ROWS_ENV: &str = "SD3_VULKAN_CM2_ROWS";
+
+pub fn cm2_attention_rows() -> usize {
+    static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *ROWS.get_or_init(|| {
+        std::env::var(CM2_ROWS_ENV).ok().and_then(|v| v.parse().ok()).unwrap_or(CM2_ATTENTION.1 .0 as usize)
+    })
+}
 
 /// The K step of the whole-tile matmul (`matmul_coop_tiles*.comp`): it runs where K is a multiple of this, both
 /// operands are f16 and contiguous along K in 16-byte aligned rows, and y is f16 or f32, contiguous along N, with

@@ -567,7 +567,7 @@ fn execute_one(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
                         && t.strides()[..3].iter().all(|s| s.is_multiple_of(8))
                 });
             let (kernel, rows) = match dev.coop {
-                Some(_) if cm2 => (Kernel::AttentionCm2, crate::coop::CM2_ATTENTION.1 .0 as usize),
+                Some(_) if cm2 => (Kernel::AttentionCm2, crate::coop::cm2_attention_rows()),
                 // Cooperative matrices: f16 q, k, v with head dims up to 64, 64 query rows per workgroup.
                 Some(c) if f16 && dh.max(v.shape()[3]) <= ATTN_SMALL_D => (c.attention, 64),
                 _ if dh.max(v.shape()[3]) <= ATTN_SMALL_D => (Kernel::Attention, 64),
