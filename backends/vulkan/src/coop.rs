@@ -25,7 +25,8 @@ pub const CM2_ENV: &str = "SD3_VULKAN_CM2";
 /// Environment switch: `SD3_VULKAN_KHR=0` runs the cooperative matmuls in `VK_NV_cooperative_matrix`'s form
 /// (`matmul_coop16.comp`, `matmul_coop_tiles16.comp`) on a device whose KHR extension lists the 16x16x16 f16 shape,
 /// where they otherwise run in the KHR form (`matmul_khr16.comp`, `matmul_khr_tiles16.comp`): on NVIDIA's driver
-/// the same products run 1.6× faster in that form, and the forward 17% faster (docs/performance.md, "The KHR form").
+/// the same products run 1.6× faster in that form, and the forward 17% faster (docs/performance.md, "The KHR form
+/// and the attention's tiles").
 pub const KHR_ENV: &str = "SD3_VULKAN_KHR";
 /// Workgroup size and the (query rows, key tile, head dim) of `attention_cm2.comp`: the device must list a
 /// workgroup-scope f16 shape for this many invocations whose granularities divide them.
@@ -38,7 +39,8 @@ pub const CM2_ROWS_ENV: &str = "SD3_VULKAN_CM2_ROWS";
 pub fn cm2_attention_rows() -> usize {
     static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *ROWS.get_or_init(|| {
-        std::env::var(CM2_ROWS_ENV).ok().and_then(|v| v.parse().ok()).unwrap_or(CM2_ATTENTION.1 .0 as usize)
+        let rows = std::env::var(CM2_ROWS_ENV).ok().and_then(|v| v.parse().ok()).filter(|&r: &usize| r > 0);
+        rows.unwrap_or(CM2_ATTENTION.1 .0 as usize)
     })
 }
 
@@ -59,6 +61,7 @@ pub fn tiles_block() -> (usize, usize) {
         std::env::var(TILES_ENV)
             .ok()
             .and_then(|v| v.split_once('x').and_then(|(m, n)| Some((m.parse().ok()?, n.parse().ok()?))))
+            .filter(|&(m, n): &(usize, usize)| m > 0 && n > 0)
             .unwrap_or((128, 128))
     })
 }
