@@ -151,6 +151,14 @@ impl Backend {
         self.from_bytes(&bytes, shape, DType::I64)
     }
 
+    /// Whether the device takes `op` on these operands as they are (no legalisation, no host fallback): for
+    /// callers that choose between a fused op and its parts.
+    pub fn supports(&self, op: Op, inputs: &[&Tensor], outputs: &[&Tensor]) -> bool {
+        let in_descs: Vec<TensorDesc> = inputs.iter().map(|t| t.desc()).collect();
+        let out_descs: Vec<TensorDesc> = outputs.iter().map(|t| t.desc()).collect();
+        self.0.device.supports(&OpCall { op, inputs: &in_descs, outputs: &out_descs })
+    }
+
     /// Run one op on this backend's device, or on the host fallback if the device declines it.
     pub fn run(&self, op: Op, inputs: &[&Tensor], outputs: &[&Tensor]) -> Result<()> {
         for t in inputs.iter().chain(outputs) {

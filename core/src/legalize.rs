@@ -7,15 +7,15 @@
 //!    an output is computed into its temporary, then copied into the view. Every subset of such operands is tried
 //!    in order of the bytes it copies, so a device that declines only one odd operand pays for that one copy.
 //! 2. **Decompose** a fused form the device declines: a matmul with an activation epilogue becomes the plain
-//!    matmul into a contiguous temporary and the activation from it into the output (each part relaid out as
-//!    needed). When both parts run as they are, this split is taken before any relayout of the fused call (it
+//!    matmul into a contiguous temporary and the activation from it into the output, a matmul with a gated
+//!    residual the plain matmul and a `GatedResidual` from it (each part relaid out as needed). When both parts run as they are, this split is taken before any relayout of the fused call (it
 //!    copies nothing; the activation's extra pass is what an unfused model pays anyway).
 //!
 //! Only `supports` decides, and a whole plan is accepted before anything is queued, so a declined rewrite costs
 //! no device work. Temporaries are freed as soon as their work is queued (a device keeps a buffer alive until
 //! queued work that uses it is done, see [`Device`]).
 
-use crate::{BufferId, Device, Layout, Op, OpCall, Result, TensorDesc, UnaryOp};
+use crate::{BufferId, Device, Layout, Op, OpCall, Result, TensorDesc};
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
@@ -77,8 +77,9 @@ enum Plan {
     Direct,
     /// With the inputs at these indices, and the output if given, replaced by these contiguous temporaries.
     Relayout { inputs: Vec<(usize, TensorDesc)>, output: Option<TensorDesc> },
-    /// A matmul with an activation: the plain matmul into `tmp`, then the activation into the output.
-    Decompose { act: UnaryOp, tmp: TensorDesc, matmul: Box<Plan>, activation: Box<Plan> },
+    /// A fused matmul as its parts ([`parts`]): the plain matmul into `tmp`, then the epilogue's op from it into
+    /// the output.
+    Decompose { tmp: TensorDesc, matmul: Box<Plan>, epilogue: Box<Plan> },
 }
 
 /// Device buffers of one legalised call, freed when it has been queued.
@@ -104,28 +105,45 @@ impl Drop for Temps<'_> {
     }
 }
 
+/// A fused matmul's two calls, given the temporary between them: the plain matmul (into `tmp`) and the epilogue
+/// (from `tmp` into the call's output). `None` for other ops.
+fn parts(call: &OpCall, tmp: &TensorDesc) -> Option<[(Op, Vec<TensorDesc>); 2]> {
+    match call.op {
+        Op::Matmul { bias, act: Some(act) } => {
+            Some([(Op::Matmul { bias, act: None }, call.inputs.to_vec()), (Op::Unary(act), vec![tmp.clone()])])
+        }
+        Op::MatmulGatedResidual { bias } => {
+            let (mm, rest) = call.inputs.split_at(2 + bias as usize);
+            Some([
+                (Op::Matmul { bias, act: None }, mm.to_vec()),
+                (Op::GatedResidual, vec![rest[0].clone(), rest[1].clone(), tmp.clone()]),
+            ])
+        }
+        _ => None,
+    }
+}
+
 /// The cheapest plan other than running the call as it is, if any.
 fn rewrite(dev: &dyn Device, call: &OpCall, temps: &mut Temps) -> Result<Option<Plan>> {
-    let Op::Matmul { bias, act: Some(act) } = call.op else {
+    if !matches!(call.op, Op::Matmul { act: Some(_), .. } | Op::MatmulGatedResidual { .. }) {
         return relayout(dev, call, temps);
-    };
+    }
     let tmp = temps.contiguous_like(&call.outputs[0])?;
+    let [(mm_op, mm_in), (ep_op, ep_in)] = parts(call, &tmp).expect("a fused matmul");
     let mm_out = [tmp.clone()];
-    let matmul = OpCall { op: Op::Matmul { bias, act: None }, inputs: call.inputs, outputs: &mm_out };
-    let act_in = [tmp.clone()];
-    let activation = OpCall { op: Op::Unary(act), inputs: &act_in, outputs: call.outputs };
-    let split =
-        |m: Plan, a: Plan| Plan::Decompose { act, tmp: tmp.clone(), matmul: Box::new(m), activation: Box::new(a) };
+    let matmul = OpCall { op: mm_op, inputs: &mm_in, outputs: &mm_out };
+    let epilogue = OpCall { op: ep_op, inputs: &ep_in, outputs: call.outputs };
+    let split = |m: Plan, e: Plan| Plan::Decompose { tmp: tmp.clone(), matmul: Box::new(m), epilogue: Box::new(e) };
     // Both parts as they are: no copy, one more pass over the output (what an unfused model does). Preferred
     // to relaying out the fused call, and found without trying that (typically a device without the epilogue).
-    if dev.supports(&matmul) && dev.supports(&activation) {
+    if dev.supports(&matmul) && dev.supports(&epilogue) {
         return Ok(Some(split(Plan::Direct, Plan::Direct)));
     }
     if let Some(p) = relayout(dev, call, temps)? {
         return Ok(Some(p));
     }
-    match (direct_or_relayout(dev, &matmul, temps)?, direct_or_relayout(dev, &activation, temps)?) {
-        (Some(m), Some(a)) => Ok(Some(split(m, a))),
+    match (direct_or_relayout(dev, &matmul, temps)?, direct_or_relayout(dev, &epilogue, temps)?) {
+        (Some(m), Some(e)) => Ok(Some(split(m, e))),
         _ => Ok(None),
     }
 }
@@ -216,17 +234,11 @@ fn execute(dev: &dyn Device, call: &OpCall, plan: &Plan, counts: &mut Counts) ->
             }
             Ok(())
         }
-        Plan::Decompose { act, tmp, matmul, activation } => {
-            let Op::Matmul { bias, .. } = call.op else { unreachable!("only matmuls are decomposed") };
+        Plan::Decompose { tmp, matmul, epilogue } => {
+            let [(mm_op, mm_in), (ep_op, ep_in)] = parts(call, tmp).expect("only fused matmuls are decomposed");
             let mm_out = [tmp.clone()];
-            execute(
-                dev,
-                &OpCall { op: Op::Matmul { bias, act: None }, inputs: call.inputs, outputs: &mm_out },
-                matmul,
-                counts,
-            )?;
-            let act_in = [tmp.clone()];
-            execute(dev, &OpCall { op: Op::Unary(*act), inputs: &act_in, outputs: call.outputs }, activation, counts)
+            execute(dev, &OpCall { op: mm_op, inputs: &mm_in, outputs: &mm_out }, matmul, counts)?;
+            execute(dev, &OpCall { op: ep_op, inputs: &ep_in, outputs: call.outputs }, epilogue, counts)
         }
     }
 }

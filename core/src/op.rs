@@ -133,6 +133,11 @@ pub enum Op {
     /// `act` is an optional elementwise epilogue (e.g. GELU after a feed-forward projection), applied to the f32
     /// accumulator before rounding; a device that declines it gets the matmul and a separate unary op instead.
     Matmul { bias: bool, act: Option<UnaryOp> },
+    /// A linear with the MM-DiT's gated residual as its epilogue (ABI 1.2):
+    /// `in: a [.., M, K], b [.., K, N], bias [N] (if bias), x [.., M, N], gate [.., M, N]; out: y = x + gate·(a·b
+    /// (+ bias))`, the product in f32 and rounded once. `gate` is usually a broadcast view (one row per sample).
+    /// A device that declines it gets the matmul into a temporary and a [`Op::GatedResidual`] from it.
+    MatmulGatedResidual { bias: bool },
     /// Softmax over the last dim. `in: x; out: y`.
     Softmax,
     /// Layer norm over the last dim (biased variance). `in: x, weight [D], bias [D] (if affine); out: y`.
@@ -181,8 +186,9 @@ pub mod kind {
     pub const GROUP_NORM: u32 = 14;
     pub const UPSAMPLE_NEAREST2D: u32 = 15;
     pub const GATHER: u32 = 16;
+    pub const MATMUL_GATED_RESIDUAL: u32 = 17;
     /// One past the largest kind id this version knows.
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 18;
 }
 
 /// An op in its ABI form: the fields of `sd3_op_desc` other than the operands.
@@ -218,6 +224,7 @@ impl Op {
             Op::Binary(_) => "binary",
             Op::Affine { .. } => "affine",
             Op::Matmul { .. } => "matmul",
+            Op::MatmulGatedResidual { .. } => "matmul_gated_residual",
             Op::Softmax => "softmax",
             Op::LayerNorm { .. } => "layer_norm",
             Op::RmsNorm { .. } => "rms_norm",
@@ -239,6 +246,7 @@ impl Op {
             Op::Fill { .. } => 0,
             Op::Binary(_) | Op::RmsNorm { .. } | Op::Gather => 2,
             Op::Matmul { bias, .. } => 2 + bias as usize,
+            Op::MatmulGatedResidual { bias } => 4 + bias as usize,
             Op::LayerNorm { affine, .. } | Op::GroupNorm { affine, .. } => 1 + 2 * affine as usize,
             Op::LayerNormModulate { .. } | Op::Modulate | Op::GatedResidual => 3,
             Op::Attention { bias, qk_norm, .. } => 3 + bias as usize + 2 * qk_norm as usize,
@@ -272,6 +280,10 @@ impl Op {
                 e.iparams[0] = bias as i64;
                 // 0: none, else 1 + the unary id (ABI 1.1; a 1.0 plugin never sees a non-zero value).
                 e.iparams[1] = act.map_or(0, |u| u as i64 + 1);
+            }
+            Op::MatmulGatedResidual { bias } => {
+                e.kind = kind::MATMUL_GATED_RESIDUAL;
+                e.iparams[0] = bias as i64;
             }
             Op::Softmax => e.kind = kind::SOFTMAX,
             Op::LayerNorm { eps, affine } => {
@@ -337,6 +349,7 @@ impl Op {
                     id => Some(UnaryOp::from_id(u32::try_from(id - 1).ok()?)?),
                 },
             },
+            kind::MATMUL_GATED_RESIDUAL => Op::MatmulGatedResidual { bias: flag(0) },
             kind::SOFTMAX => Op::Softmax,
             kind::LAYER_NORM => Op::LayerNorm { eps: e.fparams[0], affine: flag(0) },
             kind::RMS_NORM => Op::RmsNorm { eps: e.fparams[0] },

@@ -217,6 +217,35 @@ fn rms_norm_rows(x: &mut [f64], w: &[f64], eps: f64) {
     }
 }
 
+/// `act(a·b (+ bias))` of a matmul-shaped call (inputs a, b, bias if `bias`), in f64.
+fn matmul_f64(call: &OpCall, ins: &[Vec<f64>], bias: bool, act: Option<UnaryOp>) -> Vec<f64> {
+    let oshape = call.outputs[0].shape();
+    let r = oshape.len();
+    let (m, n) = (oshape[r - 2], oshape[r - 1]);
+    let k = call.inputs[0].shape()[r - 1];
+    let batch: usize = oshape[..r - 2].iter().product();
+    let (a, b) = (&ins[0], &ins[1]);
+    let mut y = vec![0.0; batch * m * n];
+    for bi in 0..batch {
+        for i in 0..m {
+            for j in 0..n {
+                let mut acc = 0.0;
+                for p in 0..k {
+                    acc += a[bi * m * k + i * k + p] * b[bi * k * n + p * n + j];
+                }
+                if bias {
+                    acc += ins[2][j];
+                }
+                if let Some(f) = act {
+                    acc = unary_f64(f, acc);
+                }
+                y[bi * m * n + i * n + j] = acc;
+            }
+        }
+    }
+    y
+}
+
 /// Compute `call` with logical-order f64 operands. Returns one f64 vector per output.
 pub fn compute(call: &OpCall, ins: &[Vec<f64>]) -> Result<Vec<Vec<f64>>> {
     let out = &call.outputs[0];
@@ -228,31 +257,11 @@ pub fn compute(call: &OpCall, ins: &[Vec<f64>]) -> Result<Vec<Vec<f64>>> {
         Op::Unary(f) => ins[0].iter().map(|&x| unary_f64(f, x)).collect(),
         Op::Binary(f) => ins[0].iter().zip(&ins[1]).map(|(&a, &b)| binary_f64(f, a, b)).collect(),
         Op::Affine { mul, add } => ins[0].iter().map(|&x| x * mul as f64 + add as f64).collect(),
-        Op::Matmul { bias, act } => {
-            let r = oshape.len();
-            let (m, n) = (oshape[r - 2], oshape[r - 1]);
-            let k = call.inputs[0].shape()[r - 1];
-            let batch: usize = oshape[..r - 2].iter().product();
-            let (a, b) = (&ins[0], &ins[1]);
-            let mut y = vec![0.0; batch * m * n];
-            for bi in 0..batch {
-                for i in 0..m {
-                    for j in 0..n {
-                        let mut acc = 0.0;
-                        for p in 0..k {
-                            acc += a[bi * m * k + i * k + p] * b[bi * k * n + p * n + j];
-                        }
-                        if bias {
-                            acc += ins[2][j];
-                        }
-                        if let Some(f) = act {
-                            acc = unary_f64(f, acc);
-                        }
-                        y[bi * m * n + i * n + j] = acc;
-                    }
-                }
-            }
-            y
+        Op::Matmul { bias, act } => matmul_f64(call, ins, bias, act),
+        Op::MatmulGatedResidual { bias } => {
+            let r = bias as usize + 2;
+            let mm = matmul_f64(call, ins, bias, None);
+            ins[r].iter().zip(ins[r + 1].iter().zip(mm)).map(|(&x, (&g, p))| x + g * p).collect()
         }
         Op::Softmax => {
             let d = last(out);

@@ -514,6 +514,65 @@ impl Tensor {
         Ok(out)
     }
 
+    /// `x + gate·(self·Wᵀ (+ b))`: the MM-DiT's gated residual after a projection, as one op where the device takes
+    /// it (`Op::MatmulGatedResidual`; the projection's output is never written), else as [`Tensor::linear`] and
+    /// [`Tensor::gated_residual`] (so a device without the fusion runs exactly what it ran before). `self [B, N, K]`
+    /// (any strides), `weight [D, K]`, `x [B, N, D]`, `gate` broadcast to `[B, N, D]` (typically `[B, 1, D]`). The
+    /// result has `x`'s dtype.
+    pub fn linear_gated_residual(
+        &self,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        x: &Tensor,
+        gate: &Tensor,
+    ) -> Result<Tensor> {
+        match self.fused_gated_residual(weight, bias, x, gate)? {
+            Some((op, ins, out)) => {
+                self.backend().run(op, &ins.iter().collect::<Vec<_>>(), &[&out])?;
+                Ok(out)
+            }
+            None => x.gated_residual(gate, &self.linear(weight, bias)?),
+        }
+    }
+
+    /// Whether [`Tensor::linear_gated_residual`] on these operands runs as one fused op on this device (else as
+    /// the linear and the gated residual): for callers that order the unfused parts of several streams themselves.
+    pub fn fuses_linear_gated_residual(
+        &self,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        x: &Tensor,
+        gate: &Tensor,
+    ) -> Result<bool> {
+        Ok(self.fused_gated_residual(weight, bias, x, gate)?.is_some())
+    }
+
+    /// The fused call's op, inputs and output, or `None` where the device declines it.
+    fn fused_gated_residual(
+        &self,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        x: &Tensor,
+        gate: &Tensor,
+    ) -> Result<Option<(Op, Vec<Tensor>, Tensor)>> {
+        let what = || format!("input {:?}, weight {:?}, x {:?}", self.shape(), weight.shape(), x.shape());
+        if self.rank() != 3 || weight.rank() != 2 || weight.dim(1) != self.dim(2) {
+            return shape_err("linear_gated_residual", what());
+        }
+        let (b, n, d) = (self.dim(0), self.dim(1), weight.dim(0));
+        if x.shape() != [b, n, d] || bias.is_some_and(|t| t.shape() != [d]) {
+            return shape_err("linear_gated_residual", what());
+        }
+        let wt = matrix_friendly(&weight.transpose(0, 1)?)?.unsqueeze(0)?.broadcast_to(&[b, self.dim(2), d])?;
+        let mut ins = vec![matrix_friendly(self)?, wt];
+        ins.extend(bias.cloned());
+        ins.extend([x.clone(), gate.broadcast_to(x.shape())?]);
+        let out = x.new_like(x.shape(), x.dtype)?;
+        let op = Op::MatmulGatedResidual { bias: bias.is_some() };
+        let supported = self.backend().supports(op, &ins.iter().collect::<Vec<_>>(), &[&out]);
+        Ok(supported.then_some((op, ins, out)))
+    }
+
     pub fn group_norm(
         &self,
         groups: usize,

@@ -218,3 +218,49 @@ fn decomposition_and_relayout_combine() {
     assert_eq!(st.decomposed.get("matmul.gelu_tanh"), Some(&1));
     assert_eq!(st.copies, 2, "the transposed weight in, the activation's output into the view");
 }
+
+/// `x + gate·(h·wᵀ + b)` with `h [2, 5, 7]`, `w [6, 7]`, `x [2, 5, 6]` and one gate row per batch element.
+fn linear_gated_residual(be: &Backend) -> Vec<f32> {
+    let h = be.from_f32(&values(70, 1), &[2, 5, 7], DType::F32).unwrap();
+    let w = be.from_f32(&values(42, 2), &[6, 7], DType::F32).unwrap();
+    let b = be.from_f32(&values(6, 3), &[6], DType::F32).unwrap();
+    let x = be.from_f32(&values(60, 4), &[2, 5, 6], DType::F32).unwrap();
+    let gate = be.from_f32(&values(12, 5), &[2, 1, 6], DType::F32).unwrap();
+    h.linear_gated_residual(&w, Some(&b), &x, &gate).unwrap().to_f32_vec().unwrap()
+}
+
+#[test]
+fn a_declined_gated_residual_epilogue_runs_as_matmul_then_gated_residual() {
+    // The same values as the two ops of an unfused model.
+    let r = &setup(|_: &OpCall| true, true).reference;
+    let unfused = {
+        let h = r.from_f32(&values(70, 1), &[2, 5, 7], DType::F32).unwrap();
+        let w = r.from_f32(&values(42, 2), &[6, 7], DType::F32).unwrap();
+        let b = r.from_f32(&values(6, 3), &[6], DType::F32).unwrap();
+        let x = r.from_f32(&values(60, 4), &[2, 5, 6], DType::F32).unwrap();
+        let gate = r.from_f32(&values(12, 5), &[2, 1, 6], DType::F32).unwrap();
+        x.gated_residual(&gate, &h.linear(&w, Some(&b)).unwrap()).unwrap().to_f32_vec().unwrap()
+    };
+    assert_close(&linear_gated_residual(r), &unfused);
+    // A device without the fusion: the Tensor API runs the linear and the gated residual itself.
+    let s = setup(|c: &OpCall| !matches!(c.op, Op::MatmulGatedResidual { .. }), true);
+    assert_close(&linear_gated_residual(&s.be), &unfused);
+    assert_eq!(s.ops(), ["matmul", "gated_residual"]);
+    assert_eq!(s.be.legalize_stats(), Default::default());
+    // The fused op sent as it is (as a plugin host or the conformance suite may): legalisation decomposes it.
+    let be = &s.be;
+    let t = |n: usize, shape: &[usize], seed| be.from_f32(&values(n, seed), shape, DType::F32).unwrap();
+    let (h, x) = (t(70, &[2, 5, 7], 1), t(60, &[2, 5, 6], 4));
+    let wt = t(42, &[6, 7], 2).transpose(0, 1).unwrap().unsqueeze(0).unwrap().broadcast_to(&[2, 7, 6]).unwrap();
+    let gate = t(12, &[2, 1, 6], 5).broadcast_to(&[2, 5, 6]).unwrap();
+    let y = be.zeros(&[2, 5, 6], DType::F32).unwrap();
+    be.run(Op::MatmulGatedResidual { bias: true }, &[&h, &wt, &t(6, &[6], 3), &x, &gate], &[&y]).unwrap();
+    assert_close(&y.to_f32_vec().unwrap(), &unfused);
+    let st = s.be.legalize_stats();
+    assert_eq!(st.decomposed.get("matmul_gated_residual"), Some(&1));
+    assert_eq!(st.copies, 0);
+    // A device that takes the fused form gets it as one call.
+    let s = setup(|_: &OpCall| true, true);
+    assert_eq!(linear_gated_residual(&s.be), linear_gated_residual(&s.reference));
+    assert_eq!(s.ops(), ["matmul_gated_residual"]);
+}

@@ -35,7 +35,7 @@ extern "C" {
 #endif
 
 #define SD3_ABI_MAJOR 1
-#define SD3_ABI_MINOR 1
+#define SD3_ABI_MINOR 2
 #define SD3_MAX_RANK 8
 
 /* ------------------------------------------------------------------------------------------ status codes */
@@ -87,6 +87,10 @@ extern "C" {
  * GROUP_NORM           iparams[0] = groups, [1] = affine, fparams[0] = eps; in: x, weight, bias (if affine); out: y
  * UPSAMPLE_NEAREST2D   iparams[0] = factor; in: x; out: y
  * GATHER               in: table [V,D], ids [N] (i32/i64); out: y [N,D]
+ * MATMUL_GATED_RESIDUAL (ABI 1.2) iparams[0] = bias; in: a [..,M,K], b [..,K,N], bias [N] (if bias), x [..,M,N],
+ *                      gate [..,M,N] (usually broadcast); out: y = x + gate*(a*b (+bias)), the product rounded once.
+ *                      Decline it unless implemented; the host then runs MATMUL and GATED_RESIDUAL. A plugin
+ *                      built for ABI 1.0 or 1.1 is never sent one.
  */
 #define SD3_OP_COPY 0
 #define SD3_OP_FILL 1
@@ -105,7 +109,8 @@ extern "C" {
 #define SD3_OP_GROUP_NORM 14
 #define SD3_OP_UPSAMPLE_NEAREST2D 15
 #define SD3_OP_GATHER 16
-#define SD3_OP_COUNT 17 /* one past the largest kind this header knows */
+#define SD3_OP_MATMUL_GATED_RESIDUAL 17
+#define SD3_OP_COUNT 18 /* one past the largest kind this header knows */
 
 #define SD3_UNARY_NEG 0
 #define SD3_UNARY_EXP 1

@@ -23,6 +23,14 @@ pub fn check(call: &OpCall) -> Result<()> {
         Ok(())
     };
     match call.op {
+        // Declined: the core runs it as a matmul and a gated residual (the fusion saves a pass on GPUs only).
+        Op::MatmulGatedResidual { .. } => {
+            return Err(Error::Unsupported {
+                backend: "cpu".into(),
+                op: name,
+                detail: "runs as its matmul and gated residual".into(),
+            })
+        }
         Op::Matmul { bias, .. } => {
             let r = y.len();
             let (a, b) = (ins[0].shape(), ins[1].shape());

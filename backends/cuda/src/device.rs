@@ -214,6 +214,8 @@ impl Device for CudaDevice {
             Op::Matmul { .. } | Op::Conv2d { .. } | Op::Attention { .. } => {
                 call.outputs[0].dtype.is_float() && call.inputs.iter().all(|t| t.dtype.is_float())
             }
+            // Not fused here: the core runs the matmul (cuBLASLt) and the gated residual.
+            Op::MatmulGatedResidual { .. } => false,
             _ => true,
         }
     }
@@ -231,6 +233,11 @@ impl Device for CudaDevice {
             Op::Modulate => self.ew(5, 0, [0.0; 2], &ins, out),
             Op::GatedResidual => self.ew(6, 0, [0.0; 2], &ins, out),
             Op::Matmul { bias, act } => self.matmul(ins[0], ins[1], if bias { Some(ins[2]) } else { None }, act, out),
+            Op::MatmulGatedResidual { .. } => Err(Error::Unsupported {
+                backend: "cuda".into(),
+                op: call.op.name(),
+                detail: "declined in supports()".into(),
+            }),
             Op::Softmax | Op::LayerNorm { .. } | Op::RmsNorm { .. } | Op::LayerNormModulate { .. } => {
                 let d = *out.shape().last().unwrap_or(&1);
                 let rows = out.elem_count().checked_div(d).unwrap_or(0);

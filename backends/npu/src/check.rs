@@ -29,7 +29,7 @@ pub fn check(call: &OpCall) -> Result<()> {
     match call.op {
         Op::Copy | Op::Fill { .. } | Op::Unary(_) | Op::Binary(_) | Op::Affine { .. } | Op::Softmax => {}
         Op::Modulate | Op::GatedResidual | Op::LayerNormModulate { .. } => {}
-        Op::Matmul { bias, .. } => {
+        Op::Matmul { bias, .. } | Op::MatmulGatedResidual { bias } => {
             let r = y.rank();
             if r < 2 || ins[0].rank() != r || ins[1].rank() != r {
                 return bad(format!("ranks a {} b {} y {} (equal, >= 2, expected)", ins[0].rank(), ins[1].rank(), r));
@@ -43,6 +43,13 @@ pub fn check(call: &OpCall) -> Result<()> {
             }
             if bias {
                 vec_of(&ins[2], ys[r - 1], "bias")?;
+            }
+            if let Op::MatmulGatedResidual { .. } = call.op {
+                for (t, what) in ins[2 + bias as usize..].iter().zip(["x", "gate"]) {
+                    if t.shape() != ys {
+                        return bad(format!("{what} {:?} differs from y {ys:?}", t.shape()));
+                    }
+                }
             }
         }
         Op::LayerNorm { affine, .. } => {

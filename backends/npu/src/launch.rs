@@ -92,22 +92,23 @@ fn dispatch(
             }
         }
         Op::Matmul { bias, act } => {
-            let bias = bias.then(|| &ins[2]);
             // With an activation epilogue: the product into an f32 workspace, then the activation into the output
             // (one rounding, as the reference).
             let product = match act {
                 Some(_) => dev.workspace(st, ws, out.layout.elem_count(), DType::F32, out.shape())?,
                 None => out.clone(),
             };
-            if nz_weight {
-                let (mem, k) = nz_weight_copy(dev, st, ws, &call.inputs[1], &ins[1])?;
-                matmul::matmul(&ins[0], BSource::Nz { mem, k }, bias, &product);
-            } else {
-                matmul::matmul(&ins[0], BSource::Strided(&ins[1]), bias, &product);
-            }
+            matmul_into(dev, st, ws, call, ins, bias, nz_weight, &product)?;
             if let Some(f) = act {
                 ew::map([&product], out, |[x]| ew::unary_f32(f, x));
             }
+        }
+        Op::MatmulGatedResidual { bias } => {
+            // The product into an f32 workspace, then x + gate·product into the output (one rounding).
+            let product = dev.workspace(st, ws, out.layout.elem_count(), DType::F32, out.shape())?;
+            matmul_into(dev, st, ws, call, ins, bias, nz_weight, &product)?;
+            let r = 2 + bias as usize;
+            ew::map([&ins[r], &ins[r + 1], &product], out, |[x, g, p]| x + g * p);
         }
         Op::Softmax => rows::softmax(&ins[0], out),
         Op::LayerNorm { eps, affine } => rows::layer_norm(&ins[0], affine.then(|| (&ins[1], &ins[2])), out, eps),
@@ -141,6 +142,28 @@ fn dispatch(
         }
         Op::UpsampleNearest2d { factor } => ew::upsample_nearest2d(&ins[0], out, factor),
         Op::Gather => ew::gather(&ins[0], &ins[1], out)?,
+    }
+    Ok(())
+}
+
+/// `a·b (+ bias)` of a matmul-shaped call into `product`, b from its FRACTAL_NZ copy when the flag says so.
+#[allow(clippy::too_many_arguments)]
+fn matmul_into(
+    dev: &NpuDevice,
+    st: &mut State,
+    ws: &mut Vec<Allocation>,
+    call: &OpCall,
+    ins: &[Operand],
+    bias: bool,
+    nz_weight: bool,
+    product: &Operand,
+) -> Result<()> {
+    let bias = bias.then(|| &ins[2]);
+    if nz_weight {
+        let (mem, k) = nz_weight_copy(dev, st, ws, &call.inputs[1], &ins[1])?;
+        matmul::matmul(&ins[0], BSource::Nz { mem, k }, bias, product);
+    } else {
+        matmul::matmul(&ins[0], BSource::Strided(&ins[1]), bias, product);
     }
     Ok(())
 }

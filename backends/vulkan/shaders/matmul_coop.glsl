@@ -138,6 +138,8 @@ layout(local_size_x = THREADS) in;
 layout(std430, set = 0, binding = 2) readonly buffer In2v { uvec4 a_v[]; };
 layout(std430, set = 0, binding = 3) readonly buffer In3v { uvec4 b_v[]; };
 layout(std430, set = 0, binding = 1) writeonly buffer OutV { uvec4 y_v[]; };
+// The gated-residual epilogue's x (binding 5; gate is binding 6, read element by element).
+layout(std430, set = 0, binding = 5) readonly buffer In5v { uvec4 x_v[]; };
 
 shared uvec4 As[BM * SV];
 shared uvec4 Bs[BN * SV];
@@ -171,8 +173,10 @@ float gelu_tanh(float x) { return x / (1.0 + exp(-1.5957691216057308 * (x + 0.04
 // Fragment (i, j) of this subgroup, stored in its slice of Cs, out to y with the bias, the GELU epilogue and the
 // output dtype; f16 outputs with unit column stride are written a word (two columns) at a time.
 // (`has_bias` and `gelu` false: the accumulators started from the bias and had the GELU applied.)
+// With `residual` (the gated-residual epilogue), x at `ox` and gate at `og` are read with their strides (P[52],
+// P[53] and P[61], P[62]) and the value becomes x + gate·value.
 void write_fragment(uint cs0, uint r0, uint c0, uint M, uint N, uint oy, uint sym, uint syn, uint dy, uint dbias,
-                    bool has_bias, bool gelu) {
+                    bool has_bias, bool gelu, bool residual, uint ox, uint og) {
     for (uint p = gl_SubgroupInvocationID; p < FM * FN / 2u; p += gl_SubgroupSize) {
         uint fr = p / (FN / 2u), fc = 2u * (p % (FN / 2u));
         uint r = r0 + fr, c = c0 + fc;
@@ -185,6 +189,13 @@ void write_fragment(uint cs0, uint r0, uint c0, uint M, uint N, uint oy, uint sy
         if (gelu) {
             v0 = gelu_tanh(v0);
             v1 = gelu_tanh(v1);
+        }
+        if (residual) {
+            v0 = ld5(P[49], ox + r * P[52] + c * P[53]) + ld6(P[50], og + r * P[61] + c * P[62]) * v0;
+            if (c + 1u < N) {
+                v1 = ld5(P[49], ox + r * P[52] + (c + 1u) * P[53]) +
+                     ld6(P[50], og + r * P[61] + (c + 1u) * P[62]) * v1;
+            }
         }
         uint e = oy + r * sym + c * syn;
         if (dy == 1u && syn == 1u && (e & 1u) == 0u && c + 1u < N) {
@@ -254,6 +265,29 @@ void main() {
         }
         barrier();
     }
+    // The gated-residual epilogue (P[48]: Op::MatmulGatedResidual, whole-tile calls only): y = x + gate·acc. On the
+    // fragments wholly inside y, with x loaded as a fragment and the gate's row (the host takes only gates that are
+    // one row per batch element) as a 16-row broadcast tile in Cs; the fragments across y's edge get it in
+    // write_fragment.
+    bool residual = WHOLE_TILES != 0 && P[48] != 0u;
+    uint ox = 0u, og = 0u;
+    if (residual) {
+        ox = batch_offset(bi, 51u);
+        og = batch_offset(bi, 60u);
+        for (uint e = t; e < FM * BN; e += uint(THREADS)) Cs[e] = ld6(P[50], og + min(col0 + e % BN, N - 1u) * P[62]);
+        barrier();
+#define RESIDUAL(i, j)                                                                                       \
+    if (r0 + i * FM + FM <= M && c0 + j * FN + FN <= N) {                                                    \
+        OUT16_T x16;                                                                                         \
+        COOP_LOAD(x16, x_v, (ox + (r0 + i * FM) * P[52] + c0 + j * FN) / 8u, P[52] / 8u, false);            \
+        ACC_T xf = ACC_T(x16), gf;                                                                           \
+        COOP_LOAD(gf, Cs, wn * WN + j * FN, BN, false);                                                      \
+        for (int e = 0; e < acc##i##j.length(); ++e) acc##i##j[e] = xf[e] + gf[e] * acc##i##j[e];           \
+    }
+        FOR_IJ(RESIDUAL)
+        // Cs is the subgroups' store slices from here on.
+        barrier();
+    }
     // The GELU epilogue, on the accumulators where they hold the bias already (elsewhere in write_fragment).
 #define GELU(i, j) for (int e = 0; e < acc##i##j.length(); ++e) acc##i##j[e] = gelu_tanh(acc##i##j[e]);
     if (direct && P[47] == ACT_GELU_TANH) {
@@ -285,7 +319,8 @@ void main() {
     } else if (r0 + i * FM < M && c0 + j * FN < N) {                                                         \
         COOP_STORE(acc##i##j, Cs, cs0, FN);                                                              \
         SUBGROUP_SHARED_BARRIER();                                                                           \
-        write_fragment(cs0, r0 + i * FM, c0 + j * FN, M, N, oy, sym, syn, dy, dbias, false, false);          \
+        write_fragment(cs0, r0 + i * FM, c0 + j * FN, M, N, oy, sym, syn, dy, dbias, false, false, residual,  \
+                       ox, og);                                                                              \
         SUBGROUP_SHARED_BARRIER();                                                                           \
     }
     FOR_IJ(EDGE)
@@ -294,7 +329,7 @@ void main() {
     COOP_STORE(acc##i##j, Cs, cs0, FN);                                                                  \
     SUBGROUP_SHARED_BARRIER();                                                                               \
     write_fragment(cs0, r0 + i * FM, c0 + j * FN, M, N, oy, sym, syn, dy, dbias, P[15] != 0u,                \
-                   P[47] == ACT_GELU_TANH);                                                                  \
+                   P[47] == ACT_GELU_TANH, false, 0u, 0u);                                                   \
     SUBGROUP_SHARED_BARRIER();
     FOR_IJ(OUT)
 #endif

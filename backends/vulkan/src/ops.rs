@@ -5,7 +5,7 @@ use crate::device::{Bound, VulkanDevice};
 use crate::pipelines::Kernel;
 use sd3_core::{DType, Error, Layout, Op, OpCall, Result, TensorDesc, UnaryOp};
 
-const PARAM_WORDS: usize = 64;
+const PARAM_WORDS: usize = 72;
 /// Grid-stride shaders launch at most this many workgroups along x (the guaranteed minimum of the limit).
 const MAX_GROUPS: u32 = 65535;
 /// Head dims the attention shaders hold in registers and shared memory (`MAXD` in attention.comp and
@@ -67,6 +67,10 @@ pub fn supports(call: &OpCall, coop: bool) -> bool {
         {
             false
         }
+        // Only where the whole-tile cooperative shader runs it (its epilogue has the residual), and only with
+        // `SD3_VULKAN_FUSED_RESIDUAL=1` until that epilogue has run on a GPU; elsewhere the core runs the matmul and
+        // a gated residual.
+        Op::MatmulGatedResidual { .. } => coop && fused_residual_enabled() && gated_residual_whole_tiles(call),
         Op::Matmul { .. } => {
             let tiles = |n: usize| n.div_ceil(64) <= MAX_GROUPS as usize;
             floats
@@ -101,6 +105,50 @@ pub fn supports(call: &OpCall, coop: bool) -> bool {
             floats && call.inputs.iter().all(|t| t.rank() == rank)
         }
     }
+}
+
+/// `SD3_VULKAN_FUSED_RESIDUAL=1`: take `Op::MatmulGatedResidual` on the whole-tile cooperative shader. Off by
+/// default: the shader's epilogue compiles and the op passes on every other path, but it has not run on a GPU yet.
+pub const FUSED_RESIDUAL_ENV: &str = "SD3_VULKAN_FUSED_RESIDUAL";
+
+fn fused_residual_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var(FUSED_RESIDUAL_ENV).is_ok_and(|v| v == "1"))
+}
+
+/// Whether the f16 operands of a matmul-shaped call suit the whole-tile cooperative shader: K in whole steps, a and
+/// b contiguous along K with 16-byte aligned rows, the given tensors (y, and x for the residual) with unit column
+/// stride and 16-byte aligned rows.
+fn whole_tile_operands(a: &TensorDesc, b: &TensorDesc, stored: &[&TensorDesc], a_offset: u32, b_offset: u32) -> bool {
+    let rank = a.rank();
+    let k = a.shape()[rank - 1];
+    let aligned = |t: &TensorDesc, offset: u32, other: usize| {
+        (offset as usize).is_multiple_of(8)
+            && t.strides()[other].is_multiple_of(8)
+            && t.strides()[..rank - 2].iter().all(|s| s.is_multiple_of(8))
+    };
+    [a, b].iter().chain(stored).all(|t| t.dtype == DType::F16 && t.rank() == rank)
+        && k.is_multiple_of(crate::coop::TILES_K_STEP)
+        && a.strides()[rank - 1] == 1
+        && aligned(a, a_offset, rank - 2)
+        && b.strides()[rank - 2] == 1
+        && aligned(b, b_offset, rank - 1)
+        && stored.iter().all(|t| t.strides()[rank - 1] == 1 && aligned(t, t.layout.offset as u32, rank - 2))
+}
+
+/// `Op::MatmulGatedResidual` on the whole-tile shader: f16 a, b, x, gate and y; the gate one row per batch
+/// element (stride 0 along M), more rows than the matvec shader takes.
+fn gated_residual_whole_tiles(call: &OpCall) -> bool {
+    let (a, b, y) = (&call.inputs[0], &call.inputs[1], &call.outputs[0]);
+    let n_in = call.inputs.len();
+    let (x, gate) = (&call.inputs[n_in - 2], &call.inputs[n_in - 1]);
+    let rank = y.rank();
+    (2..=8).contains(&rank)
+        && [x, gate].iter().all(|t| t.dtype == DType::F16 && t.rank() == rank)
+        && gate.strides()[rank - 2] == 0
+        && y.shape()[..rank - 2].iter().product::<usize>() <= MAX_GROUPS as usize
+        && y.shape()[rank - 2] > MATVEC_MAX_M
+        && whole_tile_operands(a, b, &[y, x], a.layout.offset as u32, b.layout.offset as u32)
 }
 
 /// Whether a 16-bit output can be stored two elements per word by one invocation (the shaders' pair mode): rows of
@@ -436,7 +484,12 @@ fn execute_one(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
             p.u(17, 2);
             (Kernel::GroupNorm, grid(n * groups * chunks))
         }
-        Op::Matmul { bias, act } => {
+        Op::Matmul { .. } | Op::MatmulGatedResidual { .. } => {
+            let (bias, act, residual) = match call.op {
+                Op::Matmul { bias, act } => (bias, act, false),
+                Op::MatmulGatedResidual { bias } => (bias, None, true),
+                _ => unreachable!(),
+            };
             let (a, b, rank) = (&call.inputs[0], &call.inputs[1], y.rank());
             p.u(47, act.map_or(0, |u| u as usize + 1));
             let (m, n, k) = (y.shape()[rank - 2], y.shape()[rank - 1], a.shape()[rank - 1]);
@@ -464,6 +517,20 @@ fn execute_one(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
                 p.u(15, 1);
                 p.view(43, &bins[2], t, t.rank() - 1..t.rank());
                 bindings.push((4, bins[2]));
+            }
+            // The gated residual's x (binding 5) and gate (binding 6), viewed like y: P[48] on, dtypes at 49 and 50,
+            // views at 51 and 60 (offset, row and column strides, batch strides).
+            if residual {
+                p.u(48, 1);
+                for (i, dtype_at, at, binding) in [(2 + bias as usize, 49, 51, 5), (3 + bias as usize, 50, 60, 6)] {
+                    let t = &call.inputs[i];
+                    p.u(dtype_at, dt(t));
+                    p.view(at, &bins[i], t, rank - 2..rank);
+                    for d in 0..rank - 2 {
+                        p.u(at + 3 + d, t.strides()[d]);
+                    }
+                    bindings.push((binding, bins[i]));
+                }
             }
             // The cooperative shader reads 8 halves at once along K where an operand is contiguous along K and every
             // row starts 16 bytes aligned.
@@ -495,6 +562,18 @@ fn execute_one(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
                     _ => false,
                 };
             match dev.coop {
+                // `supports` took the fused residual only for this shader.
+                Some(c) if residual && whole_tiles => {
+                    let (bm, bn) = crate::coop::tiles_block();
+                    (c.matmul_tiles, [n.div_ceil(bn) as u32, m.div_ceil(bm) as u32, batch as u32])
+                }
+                _ if residual => {
+                    return Err(Error::Unsupported {
+                        backend: "vulkan".into(),
+                        op: call.op.name(),
+                        detail: "operands not suited to the whole-tile shader".into(),
+                    })
+                }
                 // A few rows against a K-contiguous b (a linear layer on one token per sample): memory-bound on b.
                 _ if batch == 1 && m <= MATVEC_MAX_M && b.strides()[rank - 2] == 1 => {
                     (Kernel::Matvec, grid(n.div_ceil(32)))

@@ -278,3 +278,35 @@ fn convolution_tiles() {
     let (x, w, b) = (Spec::new(&[1, 64, 40, 40], F16), Spec::new(&[128, 64, 3, 3], F16), Spec::new(&[128], F16));
     check(dev, "conv 3x3 64->128 f16", op, &[x, w, b], &Spec::new(&[1, 128, 40, 40], F16), tol_for(F16, 0.0));
 }
+
+/// The feed-forward output projection with the block's gated residual (`Tensor::linear_gated_residual`): on a
+/// device with the whole-tile cooperative shader and `SD3_VULKAN_FUSED_RESIDUAL=1`, one `MatmulGatedResidual`
+/// call (x as fragments, the gate as a broadcast tile; partial last row and column tiles in the element-wise path),
+/// elsewhere the linear and the gated residual. Against the reference device, in f16 (one rounding at the end
+/// against two).
+#[test]
+fn f16_linear_with_gated_residual() {
+    let dev = device_or_skip!();
+    let be = sd3_core::Backend::new("vulkan", dev.clone());
+    let reference =
+        sd3_core::Backend::new("reference", std::sync::Arc::new(sd3_core::reference::ReferenceDevice::new()));
+    for (b, m, k, n) in [(2, 130, 192, 136), (2, 256, 128, 256)] {
+        let run = |be: &sd3_core::Backend| {
+            let t = |shape: &[usize], seed: u32| {
+                let len: usize = shape.iter().product();
+                let v: Vec<f32> = (0..len)
+                    .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 1000.0 - 0.5)
+                    .collect();
+                be.from_f32(&v, shape, F16).unwrap()
+            };
+            let (h, w, bias, x, gate) =
+                (t(&[b, m, k], 1), t(&[n, k], 2), t(&[n], 3), t(&[b, m, n], 4), t(&[b, 1, n], 5));
+            h.linear_gated_residual(&w, Some(&bias), &x, &gate).unwrap().to_f32_vec().unwrap()
+        };
+        let (got, want) = (run(&be), run(&reference));
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!((g - w).abs() <= 4e-3 * (1.0 + w.abs()), "{b}x{m}x{k}x{n}: element {i}: got {g}, want {w}");
+        }
+    }
+    eprintln!("ops: {:?}", be.op_counts());
+}

@@ -25,7 +25,7 @@ pub fn nmse_limit(op: &Op, d: DType) -> f64 {
         Op::Unary(_) | Op::Binary(_) | Op::Affine { .. } | Op::Modulate | Op::GatedResidual => (1e-7, 4.0),
         Op::Softmax => (1e-6, 4.0),
         Op::LayerNorm { .. } | Op::RmsNorm { .. } | Op::LayerNormModulate { .. } | Op::GroupNorm { .. } => (1e-7, 4.0),
-        Op::Matmul { .. } | Op::Conv2d { .. } | Op::Attention { .. } => (5e-4, 16.0),
+        Op::Matmul { .. } | Op::MatmulGatedResidual { .. } | Op::Conv2d { .. } | Op::Attention { .. } => (5e-4, 16.0),
     };
     let e = epsilon(d);
     f64::max(base, c * e * e)

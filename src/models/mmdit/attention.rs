@@ -162,9 +162,54 @@ impl JointAttention {
         })
     }
 
-    /// `x̂ [B, N, D]`, `ĉ [B, S, D]` → (image output `[B, N, D]`, text output `[B, S, D]` unless context_pre_only).
-    /// A tensor-parallel rank attends over its heads and sums the output projections over `comm`.
-    pub fn forward(&self, x: &Tensor, c: &Tensor, comm: &Comm) -> sd3_core::Result<(Tensor, Option<Tensor>)> {
+    /// `x̂ [B, N, D]`, `ĉ [B, S, D]` and each stream's residual and gate → `(x + gate_x·to_out(o_x), c +
+    /// gate_c·to_add_out(o_c))`, `[B, N, D]` and `[B, S, D]`, the second only with `context` (not in the last,
+    /// context_pre_only block). The gated residuals are the projections' epilogue where the device fuses them
+    /// ([`Tensor::linear_gated_residual`]). A tensor-parallel rank attends over its heads and sums the output
+    /// projections over `comm` before the residuals.
+    pub fn forward_gated_residual(
+        &self,
+        x_hat: &Tensor,
+        c_hat: &Tensor,
+        (x, gate_x): (&Tensor, &Tensor),
+        context: Option<(&Tensor, &Tensor)>,
+        comm: &Comm,
+    ) -> sd3_core::Result<(Tensor, Option<Tensor>)> {
+        let (o, n, s) = self.attend(x_hat, c_hat)?;
+        let o_x = o.narrow(1, 0, n)?;
+        let text = match (&self.to_add_out, context) {
+            (Some(to_add_out), Some((c, gate_c))) => Some((to_add_out, o.narrow(1, n, s)?, c, gate_c)),
+            _ => None,
+        };
+        let fused = self.to_out.fuses_gated_residual(&o_x, x, gate_x, comm)?
+            && match &text {
+                Some((p, o_c, c, gate_c)) => p.fuses_gated_residual(o_c, c, gate_c, comm)?,
+                None => true,
+            };
+        if fused {
+            let x = self.to_out.forward_gated_residual(&o_x, x, gate_x, comm)?;
+            let c = match &text {
+                Some((p, o_c, c, gate_c)) => Some(p.forward_gated_residual(o_c, c, gate_c, comm)?),
+                None => None,
+            };
+            return Ok((x, c));
+        }
+        // Unfused: both streams' projections, then both residuals, so that the projections run side by side.
+        let a_x = self.to_out.forward(&o_x, comm)?;
+        let a_c = match &text {
+            Some((p, o_c, ..)) => Some(p.forward(o_c, comm)?),
+            None => None,
+        };
+        let x = x.gated_residual(gate_x, &a_x)?;
+        let c = match (&text, a_c) {
+            (Some((_, _, c, gate_c)), Some(a_c)) => Some(c.gated_residual(gate_c, &a_c)?),
+            _ => None,
+        };
+        Ok((x, c))
+    }
+
+    /// The joint attention before the output projections: `o [B, Nq, D]` (this rank's heads) with N and S.
+    fn attend(&self, x: &Tensor, c: &Tensor) -> sd3_core::Result<(Tensor, usize, usize)> {
         let (b, n, s) = (x.dim(0), x.dim(1), c.dim(1));
         let (h, dh) = (self.image.heads, self.image.head_dim);
         let (d, t) = (h * dh, n + s);
@@ -194,13 +239,7 @@ impl JointAttention {
         let o = backend.empty(&[b, nq, h, dh], x.dtype())?;
         let params = AttentionParams::new(self.scale);
         Tensor::attention_into(&heads_first(&q)?, &heads_first(&k)?, &heads_first(&v)?, &params, &heads_first(&o)?)?;
-        let o = o.reshape(&[b, nq, d])?;
-        let ox = self.to_out.forward(&o.narrow(1, 0, n)?, comm)?;
-        let oc = match &self.to_add_out {
-            Some(to_add_out) => Some(to_add_out.forward(&o.narrow(1, n, s)?, comm)?),
-            None => None,
-        };
-        Ok((ox, oc))
+        Ok((o.reshape(&[b, nq, d])?, n, s))
     }
 }
 

@@ -70,6 +70,26 @@ impl FeedForward {
     pub fn down(&self, h: &Tensor, comm: &Comm) -> sd3_core::Result<Tensor> {
         self.proj_out.forward(h, comm)
     }
+    /// Whether [`Self::down_gated_residual`] runs as one fused op here.
+    pub fn fuses_gated_residual(
+        &self,
+        h: &Tensor,
+        residual: &Tensor,
+        gate: &Tensor,
+        comm: &Comm,
+    ) -> sd3_core::Result<bool> {
+        self.proj_out.fuses_gated_residual(h, residual, gate, comm)
+    }
+    /// `residual + gate·net.2(h)`, the block's gated residual fused into the projection where the device can.
+    pub fn down_gated_residual(
+        &self,
+        h: &Tensor,
+        residual: &Tensor,
+        gate: &Tensor,
+        comm: &Comm,
+    ) -> sd3_core::Result<Tensor> {
+        self.proj_out.forward_gated_residual(h, residual, gate, comm)
+    }
 }
 
 /// The text stream's half of a block that is not the last one.
@@ -178,22 +198,26 @@ impl JointTransformerBlock {
         };
         // Dual blocks: x̂2 = LN(x)·(1+scale_msa2)+shift_msa2, from the block's input.
         let x_hat2 = if self.attn2.is_some() { Some(x.layer_norm_modulate(&m[7], &m[6], LN_EPS)?) } else { None };
-        let (a_x, a_c) = self.attn.forward(&x_hat, &c_hat, comm)?;
-        let mut x = x.gated_residual(&m[2], &a_x)?;
-        let c = match (&cm, a_c) {
-            (Some(cm), Some(a_c)) => Some(c.gated_residual(&cm[2], &a_c)?),
-            _ => None,
-        };
+        // The attention's output projections with the gated residuals as their epilogue (where the device fuses it).
+        let context = cm.as_ref().map(|cm| (c, &cm[2]));
+        let (mut x, c) = self.attn.forward_gated_residual(&x_hat, &c_hat, (x, &m[2]), context, comm)?;
         if let (Some(attn2), Some(x_hat2)) = (&self.attn2, &x_hat2) {
             // Image-only self-attention, added after the joint-attention residual, before the MLP.
             x = x.gated_residual(&m[8], &attn2.forward(x_hat2, comm)?)?;
         }
         let x_ff = x.layer_norm_modulate(&m[4], &m[3], LN_EPS)?;
         let (Some(ctx), Some(cm), Some(c)) = (&self.context, &cm, c) else {
-            return Ok((None, x.gated_residual(&m[5], &self.ff.forward(&x_ff, comm)?)?));
+            return Ok((None, self.ff.down_gated_residual(&self.ff.up(&x_ff)?, &x, &m[5], comm)?));
         };
         let c_ff = c.layer_norm_modulate(&cm[4], &cm[3], LN_EPS)?;
         let (h_x, h_c) = (self.ff.up(&x_ff)?, ctx.ff.up(&c_ff)?);
+        if self.ff.fuses_gated_residual(&h_x, &x, &m[5], comm)?
+            && ctx.ff.fuses_gated_residual(&h_c, &c, &cm[5], comm)?
+        {
+            let x = self.ff.down_gated_residual(&h_x, &x, &m[5], comm)?;
+            return Ok((Some(ctx.ff.down_gated_residual(&h_c, &c, &cm[5], comm)?), x));
+        }
+        // Unfused: both down projections, then both residuals, so that the projections run side by side.
         let (f_x, f_c) = (self.ff.down(&h_x, comm)?, ctx.ff.down(&h_c, comm)?);
         Ok((Some(c.gated_residual(&cm[5], &f_c)?), x.gated_residual(&m[5], &f_x)?))
     }

@@ -113,6 +113,35 @@ impl RowParallelLinear {
     }
 
     /// `linear(x)` over the whole group: `x` holds this rank's input features.
+    /// Whether [`Self::forward_gated_residual`] runs as one fused op here (one device, the device takes it).
+    pub fn fuses_gated_residual(
+        &self,
+        x: &Tensor,
+        residual: &Tensor,
+        gate: &Tensor,
+        comm: &Comm,
+    ) -> sd3_core::Result<bool> {
+        if comm.all_reduce.is_some() || self.bias_after_sum.is_some() {
+            return Ok(false);
+        }
+        x.fuses_linear_gated_residual(&self.linear.weight, self.linear.bias.as_ref(), residual, gate)
+    }
+
+    /// `residual + gate·forward(x)`: on one device one fused op where the device has it
+    /// ([`Tensor::linear_gated_residual`]); across a group the sum first, then the gated residual.
+    pub fn forward_gated_residual(
+        &self,
+        x: &Tensor,
+        residual: &Tensor,
+        gate: &Tensor,
+        comm: &Comm,
+    ) -> sd3_core::Result<Tensor> {
+        match (comm.all_reduce, &self.bias_after_sum) {
+            (None, None) => x.linear_gated_residual(&self.linear.weight, self.linear.bias.as_ref(), residual, gate),
+            _ => residual.gated_residual(gate, &self.forward(x, comm)?),
+        }
+    }
+
     pub fn forward(&self, x: &Tensor, comm: &Comm) -> sd3_core::Result<Tensor> {
         let y = comm.sum(self.linear.forward(x)?)?;
         match &self.bias_after_sum {

@@ -36,6 +36,8 @@ pub fn supports(dev: &OpenClDevice, call: &OpCall) -> bool {
         }
         // Activation epilogues are declined: the core runs the matmul and a unary op.
         Op::Matmul { .. } => dev.tuning.gemm_ok(&dev.cl) && call.outputs[0].rank() >= 2,
+        // Not fused here: the core runs the matmul and the gated residual.
+        Op::MatmulGatedResidual { .. } => false,
         Op::Conv2d { .. } => dev.tuning.gemm_ok(&dev.cl) && call.inputs[0].rank() == 4 && call.inputs[1].rank() == 4,
         Op::Attention { .. } => {
             let ok_rank = call.inputs[..3].iter().all(|t| t.rank() == 4);
@@ -67,6 +69,11 @@ pub fn execute(dev: &OpenClDevice, call: &OpCall) -> Result<()> {
         | Op::LayerNormModulate { .. }
         | Op::GroupNorm { .. } => reduce::run(&mut cx, call),
         Op::Matmul { bias, act } => gemm::matmul(&mut cx, call, bias, act),
+        Op::MatmulGatedResidual { .. } => Err(sd3_core::Error::Unsupported {
+            backend: "opencl".into(),
+            op: call.op.name(),
+            detail: "declined in supports()".into(),
+        }),
         Op::Conv2d { stride, padding, bias } => gemm::conv2d(&mut cx, call, stride, padding, bias),
         Op::Attention { .. } => attention::run(&mut cx, call),
     }

@@ -29,6 +29,12 @@ pub fn matmul_cases(d: DType, floats: &[DType]) -> Vec<Case> {
         Case::new(act(true, UnaryOp::GeluTanh), vec![c(d, &[17, 33]), tr(d, &[33, 29]), c(d, &[29])], c(d, &[17, 29])),
         Case::new(act(false, UnaryOp::Silu), vec![c(d, &[3, 19, 24]), c(d, &[3, 24, 11])], c(d, &[3, 19, 11])),
         Case::new(act(true, UnaryOp::GeluErf), vec![s(d, &[13, 21]), tr(d, &[21, 9]), c(d, &[9])], s(d, &[13, 9])),
+        // The gated residual as a linear's epilogue, one gate row per batch element (the MM-DiT's): small, then on
+        // the whole-tile shader's terms (f16: K a multiple of 64) with partial last row and column tiles, then one
+        // whole tile without bias.
+        residual(d, true, 2, 9, 16, 24),
+        residual(d, true, 2, 130, 64, 136),
+        residual(d, false, 1, 128, 128, 128),
     ];
     if d != DType::F32 && floats.contains(&DType::F32) {
         let f = DType::F32;
@@ -44,6 +50,17 @@ pub fn matmul_cases(d: DType, floats: &[DType]) -> Vec<Case> {
         ]);
     }
     cases
+}
+
+/// `x + gate·(a·Wᵀ (+ bias))` with `a [batch, m, k]`, an `nn.Linear` weight, `x [batch, m, n]` and a gate of one
+/// row per batch element.
+fn residual(d: DType, bias: bool, batch: usize, m: usize, k: usize, n: usize) -> Case {
+    let mut ins = vec![c(d, &[batch, m, k]), linear_weight(d, batch, k, n)];
+    if bias {
+        ins.push(c(d, &[n]));
+    }
+    ins.extend([c(d, &[batch, m, n]), b(d, &[batch, m, n], &[1])]);
+    Case::new(Op::MatmulGatedResidual { bias }, ins, c(d, &[batch, m, n]))
 }
 
 /// An `nn.Linear` weight `[N, K]` viewed as the right operand `[batch, K, N]`: transposed, batch stride 0.
