@@ -14,7 +14,7 @@
 # Then run `bash carry-khr/bench_vulkan_khr.sh` with carry [carry-khr, .gl, .whl] and timeout_s 540; and
 # `bash carry-khr/bench_vulkan_khr.sh tiles VARIANT:RxC...` (a second call) for variants of the KHR whole-tile
 # kernel with other subgroup grids (shaders/matmul_khr_tiles16_VARIANT.comp, setting WGM, WGN, WM, WN, BK; none is
-# kept once measured), each with its workgroup tile RxC.
+# kept once measured), each with its workgroup tile RxC; `... fused` checks and times the fused gated residual.
 C=$PWD/carry-khr; LOG=$OUT/log.txt
 for f in .gl/*.deb; do dpkg -x $f /; done; ldconfig
 export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json SD3_PLUGIN_PATH=$C
@@ -23,6 +23,20 @@ date -u; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 quiet() { local name=$1 t=$2; shift 2; timeout $t "$@" > /tmp/$name.txt 2>&1; local rc=$?
   cat /tmp/$name.txt >> $LOG; echo "$name rc=$rc $(grep -E 'test result|passed,' /tmp/$name.txt | tail -1)"; }
 B="bench_mmdit_gpu --backend vulkan --dtype f16 --res 1024 --batch 2 --iters 5"
+if [ "${1:-}" = fused ]; then
+  # The gated residual as the whole-tile matmul's epilogue (SD3_VULKAN_FUSED_RESIDUAL=1, off by default until this
+  # has passed): correctness on the card, then the forward with and without it, and diffusers.
+  export SD3_VULKAN_FUSED_RESIDUAL=1
+  quiet paths_fused 90 $C/test_paths
+  quiet conformance_fused 150 $C/sd3 conformance --backend vulkan
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl > /dev/null 2>&1
+  for r in 1 2; do
+    echo "forward, fused: $(timeout 90 $C/$B 2>&1 | grep -o 'median.*' | head -1)"
+    echo "forward, unfused: $(SD3_VULKAN_FUSED_RESIDUAL=0 timeout 90 $C/$B 2>&1 | grep -o 'median.*' | head -1)"
+    echo "diffusers: $(PYTHONPATH=/tmp/site timeout 150 python3 $C/anchor_mmdit_f16.py 2>&1 | tail -1)"
+  done
+  exit 0
+fi
 if [ "${1:-}" = tiles ]; then
   # matmul_khr_tiles16 variants: (variant, tile) pairs, each checked by `paths` before it is timed.
   export SD3_VULKAN_KHR=1; shift
