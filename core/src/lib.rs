@@ -30,7 +30,7 @@ pub use error::{Error, Result};
 pub use layout::{BufferId, Layout, TensorDesc, MAX_RANK};
 pub use legalize::LegalizeStats;
 pub use op::{BinaryOp, EncodedOp, Op, OpCall, UnaryOp};
-pub use tensor::{broadcast_shape, AttentionParams, Tensor};
+pub use tensor::{broadcast_shape, AttentionParams, PreparedCall, Tensor};
 pub use timing::DeviceTimer;
 
 /// Re-exported so backends register built-ins without depending on `inventory` themselves.

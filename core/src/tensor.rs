@@ -526,35 +526,21 @@ impl Tensor {
         x: &Tensor,
         gate: &Tensor,
     ) -> Result<Tensor> {
-        match self.fused_gated_residual(weight, bias, x, gate)? {
-            Some((op, ins, out)) => {
-                self.backend().run(op, &ins.iter().collect::<Vec<_>>(), &[&out])?;
-                Ok(out)
-            }
+        match self.prepare_linear_gated_residual(weight, bias, x, gate)? {
+            Some(fused) => fused.run(),
             None => x.gated_residual(gate, &self.linear(weight, bias)?),
         }
     }
 
-    /// Whether [`Tensor::linear_gated_residual`] on these operands runs as one fused op on this device (else as
-    /// the linear and the gated residual): for callers that order the unfused parts of several streams themselves.
-    pub fn fuses_linear_gated_residual(
+    /// [`Tensor::linear_gated_residual`]'s fused call, checked against the device and ready to run, or `None` where
+    /// the device declines it: for callers that order the unfused parts of several streams themselves.
+    pub fn prepare_linear_gated_residual(
         &self,
         weight: &Tensor,
         bias: Option<&Tensor>,
         x: &Tensor,
         gate: &Tensor,
-    ) -> Result<bool> {
-        Ok(self.fused_gated_residual(weight, bias, x, gate)?.is_some())
-    }
-
-    /// The fused call's op, inputs and output, or `None` where the device declines it.
-    fn fused_gated_residual(
-        &self,
-        weight: &Tensor,
-        bias: Option<&Tensor>,
-        x: &Tensor,
-        gate: &Tensor,
-    ) -> Result<Option<(Op, Vec<Tensor>, Tensor)>> {
+    ) -> Result<Option<PreparedCall>> {
         let what = || format!("input {:?}, weight {:?}, x {:?}", self.shape(), weight.shape(), x.shape());
         if self.rank() != 3 || weight.rank() != 2 || weight.dim(1) != self.dim(2) {
             return shape_err("linear_gated_residual", what());
@@ -564,13 +550,15 @@ impl Tensor {
             return shape_err("linear_gated_residual", what());
         }
         let wt = matrix_friendly(&weight.transpose(0, 1)?)?.unsqueeze(0)?.broadcast_to(&[b, self.dim(2), d])?;
-        let mut ins = vec![matrix_friendly(self)?, wt];
-        ins.extend(bias.cloned());
-        ins.extend([x.clone(), gate.broadcast_to(x.shape())?]);
-        let out = x.new_like(x.shape(), x.dtype)?;
-        let op = Op::MatmulGatedResidual { bias: bias.is_some() };
-        let supported = self.backend().supports(op, &ins.iter().collect::<Vec<_>>(), &[&out]);
-        Ok(supported.then_some((op, ins, out)))
+        let mut inputs = vec![matrix_friendly(self)?, wt];
+        inputs.extend(bias.cloned());
+        inputs.extend([x.clone(), gate.broadcast_to(x.shape())?]);
+        let call = PreparedCall {
+            op: Op::MatmulGatedResidual { bias: bias.is_some() },
+            inputs,
+            output: x.new_like(x.shape(), x.dtype)?,
+        };
+        Ok(call.supported().then_some(call))
     }
 
     pub fn group_norm(
@@ -692,6 +680,25 @@ impl Tensor {
 }
 
 /// Queue `out = act(a·b (+ bias))` for operands already broadcast to `out`'s batch dims.
+/// One op on tensors, built by a `prepare_*` method once the device said it takes it; [`PreparedCall::run`] queues it
+/// and returns the output.
+pub struct PreparedCall {
+    op: Op,
+    inputs: Vec<Tensor>,
+    output: Tensor,
+}
+
+impl PreparedCall {
+    fn supported(&self) -> bool {
+        self.output.backend().supports(self.op, &self.inputs.iter().collect::<Vec<_>>(), &[&self.output])
+    }
+
+    pub fn run(self) -> Result<Tensor> {
+        self.output.backend().run(self.op, &self.inputs.iter().collect::<Vec<_>>(), &[&self.output])?;
+        Ok(self.output)
+    }
+}
+
 fn run_matmul(a: &Tensor, b: &Tensor, bias: Option<&Tensor>, act: Option<UnaryOp>, out: &Tensor) -> Result<()> {
     let n = out.dim(out.rank() - 1);
     let (a, b) = (matrix_friendly(a)?, matrix_friendly(b)?);

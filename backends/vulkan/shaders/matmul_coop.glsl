@@ -31,7 +31,9 @@
 // wait for the stores before it.
 //
 // Parameters: as matmul.comp, plus [45] a is vector-loadable, [46] b is (the host picks this shader only when a and
-// b are f16).
+// b are f16), [47] the activation epilogue, and for the gated-residual epilogue (Op::MatmulGatedResidual, whole-tile
+// shaders only) [48] on, [49] x's and [50] gate's dtypes, their views at 51 and 60 (offset, row and column strides,
+// batch strides), x bound at 5 and gate at 6.
 #ifndef BK
 #define BK 32
 #endif

@@ -11,7 +11,7 @@
 use super::parallel::{Comm, RowParallelLinear, Shard};
 use super::params::{Linear, Params};
 use super::MmditError;
-use sd3_core::{AttentionParams, Backend, DType, Tensor};
+use sd3_core::{AttentionParams, Backend, DType, PreparedCall, Tensor};
 
 pub const QK_NORM_EPS: f32 = 1e-6;
 
@@ -181,18 +181,14 @@ impl JointAttention {
             (Some(to_add_out), Some((c, gate_c))) => Some((to_add_out, o.narrow(1, n, s)?, c, gate_c)),
             _ => None,
         };
-        let fused = self.to_out.fuses_gated_residual(&o_x, x, gate_x, comm)?
-            && match &text {
-                Some((p, o_c, c, gate_c)) => p.fuses_gated_residual(o_c, c, gate_c, comm)?,
-                None => true,
-            };
-        if fused {
-            let x = self.to_out.forward_gated_residual(&o_x, x, gate_x, comm)?;
-            let c = match &text {
-                Some((p, o_c, c, gate_c)) => Some(p.forward_gated_residual(o_c, c, gate_c, comm)?),
-                None => None,
-            };
-            return Ok((x, c));
+        let fused_x = self.to_out.prepare_gated_residual(&o_x, x, gate_x, comm)?;
+        let fused_c = match &text {
+            Some((p, o_c, c, gate_c)) => p.prepare_gated_residual(o_c, c, gate_c, comm)?.map(Some),
+            None => Some(None),
+        };
+        if let (Some(fx), Some(fc)) = (fused_x, fused_c) {
+            let x = fx.run()?;
+            return Ok((x, fc.map(PreparedCall::run).transpose()?));
         }
         // Unfused: both streams' projections, then both residuals, so that the projections run side by side.
         let a_x = self.to_out.forward(&o_x, comm)?;

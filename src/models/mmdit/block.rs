@@ -6,7 +6,7 @@ use super::attention::{JointAttention, SelfAttention};
 use super::parallel::{Comm, RowParallelLinear, Shard};
 use super::params::{Linear, Params};
 use super::MmditError;
-use sd3_core::{Backend, DType, Tensor, UnaryOp};
+use sd3_core::{Backend, DType, PreparedCall, Tensor, UnaryOp};
 
 pub const LN_EPS: f32 = 1e-6;
 
@@ -70,15 +70,15 @@ impl FeedForward {
     pub fn down(&self, h: &Tensor, comm: &Comm) -> sd3_core::Result<Tensor> {
         self.proj_out.forward(h, comm)
     }
-    /// Whether [`Self::down_gated_residual`] runs as one fused op here.
-    pub fn fuses_gated_residual(
+    /// [`Self::down_gated_residual`] as one fused call ready to run, where the device takes it.
+    pub fn prepare_down_gated_residual(
         &self,
         h: &Tensor,
         residual: &Tensor,
         gate: &Tensor,
         comm: &Comm,
-    ) -> sd3_core::Result<bool> {
-        self.proj_out.fuses_gated_residual(h, residual, gate, comm)
+    ) -> sd3_core::Result<Option<PreparedCall>> {
+        self.proj_out.prepare_gated_residual(h, residual, gate, comm)
     }
     /// `residual + gate·net.2(h)`, the block's gated residual fused into the projection where the device can.
     pub fn down_gated_residual(
@@ -211,11 +211,10 @@ impl JointTransformerBlock {
         };
         let c_ff = c.layer_norm_modulate(&cm[4], &cm[3], LN_EPS)?;
         let (h_x, h_c) = (self.ff.up(&x_ff)?, ctx.ff.up(&c_ff)?);
-        if self.ff.fuses_gated_residual(&h_x, &x, &m[5], comm)?
-            && ctx.ff.fuses_gated_residual(&h_c, &c, &cm[5], comm)?
-        {
-            let x = self.ff.down_gated_residual(&h_x, &x, &m[5], comm)?;
-            return Ok((Some(ctx.ff.down_gated_residual(&h_c, &c, &cm[5], comm)?), x));
+        let fused_x = self.ff.prepare_down_gated_residual(&h_x, &x, &m[5], comm)?;
+        if let (Some(fx), Some(fc)) = (fused_x, ctx.ff.prepare_down_gated_residual(&h_c, &c, &cm[5], comm)?) {
+            let x = fx.run()?;
+            return Ok((Some(fc.run()?), x));
         }
         // Unfused: both down projections, then both residuals, so that the projections run side by side.
         let (f_x, f_c) = (self.ff.down(&h_x, comm)?, ctx.ff.down(&h_c, comm)?);

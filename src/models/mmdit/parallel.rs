@@ -16,7 +16,7 @@
 use super::params::{Linear, Params};
 use super::{MmditError, Sd3Transformer2DModel, Sd3TransformerConfig};
 use crate::weights::Weights;
-use sd3_core::{Backend, DType, Tensor};
+use sd3_core::{Backend, DType, PreparedCall, Tensor};
 use std::ops::Range;
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -112,23 +112,23 @@ impl RowParallelLinear {
         })
     }
 
-    /// `linear(x)` over the whole group: `x` holds this rank's input features.
-    /// Whether [`Self::forward_gated_residual`] runs as one fused op here (one device, the device takes it).
-    pub fn fuses_gated_residual(
+    /// `residual + gate·forward(x)` as one fused call ready to run, where there is one device (no sum between the
+    /// product and the residual) and the device takes it ([`Tensor::prepare_linear_gated_residual`]).
+    pub fn prepare_gated_residual(
         &self,
         x: &Tensor,
         residual: &Tensor,
         gate: &Tensor,
         comm: &Comm,
-    ) -> sd3_core::Result<bool> {
+    ) -> sd3_core::Result<Option<PreparedCall>> {
         if comm.all_reduce.is_some() || self.bias_after_sum.is_some() {
-            return Ok(false);
+            return Ok(None);
         }
-        x.fuses_linear_gated_residual(&self.linear.weight, self.linear.bias.as_ref(), residual, gate)
+        x.prepare_linear_gated_residual(&self.linear.weight, self.linear.bias.as_ref(), residual, gate)
     }
 
-    /// `residual + gate·forward(x)`: on one device one fused op where the device has it
-    /// ([`Tensor::linear_gated_residual`]); across a group the sum first, then the gated residual.
+    /// `residual + gate·forward(x)`: one fused op where [`Self::prepare_gated_residual`] gives one, else the
+    /// projection (summed over the group) and then the gated residual.
     pub fn forward_gated_residual(
         &self,
         x: &Tensor,
@@ -136,12 +136,13 @@ impl RowParallelLinear {
         gate: &Tensor,
         comm: &Comm,
     ) -> sd3_core::Result<Tensor> {
-        match (comm.all_reduce, &self.bias_after_sum) {
-            (None, None) => x.linear_gated_residual(&self.linear.weight, self.linear.bias.as_ref(), residual, gate),
-            _ => residual.gated_residual(gate, &self.forward(x, comm)?),
+        match self.prepare_gated_residual(x, residual, gate, comm)? {
+            Some(fused) => fused.run(),
+            None => residual.gated_residual(gate, &self.forward(x, comm)?),
         }
     }
 
+    /// `linear(x)` over the whole group: `x` holds this rank's input features.
     pub fn forward(&self, x: &Tensor, comm: &Comm) -> sd3_core::Result<Tensor> {
         let y = comm.sum(self.linear.forward(x)?)?;
         match &self.bias_after_sum {
