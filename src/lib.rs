@@ -16,4 +16,5 @@ pub mod pipeline;
 pub mod runtime;
 pub mod scheduler;
 pub mod tokenizer;
+pub mod train;
 pub mod weights;

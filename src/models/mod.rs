@@ -5,3 +5,4 @@ pub mod layers;
 pub mod mmdit;
 pub mod t5;
 pub mod vae;
+pub mod vae_encoder;

@@ -1,4 +1,4 @@
-//! The decoder half of diffusers' `AutoencoderKL`
+//! The decoder half of diffusers' `AutoencoderKL` (the encoder is `vae_encoder.rs`)
 //! (<https://github.com/huggingface/diffusers/blob/main/src/diffusers/models/autoencoders/autoencoder_kl.py>,
 //! `Decoder` in `autoencoders/vae.py`, `ResnetBlock2D` in `resnet.py`, `UNetMidBlock2D` / `UpDecoderBlock2D` in
 //! `unets/unet_2d_blocks.py`, `Upsample2D` in `upsampling.py`, the mid-block `Attention` in `attention_processor.py`).
@@ -15,7 +15,7 @@ use serde::Deserialize;
 use std::path::Path;
 
 /// diffusers' GroupNorm epsilon everywhere in the decoder (`resnet_eps`, `conv_norm_out`).
-const EPS: f32 = 1e-6;
+pub(super) const EPS: f32 = 1e-6;
 
 /// `AutoencoderKL`'s config, the fields the decoder reads (defaults are diffusers').
 #[derive(Clone, Debug, Deserialize)]
@@ -38,6 +38,16 @@ pub struct VaeConfig {
     pub act_fn: String,
     #[serde(default)]
     pub up_block_types: Option<Vec<String>>,
+    #[serde(default = "default_in_channels")]
+    pub in_channels: usize,
+    #[serde(default = "default_true")]
+    pub use_quant_conv: bool,
+    #[serde(default)]
+    pub down_block_types: Option<Vec<String>>,
+}
+
+fn default_in_channels() -> usize {
+    3
 }
 
 fn default_out_channels() -> usize {
@@ -51,7 +61,7 @@ fn default_act_fn() -> String {
 }
 
 /// `ResnetBlock2D` without time embedding: `shortcut(x) + conv2(silu(norm2(conv1(silu(norm1(x))))))`.
-struct ResnetBlock2D {
+pub(super) struct ResnetBlock2D {
     norm1: GroupNorm,
     conv1: Conv2d,
     norm2: GroupNorm,
@@ -60,7 +70,7 @@ struct ResnetBlock2D {
 }
 
 impl ResnetBlock2D {
-    fn load(l: &Loader, prefix: &str, groups: usize, in_ch: usize, out_ch: usize) -> anyhow::Result<Self> {
+    pub(super) fn load(l: &Loader, prefix: &str, groups: usize, in_ch: usize, out_ch: usize) -> anyhow::Result<Self> {
         Ok(ResnetBlock2D {
             norm1: GroupNorm::load(l, &format!("{prefix}.norm1"), groups, in_ch, EPS)?,
             conv1: Conv2d::load(l, &format!("{prefix}.conv1"), in_ch, out_ch, 3)?,
@@ -74,7 +84,7 @@ impl ResnetBlock2D {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> sd3_core::Result<Tensor> {
+    pub(super) fn forward(&self, x: &Tensor) -> sd3_core::Result<Tensor> {
         let mut h = self.norm1.forward(x)?;
         h = h.silu()?;
         h = self.conv1.forward(&h)?;
@@ -89,7 +99,7 @@ impl ResnetBlock2D {
 }
 
 /// The mid-block `Attention`: group norm, one head over the H·W tokens (head dim = channels), residual.
-struct AttentionBlock {
+pub(super) struct AttentionBlock {
     group_norm: GroupNorm,
     to_q: Linear,
     to_k: Linear,
@@ -98,7 +108,7 @@ struct AttentionBlock {
 }
 
 impl AttentionBlock {
-    fn load(l: &Loader, prefix: &str, groups: usize, ch: usize) -> anyhow::Result<Self> {
+    pub(super) fn load(l: &Loader, prefix: &str, groups: usize, ch: usize) -> anyhow::Result<Self> {
         Ok(AttentionBlock {
             group_norm: GroupNorm::load(l, &format!("{prefix}.group_norm"), groups, ch, EPS)?,
             to_q: Linear::load(l, &format!("{prefix}.to_q"), ch, ch, true)?,
@@ -108,7 +118,7 @@ impl AttentionBlock {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> sd3_core::Result<Tensor> {
+    pub(super) fn forward(&self, x: &Tensor) -> sd3_core::Result<Tensor> {
         let (b, c, hh, ww) = (x.dim(0), x.dim(1), x.dim(2), x.dim(3));
         // [B, C, H, W] → tokens [B, H·W, C] (group norm is per channel group, so it can run before the transpose).
         let tokens = self.group_norm.forward(x)?.reshape(&[b, c, hh * ww])?.transpose(1, 2)?.contiguous()?;
@@ -275,7 +285,7 @@ impl AutoencoderKL {
 
 impl VaeConfig {
     /// Whether the decoder can be built from this config (the reason if not).
-    fn check(&self) -> Result<(), String> {
+    pub(super) fn check(&self) -> Result<(), String> {
         let channels = &self.block_out_channels;
         if channels.is_empty() {
             return Err("block_out_channels is empty".into());

@@ -17,8 +17,8 @@ pub const QK_NORM_EPS: f32 = 1e-6;
 
 /// Per-head RMS norm weights `[Dh]` of q and k (`norm_q`, `norm_k` or `norm_added_q`, `norm_added_k`).
 pub struct QkNorm {
-    q: Tensor,
-    k: Tensor,
+    pub(super) q: Tensor,
+    pub(super) k: Tensor,
 }
 
 impl QkNorm {
@@ -39,10 +39,10 @@ impl QkNorm {
 
 /// One stream's fused q/k/v projection and optional q/k RMS norm.
 pub struct QkvProjection {
-    qkv: Linear,
-    norm: Option<QkNorm>,
-    heads: usize,
-    head_dim: usize,
+    pub(super) qkv: Linear,
+    pub(super) norm: Option<QkNorm>,
+    pub(super) heads: usize,
+    pub(super) head_dim: usize,
 }
 
 impl QkvProjection {
@@ -106,11 +106,11 @@ fn split_qkv(qkv: &Tensor, heads: usize, head_dim: usize) -> sd3_core::Result<[T
 /// The joint attention of a `JointTransformerBlock` (`attn`): image stream `to_q/to_k/to_v/to_out.0`, text stream
 /// `add_q_proj/add_k_proj/add_v_proj/to_add_out` (no `to_add_out` in the last, `context_pre_only` block).
 pub struct JointAttention {
-    image: QkvProjection,
-    context: QkvProjection,
-    to_out: RowParallelLinear,
-    to_add_out: Option<RowParallelLinear>,
-    scale: f32,
+    pub(super) image: QkvProjection,
+    pub(super) context: QkvProjection,
+    pub(super) to_out: RowParallelLinear,
+    pub(super) to_add_out: Option<RowParallelLinear>,
+    pub(super) scale: f32,
 }
 
 impl JointAttention {
@@ -241,9 +241,9 @@ impl JointAttention {
 
 /// `attn2` of a dual-attention (MMDiT-X) block: self-attention over image tokens only.
 pub struct SelfAttention {
-    qkv: QkvProjection,
-    to_out: RowParallelLinear,
-    scale: f32,
+    pub(super) qkv: QkvProjection,
+    pub(super) to_out: RowParallelLinear,
+    pub(super) scale: f32,
 }
 
 impl SelfAttention {

@@ -11,14 +11,14 @@ use sd3_core::{Backend, DType, PreparedCall, Tensor, UnaryOp};
 pub const LN_EPS: f32 = 1e-6;
 
 /// `emb = linear(silu(temb))` `[B, k·D]` split into k views `[B, 1, D]` (broadcast over tokens).
-fn modulation(linear: &Linear, temb_silu: &Tensor, k: usize) -> sd3_core::Result<Vec<Tensor>> {
+pub(super) fn modulation(linear: &Linear, temb_silu: &Tensor, k: usize) -> sd3_core::Result<Vec<Tensor>> {
     let emb = linear.forward(temb_silu)?;
     emb.chunk(k, 1)?.into_iter().map(|c| c.unsqueeze(1)).collect()
 }
 
 /// `AdaLayerNormContinuous(D, D, elementwise_affine=False, eps=1e-6)`: `LN(x)·(1+scale)+shift`, (scale, shift) order.
 pub struct AdaLayerNormContinuous {
-    linear: Linear,
+    pub(super) linear: Linear,
 }
 
 impl AdaLayerNormContinuous {
@@ -36,8 +36,8 @@ impl AdaLayerNormContinuous {
 /// The GELU is the epilogue of the first matmul (`Op::Matmul { act }`), not a pass of its own. A tensor-parallel
 /// rank holds hidden units `shard.range(4D)`.
 pub struct FeedForward {
-    proj_in: Linear,
-    proj_out: RowParallelLinear,
+    pub(super) proj_in: Linear,
+    pub(super) proj_out: RowParallelLinear,
 }
 
 impl FeedForward {
@@ -93,20 +93,20 @@ impl FeedForward {
 }
 
 /// The text stream's half of a block that is not the last one.
-struct ContextStream {
-    norm1: Linear, // AdaLayerNormZero: 6 chunks
-    ff: FeedForward,
+pub(super) struct ContextStream {
+    pub(super) norm1: Linear, // AdaLayerNormZero: 6 chunks
+    pub(super) ff: FeedForward,
 }
 
 pub struct JointTransformerBlock {
     /// `norm1.linear`: 6·D outputs, or 9·D for a dual-attention block.
-    norm1: Linear,
-    attn: JointAttention,
-    attn2: Option<SelfAttention>,
-    ff: FeedForward,
+    pub(super) norm1: Linear,
+    pub(super) attn: JointAttention,
+    pub(super) attn2: Option<SelfAttention>,
+    pub(super) ff: FeedForward,
     /// `None` in the last block, whose context norm is [`AdaLayerNormContinuous`] and whose text output is dropped.
-    context: Option<ContextStream>,
-    context_norm_last: Option<AdaLayerNormContinuous>,
+    pub(super) context: Option<ContextStream>,
+    pub(super) context_norm_last: Option<AdaLayerNormContinuous>,
 }
 
 /// Shapes the block needs to load.

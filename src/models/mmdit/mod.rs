@@ -10,6 +10,7 @@ pub mod block;
 pub mod embeddings;
 pub mod parallel;
 pub mod params;
+pub mod train;
 
 use crate::weights::{read_config, Weights, WeightsError};
 use block::{AdaLayerNormContinuous, BlockSpec, JointTransformerBlock};

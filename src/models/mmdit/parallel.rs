@@ -77,7 +77,7 @@ impl Comm<'_> {
 /// A linear split by input features ("row parallel"): the local product is a partial sum, and the bias is added
 /// once, after the sum over the group. On one device it is a plain linear with the bias fused into the matmul.
 pub struct RowParallelLinear {
-    linear: Linear,
+    pub(super) linear: Linear,
     /// The bias to add after the sum (only when split).
     bias_after_sum: Option<Tensor>,
 }

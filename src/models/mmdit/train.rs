@@ -1,0 +1,486 @@
+//! LoRA fine-tuning of the MM-DiT: the forward with LoRA adapters on the joint attention's projections, and the
+//! backward to the adapters' parameters, as PEFT computes them for diffusers' `train_dreambooth_lora_sd3.py`
+//! (checked against it by `tests/training.rs`; the trainer is `crate::train`).
+//!
+//! The gradient reaches the adapters through the image and text streams only: the modulations (from the timestep
+//! and pooled text embedding), the patch embedding and the context embedder are frozen with no adapter before
+//! them, so their gradients are never formed. The forward keeps each block's inputs only; the backward recomputes
+//! one block's activations at a time (gradient checkpointing, as `--gradient_checkpointing` does), so training
+//! memory is the inference memory plus one block's activations.
+//!
+//! One device only (no tensor-parallel shard), no skip layers.
+
+use super::attention::{QkNorm, QkvProjection, QK_NORM_EPS};
+use super::block::{modulation, JointTransformerBlock, LN_EPS};
+use super::params::Linear;
+use super::{MmditError, Sd3Transformer2DModel};
+use crate::train::grad_ops as g;
+use sd3_core::{AttentionParams, Tensor};
+use std::collections::BTreeMap;
+
+/// The modules diffusers' DreamBooth LoRA script adapts by default, relative to `transformer_blocks.{i}`.
+pub const LORA_TARGETS: [&str; 8] = [
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+];
+
+/// One adapter: `y = x·Wᵀ + b + scale·(x·Aᵀ)·Bᵀ`, `a [rank, in]`, `b [out, rank]`, in the model's dtype.
+pub struct LoraPair {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f32,
+}
+
+/// Adapters by module name (`transformer_blocks.0.attn.to_q`).
+pub type Adapters = BTreeMap<String, LoraPair>;
+/// `(dA, dB)` by module name.
+pub type AdapterGrads = BTreeMap<String, [Tensor; 2]>;
+
+/// A frozen linear (views of the model's weights) with the adapter of its module, if any.
+struct AdaptedLinear<'a> {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    name: String,
+    lora: Option<&'a LoraPair>,
+}
+
+/// An adapted linear's forward: its output and, with an adapter, `x·Aᵀ` (the backward needs it).
+struct LinearActs {
+    y: Tensor,
+    xa: Option<Tensor>,
+}
+
+impl<'a> AdaptedLinear<'a> {
+    fn new(linear: &Linear, name: String, adapters: &'a Adapters) -> Self {
+        let lora = adapters.get(&name);
+        AdaptedLinear { weight: linear.weight.clone(), bias: linear.bias.clone(), name, lora }
+    }
+
+    /// Rows `part·d .. (part+1)·d` of a fused projection (`to_q`, `to_k`, `to_v` of `[3d, d]`).
+    fn part(
+        linear: &Linear,
+        part: usize,
+        d: usize,
+        name: String,
+        lora: Option<&'a LoraPair>,
+    ) -> sd3_core::Result<Self> {
+        let bias = linear.bias.as_ref().map(|b| b.narrow(0, part * d, d)).transpose()?;
+        Ok(AdaptedLinear { weight: linear.weight.narrow(0, part * d, d)?, bias, name, lora })
+    }
+
+    fn forward(&self, x: &Tensor) -> sd3_core::Result<LinearActs> {
+        let y = x.linear(&self.weight, self.bias.as_ref())?;
+        let Some(p) = self.lora else { return Ok(LinearActs { y, xa: None }) };
+        let xa = x.linear(&p.a, None)?;
+        Ok(LinearActs { y: y.add(&xa.linear(&p.b, None)?.scale(p.scale)?)?, xa: Some(xa) })
+    }
+
+    /// `dL/dx` for `dy`, adding the adapter's `(dA, dB)` to `grads`.
+    fn backward(
+        &self,
+        x: &Tensor,
+        acts: &LinearActs,
+        dy: &Tensor,
+        grads: &mut AdapterGrads,
+    ) -> sd3_core::Result<Tensor> {
+        let dx = dy.matmul(&self.weight)?;
+        let (Some(p), Some(xa)) = (self.lora, &acts.xa) else { return Ok(dx) };
+        let dy_b = dy.matmul(&p.b)?.scale(p.scale)?; // dL/d(x·Aᵀ)
+        let d_b = g::weight_grad(dy, xa)?.scale(p.scale)?;
+        let d_a = g::weight_grad(&dy_b, x)?;
+        let dx = dx.add(&dy_b.matmul(&p.a)?)?;
+        match grads.remove(&self.name) {
+            Some([a0, b0]) => grads.insert(self.name.clone(), [a0.add(&d_a)?, b0.add(&d_b)?]),
+            None => grads.insert(self.name.clone(), [d_a, d_b]),
+        };
+        Ok(dx)
+    }
+}
+
+/// One stream's q/k/v projections (`[B, n, H, Dh]` each, tokens first) before and after the q/k RMS norm.
+struct QkvActs {
+    proj: [LinearActs; 3],
+    /// q and k after the norm (equal to the projections without one); v is `proj[2]`.
+    q: Tensor,
+    k: Tensor,
+}
+
+struct Qkv<'a> {
+    parts: [AdaptedLinear<'a>; 3],
+    norm: Option<&'a QkNorm>,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl<'a> Qkv<'a> {
+    /// `adapters` `None`: a projection without adapters (`attn2`).
+    fn new(
+        p: &'a QkvProjection,
+        prefix: &str,
+        names: [&str; 3],
+        adapters: Option<&'a Adapters>,
+    ) -> sd3_core::Result<Self> {
+        let d = p.heads * p.head_dim;
+        let part = |i: usize| {
+            let name = format!("{prefix}.{}", names[i]);
+            let lora = adapters.and_then(|a| a.get(&name));
+            AdaptedLinear::part(&p.qkv, i, d, name, lora)
+        };
+        Ok(Qkv { parts: [part(0)?, part(1)?, part(2)?], norm: p.norm.as_ref(), heads: p.heads, head_dim: p.head_dim })
+    }
+
+    fn split(&self, t: &Tensor) -> sd3_core::Result<Tensor> {
+        t.reshape(&[t.dim(0), t.dim(1), self.heads, self.head_dim])
+    }
+
+    fn forward(&self, x: &Tensor) -> sd3_core::Result<QkvActs> {
+        let proj = [self.parts[0].forward(x)?, self.parts[1].forward(x)?, self.parts[2].forward(x)?];
+        let (mut q, mut k) = (self.split(&proj[0].y)?, self.split(&proj[1].y)?);
+        if let Some(norm) = self.norm {
+            q = q.rms_norm(&norm.q, QK_NORM_EPS)?;
+            k = k.rms_norm(&norm.k, QK_NORM_EPS)?;
+        }
+        Ok(QkvActs { proj, q, k })
+    }
+
+    fn v(&self, acts: &QkvActs) -> sd3_core::Result<Tensor> {
+        self.split(&acts.proj[2].y)
+    }
+
+    /// `dL/dx` from the gradients of q, k, v (`[B, n, H, Dh]`, after the norm).
+    fn backward(
+        &self,
+        x: &Tensor,
+        acts: &QkvActs,
+        [mut dq, mut dk, dv]: [Tensor; 3],
+        grads: &mut AdapterGrads,
+    ) -> sd3_core::Result<Tensor> {
+        if let Some(norm) = self.norm {
+            dq = g::rms_norm_backward(&self.split(&acts.proj[0].y)?, &norm.q, &dq, QK_NORM_EPS)?;
+            dk = g::rms_norm_backward(&self.split(&acts.proj[1].y)?, &norm.k, &dk, QK_NORM_EPS)?;
+        }
+        let flat = |t: Tensor| t.contiguous()?.reshape(&[t.dim(0), t.dim(1), self.heads * self.head_dim]);
+        let mut dx = self.parts[0].backward(x, &acts.proj[0], &flat(dq)?, grads)?;
+        dx = dx.add(&self.parts[1].backward(x, &acts.proj[1], &flat(dk)?, grads)?)?;
+        dx.add(&self.parts[2].backward(x, &acts.proj[2], &flat(dv)?, grads)?)
+    }
+}
+
+/// Softmax attention over `[B, n, H, Dh]` tokens-first q, k, v: the output `[B, n, H, Dh]` (contiguous).
+fn attend(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> sd3_core::Result<Tensor> {
+    let hf = |t: &Tensor| t.permute(&[0, 2, 1, 3]);
+    let o = Tensor::attention(&hf(q)?, &hf(k)?, &hf(v)?, &AttentionParams::new(scale))?;
+    o.permute(&[0, 2, 1, 3])?.contiguous()
+}
+
+/// [`attend`]'s backward: `(dq, dk, dv)`, tokens first.
+fn attend_backward([q, k, v]: [&Tensor; 3], o: &Tensor, d_o: &Tensor, scale: f32) -> sd3_core::Result<[Tensor; 3]> {
+    let hf = |t: &Tensor| t.permute(&[0, 2, 1, 3])?.contiguous();
+    let (dq, dk, dv) = g::attention_backward(&hf(q)?, &hf(k)?, &hf(v)?, &hf(o)?, &hf(d_o)?, scale)?;
+    Ok([hf(&dq)?, hf(&dk)?, hf(&dv)?])
+}
+
+/// `[B, n, D]` → `[B, n, H, Dh]`.
+fn heads(t: &Tensor, h: usize) -> sd3_core::Result<Tensor> {
+    t.contiguous()?.reshape(&[t.dim(0), t.dim(1), h, t.dim(2) / h])
+}
+
+/// `[B, n, H, Dh]` → `[B, n, D]`.
+fn merged(t: &Tensor) -> sd3_core::Result<Tensor> {
+    t.contiguous()?.reshape(&[t.dim(0), t.dim(1), t.dim(2) * t.dim(3)])
+}
+
+/// A feed-forward's activations: the pre-activation `x·W₁ᵀ + b₁`.
+struct FfActs {
+    pre: Tensor,
+}
+
+fn ff_forward(ff: &super::block::FeedForward, x: &Tensor) -> sd3_core::Result<(FfActs, Tensor)> {
+    let pre = ff.proj_in.forward(x)?;
+    let out = ff.proj_out.linear.forward(&pre.gelu_tanh()?)?;
+    Ok((FfActs { pre }, out))
+}
+
+fn ff_backward(ff: &super::block::FeedForward, acts: &FfActs, d_out: &Tensor) -> sd3_core::Result<Tensor> {
+    let dh = d_out.matmul(&ff.proj_out.linear.weight)?;
+    dh.mul(&g::gelu_tanh_derivative(&acts.pre)?)?.matmul(&ff.proj_in.weight)
+}
+
+/// Everything one block's backward needs, from its forward.
+struct BlockActs<'a> {
+    x: Tensor,
+    c: Tensor,
+    /// The image stream's modulation chunks (6, or 9 in a dual-attention block) and the text stream's (6, or
+    /// `[scale, shift]` in the last block).
+    m: Vec<Tensor>,
+    cm: Vec<Tensor>,
+    x_hat: Tensor,
+    c_hat: Tensor,
+    image: Qkv<'a>,
+    context: Qkv<'a>,
+    image_acts: QkvActs,
+    context_acts: QkvActs,
+    o: Tensor,
+    to_out: AdaptedLinear<'a>,
+    to_out_acts: LinearActs,
+    o_x: Tensor,
+    to_add_out: Option<(AdaptedLinear<'a>, LinearActs, Tensor)>,
+    dual: Option<DualActs<'a>>,
+    x1: Tensor,
+    c1: Option<Tensor>,
+    ff_x: FfActs,
+    ff_c: Option<FfActs>,
+}
+
+/// `attn2` of a dual-attention block (no adapters: the script's targets are `attn.*`).
+struct DualActs<'a> {
+    x_hat2: Tensor,
+    qkv: Qkv<'a>,
+    acts: QkvActs,
+    o: Tensor,
+}
+
+impl JointTransformerBlock {
+    /// The block's forward with adapters, keeping what [`Self::backward_adapters`] needs. Returns the
+    /// activations and `(c', x')` (`c'` `None` after the last block).
+    fn forward_adapted<'a>(
+        &'a self,
+        prefix: &str,
+        x: &Tensor,
+        c: &Tensor,
+        temb_silu: &Tensor,
+        adapters: &'a Adapters,
+    ) -> sd3_core::Result<(BlockActs<'a>, Option<Tensor>, Tensor)> {
+        let n_chunks = if self.attn2.is_some() { 9 } else { 6 };
+        let m = modulation(&self.norm1, temb_silu, n_chunks)?;
+        let cm = match (&self.context, &self.context_norm_last) {
+            (Some(ctx), _) => modulation(&ctx.norm1, temb_silu, 6)?,
+            (None, Some(norm)) => modulation(&norm.linear, temb_silu, 2)?,
+            (None, None) => unreachable!("a block has one of the two context norms"),
+        };
+        let x_hat = x.layer_norm_modulate(&m[1], &m[0], LN_EPS)?;
+        // The last block's context norm is AdaLayerNormContinuous: chunks (scale, shift).
+        let c_hat = match self.context {
+            Some(_) => c.layer_norm_modulate(&cm[1], &cm[0], LN_EPS)?,
+            None => c.layer_norm_modulate(&cm[0], &cm[1], LN_EPS)?,
+        };
+        let attn = &self.attn;
+        let prefix_attn = format!("{prefix}.attn");
+        let image = Qkv::new(&attn.image, &prefix_attn, ["to_q", "to_k", "to_v"], Some(adapters))?;
+        let text_names = ["add_q_proj", "add_k_proj", "add_v_proj"];
+        let context = Qkv::new(&attn.context, &prefix_attn, text_names, Some(adapters))?;
+        let image_acts = image.forward(&x_hat)?;
+        let context_acts = context.forward(&c_hat)?;
+        let joint = |a: &Tensor, b: &Tensor| Tensor::cat(&[a, b], 1);
+        let q = joint(&image_acts.q, &context_acts.q)?;
+        let k = joint(&image_acts.k, &context_acts.k)?;
+        let v = joint(&image.v(&image_acts)?, &context.v(&context_acts)?)?;
+        let o = attend(&q, &k, &v, attn.scale)?;
+        let (n, s) = (x.dim(1), c.dim(1));
+        let o_merged = merged(&o)?;
+        let o_x = o_merged.narrow(1, 0, n)?.contiguous()?;
+        let to_out = AdaptedLinear::new(&attn.to_out.linear, format!("{prefix}.attn.to_out.0"), adapters);
+        let to_out_acts = to_out.forward(&o_x)?;
+        let mut x1 = x.gated_residual(&m[2], &to_out_acts.y)?;
+        let to_add_out = match &attn.to_add_out {
+            Some(p) => {
+                let o_c = o_merged.narrow(1, n, s)?.contiguous()?;
+                let lin = AdaptedLinear::new(&p.linear, format!("{prefix}.attn.to_add_out"), adapters);
+                let acts = lin.forward(&o_c)?;
+                Some((lin, acts, o_c))
+            }
+            None => None,
+        };
+        let c1 = match &to_add_out {
+            Some((_, acts, _)) => Some(c.gated_residual(&cm[2], &acts.y)?),
+            None => None,
+        };
+        let dual = match &self.attn2 {
+            Some(attn2) => {
+                let x_hat2 = x.layer_norm_modulate(&m[7], &m[6], LN_EPS)?;
+                let qkv = Qkv::new(&attn2.qkv, &format!("{prefix}.attn2"), ["to_q", "to_k", "to_v"], None)?;
+                let acts = qkv.forward(&x_hat2)?;
+                let o = attend(&acts.q, &acts.k, &qkv.v(&acts)?, attn2.scale)?;
+                x1 = x1.gated_residual(&m[8], &attn2.to_out.linear.forward(&merged(&o)?)?)?;
+                Some(DualActs { x_hat2, qkv, acts, o })
+            }
+            None => None,
+        };
+        let (ff_x, f_x) = ff_forward(&self.ff, &x1.layer_norm_modulate(&m[4], &m[3], LN_EPS)?)?;
+        let x2 = x1.gated_residual(&m[5], &f_x)?;
+        let (ff_c, c2) = match (&self.context, &c1) {
+            (Some(ctx), Some(c1)) => {
+                let (acts, f_c) = ff_forward(&ctx.ff, &c1.layer_norm_modulate(&cm[4], &cm[3], LN_EPS)?)?;
+                (Some(acts), Some(c1.gated_residual(&cm[5], &f_c)?))
+            }
+            _ => (None, None),
+        };
+        let acts = BlockActs {
+            x: x.clone(),
+            c: c.clone(),
+            m,
+            cm,
+            x_hat,
+            c_hat,
+            image,
+            context,
+            image_acts,
+            context_acts,
+            o,
+            to_out,
+            to_out_acts,
+            o_x,
+            to_add_out,
+            dual,
+            x1,
+            c1,
+            ff_x,
+            ff_c,
+        };
+        Ok((acts, c2, x2))
+    }
+
+    /// `(dx, dc)` for the gradients of the block's outputs (`dc2` `None` for the last block, whose text output
+    /// is dropped), adding the adapters' gradients to `grads`.
+    fn backward_adapters(
+        &self,
+        a: &BlockActs,
+        dx2: &Tensor,
+        dc2: Option<&Tensor>,
+        grads: &mut AdapterGrads,
+    ) -> sd3_core::Result<(Tensor, Tensor)> {
+        let (m, cm) = (&a.m, &a.cm);
+        // Feed-forwards and their residuals.
+        let d_ff = ff_backward(&self.ff, &a.ff_x, &dx2.mul(&m[5])?)?;
+        let mut dx1 = dx2.add(&g::layer_norm_modulate_backward(&a.x1, &m[4], &d_ff, LN_EPS)?)?;
+        let dc1 = match (&self.context, &a.ff_c, &a.c1, dc2) {
+            (Some(ctx), Some(ff_c), Some(c1), Some(dc2)) => {
+                let d_ff = ff_backward(&ctx.ff, ff_c, &dc2.mul(&cm[5])?)?;
+                Some(dc2.add(&g::layer_norm_modulate_backward(c1, &cm[4], &d_ff, LN_EPS)?)?)
+            }
+            _ => None,
+        };
+        // The dual block's self-attention (its residual sits on x1).
+        let mut dx = dx1.clone();
+        if let (Some(attn2), Some(d)) = (&self.attn2, &a.dual) {
+            let d_o = heads(&dx1.mul(&m[8])?.matmul(&attn2.to_out.linear.weight)?, d.qkv.heads)?;
+            let grads_qkv = attend_backward([&d.acts.q, &d.acts.k, &d.qkv.v(&d.acts)?], &d.o, &d_o, attn2.scale)?;
+            let dx_hat2 = d.qkv.backward(&d.x_hat2, &d.acts, grads_qkv, grads)?;
+            dx = dx.add(&g::layer_norm_modulate_backward(&a.x, &m[7], &dx_hat2, LN_EPS)?)?;
+        }
+        // The joint attention's output projections.
+        dx1 = dx1.mul(&m[2])?;
+        let do_x = a.to_out.backward(&a.o_x, &a.to_out_acts, &dx1, grads)?;
+        let (b, s, d) = (a.c.dim(0), a.c.dim(1), a.c.dim(2));
+        let (do_c, mut dc) = match (&a.to_add_out, &dc1) {
+            (Some((lin, acts, o_c)), Some(dc1)) => (lin.backward(o_c, acts, &dc1.mul(&cm[2])?, grads)?, dc1.clone()),
+            // The last block: its text output is dropped, so its text queries get no gradient.
+            _ => {
+                let zeros = a.c.backend().zeros(&[b, s, d], a.c.dtype())?;
+                (zeros.clone(), zeros)
+            }
+        };
+        let heads_n = a.image.heads;
+        let d_o = Tensor::cat(&[&heads(&do_x, heads_n)?, &heads(&do_c, heads_n)?], 1)?;
+        let v = Tensor::cat(&[&a.image.v(&a.image_acts)?, &a.context.v(&a.context_acts)?], 1)?;
+        let q = Tensor::cat(&[&a.image_acts.q, &a.context_acts.q], 1)?;
+        let k = Tensor::cat(&[&a.image_acts.k, &a.context_acts.k], 1)?;
+        let d_qkv = attend_backward([&q, &k, &v], &a.o, &d_o, self.attn.scale)?;
+        let n = a.x.dim(1);
+        let image_part = |t: &Tensor| t.narrow(1, 0, n)?.contiguous();
+        let text_part = |t: &Tensor| t.narrow(1, n, s)?.contiguous();
+        let [dq, dk, dv] = &d_qkv;
+        let dx_hat =
+            a.image.backward(&a.x_hat, &a.image_acts, [image_part(dq)?, image_part(dk)?, image_part(dv)?], grads)?;
+        let dc_hat =
+            a.context.backward(&a.c_hat, &a.context_acts, [text_part(dq)?, text_part(dk)?, text_part(dv)?], grads)?;
+        dx = dx.add(&g::layer_norm_modulate_backward(&a.x, &m[1], &dx_hat, LN_EPS)?)?;
+        let c_scale = if self.context.is_some() { &cm[1] } else { &cm[0] };
+        dc = dc.add(&g::layer_norm_modulate_backward(&a.c, c_scale, &dc_hat, LN_EPS)?)?;
+        Ok((dx, dc))
+    }
+}
+
+impl Sd3Transformer2DModel {
+    /// One training step's forward and backward: the prediction for `hidden_states` (as
+    /// [`Sd3Transformer2DModel::forward`]) with `adapters` applied, then `loss_grad(prediction)` for the loss's
+    /// gradient with respect to it (and anything the caller wants back, e.g. the loss), then the adapters'
+    /// gradients.
+    pub fn adapter_gradients<T>(
+        &self,
+        hidden_states: &Tensor,
+        encoder_hidden_states: &Tensor,
+        pooled: &Tensor,
+        timesteps: &[f32],
+        adapters: &Adapters,
+        loss_grad: impl FnOnce(&Tensor) -> anyhow::Result<(Tensor, T)>,
+    ) -> anyhow::Result<(AdapterGrads, T)> {
+        let c = &self.config;
+        let b = hidden_states.dim(0);
+        self.check_inputs(hidden_states, encoder_hidden_states, pooled, timesteps)?;
+        if let Some(name) = adapters.keys().find(|n| !self.adapter_shapes().contains_key(*n)) {
+            return Err(MmditError::Input(format!("no LoRA target module `{name}` in this transformer")).into());
+        }
+        let (h, w) = self.pos_embed.grid(hidden_states.dim(2), hidden_states.dim(3))?;
+        let mut x = self.pos_embed.forward(&hidden_states.to_dtype(self.dtype)?)?;
+        let temb_silu = self.time_text_embed.forward(timesteps, &pooled.to_dtype(self.dtype)?)?.silu()?;
+        let mut ctx = self.context_embedder.forward(&encoder_hidden_states.to_dtype(self.dtype)?)?;
+        let mut inputs = Vec::with_capacity(self.blocks.len());
+        for (i, block) in self.blocks.iter().enumerate() {
+            let (_, new_ctx, new_x) =
+                block.forward_adapted(&format!("transformer_blocks.{i}"), &x, &ctx, &temb_silu, adapters)?;
+            inputs.push((x, ctx.clone()));
+            x = new_x;
+            if let Some(nc) = new_ctx {
+                ctx = nc;
+            }
+        }
+        let norm_mod = modulation(&self.norm_out.linear, &temb_silu, 2)?; // (scale, shift)
+        let out = self.proj_out.forward(&x.layer_norm_modulate(&norm_mod[0], &norm_mod[1], LN_EPS)?)?;
+        let (p, oc) = (c.patch_size, c.out_channels);
+        let pred = out.reshape(&[b, h, w, p, p, oc])?.permute(&[0, 5, 1, 3, 2, 4])?.reshape(&[b, oc, h * p, w * p])?;
+        let (d_pred, extra) = loss_grad(&pred)?;
+        anyhow::ensure!(
+            d_pred.shape() == pred.shape(),
+            "loss gradient {:?} for a prediction {:?}",
+            d_pred.shape(),
+            pred.shape()
+        );
+        // Unpatchify's inverse: [B, C, h, p, w, p] → [B, h, w, p, p, C].
+        let d_out = d_pred.to_dtype(self.dtype)?.reshape(&[b, oc, h, p, w, p])?.permute(&[0, 2, 4, 3, 5, 1])?;
+        let d_out = d_out.contiguous()?.reshape(&[b, h * w, p * p * oc])?;
+        let mut dx = g::layer_norm_modulate_backward(&x, &norm_mod[0], &d_out.matmul(&self.proj_out.weight)?, LN_EPS)?;
+        let mut dc: Option<Tensor> = None;
+        let mut grads = AdapterGrads::new();
+        for (i, (block, (x_in, c_in))) in self.blocks.iter().zip(inputs).enumerate().rev() {
+            let (acts, _, _) =
+                block.forward_adapted(&format!("transformer_blocks.{i}"), &x_in, &c_in, &temb_silu, adapters)?;
+            let (ndx, ndc) = block.backward_adapters(&acts, &dx, dc.as_ref(), &mut grads)?;
+            dx = ndx;
+            dc = Some(ndc);
+        }
+        Ok((grads, extra))
+    }
+
+    /// The LoRA target modules of this transformer (the script's defaults that exist here: the last block has no
+    /// `to_add_out`) with their `(in, out)` features.
+    pub fn adapter_shapes(&self) -> BTreeMap<String, (usize, usize)> {
+        let d = self.config.inner_dim();
+        let mut shapes = BTreeMap::new();
+        for (i, block) in self.blocks.iter().enumerate() {
+            for target in LORA_TARGETS {
+                if target == "attn.to_add_out" && block.attn.to_add_out.is_none() {
+                    continue;
+                }
+                shapes.insert(format!("transformer_blocks.{i}.{target}"), (d, d));
+            }
+        }
+        shapes
+    }
+}

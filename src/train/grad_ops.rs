@@ -1,0 +1,181 @@
+//! Backward formulas of the ops the MM-DiT's forward uses, written on the core's forward ops (matmul, softmax,
+//! layer norm, elementwise), so every backend that runs inference runs the backward too. Each takes the forward's
+//! inputs (recomputed, see `models::mmdit::train`) and the output's gradient, and returns the input's gradient.
+//! Reductions over the last dim are products with a ones vector (the op set has no reduction op).
+
+use sd3_core::{Result, Tensor, UnaryOp};
+
+/// `Σ_j x[.., j]` as `[.., 1]`.
+pub fn row_sum(x: &Tensor) -> Result<Tensor> {
+    let d = x.dim(x.rank() - 1);
+    x.matmul(&x.backend().full(&[d, 1], x.dtype(), 1.0)?)
+}
+
+/// `mean_j x[.., j]` as `[.., 1]`.
+pub fn row_mean(x: &Tensor) -> Result<Tensor> {
+    let d = x.dim(x.rank() - 1);
+    row_sum(x)?.scale(1.0 / d as f32)
+}
+
+/// The gradient of `y = x·Wᵀ` with respect to `W` (`[out, in]`), summed over every leading dim:
+/// `dyᵀ·x` with `dy [.., out]`, `x [.., in]`.
+pub fn weight_grad(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
+    let (out, inp) = (dy.dim(dy.rank() - 1), x.dim(x.rank() - 1));
+    let rows = dy.elem_count() / out.max(1);
+    let dy = dy.contiguous()?.reshape(&[rows, out])?;
+    let x = x.contiguous()?.reshape(&[rows, inp])?;
+    dy.transpose(0, 1)?.matmul(&x)
+}
+
+/// Layer norm without affine over the last dim, `x̂ = (x - μ)/σ`: `dx = (g - mean(g) - x̂·mean(g·x̂)) / σ` for
+/// `g = dL/dx̂`.
+pub fn layer_norm_backward(x: &Tensor, g: &Tensor, eps: f32) -> Result<Tensor> {
+    let centred = x.sub(&row_mean(x)?)?;
+    let rstd = row_mean(&centred.unary(UnaryOp::Square)?)?.affine(1.0, eps)?.unary(UnaryOp::Rsqrt)?;
+    let x_hat = centred.mul(&rstd)?;
+    let inner = g.sub(&row_mean(g)?)?.sub(&x_hat.mul(&row_mean(&g.mul(&x_hat)?)?)?)?;
+    inner.mul(&rstd)
+}
+
+/// `y = LN(x)·(1 + scale) + shift` with scale and shift constant: the gradient of `x`.
+pub fn layer_norm_modulate_backward(x: &Tensor, scale: &Tensor, dy: &Tensor, eps: f32) -> Result<Tensor> {
+    layer_norm_backward(x, &dy.mul(&scale.affine(1.0, 1.0)?)?, eps)
+}
+
+/// `y = x·r·w`, `r = 1/√(mean(x²) + eps)` over the last dim, `w` constant: `dx = r·(w·dy) - x·r³·mean(x·w·dy)`.
+pub fn rms_norm_backward(x: &Tensor, weight: &Tensor, dy: &Tensor, eps: f32) -> Result<Tensor> {
+    let r = row_mean(&x.unary(UnaryOp::Square)?)?.affine(1.0, eps)?.unary(UnaryOp::Rsqrt)?;
+    let gw = dy.mul(weight)?;
+    let r3 = r.mul(&r)?.mul(&r)?;
+    gw.mul(&r)?.sub(&x.mul(&r3.mul(&row_mean(&x.mul(&gw)?)?)?)?)
+}
+
+/// The derivative of GELU's tanh approximation at `x`: with `u = c·(x + 0.044715·x³)`, `t = tanh(u)`,
+/// `0.5·(1 + t) + 0.5·x·(1 - t²)·c·(1 + 3·0.044715·x²)`, `c = √(2/π)`.
+pub fn gelu_tanh_derivative(x: &Tensor) -> Result<Tensor> {
+    const C: f32 = 0.797_884_6; // √(2/π)
+    const A: f32 = 0.044715;
+    let x2 = x.unary(UnaryOp::Square)?;
+    let t = x.mul(&x2.affine(A, 1.0)?)?.scale(C)?.unary(UnaryOp::Tanh)?;
+    let sech2 = t.unary(UnaryOp::Square)?.affine(-1.0, 1.0)?;
+    let inner = x.mul(&sech2)?.mul(&x2.affine(3.0 * A * C, C)?)?;
+    t.affine(0.5, 0.5)?.add(&inner.scale(0.5)?)
+}
+
+/// `o = softmax(scale·q·kᵀ)·v` (`q [.., Nq, Dh]`, `k [.., Nk, Dh]`, `v [.., Nk, Dv]`, `o` the forward's output):
+/// `(dq, dk, dv)` for `do`. The probabilities are recomputed (one `[.., Nq, Nk]` matrix at a time); the softmax's
+/// backward uses `rowsum(dP ⊙ P) = rowsum(do ⊙ o)`.
+pub fn attention_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    d_o: &Tensor,
+    scale: f32,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let r = q.rank();
+    let p = q.matmul(&k.transpose(r - 2, r - 1)?)?.scale(scale)?.softmax()?;
+    let dv = p.transpose(r - 2, r - 1)?.matmul(d_o)?;
+    let dp = d_o.matmul(&v.transpose(r - 2, r - 1)?)?;
+    let ds = p.mul(&dp.sub(&row_sum(&d_o.mul(o)?)?)?)?;
+    drop((p, dp));
+    let dq = ds.matmul(k)?.scale(scale)?;
+    let dk = ds.transpose(r - 2, r - 1)?.matmul(q)?.scale(scale)?;
+    Ok((dq, dk, dv))
+}
+
+#[cfg(test)]
+mod tests {
+    //! Each formula against central finite differences of the forward op, on the CPU backend in f32.
+    use super::*;
+    use sd3_core::{AttentionParams, Backend, DType};
+
+    fn cpu() -> Backend {
+        Backend::new("cpu", sd3_backend_cpu::cpu_device())
+    }
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        crate::noise::standard_normal(seed, n)
+    }
+
+    /// `Σ f(x)·w` for a fixed weighting `w`, so that `dL/df = w`.
+    fn weighted(y: &Tensor, w: &[f32]) -> f64 {
+        y.to_f32_vec().unwrap().iter().zip(w).map(|(a, b)| *a as f64 * *b as f64).sum()
+    }
+
+    /// Checks `analytic` (the gradient of `Σ f(x)·w` at x) against finite differences at a few elements.
+    fn check(
+        b: &Backend,
+        shape: &[usize],
+        f: &dyn Fn(&Tensor) -> Tensor,
+        analytic: &dyn Fn(&Tensor, &Tensor) -> Tensor,
+    ) {
+        let n: usize = shape.iter().product();
+        let x0 = values(n, 1);
+        let x = b.from_f32(&x0, shape, DType::F32).unwrap();
+        let y = f(&x);
+        let w = values(y.elem_count(), 2);
+        let dy = b.from_f32(&w, y.shape(), DType::F32).unwrap();
+        let grad = analytic(&x, &dy).to_f32_vec().unwrap();
+        let h = 1e-2f32;
+        for i in (0..n).step_by(n / 7 + 1) {
+            let mut xp = x0.clone();
+            xp[i] += h;
+            let mut xm = x0.clone();
+            xm[i] -= h;
+            let yp = weighted(&f(&b.from_f32(&xp, shape, DType::F32).unwrap()), &w);
+            let ym = weighted(&f(&b.from_f32(&xm, shape, DType::F32).unwrap()), &w);
+            let numeric = (yp - ym) / (2.0 * h as f64);
+            let err = (numeric - grad[i] as f64).abs();
+            assert!(err < 2e-3 * (1.0 + numeric.abs()), "element {i}: numeric {numeric}, analytic {}", grad[i]);
+        }
+    }
+
+    #[test]
+    fn layer_norm_modulate() {
+        let b = cpu();
+        let scale = b.from_f32(&values(16, 3), &[2, 1, 8], DType::F32).unwrap();
+        let shift = b.from_f32(&values(16, 4), &[2, 1, 8], DType::F32).unwrap();
+        check(&b, &[2, 3, 8], &|x| x.layer_norm_modulate(&scale, &shift, 1e-6).unwrap(), &|x, dy| {
+            layer_norm_modulate_backward(x, &scale, dy, 1e-6).unwrap()
+        });
+    }
+
+    #[test]
+    fn rms_norm() {
+        let b = cpu();
+        let w = b.from_f32(&values(6, 5), &[6], DType::F32).unwrap();
+        check(&b, &[3, 2, 6], &|x| x.rms_norm(&w, 1e-6).unwrap(), &|x, dy| rms_norm_backward(x, &w, dy, 1e-6).unwrap());
+    }
+
+    #[test]
+    fn gelu_tanh() {
+        check(&cpu(), &[4, 9], &|x| x.gelu_tanh().unwrap(), &|x, dy| {
+            dy.mul(&gelu_tanh_derivative(x).unwrap()).unwrap()
+        });
+    }
+
+    #[test]
+    fn attention_each_input() {
+        let b = cpu();
+        let shape = [1, 2, 5, 4];
+        let t = |seed| b.from_f32(&values(40, seed), &shape, DType::F32).unwrap();
+        let (q, k, v) = (t(6), t(7), t(8));
+        let scale = 0.5;
+        let attend =
+            |q: &Tensor, k: &Tensor, v: &Tensor| Tensor::attention(q, k, v, &AttentionParams::new(scale)).unwrap();
+        let grads = |q: &Tensor, k: &Tensor, v: &Tensor, dy: &Tensor| {
+            attention_backward(q, k, v, &attend(q, k, v), dy, scale).unwrap()
+        };
+        check(&b, &shape, &|x| attend(x, &k, &v), &|x, dy| grads(x, &k, &v, dy).0);
+        check(&b, &shape, &|x| attend(&q, x, &v), &|x, dy| grads(&q, x, &v, dy).1);
+        check(&b, &shape, &|x| attend(&q, &k, x), &|x, dy| grads(&q, &k, x, dy).2);
+    }
+
+    #[test]
+    fn weight_gradient_sums_over_rows() {
+        let b = cpu();
+        let x = b.from_f32(&values(2 * 3 * 4, 9), &[2, 3, 4], DType::F32).unwrap();
+        check(&b, &[5, 4], &|w| x.linear(w, None).unwrap(), &|_, dy| weight_grad(dy, &x).unwrap());
+    }
+}
