@@ -249,3 +249,53 @@ fn embedded_copy_of_the_bundled_model_is_complete() {
     let g = pipe.generate(&r, &mut |_| {}).unwrap();
     assert_eq!(g.images.len(), 1);
 }
+
+/// `sd3 train-lora` on the bundled model: the LoRA file, a validation image made with it, and flag errors.
+#[test]
+fn train_lora_through_the_cli() {
+    let dir = scratch("cli-train-lora");
+    let images = dir.join("instance");
+    std::fs::create_dir_all(&images).unwrap();
+    std::fs::copy(fixtures().join("golden/sd3-cfg/image.png"), images.join("dog.png")).unwrap();
+    let out = dir.join("out");
+    let (ok, text) = sd3(&[
+        "train-lora",
+        "--instance-data-dir",
+        s(&images),
+        "--instance-prompt",
+        "a photo of sks dog",
+        "--resolution",
+        "64",
+        "--max-train-steps",
+        "4",
+        "--checkpointing-steps",
+        "2",
+        "--output-dir",
+        s(&out),
+        "--validation-prompt",
+        "a photo of sks dog",
+    ]);
+    assert!(ok, "{text}");
+    assert!(text.contains("step 4/4: loss"), "{text}");
+    assert!(out.join("pytorch_lora_weights.safetensors").is_file());
+    assert!(out.join("checkpoint-2/pytorch_lora_weights.safetensors").is_file());
+    let (image, meta) = read_png(&out.join("validation.png")).unwrap();
+    assert_eq!((image.width, image.height), (64, 64));
+    assert!(meta.iter().any(|(k, v)| k == "lora" && v.ends_with("pytorch_lora_weights.safetensors")));
+    // The LoRA also loads through generation's --lora.
+    let (ok, text) = sd3(&[
+        "--prompt",
+        "a photo of sks dog",
+        "--steps",
+        "2",
+        "--lora",
+        s(&out.join("pytorch_lora_weights.safetensors")),
+        "--out",
+        s(&dir.join("with-lora.png")),
+    ]);
+    assert!(ok, "{text}");
+    let train = ["train-lora", "--instance-data-dir", s(&images), "--instance-prompt", "sks", "--resolution", "64"];
+    must_fail(&[&train[..], &["--weighting-scheme", "cosmic"]].concat(), &["--weighting-scheme cosmic"]);
+    must_fail(&[&train[..], &["--learning-rate", "0"]].concat(), &["--learning-rate 0"]);
+    must_fail(&[&train[..], &["--dtype", "i32"]].concat(), &["--dtype i32"]);
+}

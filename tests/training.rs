@@ -166,3 +166,137 @@ fn vae_encoder_matches_diffusers() {
     let msg = encoder.encode(&bad).err().expect("60 rows is no multiple of 8").to_string();
     assert!(msg.contains("[1, 3, 60, 48]") && msg.contains("multiples of 8"), "{msg}");
 }
+
+/// `mean((v·(-σ) + noisy - x0)²)` of the transformer's prediction on a fixed evaluation batch.
+fn eval_loss(transformer: &Sd3Transformer2DModel, e: &EvalBatch, backend: &Backend) -> f32 {
+    let noisy = backend.from_f32(&e.noisy, &e.shape, DType::F32).unwrap();
+    let pred = transformer.forward(&noisy, &e.embeds, &e.pooled, &e.timesteps, &[]).unwrap();
+    preconditioned_loss(&pred, &e.noisy, &e.x0, &e.sigmas).unwrap().0
+}
+
+struct EvalBatch {
+    x0: Vec<f32>,
+    noisy: Vec<f32>,
+    sigmas: Vec<f32>,
+    timesteps: Vec<f32>,
+    shape: Vec<usize>,
+    embeds: Tensor,
+    pooled: Tensor,
+}
+
+/// A short DreamBooth run on the tiny model: the saved LoRA lowers the loss on fixed noise levels and noise, it
+/// loads through `--lora`'s merge, and the merged transformer predicts what the adapters predict.
+#[test]
+fn dreambooth_lora_learns_and_loads() {
+    use sd3::lora::LoraSet;
+    use sd3::train::dreambooth::{embed_prompt, train_dreambooth_lora, DreamBoothConfig};
+    use sd3::weights::Weights;
+    let cpu = common::cpu();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let model = root.join("fixtures/sd3-tiny");
+    let instance = common::scratch("dreambooth-instance");
+    std::fs::copy(root.join("fixtures/golden/sd3-cfg/image.png"), instance.join("subject.png")).unwrap();
+    let out = common::scratch("dreambooth-out");
+    let mut cfg = DreamBoothConfig::new(model.clone(), instance, "a photo of sks dog".into(), out.clone());
+    (cfg.resolution, cfg.max_train_steps, cfg.center_crop, cfg.cache_latents) = (64, 60, true, true);
+    cfg.optimizer.lr = 1e-2;
+    let mut steps = 0;
+    let report = train_dreambooth_lora(&cfg, &cpu, &mut |e| {
+        if let sd3::train::dreambooth::TrainEvent::Step { .. } = e {
+            steps += 1
+        }
+    })
+    .unwrap();
+    assert_eq!((steps, report.losses.len()), (60, 60));
+    assert!(report.losses.iter().all(|l| l.is_finite()));
+
+    // The evaluation batch: the image's latent mean, four noise levels, fixed noise.
+    let encoder = VaeEncoder::load(&model.join("vae"), &cpu, DType::F32).unwrap();
+    let pixels = sd3::train::data::InstanceImages::load(&cfg.instance_dir).unwrap().prepared(0, 64, (0.5, 0.5), false);
+    let dist = encoder.encode(&cpu.from_f32(&pixels, &[1, 3, 64, 64], DType::F32).unwrap()).unwrap();
+    let (shift, scale) = (encoder.config().shift_factor.unwrap(), encoder.config().scaling_factor);
+    let mean: Vec<f32> = dist.mean.to_f32_vec().unwrap().iter().map(|m| (m - shift) * scale).collect();
+    let sigmas = vec![0.2, 0.4, 0.6, 0.8];
+    let x0: Vec<f32> = sigmas.iter().flat_map(|_| mean.clone()).collect();
+    let noise = sd3::noise::standard_normal(99, x0.len());
+    let (embeds, pooled) = embed_prompt(&cfg, &cpu).unwrap();
+    let rows = |t: &Tensor| {
+        let mut shape = t.shape().to_vec();
+        shape[0] = 4;
+        t.broadcast_to(&shape).unwrap().contiguous().unwrap()
+    };
+    let e = EvalBatch {
+        noisy: noisy_latents(&x0, &noise, &sigmas),
+        timesteps: sigmas.iter().map(|s| s * 1000.0).collect(),
+        x0,
+        sigmas,
+        shape: vec![4, 16, 8, 8],
+        embeds: rows(&embeds),
+        pooled: rows(&pooled),
+    };
+    let base = Sd3Transformer2DModel::load(&model.join("transformer"), &cpu, DType::F32).unwrap();
+    let before = eval_loss(&base, &e, &cpu);
+
+    // The saved file through the inference path's LoRA merge.
+    let mut weights = Weights::open(&model.join("transformer")).unwrap();
+    let set = LoraSet::load(&[(report.lora_path.clone(), 1.0)]).unwrap();
+    assert_eq!(set.module_count("transformer"), base.adapter_shapes().len());
+    set.apply("transformer", &mut weights).unwrap();
+    let config = sd3::models::mmdit::Sd3TransformerConfig::load(&model.join("transformer")).unwrap();
+    let merged = Sd3Transformer2DModel::from_weights(&weights, config, &cpu, DType::F32).unwrap();
+    let after = eval_loss(&merged, &e, &cpu);
+    eprintln!("evaluation loss {before} before training, {after} after");
+    assert!(after < 0.9 * before, "the LoRA should fit the subject: loss {before} before, {after} after");
+
+    // The same LoRA as adapters on the base model predicts what the merged model predicts.
+    let file = std::fs::read(&report.lora_path).unwrap();
+    let st = SafeTensors::deserialize(&file).unwrap();
+    let load = |name: String| {
+        let t = st.tensor(&name).unwrap();
+        let v: Vec<f32> = t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        cpu.from_f32(&v, t.shape(), DType::F32).unwrap()
+    };
+    let adapters: Adapters = base
+        .adapter_shapes()
+        .keys()
+        .map(|m| {
+            let pair = LoraPair {
+                a: load(format!("transformer.{m}.lora_A.weight")),
+                b: load(format!("transformer.{m}.lora_B.weight")),
+                scale: 1.0,
+            };
+            (m.clone(), pair)
+        })
+        .collect();
+    let noisy = cpu.from_f32(&e.noisy, &e.shape, DType::F32).unwrap();
+    let merged_pred = merged.forward(&noisy, &e.embeds, &e.pooled, &e.timesteps, &[]).unwrap().to_f32_vec().unwrap();
+    let (_, adapter_pred) = base
+        .adapter_gradients(&noisy, &e.embeds, &e.pooled, &e.timesteps, &adapters, |p| Ok((p.clone(), p.to_f32_vec()?)))
+        .unwrap();
+    let err = rel_err(&adapter_pred, &merged_pred);
+    assert!(err < 1e-5, "adapters and the merged LoRA disagree by {err}");
+}
+
+#[test]
+fn dreambooth_rejects_bad_input() {
+    use sd3::train::dreambooth::{train_dreambooth_lora, DreamBoothConfig};
+    let cpu = common::cpu();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let empty = common::scratch("dreambooth-empty");
+    let out = common::scratch("dreambooth-bad-out");
+    let cfg = DreamBoothConfig::new(root.join("fixtures/sd3-tiny"), empty.clone(), "sks".into(), out.clone());
+    let msg = train_dreambooth_lora(&cfg, &cpu, &mut |_| {}).err().unwrap().to_string();
+    assert!(msg.contains(&empty.display().to_string()) && msg.contains("no .png"), "{msg}");
+    let mut cfg = DreamBoothConfig::new(root.join("fixtures/sd3-tiny"), empty, "sks".into(), out);
+    cfg.rank = 0;
+    let msg = format!("{:#}", train_dreambooth_lora(&cfg, &cpu, &mut |_| {}).err().unwrap());
+    assert!(msg.contains("--rank 0"), "{msg}");
+    std::fs::write(cfg.instance_dir.join("broken.png"), b"not a png").unwrap();
+    cfg.rank = 4;
+    let msg = format!("{:#}", train_dreambooth_lora(&cfg, &cpu, &mut |_| {}).err().unwrap());
+    assert!(msg.contains("broken.png"), "{msg}");
+    cfg.resolution = 1000;
+    std::fs::copy(root.join("fixtures/golden/sd3-cfg/image.png"), cfg.instance_dir.join("broken.png")).unwrap();
+    let msg = format!("{:#}", train_dreambooth_lora(&cfg, &cpu, &mut |_| {}).err().unwrap());
+    assert!(msg.contains("--resolution 1000"), "{msg}");
+}

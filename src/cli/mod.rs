@@ -4,6 +4,7 @@ pub mod common;
 pub mod conformance;
 pub mod devices;
 pub mod generate;
+pub mod train;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -29,12 +30,15 @@ pub enum Command {
     Devices(devices::DevicesArgs),
     /// Check a backend against the reference semantics of every op.
     Conformance(conformance::ConformanceArgs),
+    /// Fine-tune a LoRA on a few images of a subject (DreamBooth), as diffusers' train_dreambooth_lora_sd3.py.
+    TrainLora(Box<train::TrainLoraArgs>),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Some(Command::Devices(a)) => devices::run(a),
         Some(Command::Conformance(a)) => conformance::run(a),
+        Some(Command::TrainLora(a)) => train::run(*a),
         None => generate::run(cli.generate),
     }
 }

@@ -116,7 +116,12 @@ impl VaeEncoder {
         let (c, f) = (&self.config, self.scale_factor());
         let s = image.shape();
         anyhow::ensure!(
-            s.len() == 4 && s[1] == c.in_channels && s[2].is_multiple_of(f) && s[3].is_multiple_of(f) && s[2] > 0 && s[3] > 0,
+            s.len() == 4
+                && s[1] == c.in_channels
+                && s[2].is_multiple_of(f)
+                && s[3].is_multiple_of(f)
+                && s[2] > 0
+                && s[3] > 0,
             "VAE encode: image of shape {s:?}, expected [B, {}, H, W] with H and W multiples of {f}",
             c.in_channels
         );

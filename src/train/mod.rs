@@ -2,6 +2,8 @@
 //! `docs/training.md`). The gradients come from `models::mmdit::train`, built on the backward formulas of
 //! [`grad_ops`]; the optimizer state lives on the host in f32.
 
+pub mod data;
+pub mod dreambooth;
 pub mod grad_ops;
 pub mod lora_params;
 pub mod objective;

@@ -1,0 +1,162 @@
+//! `sd3 train-lora`: DreamBooth LoRA fine-tuning of the transformer (diffusers' `train_dreambooth_lora_sd3.py`;
+//! the flags keep its names, with dashes). See `docs/training.md`.
+
+use anyhow::{bail, Context};
+use clap::Args;
+use sd3::pipeline::{GenerationRequest, PipelineOptions, StableDiffusion3Pipeline};
+use sd3::train::dreambooth::{train_dreambooth_lora, DreamBoothConfig, TrainEvent};
+use sd3::train::objective::TimestepSampling;
+use sd3_core::DType;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Args, Debug)]
+pub struct TrainLoraArgs {
+    #[command(flatten)]
+    pub backend: super::common::BackendArgs,
+    /// diffusers model folder (StableDiffusion3Pipeline layout). Without it, the bundled tiny model is used.
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    /// Folder of the subject's images (PNG or JPEG), e.g. 3–5 photos.
+    #[arg(long = "instance-data-dir", value_name = "DIR")]
+    pub instance_data_dir: PathBuf,
+    /// The prompt with the subject's identifier, e.g. "a photo of sks dog".
+    #[arg(long = "instance-prompt")]
+    pub instance_prompt: String,
+    /// Where pytorch_lora_weights.safetensors (and checkpoints, validation.png) go.
+    #[arg(long = "output-dir", value_name = "DIR", default_value = "sd3-dreambooth-lora")]
+    pub output_dir: PathBuf,
+    /// Training images are resized and cropped to this square size.
+    #[arg(long, default_value_t = 512)]
+    pub resolution: usize,
+    /// Centre crops instead of random ones.
+    #[arg(long = "center-crop")]
+    pub center_crop: bool,
+    /// Mirror images at random.
+    #[arg(long = "random-flip")]
+    pub random_flip: bool,
+    #[arg(long = "train-batch-size", default_value_t = 1)]
+    pub train_batch_size: usize,
+    #[arg(long = "max-train-steps", default_value_t = 500)]
+    pub max_train_steps: usize,
+    #[arg(long = "gradient-accumulation-steps", default_value_t = 1)]
+    pub gradient_accumulation_steps: usize,
+    #[arg(long = "learning-rate", default_value_t = 1e-4)]
+    pub learning_rate: f32,
+    #[arg(long = "adam-weight-decay", default_value_t = 1e-4)]
+    pub adam_weight_decay: f32,
+    /// LoRA rank (alpha equals it, as in the script).
+    #[arg(long, default_value_t = 4)]
+    pub rank: usize,
+    /// How noise levels are drawn: logit_normal, mode or none (uniform).
+    #[arg(long = "weighting-scheme", default_value = "logit_normal")]
+    pub weighting_scheme: String,
+    #[arg(long = "logit-mean", default_value_t = 0.0)]
+    pub logit_mean: f32,
+    #[arg(long = "logit-std", default_value_t = 1.0)]
+    pub logit_std: f32,
+    #[arg(long = "mode-scale", default_value_t = 1.29)]
+    pub mode_scale: f32,
+    #[arg(long = "max-grad-norm", default_value_t = 1.0)]
+    pub max_grad_norm: f32,
+    /// T5 tokens of the instance prompt.
+    #[arg(long = "max-sequence-length", default_value_t = 77)]
+    pub max_sequence_length: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// The transformer's compute dtype: f32, f16 or bf16 (the adapters and optimizer stay f32).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Save a checkpoint of the LoRA every N steps.
+    #[arg(long = "checkpointing-steps", value_name = "N")]
+    pub checkpointing_steps: Option<usize>,
+    /// Encode each image with the VAE once (one crop, no flips) rather than at every use.
+    #[arg(long = "cache-latents")]
+    pub cache_latents: bool,
+    /// After training, generate this prompt with the LoRA into OUTPUT_DIR/validation.png.
+    #[arg(long = "validation-prompt")]
+    pub validation_prompt: Option<String>,
+    /// Skip the final validation image even with --validation-prompt (the seed's --not_validation_final).
+    #[arg(long = "not-validation-final")]
+    pub not_validation_final: bool,
+    /// Print nothing but errors.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+pub fn run(args: TrainLoraArgs) -> anyhow::Result<ExitCode> {
+    let say = |s: String| {
+        if !args.quiet {
+            eprintln!("{s}");
+        }
+    };
+    let dtype: DType = args.dtype.parse().map_err(|e: String| anyhow::anyhow!("--dtype: {e}"))?;
+    let sampling = match args.weighting_scheme.as_str() {
+        "logit_normal" => TimestepSampling::LogitNormal { mean: args.logit_mean, std: args.logit_std },
+        "mode" => TimestepSampling::Mode { scale: args.mode_scale },
+        "none" => TimestepSampling::Uniform,
+        other => bail!("--weighting-scheme {other}: logit_normal, mode or none"),
+    };
+    let model_dir = match &args.model {
+        Some(dir) => dir.clone(),
+        None => {
+            say(format!("no --model given: using {}", sd3::bundled::DESCRIPTION));
+            sd3::bundled::tiny_model_dir().context("unpacking the bundled tiny model")?
+        }
+    };
+    let mut cfg = DreamBoothConfig::new(
+        model_dir.clone(),
+        args.instance_data_dir.clone(),
+        args.instance_prompt.clone(),
+        args.output_dir.clone(),
+    );
+    cfg.resolution = args.resolution;
+    cfg.center_crop = args.center_crop;
+    cfg.random_flip = args.random_flip;
+    cfg.train_batch_size = args.train_batch_size;
+    cfg.max_train_steps = args.max_train_steps;
+    cfg.gradient_accumulation_steps = args.gradient_accumulation_steps;
+    cfg.optimizer.lr = args.learning_rate;
+    cfg.optimizer.weight_decay = args.adam_weight_decay;
+    cfg.rank = args.rank;
+    cfg.sampling = sampling;
+    cfg.max_grad_norm = args.max_grad_norm;
+    cfg.max_sequence_length = args.max_sequence_length;
+    cfg.seed = args.seed;
+    cfg.dtype = dtype;
+    cfg.checkpointing_steps = args.checkpointing_steps;
+    cfg.cache_latents = args.cache_latents;
+
+    let backend = sd3::runtime::open_backend(&args.backend.request())?;
+    say(format!("backend: {} ({})", backend.name(), backend.info().name));
+    let every = (args.max_train_steps / 20).max(1);
+    let mut on_event = |e: &TrainEvent| {
+        match e {
+        TrainEvent::Ready { images, modules, parameters, seconds } => say(format!(
+            "{images} instance images, LoRA rank {} on {modules} modules ({parameters} parameters); ready in {seconds:.1} s",
+            args.rank
+        )),
+        TrainEvent::Step { step, total, loss, grad_norm, seconds } => {
+            if step % every == 0 || step == total || *step == 1 {
+                say(format!("step {step}/{total}: loss {loss:.4}, grad norm {grad_norm:.3}, {seconds:.2} s/step"));
+            }
+        }
+        TrainEvent::Saved { path } => say(format!("wrote {}", path.display())),
+    }
+    };
+    let report = train_dreambooth_lora(&cfg, &backend, &mut on_event)?;
+
+    if let (Some(prompt), false) = (&args.validation_prompt, args.not_validation_final) {
+        let options = PipelineOptions { dtype, no_t5: false, loras: vec![(report.lora_path.clone(), 1.0)] };
+        let pipe = StableDiffusion3Pipeline::new(&model_dir, backend.clone(), options)?;
+        let mut req = GenerationRequest::new(prompt.clone(), args.resolution, args.resolution);
+        req.seed = args.seed;
+        let generation = pipe.generate(&req, &mut |_| {}).context("the validation image")?;
+        let path = args.output_dir.join("validation.png");
+        let text = [("prompt", prompt.clone()), ("lora", report.lora_path.display().to_string())];
+        let text: Vec<(&str, String)> = text.iter().map(|(k, v)| (*k, v.clone())).collect();
+        sd3::image_out::write_png(&path, &generation.images[0], &text)?;
+        say(format!("wrote {}", path.display()));
+    }
+    Ok(ExitCode::SUCCESS)
+}

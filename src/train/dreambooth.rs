@@ -1,0 +1,340 @@
+//! DreamBooth LoRA fine-tuning of the transformer, step for step as diffusers'
+//! `examples/dreambooth/train_dreambooth_lora_sd3.py` (text encoders frozen, prompt embedded once):
+//! instance images → VAE latents `(z - shift)·scale`; per step a noise level from the weighting scheme, the noisy
+//! latents `(1-σ)·x0 + σ·noise`, the transformer with LoRA adapters, the preconditioned loss, gradients to the
+//! adapters, clipping and AdamW. Writes `pytorch_lora_weights.safetensors` in diffusers' layout.
+
+use super::data::InstanceImages;
+use super::lora_params::LoraParams;
+use super::objective::{noisy_latents, preconditioned_loss, training_sigma, TimestepSampling};
+use super::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::models::mmdit::Sd3Transformer2DModel;
+use crate::models::vae_encoder::VaeEncoder;
+use crate::pipeline::{GenerationRequest, PipelineOptions, StableDiffusion3Pipeline};
+use crate::scheduler::SchedulerConfig;
+use anyhow::{bail, Context};
+use sd3_core::{Backend, DType, Tensor};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The file the trained LoRA is written to (diffusers' name).
+pub const LORA_FILE: &str = "pytorch_lora_weights.safetensors";
+
+/// What to train; the defaults are the script's (`Default`), but the instance data and output.
+#[derive(Clone, Debug)]
+pub struct DreamBoothConfig {
+    pub model_dir: PathBuf,
+    pub instance_dir: PathBuf,
+    pub instance_prompt: String,
+    pub output_dir: PathBuf,
+    pub resolution: usize,
+    /// Centre crops; otherwise a random crop each time an image is used.
+    pub center_crop: bool,
+    pub random_flip: bool,
+    pub train_batch_size: usize,
+    pub max_train_steps: usize,
+    pub gradient_accumulation_steps: usize,
+    pub optimizer: AdamWConfig,
+    pub rank: usize,
+    pub sampling: TimestepSampling,
+    pub max_grad_norm: f32,
+    pub seed: u64,
+    /// The transformer's compute dtype (adapters and optimizer stay f32 on the host; the VAE runs in f32).
+    pub dtype: DType,
+    pub max_sequence_length: usize,
+    /// Save `checkpoint-<step>/pytorch_lora_weights.safetensors` every this many steps.
+    pub checkpointing_steps: Option<usize>,
+    /// Encode each image once (one crop and no flip for the whole run) instead of every time it is used.
+    pub cache_latents: bool,
+}
+
+impl DreamBoothConfig {
+    pub fn new(model_dir: PathBuf, instance_dir: PathBuf, instance_prompt: String, output_dir: PathBuf) -> Self {
+        DreamBoothConfig {
+            model_dir,
+            instance_dir,
+            instance_prompt,
+            output_dir,
+            resolution: 512,
+            center_crop: false,
+            random_flip: false,
+            train_batch_size: 1,
+            max_train_steps: 500,
+            gradient_accumulation_steps: 1,
+            optimizer: AdamWConfig::default(),
+            rank: 4,
+            sampling: TimestepSampling::LogitNormal { mean: 0.0, std: 1.0 },
+            max_grad_norm: 1.0,
+            seed: 0,
+            dtype: DType::F32,
+            max_sequence_length: 77,
+            checkpointing_steps: None,
+            cache_latents: false,
+        }
+    }
+}
+
+/// Progress of a training run.
+#[derive(Clone, Debug)]
+pub enum TrainEvent {
+    /// Prompt embedded, models loaded: `modules` adapters of `parameters` values in all.
+    Ready {
+        images: usize,
+        modules: usize,
+        parameters: usize,
+        seconds: f64,
+    },
+    /// Optimizer step `step` (1-based) of `total`: the mean loss of its micro-batches and the gradient norm
+    /// before clipping.
+    Step {
+        step: usize,
+        total: usize,
+        loss: f32,
+        grad_norm: f32,
+        seconds: f64,
+    },
+    Saved {
+        path: PathBuf,
+    },
+}
+
+/// A finished run.
+pub struct TrainReport {
+    pub losses: Vec<f32>,
+    pub lora_path: PathBuf,
+}
+
+/// Uniform draws for shuffles, crops and flips (splitmix64; the noise comes from [`crate::noise`]).
+struct Draws(u64);
+
+impl Draws {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// In [0, 1).
+    fn unit(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+}
+
+/// The images' latent distributions, per use or cached.
+struct Latents<'a> {
+    images: &'a InstanceImages,
+    encoder: &'a VaeEncoder,
+    backend: &'a Backend,
+    cached: Vec<(Vec<f32>, Vec<f32>)>,
+    shift: f32,
+    scale: f32,
+}
+
+impl Latents<'_> {
+    /// `(mean, logvar)` of image `i`, prepared with `crop` and `flip`.
+    fn distribution(&self, i: usize, res: usize, crop: (f32, f32), flip: bool) -> anyhow::Result<(Vec<f32>, Vec<f32>)> {
+        let pixels = self.images.prepared(i, res, crop, flip);
+        let image = self.backend.from_f32(&pixels, &[1, 3, res, res], DType::F32)?;
+        let dist = self.encoder.encode(&image)?;
+        Ok((dist.mean.to_f32_vec()?, dist.logvar.to_f32_vec()?))
+    }
+
+    /// `(z - shift)·scale` with `z = mean + exp(logvar/2)·noise`.
+    fn sample(&self, (mean, logvar): &(Vec<f32>, Vec<f32>), noise: &[f32]) -> Vec<f32> {
+        mean.iter()
+            .zip(logvar)
+            .zip(noise)
+            .map(|((m, lv), n)| (m + (0.5 * lv).exp() * n - self.shift) * self.scale)
+            .collect()
+    }
+}
+
+/// Runs the fine-tuning and writes the LoRA under `cfg.output_dir`.
+pub fn train_dreambooth_lora(
+    cfg: &DreamBoothConfig,
+    backend: &Backend,
+    on_event: &mut dyn FnMut(&TrainEvent),
+) -> anyhow::Result<TrainReport> {
+    let start = Instant::now();
+    check(cfg)?;
+    let images = InstanceImages::load(&cfg.instance_dir)?;
+    let (prompt_embeds, pooled) = embed_prompt(cfg, backend)?;
+    let encoder = VaeEncoder::load(&cfg.model_dir.join("vae"), backend, DType::F32)?;
+    let vae_cfg = encoder.config();
+    let (f, res) = (encoder.scale_factor(), cfg.resolution);
+    if res % f != 0 {
+        bail!("--resolution {res}: not a multiple of the VAE's factor {f}");
+    }
+    let transformer = Sd3Transformer2DModel::load(&cfg.model_dir.join("transformer"), backend, cfg.dtype)
+        .with_context(|| format!("loading the transformer of {}", cfg.model_dir.display()))?;
+    transformer.check_latent_size(res / f, res / f).with_context(|| format!("--resolution {res}"))?;
+    let scheduler = SchedulerConfig::load(&cfg.model_dir.join("scheduler"))?;
+    // diffusers shifts the training schedule at construction only without dynamic shifting.
+    let shift = if scheduler.use_dynamic_shifting { 1.0 } else { scheduler.shift as f32 };
+
+    let mut params = LoraParams::gaussian(&transformer.adapter_shapes(), cfg.rank, cfg.rank as f32, cfg.seed);
+    let mut adam = AdamW::new(cfg.optimizer, &params.flat_sizes());
+    let mut draws = Draws(cfg.seed ^ 0x5eed_0fd7_eab0_0700);
+    let mut latents = Latents {
+        images: &images,
+        encoder: &encoder,
+        backend,
+        cached: Vec::new(),
+        shift: vae_cfg.shift_factor.unwrap_or(0.0),
+        scale: vae_cfg.scaling_factor,
+    };
+    if cfg.cache_latents {
+        for i in 0..images.len() {
+            let crop = if cfg.center_crop { (0.5, 0.5) } else { (draws.unit(), draws.unit()) };
+            latents.cached.push(latents.distribution(i, res, crop, false)?);
+        }
+    }
+    on_event(&TrainEvent::Ready {
+        images: images.len(),
+        modules: params.modules.len(),
+        parameters: params.flat_sizes().iter().sum(),
+        seconds: start.elapsed().as_secs_f64(),
+    });
+
+    let b = cfg.train_batch_size;
+    let latent_len = transformer.config.in_channels * (res / f) * (res / f);
+    let latent_shape = [b, transformer.config.in_channels, res / f, res / f];
+    let embeds = repeat_rows(&prompt_embeds, b)?;
+    let pooled = repeat_rows(&pooled, b)?;
+    let mut order: Vec<usize> = Vec::new();
+    let mut losses = Vec::with_capacity(cfg.max_train_steps);
+    let mut draw_index = 0u64;
+    for step in 1..=cfg.max_train_steps {
+        let t0 = Instant::now();
+        let adapters = params.upload(backend, cfg.dtype)?;
+        let mut summed: Option<Vec<Vec<f32>>> = None;
+        let mut loss_sum = 0.0;
+        for _ in 0..cfg.gradient_accumulation_steps {
+            // One batch: the next images of a shuffled pass over the instance images (the script's DataLoader).
+            let mut x0 = Vec::with_capacity(b * latent_len);
+            for _ in 0..b {
+                if order.is_empty() {
+                    order = (0..images.len()).collect();
+                    for i in (1..order.len()).rev() {
+                        order.swap(i, draws.below(i + 1));
+                    }
+                }
+                let i = order.pop().expect("refilled");
+                draw_index += 1;
+                let noise = crate::noise::standard_normal(cfg.seed.wrapping_add(draw_index << 20), latent_len);
+                let sample = match latents.cached.get(i) {
+                    Some(dist) => latents.sample(dist, &noise),
+                    None => {
+                        let crop = if cfg.center_crop { (0.5, 0.5) } else { (draws.unit(), draws.unit()) };
+                        let flip = cfg.random_flip && draws.unit() < 0.5;
+                        latents.sample(&latents.distribution(i, res, crop, flip)?, &noise)
+                    }
+                };
+                x0.extend(sample);
+            }
+            draw_index += 1;
+            let noise = crate::noise::standard_normal(cfg.seed.wrapping_add(draw_index << 20), b * latent_len);
+            let normals = crate::noise::standard_normal(cfg.seed.wrapping_add((draw_index << 20) + 1), b);
+            let sigmas: Vec<f32> = normals
+                .iter()
+                .map(|&z| {
+                    training_sigma(cfg.sampling.density_sample(z, draws.unit()), scheduler.num_train_timesteps, shift)
+                })
+                .collect();
+            let noisy_host = noisy_latents(&x0, &noise, &sigmas);
+            let noisy = backend.from_f32(&noisy_host, &latent_shape, DType::F32)?;
+            let timesteps: Vec<f32> = sigmas.iter().map(|s| s * scheduler.num_train_timesteps as f32).collect();
+            let (grads, loss) =
+                transformer.adapter_gradients(&noisy, &embeds, &pooled, &timesteps, &adapters, |pred| {
+                    let (loss, d) = preconditioned_loss(pred, &noisy_host, &x0, &sigmas)?;
+                    Ok((d, loss))
+                })?;
+            if !loss.is_finite() {
+                bail!("step {step}: the loss is {loss} (lower --learning-rate, or train in f32)");
+            }
+            loss_sum += loss;
+            let flat = params.flat_grads(&grads)?;
+            summed = Some(match summed {
+                None => flat,
+                Some(mut acc) => {
+                    acc.iter_mut().flatten().zip(flat.iter().flatten()).for_each(|(a, g)| *a += g);
+                    acc
+                }
+            });
+        }
+        let accum = cfg.gradient_accumulation_steps as f32;
+        let mut grads = summed.expect("at least one micro-batch");
+        grads.iter_mut().flatten().for_each(|g| *g /= accum);
+        let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm);
+        let mut flat = params.take_flat();
+        adam.step(&mut flat, &grads);
+        params.put_flat(flat);
+        let loss = loss_sum / accum;
+        losses.push(loss);
+        let seconds = t0.elapsed().as_secs_f64();
+        on_event(&TrainEvent::Step { step, total: cfg.max_train_steps, loss, grad_norm, seconds });
+        if cfg.checkpointing_steps.is_some_and(|n| step % n == 0 && step < cfg.max_train_steps) {
+            let path = save(&params, &cfg.output_dir.join(format!("checkpoint-{step}")))?;
+            on_event(&TrainEvent::Saved { path });
+        }
+    }
+    let lora_path = save(&params, &cfg.output_dir)?;
+    on_event(&TrainEvent::Saved { path: lora_path.clone() });
+    Ok(TrainReport { losses, lora_path })
+}
+
+fn check(cfg: &DreamBoothConfig) -> anyhow::Result<()> {
+    let positive = [
+        (cfg.rank, "--rank"),
+        (cfg.max_train_steps, "--max-train-steps"),
+        (cfg.train_batch_size, "--train-batch-size"),
+        (cfg.gradient_accumulation_steps, "--gradient-accumulation-steps"),
+        (cfg.resolution, "--resolution"),
+    ];
+    if let Some((_, flag)) = positive.iter().find(|(v, _)| *v == 0) {
+        bail!("{flag} 0: it must be at least 1");
+    }
+    if !(cfg.optimizer.lr > 0.0 && cfg.optimizer.lr.is_finite()) {
+        bail!("--learning-rate {}: it must be a positive number", cfg.optimizer.lr);
+    }
+    if cfg.max_grad_norm.is_nan() || cfg.max_grad_norm <= 0.0 {
+        bail!("--max-grad-norm {}: it must be positive", cfg.max_grad_norm);
+    }
+    if cfg.checkpointing_steps == Some(0) {
+        bail!("--checkpointing-steps 0: it must be at least 1");
+    }
+    if !cfg.dtype.is_float() {
+        bail!("--dtype {}: the transformer computes in f32, f16 or bf16", cfg.dtype);
+    }
+    Ok(())
+}
+
+/// The instance prompt through the frozen text encoders, once: `[1, S, joint_dim]` and `[1, pooled_dim]`.
+pub fn embed_prompt(cfg: &DreamBoothConfig, backend: &Backend) -> anyhow::Result<(Tensor, Tensor)> {
+    let options = PipelineOptions { dtype: cfg.dtype, ..PipelineOptions::default() };
+    let pipe = StableDiffusion3Pipeline::new(&cfg.model_dir, backend.clone(), options)
+        .with_context(|| format!("opening the model {}", cfg.model_dir.display()))?;
+    let mut req = GenerationRequest::new(cfg.instance_prompt.clone(), cfg.resolution, cfg.resolution);
+    req.guidance = 1.0;
+    req.max_sequence_length = cfg.max_sequence_length;
+    let cond = pipe.encode(&req, &mut |_| {})?;
+    Ok((cond.prompt_embeds, cond.pooled))
+}
+
+/// `[1, …]` repeated to `[n, …]`.
+fn repeat_rows(t: &Tensor, n: usize) -> sd3_core::Result<Tensor> {
+    let mut shape = t.shape().to_vec();
+    shape[0] = n;
+    t.broadcast_to(&shape)?.contiguous()
+}
+
+fn save(params: &LoraParams, dir: &Path) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(LORA_FILE);
+    params.save(&path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
