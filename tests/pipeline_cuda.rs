@@ -12,6 +12,7 @@
 
 use sd3::golden::{fixtures_dir, GoldenCase, Tolerances};
 use sd3::runtime::{open_backend, BackendRequest};
+use sd3::train::golden::TrainingGolden;
 use sd3_core::DType;
 
 /// Each case, with diffusers' own distance from its f32 golden image in bf16 and in f16 (1/255; diffusers 0.42.1,
@@ -36,19 +37,24 @@ fn half(worst_diffusers_distance: u8) -> Tolerances {
     Tolerances { conditioning: None, initial_latents: None, final_latents: None, image: worst_diffusers_distance + 2 }
 }
 
-fn run(dtype: DType) {
+/// The CUDA plugin, strict; `None` (with the reason printed) where no CUDA driver or device is usable.
+fn open_cuda() -> Option<sd3_core::Backend> {
     let request = BackendRequest { strict: true, ..BackendRequest::named("cuda") };
-    let be = match open_backend(&request) {
-        Ok(be) => be,
+    match open_backend(&request) {
+        Ok(be) => Some(be),
         Err(e) => {
             let msg = format!("{e:#}");
             if msg.contains("not found") || msg.contains("no CUDA") || msg.contains("no device") {
                 eprintln!("SKIPPED: no usable CUDA on this machine: {msg}");
-                return;
+                return None;
             }
             panic!("opening the CUDA plugin (is libsd3_backend_cuda built beside the test?): {msg}");
         }
-    };
+    }
+}
+
+fn run(dtype: DType) {
+    let Some(be) = open_cuda() else { return };
     let worst_bf16 = CASES.iter().map(|c| c.1).max().unwrap_or(0);
     let worst_f16 = CASES.iter().map(|c| c.2).max().unwrap_or(0);
     for (case, bf16, f16) in CASES {
@@ -77,4 +83,16 @@ fn goldens_f16_on_cuda() {
 #[test]
 fn goldens_bf16_on_cuda() {
     run(DType::BF16);
+}
+
+/// One LoRA fine-tuning step (`sd3 train-lora`'s forward and backward) against diffusers + PEFT
+/// (`fixtures/training`, `sd3::train::golden`), f32, held to the CPU backend's bounds.
+#[test]
+fn lora_training_step_on_cuda() {
+    let Some(be) = open_cuda() else { return };
+    for model in ["sd3-tiny", "sd35-tiny"] {
+        let d = TrainingGolden::load(&fixtures_dir(), model).unwrap().run(&be).unwrap();
+        eprintln!("{model} training step on {} ({}): {d}", be.name(), be.info().name);
+        assert!(d.prediction < 1e-5 && d.loss < 1e-5 && d.gradients < 5e-5, "{model}: {d}");
+    }
 }

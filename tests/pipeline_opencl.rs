@@ -6,6 +6,7 @@
 
 use sd3::golden::{fixtures_dir, GoldenCase, Tolerances};
 use sd3::runtime::{open_backend, BackendRequest};
+use sd3::train::golden::TrainingGolden;
 
 const OPENCL: Tolerances = Tolerances { conditioning: None, initial_latents: None, final_latents: None, image: 3 };
 
@@ -32,4 +33,24 @@ fn sd3_cfg_on_opencl() {
 fn sd35_slg_on_opencl() {
     // SD3.5: qk RMS norm inside attention, and skip-layer guidance (from the golden's params).
     run_case("sd35-slg");
+}
+
+/// One LoRA fine-tuning step (`sd3 train-lora`'s forward and backward) on the device, strict, against diffusers +
+/// PEFT (`fixtures/training`, through the runner every backend shares, `sd3::train::golden`), f32.
+#[test]
+fn lora_training_step_on_opencl() {
+    let request = BackendRequest { strict: true, ..BackendRequest::named("opencl") };
+    let be = match open_backend(&request) {
+        Ok(be) => be,
+        Err(e) if format!("{e:#}").contains("no OpenCL platform found") => {
+            eprintln!("SKIPPED: no OpenCL platform on this machine: {e:#}");
+            return;
+        }
+        Err(e) => panic!("opening the OpenCL plugin (is libsd3_backend_opencl built beside the test?): {e:#}"),
+    };
+    for model in ["sd3-tiny", "sd35-tiny"] {
+        let d = TrainingGolden::load(&fixtures_dir(), model).unwrap().run(&be).unwrap();
+        eprintln!("{model} training step on {} ({}): {d}", be.name(), be.info().name);
+        assert!(d.prediction < 1e-5 && d.loss < 1e-5 && d.gradients < 5e-5, "{model}: {d}");
+    }
 }

@@ -4,6 +4,7 @@
 
 pub mod data;
 pub mod dreambooth;
+pub mod golden;
 pub mod grad_ops;
 pub mod lora_params;
 pub mod objective;

@@ -5,6 +5,7 @@
 //! (`sd3::golden`); the image bound is that of the root crate's `tests/pipeline_golden.rs` on the CPU backend.
 
 use sd3::golden::{fixtures_dir, GoldenCase, Tolerances};
+use sd3::train::golden::TrainingGolden;
 use sd3_backend_npu::{NpuConfig, NpuDevice, NpuFlags};
 use sd3_core::Backend;
 use std::sync::Arc;
@@ -40,4 +41,17 @@ fn pipeline_under_the_opposite_flags() {
     assert_eq!(stat(&dev, "contiguous_copies"), 0);
     assert!(stat(&dev, "nz.cache_hits") > 0, "weights stay in FRACTAL_NZ across denoising steps");
     assert!(stat(&dev, "nc1hwc0.conversions") > 0);
+}
+
+/// One LoRA fine-tuning step (`sd3 train-lora`'s forward and backward) on the stub under the seed's flags,
+/// against diffusers + PEFT (`fixtures/training`, through `sd3::train::golden`), f32.
+#[test]
+fn lora_training_step_matches_diffusers() {
+    let dev = Arc::new(NpuDevice::new(NpuConfig::new(NpuFlags::seed(), 512 << 20)).unwrap());
+    let be = Backend::new("npu", dev);
+    for model in ["sd3-tiny", "sd35-tiny"] {
+        let d = TrainingGolden::load(&fixtures_dir(), model).unwrap().run(&be).unwrap();
+        eprintln!("{model} training step on npu: {d}");
+        assert!(d.prediction < 1e-5 && d.loss < 1e-5 && d.gradients < 5e-5, "{model}: {d}");
+    }
 }

@@ -7,6 +7,7 @@
 mod common;
 
 use sd3::golden::{fixtures_dir, GoldenCase, Tolerances};
+use sd3::train::golden::TrainingGolden;
 use sd3_core::{Backend, Device};
 
 const VULKAN: Tolerances =
@@ -21,4 +22,17 @@ fn tiny_pipelines_match_diffusers() {
         eprintln!("{case} on vulkan: {d}");
     }
     eprintln!("device stats: {:?}", dev.stats());
+}
+
+/// One LoRA fine-tuning step (`sd3 train-lora`'s forward and backward) on the device against diffusers + PEFT
+/// (`fixtures/training`, through the runner every backend shares, `sd3::train::golden`), f32.
+#[test]
+fn lora_training_step_matches_diffusers() {
+    let Some(dev) = common::device() else { return };
+    let be = Backend::new("vulkan", dev);
+    for model in ["sd3-tiny", "sd35-tiny"] {
+        let d = TrainingGolden::load(&fixtures_dir(), model).unwrap().run(&be).unwrap();
+        eprintln!("{model} training step on vulkan: {d}");
+        assert!(d.prediction < 1e-5 && d.loss < 1e-5 && d.gradients < 5e-5, "{model}: {d}");
+    }
 }

@@ -1,0 +1,135 @@
+//! diffusers + PEFT's LoRA training step on the tiny transformers (`fixtures/training/<model>.safetensors`, made
+//! by `scripts/make_training_golden.py`): how far one backend's prediction, loss and adapter gradients land from
+//! it. Every backend's training test runs through here with its own tolerances: the CPU's `tests/training.rs`,
+//! OpenCL's `tests/pipeline_opencl.rs`, `backends/vulkan/tests/pipeline_on_vulkan.rs`.
+
+use super::objective::{noisy_latents, preconditioned_loss};
+use crate::models::mmdit::train::{Adapters, LoraPair};
+use crate::models::mmdit::Sd3Transformer2DModel;
+use anyhow::{ensure, Context};
+use safetensors::SafeTensors;
+use sd3_core::{Backend, DType, Tensor};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// A golden file, read whole (it is small).
+pub struct TrainingGolden {
+    pub path: PathBuf,
+    /// `fixtures/<model>/transformer`.
+    pub transformer_dir: PathBuf,
+    bytes: Vec<u8>,
+}
+
+/// Largest differences from the golden, each relative to the golden's largest magnitude.
+#[derive(Clone, Debug, Default)]
+pub struct StepDistance {
+    pub prediction: f32,
+    pub loss: f32,
+    pub gradients: f32,
+    /// The adapter parameter with the largest gradient error.
+    pub worst: String,
+    pub modules: usize,
+}
+
+impl fmt::Display for StepDistance {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(
+            f,
+            "prediction within {:.1e}, loss within {:.1e}, gradients of {} adapters within {:.1e} (relative; worst {})",
+            self.prediction, self.loss, self.modules, self.gradients, self.worst
+        )
+    }
+}
+
+/// `max |a - b| / max |b|`.
+pub fn relative_error(a: &[f32], b: &[f32]) -> f32 {
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+impl TrainingGolden {
+    /// `fixtures/training/<model>.safetensors` of the tiny pipeline `fixtures/<model>`.
+    pub fn load(fixtures: &Path, model: &str) -> anyhow::Result<Self> {
+        let path = fixtures.join("training").join(format!("{model}.safetensors"));
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        SafeTensors::deserialize(&bytes).with_context(|| format!("parsing {}", path.display()))?;
+        Ok(TrainingGolden { path, transformer_dir: fixtures.join(model).join("transformer"), bytes })
+    }
+
+    fn st(&self) -> SafeTensors<'_> {
+        SafeTensors::deserialize(&self.bytes).expect("checked at load")
+    }
+
+    /// Tensor `name` (f32) with its shape.
+    pub fn get(&self, name: &str) -> anyhow::Result<(Vec<f32>, Vec<usize>)> {
+        let st = self.st();
+        let t = st.tensor(name).with_context(|| format!("{}: no tensor {name}", self.path.display()))?;
+        let v = t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        Ok((v, t.shape().to_vec()))
+    }
+
+    fn tensor(&self, name: &str, backend: &Backend) -> anyhow::Result<Tensor> {
+        let (v, shape) = self.get(name)?;
+        Ok(backend.from_f32(&v, &shape, DType::F32)?)
+    }
+
+    /// The adapted modules (`lora.<module>.lora_A.weight`), sorted.
+    pub fn modules(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .st()
+            .names()
+            .iter()
+            .filter_map(|n| n.strip_prefix("lora.")?.strip_suffix(".lora_A.weight").map(str::to_string))
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Runs the step on `backend` (the transformer in f32) and measures it against the golden.
+    pub fn run(&self, backend: &Backend) -> anyhow::Result<StepDistance> {
+        let transformer = Sd3Transformer2DModel::load(&self.transformer_dir, backend, DType::F32)?;
+        let modules = self.modules();
+        let targets: Vec<String> = transformer.adapter_shapes().into_keys().collect();
+        ensure!(modules == targets, "golden adapters {modules:?}, the transformer's targets {targets:?}");
+        let adapters = modules
+            .iter()
+            .map(|m| {
+                let a = self.tensor(&format!("lora.{m}.lora_A.weight"), backend)?;
+                let b = self.tensor(&format!("lora.{m}.lora_B.weight"), backend)?;
+                Ok((m.clone(), LoraPair { a, b, scale: 1.0 }))
+            })
+            .collect::<anyhow::Result<Adapters>>()?;
+        let (x0, shape) = self.get("input.x0")?;
+        let (noise, _) = self.get("input.noise")?;
+        let (sigmas, _) = self.get("input.sigmas")?;
+        let noisy_host = noisy_latents(&x0, &noise, &sigmas);
+        let noisy = backend.from_f32(&noisy_host, &shape, DType::F32)?;
+        let timesteps: Vec<f32> = sigmas.iter().map(|s| s * 1000.0).collect();
+        let embeds = self.tensor("input.prompt_embeds", backend)?;
+        let pooled = self.tensor("input.pooled", backend)?;
+        let (grads, (pred, loss)) =
+            transformer.adapter_gradients(&noisy, &embeds, &pooled, &timesteps, &adapters, |pred| {
+                let (loss, d) = preconditioned_loss(pred, &noisy_host, &x0, &sigmas)?;
+                Ok((d, (pred.to_f32_vec()?, loss)))
+            })?;
+        let golden_loss = self.get("loss")?.0[0];
+        let mut d = StepDistance {
+            prediction: relative_error(&pred, &self.get("pred")?.0),
+            loss: (loss - golden_loss).abs() / golden_loss.abs(),
+            gradients: 0.0,
+            worst: String::new(),
+            modules: modules.len(),
+        };
+        for m in &modules {
+            let [da, db] = grads.get(m).with_context(|| format!("no gradient for {m}"))?;
+            for (t, which) in [(da, "A"), (db, "B")] {
+                let golden = self.get(&format!("grad.{m}.lora_{which}.weight"))?.0;
+                let err = relative_error(&t.to_f32_vec()?, &golden);
+                if err >= d.gradients {
+                    (d.gradients, d.worst) = (err, format!("{m}.lora_{which}"));
+                }
+            }
+        }
+        Ok(d)
+    }
+}
