@@ -179,11 +179,37 @@ fn attend(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> sd3_core::Result<Te
     o.permute(&[0, 2, 1, 3])?.contiguous()
 }
 
-/// [`attend`]'s backward: `(dq, dk, dv)`, tokens first.
-fn attend_backward([q, k, v]: [&Tensor; 3], o: &Tensor, d_o: &Tensor, scale: f32) -> sd3_core::Result<[Tensor; 3]> {
-    let hf = |t: &Tensor| t.permute(&[0, 2, 1, 3])?.contiguous();
-    let (dq, dk, dv) = g::attention_backward(&hf(q)?, &hf(k)?, &hf(v)?, &hf(o)?, &hf(d_o)?, scale)?;
-    Ok([hf(&dq)?, hf(&dk)?, hf(&dv)?])
+/// The most bytes of one `[B, h, T, T]` probability matrix in [`attend_backward`]: heads go through in groups
+/// under it (at 1024² one head's is 72 MB in f32 for two samples).
+const PROBABILITY_BYTES: usize = 256 << 20;
+
+/// [`attend`]'s backward: `(dq, dk, dv)`, tokens first; heads in groups so that the recomputed probabilities and
+/// their gradient stay under `limit` bytes each ([`PROBABILITY_BYTES`]).
+fn attend_backward(
+    [q, k, v]: [&Tensor; 3],
+    o: &Tensor,
+    d_o: &Tensor,
+    scale: f32,
+    limit: usize,
+) -> sd3_core::Result<[Tensor; 3]> {
+    let hf = |t: &Tensor| t.permute(&[0, 2, 1, 3]);
+    let (b, t, heads) = (q.dim(0), q.dim(1), q.dim(2));
+    let per_head = b * t * t * q.dtype().size_in_bytes();
+    let group = (limit / per_head.max(1)).clamp(1, heads);
+    let mut parts: [Vec<Tensor>; 3] = Default::default();
+    for h0 in (0..heads).step_by(group) {
+        let n = group.min(heads - h0);
+        let sel = |x: &Tensor| hf(x)?.narrow(1, h0, n)?.contiguous();
+        let (dq, dk, dv) = g::attention_backward(&sel(q)?, &sel(k)?, &sel(v)?, &sel(o)?, &sel(d_o)?, scale)?;
+        for (p, d) in parts.iter_mut().zip([dq, dk, dv]) {
+            p.push(d);
+        }
+    }
+    let joined = |p: &[Tensor]| -> sd3_core::Result<Tensor> {
+        let refs: Vec<&Tensor> = p.iter().collect();
+        hf(&Tensor::cat(&refs, 1)?)?.contiguous()
+    };
+    Ok([joined(&parts[0])?, joined(&parts[1])?, joined(&parts[2])?])
 }
 
 /// `[B, n, D]` → `[B, n, H, Dh]`.
@@ -370,7 +396,7 @@ impl JointTransformerBlock {
         let mut dx = dx1.clone();
         if let (Some(attn2), Some(d)) = (&self.attn2, &a.dual) {
             let d_o = heads(&dx1.mul(&m[8])?.matmul(&attn2.to_out.linear.weight)?, d.qkv.heads)?;
-            let grads_qkv = attend_backward([&d.acts.q, &d.acts.k, &d.qkv.v(&d.acts)?], &d.o, &d_o, attn2.scale)?;
+            let grads_qkv = attend_backward([&d.acts.q, &d.acts.k, &d.qkv.v(&d.acts)?], &d.o, &d_o, attn2.scale, PROBABILITY_BYTES)?;
             let dx_hat2 = d.qkv.backward(&d.x_hat2, &d.acts, grads_qkv, grads)?;
             dx = dx.add(&g::layer_norm_modulate_backward(&a.x, &m[7], &dx_hat2, LN_EPS)?)?;
         }
@@ -391,7 +417,7 @@ impl JointTransformerBlock {
         let v = Tensor::cat(&[&a.image.v(&a.image_acts)?, &a.context.v(&a.context_acts)?], 1)?;
         let q = Tensor::cat(&[&a.image_acts.q, &a.context_acts.q], 1)?;
         let k = Tensor::cat(&[&a.image_acts.k, &a.context_acts.k], 1)?;
-        let d_qkv = attend_backward([&q, &k, &v], &a.o, &d_o, self.attn.scale)?;
+        let d_qkv = attend_backward([&q, &k, &v], &a.o, &d_o, self.attn.scale, PROBABILITY_BYTES)?;
         let n = a.x.dim(1);
         let image_part = |t: &Tensor| t.narrow(1, 0, n)?.contiguous();
         let text_part = |t: &Tensor| t.narrow(1, n, s)?.contiguous();
@@ -482,5 +508,27 @@ impl Sd3Transformer2DModel {
             }
         }
         shapes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sd3_core::{Backend, DType};
+
+    /// Heads in groups (here one at a time) give what all heads at once give.
+    #[test]
+    fn attention_backward_by_head_groups() {
+        let be = Backend::new("cpu", sd3_backend_cpu::cpu_device());
+        let shape = [2, 7, 3, 4]; // [B, T, H, Dh], tokens first
+        let t = |seed| be.from_f32(&crate::noise::standard_normal(seed, 168), &shape, DType::F32).unwrap();
+        let (q, k, v, d_o) = (t(1), t(2), t(3), t(4));
+        let o = attend(&q, &k, &v, 0.5).unwrap();
+        let whole = attend_backward([&q, &k, &v], &o, &d_o, 0.5, usize::MAX).unwrap();
+        let by_head = attend_backward([&q, &k, &v], &o, &d_o, 0.5, 1).unwrap();
+        for (a, b) in whole.iter().zip(&by_head) {
+            assert_eq!(a.shape(), b.shape());
+            assert_eq!(a.to_f32_vec().unwrap(), b.to_f32_vec().unwrap());
+        }
     }
 }
