@@ -32,8 +32,7 @@ fn main() -> anyhow::Result<()> {
     let mut config = Sd3TransformerConfig::sd3_medium();
     config.num_layers = arg(&args, "--layers", 24);
     let model = Sd3Transformer2DModel::random(config, 0, &backend, dtype)?;
-    let params = LoraParams::gaussian(&model.adapter_shapes(), 4, 4.0, 1);
-    let mut lora = params;
+    let mut lora = LoraParams::gaussian(&model.adapter_shapes(), 4, 4.0, 1);
     // B = 0 would leave half the adapter math trivially zero-valued; give it values.
     lora.modules.values_mut().for_each(|m| m.b.iter_mut().enumerate().for_each(|(i, b)| *b = (i % 7) as f32 * 1e-3));
     let adapters = lora.upload(&backend, dtype)?;
@@ -56,7 +55,8 @@ fn main() -> anyhow::Result<()> {
         }
         let step = s.elapsed().as_secs_f64();
         if i > 0 {
-            (steps.push(step), forwards.push(forward));
+            steps.push(step);
+            forwards.push(forward);
         }
         eprintln!("iteration {i}: step {step:.3} s, forward {forward:.3} s");
     }

@@ -17,6 +17,11 @@ Writes fixtures/training/<model>.safetensors with
   grad.<module>.lora_{A,B}.weight                      the loss's gradient (before clipping)
   step.<module>.lora_{A,B}.weight                      the LoRA after the clipped AdamW step
   pred, loss                                           the transformer's raw output and the loss
+  {bf16,f16}.grad.<module>.lora_{A,B}.weight, {bf16,f16}.pred
+                                                       the same step with the transformer in half precision as
+                                                       the script runs it (--mixed_precision: base weights and
+                                                       inputs in that dtype, the LoRA in float32), to bound a
+                                                       half-precision run by diffusers' own distance from float32
   vae.{image, mean, logvar}                            (sd3-tiny only) vae.encode(image).latent_dist
 
 Usage:  python scripts/make_training_golden.py [--fixtures fixtures]
@@ -48,9 +53,10 @@ CASES = {"sd3-tiny": (8, 8), "sd35-tiny": (8, 12)}  # latent height, width
 TEXT_TOKENS = 10
 
 
-def lora_step(fixtures, name, hw):
+def adapted(fixtures, name, dtype):
+    """The transformer in `dtype` with seeded LoRA values in float32 (the script's cast_training_params)."""
     torch.manual_seed(0)
-    tr = SD3Transformer2DModel.from_pretrained(os.path.join(fixtures, name, "transformer"), torch_dtype=torch.float32)
+    tr = SD3Transformer2DModel.from_pretrained(os.path.join(fixtures, name, "transformer"), torch_dtype=dtype)
     tr.requires_grad_(False)
     tr.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian", target_modules=TARGETS))
     g = torch.Generator().manual_seed(1)
@@ -59,6 +65,30 @@ def lora_step(fixtures, name, hw):
         if "lora_" in key:
             p.data = torch.randn(p.shape, generator=g) * 0.1
             params[key.replace(".default", "")] = p
+    return tr, params, g
+
+
+def half_step(fixtures, name, dtype, inputs):
+    """The step with the base model and inputs in `dtype` (--mixed_precision), the loss in float32."""
+    tr, params, _ = adapted(fixtures, name, dtype)
+    x0, noise, sigmas, prompt, pooled = inputs
+    s = sigmas.view(-1, 1, 1, 1)
+    noisy = (1.0 - s) * x0 + s * noise
+    pred = tr(hidden_states=noisy.to(dtype), timestep=sigmas * 1000, encoder_hidden_states=prompt.to(dtype),
+              pooled_projections=pooled.to(dtype), return_dict=False)[0]
+    loss = torch.mean(((pred.float() * (-s) + noisy) - x0) ** 2)
+    # fp16 runs under accelerate's GradScaler (initial scale 2^16), bf16 without one.
+    loss_scale = 65536.0 if dtype == torch.float16 else 1.0
+    (loss * loss_scale).backward()
+    tag = {torch.bfloat16: "bf16", torch.float16: "f16"}[dtype]
+    out = {f"{tag}.pred": pred.detach().float()}
+    for key, p in params.items():
+        out[f"{tag}.grad.{key}"] = p.grad.detach().float().clone() / loss_scale
+    return out
+
+
+def lora_step(fixtures, name, hw):
+    tr, params, g = adapted(fixtures, name, torch.float32)
     c = tr.config
     b, (h, w) = 2, hw
     x0 = torch.randn(b, c.in_channels, h, w, generator=g)
@@ -84,6 +114,8 @@ def lora_step(fixtures, name, hw):
     opt.step()
     for key, p in params.items():
         out[f"step.{key}"] = p.detach().clone()
+    for dtype in (torch.bfloat16, torch.float16):
+        out.update(half_step(fixtures, name, dtype, (x0, noise, sigmas, prompt, pooled)))
     print(f"{name}: loss {loss.item():.6f}, {len(params)} LoRA tensors")
     return out
 

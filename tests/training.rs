@@ -71,6 +71,29 @@ fn sd35_lora_step_matches_diffusers() {
     lora_step_matches_diffusers("sd35-tiny");
 }
 
+/// The step with the transformer in bf16 and f16: its distance from diffusers' f32 step within twice diffusers'
+/// own distance in that dtype (the golden's `bf16.*`/`f16.*`, the script under `--mixed_precision`).
+#[test]
+fn half_precision_lora_steps_stay_within_diffusers_own_distance() {
+    let cpu = common::cpu();
+    for model in ["sd3-tiny", "sd35-tiny"] {
+        let g = TrainingGolden::load(&fixtures(), model).unwrap();
+        for dtype in [DType::BF16, DType::F16] {
+            let ours = g.run_in(&cpu, dtype).unwrap();
+            let reference = g.reference_distance(dtype).unwrap();
+            eprintln!("{model} {dtype}: ours {ours}; diffusers {reference}");
+            assert!(
+                ours.prediction <= 2.0 * reference.prediction,
+                "{model} {dtype}: {ours} against diffusers' {reference}"
+            );
+            assert!(
+                ours.gradients <= 2.0 * reference.gradients,
+                "{model} {dtype}: {ours} against diffusers' {reference}"
+            );
+        }
+    }
+}
+
 #[test]
 fn vae_encoder_matches_diffusers() {
     let cpu = common::cpu();

@@ -258,6 +258,9 @@ pub fn train_dreambooth_lora(
             }
             loss_sum += loss;
             let flat = params.flat_grads(&grads)?;
+            if flat.iter().flatten().any(|g| !g.is_finite()) {
+                bail!("step {step}: the gradients overflowed (train in bf16 or f32, or lower --learning-rate)");
+            }
             summed = Some(match summed {
                 None => flat,
                 Some(mut acc) => {

@@ -87,15 +87,42 @@ impl TrainingGolden {
 
     /// Runs the step on `backend` (the transformer in f32) and measures it against the golden.
     pub fn run(&self, backend: &Backend) -> anyhow::Result<StepDistance> {
-        let transformer = Sd3Transformer2DModel::load(&self.transformer_dir, backend, DType::F32)?;
+        self.run_in(backend, DType::F32)
+    }
+
+    /// How far diffusers' own step with the transformer in `dtype` (bf16 or f16; `--mixed_precision`) lands from
+    /// its f32 step: the yardstick for [`Self::run_in`] in that dtype.
+    pub fn reference_distance(&self, dtype: DType) -> anyhow::Result<StepDistance> {
+        let tag = half_tag(dtype)?;
+        let mut d = StepDistance {
+            prediction: relative_error(&self.get(&format!("{tag}.pred"))?.0, &self.get("pred")?.0),
+            modules: self.modules().len(),
+            ..StepDistance::default()
+        };
+        for m in self.modules() {
+            for which in ["A", "B"] {
+                let name = format!("grad.{m}.lora_{which}.weight");
+                let err = relative_error(&self.get(&format!("{tag}.{name}"))?.0, &self.get(&name)?.0);
+                if err >= d.gradients {
+                    (d.gradients, d.worst) = (err, format!("{m}.lora_{which}"));
+                }
+            }
+        }
+        Ok(d)
+    }
+
+    /// Runs the step on `backend` with the transformer (and the adapters) in `dtype`, and measures it against the
+    /// f32 golden (the loss's distance is absolute in f32 terms, relative to the golden loss).
+    pub fn run_in(&self, backend: &Backend, dtype: DType) -> anyhow::Result<StepDistance> {
+        let transformer = Sd3Transformer2DModel::load(&self.transformer_dir, backend, dtype)?;
         let modules = self.modules();
         let targets: Vec<String> = transformer.adapter_shapes().into_keys().collect();
         ensure!(modules == targets, "golden adapters {modules:?}, the transformer's targets {targets:?}");
         let adapters = modules
             .iter()
             .map(|m| {
-                let a = self.tensor(&format!("lora.{m}.lora_A.weight"), backend)?;
-                let b = self.tensor(&format!("lora.{m}.lora_B.weight"), backend)?;
+                let a = self.tensor(&format!("lora.{m}.lora_A.weight"), backend)?.to_dtype(dtype)?;
+                let b = self.tensor(&format!("lora.{m}.lora_B.weight"), backend)?.to_dtype(dtype)?;
                 Ok((m.clone(), LoraPair { a, b, scale: 1.0 }))
             })
             .collect::<anyhow::Result<Adapters>>()?;
@@ -131,5 +158,13 @@ impl TrainingGolden {
             }
         }
         Ok(d)
+    }
+}
+
+fn half_tag(dtype: DType) -> anyhow::Result<&'static str> {
+    match dtype {
+        DType::BF16 => Ok("bf16"),
+        DType::F16 => Ok("f16"),
+        other => anyhow::bail!("no half-precision golden for {other}"),
     }
 }

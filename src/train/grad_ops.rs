@@ -2,8 +2,21 @@
 //! layer norm, elementwise), so every backend that runs inference runs the backward too. Each takes the forward's
 //! inputs (recomputed, see `models::mmdit::train`) and the output's gradient, and returns the input's gradient.
 //! Reductions over the last dim are products with a ones vector (the op set has no reduction op).
+//!
+//! Precision: the elementwise parts (norms, the GELU derivative, the softmax's backward) subtract nearly equal
+//! terms, so they run in f32 whatever the model's dtype and round once into it at the end, as PyTorch's fused
+//! backward kernels do; the matmuls run in the model's dtype with f32 accumulation.
 
-use sd3_core::{Result, Tensor, UnaryOp};
+use sd3_core::{DType, Result, Tensor, UnaryOp};
+
+/// `t` in f32 (itself when it already is).
+fn f32(t: &Tensor) -> Result<Tensor> {
+    if t.dtype() == DType::F32 {
+        Ok(t.clone())
+    } else {
+        t.to_dtype(DType::F32)
+    }
+}
 
 /// `Σ_j x[.., j]` as `[.., 1]`.
 pub fn row_sum(x: &Tensor) -> Result<Tensor> {
@@ -30,36 +43,42 @@ pub fn weight_grad(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
 /// Layer norm without affine over the last dim, `x̂ = (x - μ)/σ`: `dx = (g - mean(g) - x̂·mean(g·x̂)) / σ` for
 /// `g = dL/dx̂`.
 pub fn layer_norm_backward(x: &Tensor, g: &Tensor, eps: f32) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let (x, g) = (&f32(x)?, &f32(g)?);
     let centred = x.sub(&row_mean(x)?)?;
     let rstd = row_mean(&centred.unary(UnaryOp::Square)?)?.affine(1.0, eps)?.unary(UnaryOp::Rsqrt)?;
     let x_hat = centred.mul(&rstd)?;
     let inner = g.sub(&row_mean(g)?)?.sub(&x_hat.mul(&row_mean(&g.mul(&x_hat)?)?)?)?;
-    inner.mul(&rstd)
+    inner.mul(&rstd)?.to_dtype(dtype)
 }
 
 /// `y = LN(x)·(1 + scale) + shift` with scale and shift constant: the gradient of `x`.
 pub fn layer_norm_modulate_backward(x: &Tensor, scale: &Tensor, dy: &Tensor, eps: f32) -> Result<Tensor> {
-    layer_norm_backward(x, &dy.mul(&scale.affine(1.0, 1.0)?)?, eps)
+    layer_norm_backward(x, &f32(dy)?.mul(&f32(scale)?.affine(1.0, 1.0)?)?, eps)
 }
 
 /// `y = x·r·w`, `r = 1/√(mean(x²) + eps)` over the last dim, `w` constant: `dx = r·(w·dy) - x·r³·mean(x·w·dy)`.
 pub fn rms_norm_backward(x: &Tensor, weight: &Tensor, dy: &Tensor, eps: f32) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let (x, weight, dy) = (&f32(x)?, &f32(weight)?, &f32(dy)?);
     let r = row_mean(&x.unary(UnaryOp::Square)?)?.affine(1.0, eps)?.unary(UnaryOp::Rsqrt)?;
     let gw = dy.mul(weight)?;
     let r3 = r.mul(&r)?.mul(&r)?;
-    gw.mul(&r)?.sub(&x.mul(&r3.mul(&row_mean(&x.mul(&gw)?)?)?)?)
+    gw.mul(&r)?.sub(&x.mul(&r3.mul(&row_mean(&x.mul(&gw)?)?)?)?)?.to_dtype(dtype)
 }
 
 /// The derivative of GELU's tanh approximation at `x`: with `u = c·(x + 0.044715·x³)`, `t = tanh(u)`,
 /// `0.5·(1 + t) + 0.5·x·(1 - t²)·c·(1 + 3·0.044715·x²)`, `c = √(2/π)`.
 pub fn gelu_tanh_derivative(x: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = &f32(x)?;
     const C: f32 = 0.797_884_6; // √(2/π)
     const A: f32 = 0.044715;
     let x2 = x.unary(UnaryOp::Square)?;
     let t = x.mul(&x2.affine(A, 1.0)?)?.scale(C)?.unary(UnaryOp::Tanh)?;
     let sech2 = t.unary(UnaryOp::Square)?.affine(-1.0, 1.0)?;
     let inner = x.mul(&sech2)?.mul(&x2.affine(3.0 * A * C, C)?)?;
-    t.affine(0.5, 0.5)?.add(&inner.scale(0.5)?)
+    t.affine(0.5, 0.5)?.add(&inner.scale(0.5)?)?.to_dtype(dtype)
 }
 
 /// `o = softmax(scale·q·kᵀ)·v` (`q [.., Nq, Dh]`, `k [.., Nk, Dh]`, `v [.., Nk, Dv]`, `o` the forward's output):
@@ -74,10 +93,12 @@ pub fn attention_backward(
     scale: f32,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let r = q.rank();
-    let p = q.matmul(&k.transpose(r - 2, r - 1)?)?.scale(scale)?.softmax()?;
-    let dv = p.transpose(r - 2, r - 1)?.matmul(d_o)?;
-    let dp = d_o.matmul(&v.transpose(r - 2, r - 1)?)?;
-    let ds = p.mul(&dp.sub(&row_sum(&d_o.mul(o)?)?)?)?;
+    let dtype = q.dtype();
+    // The probabilities and the softmax's backward in f32; the products in the operands' dtype.
+    let p = f32(&q.matmul(&k.transpose(r - 2, r - 1)?)?)?.scale(scale)?.softmax()?;
+    let dv = p.to_dtype(dtype)?.transpose(r - 2, r - 1)?.matmul(d_o)?;
+    let dp = f32(&d_o.matmul(&v.transpose(r - 2, r - 1)?)?)?;
+    let ds = p.mul(&dp.sub(&row_sum(&f32(d_o)?.mul(&f32(o)?)?)?)?)?.to_dtype(dtype)?;
     drop((p, dp));
     let dq = ds.matmul(k)?.scale(scale)?;
     let dk = ds.transpose(r - 2, r - 1)?.matmul(q)?.scale(scale)?;

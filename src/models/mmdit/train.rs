@@ -39,7 +39,7 @@ pub struct LoraPair {
 
 /// Adapters by module name (`transformer_blocks.0.attn.to_q`).
 pub type Adapters = BTreeMap<String, LoraPair>;
-/// `(dA, dB)` by module name.
+/// `(dA, dB)` by module name, in f32.
 pub type AdapterGrads = BTreeMap<String, [Tensor; 2]>;
 
 /// A frozen linear (views of the model's weights) with the adapter of its module, if any.
@@ -396,7 +396,13 @@ impl JointTransformerBlock {
         let mut dx = dx1.clone();
         if let (Some(attn2), Some(d)) = (&self.attn2, &a.dual) {
             let d_o = heads(&dx1.mul(&m[8])?.matmul(&attn2.to_out.linear.weight)?, d.qkv.heads)?;
-            let grads_qkv = attend_backward([&d.acts.q, &d.acts.k, &d.qkv.v(&d.acts)?], &d.o, &d_o, attn2.scale, PROBABILITY_BYTES)?;
+            let grads_qkv = attend_backward(
+                [&d.acts.q, &d.acts.k, &d.qkv.v(&d.acts)?],
+                &d.o,
+                &d_o,
+                attn2.scale,
+                PROBABILITY_BYTES,
+            )?;
             let dx_hat2 = d.qkv.backward(&d.x_hat2, &d.acts, grads_qkv, grads)?;
             dx = dx.add(&g::layer_norm_modulate_backward(&a.x, &m[7], &dx_hat2, LN_EPS)?)?;
         }
@@ -478,6 +484,12 @@ impl Sd3Transformer2DModel {
             d_pred.shape(),
             pred.shape()
         );
+        // Loss scaling: a mean over many latents makes each element's gradient tiny (1e-5 at 512²), below f16's
+        // normal range; the backward runs on the gradient scaled by a power of two that brings its largest element
+        // near 1, and the adapters' gradients are scaled back (exact, being a power of two).
+        let largest = d_pred.to_f32_vec()?.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let grad_scale = if largest > 0.0 { 2f32.powi((-largest.log2().floor() as i32).clamp(0, 24)) } else { 1.0 };
+        let d_pred = d_pred.scale(grad_scale)?;
         // Unpatchify's inverse: [B, C, h, p, w, p] → [B, h, w, p, p, C].
         let d_out = d_pred.to_dtype(self.dtype)?.reshape(&[b, oc, h, p, w, p])?.permute(&[0, 2, 4, 3, 5, 1])?;
         let d_out = d_out.contiguous()?.reshape(&[b, h * w, p * p * oc])?;
@@ -490,6 +502,11 @@ impl Sd3Transformer2DModel {
             let (ndx, ndc) = block.backward_adapters(&acts, &dx, dc.as_ref(), &mut grads)?;
             dx = ndx;
             dc = Some(ndc);
+        }
+        // Unscaled in f32: in f16 the unscaled values of small gradients would be subnormal.
+        let unscale = |t: &Tensor| t.to_dtype(sd3_core::DType::F32)?.scale(1.0 / grad_scale);
+        for [da, db] in grads.values_mut() {
+            (*da, *db) = (unscale(da)?, unscale(db)?);
         }
         Ok((grads, extra))
     }
