@@ -3,11 +3,12 @@
 //!
 //! ```text
 //! cargo run --release --example bench_train_step -- --backend cuda --dtype bf16 --res 512 [--batch 1] [--layers 24]
-//!     [--iters 3]
+//!     [--iters 3] [--gradient-checkpointing]
 //! ```
 //! Prints the median wall time of a synchronised step, the forward alone for comparison, and the process's peak
 //! memory. The text sequence is 154 tokens (77 CLIP + 77 T5, the script's `max_sequence_length`).
 
+use sd3::models::mmdit::train::TrainingBatch;
 use sd3::models::mmdit::{Sd3Transformer2DModel, Sd3TransformerConfig};
 use sd3::runtime::{open_backend, BackendRequest};
 use sd3::train::lora_params::LoraParams;
@@ -42,13 +43,15 @@ fn main() -> anyhow::Result<()> {
     let ctx = backend.from_f32(&sd3::noise::standard_normal(2, batch * 154 * 4096), &[batch, 154, 4096], dtype)?;
     let pooled = backend.from_f32(&sd3::noise::standard_normal(3, batch * 2048), &[batch, 2048], dtype)?;
     let t = vec![500.0f32; batch];
+    let checkpointing = args.iter().any(|a| a == "--gradient-checkpointing");
     let (mut steps, mut forwards) = (Vec::new(), Vec::new());
     for i in 0..iters + 1 {
         let s = Instant::now();
         model.forward(&x, &ctx, &pooled, &t, &[])?.to_f32_vec()?;
         let forward = s.elapsed().as_secs_f64();
         let s = Instant::now();
-        let (grads, ()) = model.adapter_gradients(&x, &ctx, &pooled, &t, &adapters, |pred| Ok((pred.clone(), ())))?;
+        let batch = TrainingBatch { hidden_states: &x, encoder_hidden_states: &ctx, pooled: &pooled, timesteps: &t };
+        let (grads, ()) = model.adapter_gradients(&batch, &adapters, checkpointing, |p| Ok((p.clone(), ())))?;
         for [a, b] in grads.values() {
             a.to_f32_vec()?;
             b.to_f32_vec()?;

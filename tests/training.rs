@@ -5,7 +5,7 @@
 mod common;
 
 use safetensors::SafeTensors;
-use sd3::models::mmdit::train::{Adapters, LoraPair};
+use sd3::models::mmdit::train::{Adapters, LoraPair, TrainingBatch};
 use sd3::models::mmdit::Sd3Transformer2DModel;
 use sd3::models::vae_encoder::VaeEncoder;
 use sd3::train::golden::{relative_error, TrainingGolden};
@@ -33,6 +33,9 @@ fn lora_step_matches_diffusers(model: &str) {
     eprintln!("{model} on cpu: {d}");
     assert!(d.prediction < 1e-5 && d.loss < 1e-5, "{model}: {d}");
     assert!(d.gradients < 5e-5, "{model}: {d}");
+    // Gradient checkpointing recomputes the same ops: the same numbers.
+    let recomputed = g.run_with(&common::cpu(), DType::F32, true).unwrap();
+    assert_eq!((recomputed.prediction, recomputed.gradients), (d.prediction, d.gradients), "{model}: checkpointing");
 
     let modules = g.modules();
     let mut params = LoraParams { rank: 4, alpha: 4.0, modules: BTreeMap::new() };
@@ -215,9 +218,14 @@ fn dreambooth_lora_learns_and_loads() {
         .collect();
     let noisy = cpu.from_f32(&e.noisy, &e.shape, DType::F32).unwrap();
     let merged_pred = merged.forward(&noisy, &e.embeds, &e.pooled, &e.timesteps, &[]).unwrap().to_f32_vec().unwrap();
-    let (_, adapter_pred) = base
-        .adapter_gradients(&noisy, &e.embeds, &e.pooled, &e.timesteps, &adapters, |p| Ok((p.clone(), p.to_f32_vec()?)))
-        .unwrap();
+    let batch = TrainingBatch {
+        hidden_states: &noisy,
+        encoder_hidden_states: &e.embeds,
+        pooled: &e.pooled,
+        timesteps: &e.timesteps,
+    };
+    let (_, adapter_pred) =
+        base.adapter_gradients(&batch, &adapters, true, |p| Ok((p.clone(), p.to_f32_vec()?))).unwrap();
     let err = rel_err(&adapter_pred, &merged_pred);
     assert!(err < 1e-5, "adapters and the merged LoRA disagree by {err}");
 }

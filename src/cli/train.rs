@@ -73,6 +73,10 @@ pub struct TrainLoraArgs {
     /// Encode each image with the VAE once (one crop, no flips) rather than at every use.
     #[arg(long = "cache-latents")]
     pub cache_latents: bool,
+    /// Recompute each block's activations in the backward instead of keeping them (less memory, about a third
+    /// more time).
+    #[arg(long = "gradient-checkpointing")]
+    pub gradient_checkpointing: bool,
     /// After training, generate this prompt with the LoRA into OUTPUT_DIR/validation.png.
     #[arg(long = "validation-prompt")]
     pub validation_prompt: Option<String>,
@@ -126,6 +130,7 @@ pub fn run(args: TrainLoraArgs) -> anyhow::Result<ExitCode> {
     cfg.dtype = dtype;
     cfg.checkpointing_steps = args.checkpointing_steps;
     cfg.cache_latents = args.cache_latents;
+    cfg.gradient_checkpointing = args.gradient_checkpointing;
 
     let backend = sd3::runtime::open_backend(&args.backend.request())?;
     say(format!("backend: {} ({})", backend.name(), backend.info().name));

@@ -8,6 +8,7 @@ use super::data::InstanceImages;
 use super::lora_params::LoraParams;
 use super::objective::{noisy_latents, preconditioned_loss, training_sigma, TimestepSampling};
 use super::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::models::mmdit::train::TrainingBatch;
 use crate::models::mmdit::Sd3Transformer2DModel;
 use crate::models::vae_encoder::VaeEncoder;
 use crate::pipeline::{GenerationRequest, PipelineOptions, StableDiffusion3Pipeline};
@@ -46,6 +47,8 @@ pub struct DreamBoothConfig {
     pub checkpointing_steps: Option<usize>,
     /// Encode each image once (one crop and no flip for the whole run) instead of every time it is used.
     pub cache_latents: bool,
+    /// Keep each block's inputs only and recompute its activations in the backward.
+    pub gradient_checkpointing: bool,
 }
 
 impl DreamBoothConfig {
@@ -70,6 +73,7 @@ impl DreamBoothConfig {
             max_sequence_length: 77,
             checkpointing_steps: None,
             cache_latents: false,
+            gradient_checkpointing: false,
         }
     }
 }
@@ -248,8 +252,14 @@ pub fn train_dreambooth_lora(
             let noisy_host = noisy_latents(&x0, &noise, &sigmas);
             let noisy = backend.from_f32(&noisy_host, &latent_shape, DType::F32)?;
             let timesteps: Vec<f32> = sigmas.iter().map(|s| s * scheduler.num_train_timesteps as f32).collect();
+            let batch = TrainingBatch {
+                hidden_states: &noisy,
+                encoder_hidden_states: &embeds,
+                pooled: &pooled,
+                timesteps: &timesteps,
+            };
             let (grads, loss) =
-                transformer.adapter_gradients(&noisy, &embeds, &pooled, &timesteps, &adapters, |pred| {
+                transformer.adapter_gradients(&batch, &adapters, cfg.gradient_checkpointing, |pred| {
                     let (loss, d) = preconditioned_loss(pred, &noisy_host, &x0, &sigmas)?;
                     Ok((d, loss))
                 })?;

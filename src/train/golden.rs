@@ -4,7 +4,7 @@
 //! OpenCL's `tests/pipeline_opencl.rs`, `backends/vulkan/tests/pipeline_on_vulkan.rs`.
 
 use super::objective::{noisy_latents, preconditioned_loss};
-use crate::models::mmdit::train::{Adapters, LoraPair};
+use crate::models::mmdit::train::{Adapters, LoraPair, TrainingBatch};
 use crate::models::mmdit::Sd3Transformer2DModel;
 use anyhow::{ensure, Context};
 use safetensors::SafeTensors;
@@ -114,6 +114,11 @@ impl TrainingGolden {
     /// Runs the step on `backend` with the transformer (and the adapters) in `dtype`, and measures it against the
     /// f32 golden (the loss's distance is absolute in f32 terms, relative to the golden loss).
     pub fn run_in(&self, backend: &Backend, dtype: DType) -> anyhow::Result<StepDistance> {
+        self.run_with(backend, dtype, false)
+    }
+
+    /// [`Self::run_in`], with or without gradient checkpointing.
+    pub fn run_with(&self, backend: &Backend, dtype: DType, checkpointing: bool) -> anyhow::Result<StepDistance> {
         let transformer = Sd3Transformer2DModel::load(&self.transformer_dir, backend, dtype)?;
         let modules = self.modules();
         let targets: Vec<String> = transformer.adapter_shapes().into_keys().collect();
@@ -134,11 +139,16 @@ impl TrainingGolden {
         let timesteps: Vec<f32> = sigmas.iter().map(|s| s * 1000.0).collect();
         let embeds = self.tensor("input.prompt_embeds", backend)?;
         let pooled = self.tensor("input.pooled", backend)?;
-        let (grads, (pred, loss)) =
-            transformer.adapter_gradients(&noisy, &embeds, &pooled, &timesteps, &adapters, |pred| {
-                let (loss, d) = preconditioned_loss(pred, &noisy_host, &x0, &sigmas)?;
-                Ok((d, (pred.to_f32_vec()?, loss)))
-            })?;
+        let batch = TrainingBatch {
+            hidden_states: &noisy,
+            encoder_hidden_states: &embeds,
+            pooled: &pooled,
+            timesteps: &timesteps,
+        };
+        let (grads, (pred, loss)) = transformer.adapter_gradients(&batch, &adapters, checkpointing, |pred| {
+            let (loss, d) = preconditioned_loss(pred, &noisy_host, &x0, &sigmas)?;
+            Ok((d, (pred.to_f32_vec()?, loss)))
+        })?;
         let golden_loss = self.get("loss")?.0[0];
         let mut d = StepDistance {
             prediction: relative_error(&pred, &self.get("pred")?.0),

@@ -4,9 +4,9 @@
 //!
 //! The gradient reaches the adapters through the image and text streams only: the modulations (from the timestep
 //! and pooled text embedding), the patch embedding and the context embedder are frozen with no adapter before
-//! them, so their gradients are never formed. The forward keeps each block's inputs only; the backward recomputes
-//! one block's activations at a time (gradient checkpointing, as `--gradient_checkpointing` does), so training
-//! memory is the inference memory plus one block's activations.
+//! them, so their gradients are never formed. The forward keeps every block's activations, or with gradient
+//! checkpointing (as `--gradient_checkpointing` does) each block's inputs only, and the backward then recomputes
+//! one block's activations at a time: training memory is the inference memory plus one block's activations.
 //!
 //! One device only (no tensor-parallel shard), no skip layers.
 
@@ -439,21 +439,38 @@ impl JointTransformerBlock {
     }
 }
 
+/// A training step's inputs, as [`Sd3Transformer2DModel::forward`] takes them.
+pub struct TrainingBatch<'a> {
+    /// The noisy latents `[B, C, H, W]`.
+    pub hidden_states: &'a Tensor,
+    pub encoder_hidden_states: &'a Tensor,
+    pub pooled: &'a Tensor,
+    /// σ·1000 per sample.
+    pub timesteps: &'a [f32],
+}
+
+/// A block's saved state between the forward and the backward: everything (no checkpointing), or its inputs.
+enum Saved<'a> {
+    Activations(BlockActs<'a>),
+    Inputs(Tensor, Tensor),
+}
+
 impl Sd3Transformer2DModel {
-    /// One training step's forward and backward: the prediction for `hidden_states` (as
+    /// One training step's forward and backward: the prediction for the batch (as
     /// [`Sd3Transformer2DModel::forward`]) with `adapters` applied, then `loss_grad(prediction)` for the loss's
     /// gradient with respect to it (and anything the caller wants back, e.g. the loss), then the adapters'
-    /// gradients.
+    /// gradients. With `checkpointing` the forward keeps each block's inputs only and the backward recomputes its
+    /// activations (`--gradient-checkpointing`: about a third more time, a block's activations of memory instead
+    /// of all of them).
     pub fn adapter_gradients<T>(
         &self,
-        hidden_states: &Tensor,
-        encoder_hidden_states: &Tensor,
-        pooled: &Tensor,
-        timesteps: &[f32],
+        batch: &TrainingBatch,
         adapters: &Adapters,
+        checkpointing: bool,
         loss_grad: impl FnOnce(&Tensor) -> anyhow::Result<(Tensor, T)>,
     ) -> anyhow::Result<(AdapterGrads, T)> {
         let c = &self.config;
+        let TrainingBatch { hidden_states, encoder_hidden_states, pooled, timesteps } = *batch;
         let b = hidden_states.dim(0);
         self.check_inputs(hidden_states, encoder_hidden_states, pooled, timesteps)?;
         if let Some(name) = adapters.keys().find(|n| !self.adapter_shapes().contains_key(*n)) {
@@ -463,11 +480,11 @@ impl Sd3Transformer2DModel {
         let mut x = self.pos_embed.forward(&hidden_states.to_dtype(self.dtype)?)?;
         let temb_silu = self.time_text_embed.forward(timesteps, &pooled.to_dtype(self.dtype)?)?.silu()?;
         let mut ctx = self.context_embedder.forward(&encoder_hidden_states.to_dtype(self.dtype)?)?;
-        let mut inputs = Vec::with_capacity(self.blocks.len());
+        let mut saved = Vec::with_capacity(self.blocks.len());
         for (i, block) in self.blocks.iter().enumerate() {
-            let (_, new_ctx, new_x) =
+            let (acts, new_ctx, new_x) =
                 block.forward_adapted(&format!("transformer_blocks.{i}"), &x, &ctx, &temb_silu, adapters)?;
-            inputs.push((x, ctx.clone()));
+            saved.push(if checkpointing { Saved::Inputs(x, ctx.clone()) } else { Saved::Activations(acts) });
             x = new_x;
             if let Some(nc) = new_ctx {
                 ctx = nc;
@@ -496,9 +513,14 @@ impl Sd3Transformer2DModel {
         let mut dx = g::layer_norm_modulate_backward(&x, &norm_mod[0], &d_out.matmul(&self.proj_out.weight)?, LN_EPS)?;
         let mut dc: Option<Tensor> = None;
         let mut grads = AdapterGrads::new();
-        for (i, (block, (x_in, c_in))) in self.blocks.iter().zip(inputs).enumerate().rev() {
-            let (acts, _, _) =
-                block.forward_adapted(&format!("transformer_blocks.{i}"), &x_in, &c_in, &temb_silu, adapters)?;
+        for (i, (block, saved)) in self.blocks.iter().zip(saved).enumerate().rev() {
+            let acts = match saved {
+                Saved::Activations(acts) => acts,
+                Saved::Inputs(x_in, c_in) => {
+                    let prefix = format!("transformer_blocks.{i}");
+                    block.forward_adapted(&prefix, &x_in, &c_in, &temb_silu, adapters)?.0
+                }
+            };
             let (ndx, ndc) = block.backward_adapters(&acts, &dx, dc.as_ref(), &mut grads)?;
             dx = ndx;
             dc = Some(ndc);
