@@ -451,7 +451,7 @@ pub struct TrainingBatch<'a> {
 
 /// A block's saved state between the forward and the backward: everything (no checkpointing), or its inputs.
 enum Saved<'a> {
-    Activations(BlockActs<'a>),
+    Activations(Box<BlockActs<'a>>),
     Inputs(Tensor, Tensor),
 }
 
@@ -484,7 +484,7 @@ impl Sd3Transformer2DModel {
         for (i, block) in self.blocks.iter().enumerate() {
             let (acts, new_ctx, new_x) =
                 block.forward_adapted(&format!("transformer_blocks.{i}"), &x, &ctx, &temb_silu, adapters)?;
-            saved.push(if checkpointing { Saved::Inputs(x, ctx.clone()) } else { Saved::Activations(acts) });
+            saved.push(if checkpointing { Saved::Inputs(x, ctx.clone()) } else { Saved::Activations(Box::new(acts)) });
             x = new_x;
             if let Some(nc) = new_ctx {
                 ctx = nc;
@@ -515,7 +515,7 @@ impl Sd3Transformer2DModel {
         let mut grads = AdapterGrads::new();
         for (i, (block, saved)) in self.blocks.iter().zip(saved).enumerate().rev() {
             let acts = match saved {
-                Saved::Activations(acts) => acts,
+                Saved::Activations(acts) => *acts,
                 Saved::Inputs(x_in, c_in) => {
                     let prefix = format!("transformer_blocks.{i}");
                     block.forward_adapted(&prefix, &x_in, &c_in, &temb_silu, adapters)?.0
