@@ -9,7 +9,9 @@ examples/dreambooth/train_dreambooth_lora_sd3.py does it, with fixed inputs inst
   preconditioned: pred·(-σ) + noisy against x0; loss = mean((pred - x0)²); backward; clip the gradient norm to 1;
   one AdamW step (lr 1e-3, betas 0.9/0.999, weight decay 1e-4, eps 1e-8).
 
-and for the VAE the encoder's latent distribution of a fixed image.
+and for the VAE the encoder's latent distribution of a fixed image; and the same step for full fine-tuning
+(train_dreambooth_sd3.py: every transformer parameter trainable, no LoRA) into fixtures/training/<model>-full.safetensors:
+  pred, loss, grad.<parameter> for every parameter of the transformer (the inputs are <model>.safetensors').
 
 Writes fixtures/training/<model>.safetensors with
   input.{x0, noise, sigmas, prompt_embeds, pooled}   the step's inputs
@@ -117,6 +119,24 @@ def lora_step(fixtures, name, hw):
     for dtype in (torch.bfloat16, torch.float16):
         out.update(half_step(fixtures, name, dtype, (x0, noise, sigmas, prompt, pooled)))
     print(f"{name}: loss {loss.item():.6f}, {len(params)} LoRA tensors")
+    return out, full_step(fixtures, name, (x0, noise, sigmas, prompt, pooled))
+
+
+def full_step(fixtures, name, inputs):
+    """The step with every transformer parameter trainable (train_dreambooth_sd3.py), float32."""
+    tr = SD3Transformer2DModel.from_pretrained(os.path.join(fixtures, name, "transformer"), torch_dtype=torch.float32)
+    tr.requires_grad_(True)
+    x0, noise, sigmas, prompt, pooled = inputs
+    s = sigmas.view(-1, 1, 1, 1)
+    noisy = (1.0 - s) * x0 + s * noise
+    pred = tr(hidden_states=noisy, timestep=sigmas * 1000, encoder_hidden_states=prompt,
+              pooled_projections=pooled, return_dict=False)[0]
+    loss = torch.mean(((pred * (-s) + noisy) - x0) ** 2)
+    loss.backward()
+    out = {"pred": pred.detach(), "loss": loss.detach().reshape(1)}
+    for key, p in tr.named_parameters():
+        out[f"grad.{key}"] = p.grad.detach().clone()
+    print(f"{name} full: loss {loss.item():.6f}, {len(out) - 2} parameters")
     return out
 
 
@@ -136,11 +156,12 @@ def main():
     out_dir = os.path.join(args.fixtures, "training")
     os.makedirs(out_dir, exist_ok=True)
     for name, hw in CASES.items():
-        tensors = lora_step(args.fixtures, name, hw)
+        tensors, full = lora_step(args.fixtures, name, hw)
         if name == "sd3-tiny":
             tensors.update(vae_encoding(args.fixtures))
-        tensors = {k: v.contiguous().float() for k, v in tensors.items()}
-        save_file(tensors, os.path.join(out_dir, f"{name}.safetensors"))
+        for suffix, t in (("", tensors), ("-full", full)):
+            t = {k: v.contiguous().float() for k, v in t.items()}
+            save_file(t, os.path.join(out_dir, f"{name}{suffix}.safetensors"))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ impl fmt::Display for StepDistance {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
         write!(
             f,
-            "prediction within {:.1e}, loss within {:.1e}, gradients of {} adapters within {:.1e} (relative; worst {})",
+            "prediction within {:.1e}, loss within {:.1e}, gradients of {} tensors within {:.1e} (relative; worst {})",
             self.prediction, self.loss, self.modules, self.gradients, self.worst
         )
     }
@@ -165,6 +165,62 @@ impl TrainingGolden {
                 if err >= d.gradients {
                     (d.gradients, d.worst) = (err, format!("{m}.lora_{which}"));
                 }
+            }
+        }
+        Ok(d)
+    }
+}
+
+impl TrainingGolden {
+    /// The full fine-tuning step (`<model>-full.safetensors`: every parameter's gradient, no LoRA) on `backend` in
+    /// f32, measured against the golden. Errors unless the gradients cover exactly the golden's parameters.
+    pub fn run_full(&self, backend: &Backend, checkpointing: bool) -> anyhow::Result<StepDistance> {
+        let full_path = self.path.with_file_name(format!(
+            "{}-full.safetensors",
+            self.path.file_stem().and_then(|s| s.to_str()).unwrap_or_default()
+        ));
+        let full = TrainingGolden {
+            bytes: std::fs::read(&full_path).with_context(|| format!("reading {}", full_path.display()))?,
+            path: full_path,
+            transformer_dir: self.transformer_dir.clone(),
+        };
+        let transformer = Sd3Transformer2DModel::load(&self.transformer_dir, backend, DType::F32)?;
+        let (x0, shape) = self.get("input.x0")?;
+        let (noise, _) = self.get("input.noise")?;
+        let (sigmas, _) = self.get("input.sigmas")?;
+        let noisy_host = noisy_latents(&x0, &noise, &sigmas);
+        let noisy = backend.from_f32(&noisy_host, &shape, DType::F32)?;
+        let timesteps: Vec<f32> = sigmas.iter().map(|s| s * 1000.0).collect();
+        let embeds = self.tensor("input.prompt_embeds", backend)?;
+        let pooled = self.tensor("input.pooled", backend)?;
+        let batch = TrainingBatch {
+            hidden_states: &noisy,
+            encoder_hidden_states: &embeds,
+            pooled: &pooled,
+            timesteps: &timesteps,
+        };
+        let (grads, (pred, loss)) = transformer.parameter_gradients(&batch, checkpointing, |pred| {
+            let (loss, d) = preconditioned_loss(pred, &noisy_host, &x0, &sigmas)?;
+            Ok((d, (pred.to_f32_vec()?, loss)))
+        })?;
+        let golden_names: Vec<String> =
+            full.st().names().iter().filter_map(|n| n.strip_prefix("grad.").map(str::to_string)).collect();
+        let mut golden_names = golden_names;
+        golden_names.sort();
+        let ours: Vec<String> = grads.keys().cloned().collect();
+        ensure!(ours == golden_names, "gradients for {ours:?}, the golden has {golden_names:?}");
+        let golden_loss = full.get("loss")?.0[0];
+        let mut d = StepDistance {
+            prediction: relative_error(&pred, &full.get("pred")?.0),
+            loss: (loss - golden_loss).abs() / golden_loss.abs(),
+            modules: grads.len(),
+            ..StepDistance::default()
+        };
+        for (name, g) in &grads {
+            let golden = full.get(&format!("grad.{name}"))?.0;
+            let err = relative_error(&g.to_f32_vec()?, &golden);
+            if err >= d.gradients {
+                (d.gradients, d.worst) = (err, name.clone());
             }
         }
         Ok(d)

@@ -13,7 +13,7 @@ pub struct PatchEmbed {
     pos_embed: Tensor,
     pub patch_size: usize,
     pub max_size: usize,
-    dim: usize,
+    pub(super) dim: usize,
 }
 
 impl PatchEmbed {
@@ -92,8 +92,8 @@ pub fn timestep_sinusoid(timesteps: &[f32], channels: usize) -> Vec<f32> {
 
 /// `linear_1 → SiLU → linear_2`: both `TimestepEmbedding` and `PixArtAlphaTextProjection(act_fn="silu")`.
 pub struct Mlp2 {
-    linear_1: Linear,
-    linear_2: Linear,
+    pub(super) linear_1: Linear,
+    pub(super) linear_2: Linear,
 }
 
 impl Mlp2 {
@@ -117,8 +117,8 @@ impl Mlp2 {
 
 /// `CombinedTimestepTextProjEmbeddings`: `temb = timestep_embedder(sinusoid(t)) + text_embedder(pooled)`.
 pub struct TimeTextEmbed {
-    timestep_embedder: Mlp2,
-    text_embedder: Mlp2,
+    pub(super) timestep_embedder: Mlp2,
+    pub(super) text_embedder: Mlp2,
 }
 
 pub const TIMESTEP_CHANNELS: usize = 256;
