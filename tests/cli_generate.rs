@@ -281,7 +281,7 @@ fn train_lora_through_the_cli() {
     assert!(out.join("checkpoint-2/pytorch_lora_weights.safetensors").is_file());
     let (image, meta) = read_png(&out.join("validation.png")).unwrap();
     assert_eq!((image.width, image.height), (64, 64));
-    assert!(meta.iter().any(|(k, v)| k == "lora" && v.ends_with("pytorch_lora_weights.safetensors")));
+    assert!(meta.iter().any(|(k, v)| k == "trained" && v.ends_with("pytorch_lora_weights.safetensors")));
     // The LoRA also loads through generation's --lora.
     let (ok, text) = sd3(&[
         "--prompt",
@@ -298,4 +298,37 @@ fn train_lora_through_the_cli() {
     must_fail(&[&train[..], &["--weighting-scheme", "cosmic"]].concat(), &["--weighting-scheme cosmic"]);
     must_fail(&[&train[..], &["--learning-rate", "0"]].concat(), &["--learning-rate 0"]);
     must_fail(&[&train[..], &["--dtype", "i32"]].concat(), &["--dtype i32"]);
+}
+
+/// `sd3 train-dreambooth` (every parameter) on the bundled model: a pipeline folder that generation opens.
+#[test]
+fn train_dreambooth_through_the_cli() {
+    let dir = scratch("cli-train-dreambooth");
+    let images = dir.join("instance");
+    std::fs::create_dir_all(&images).unwrap();
+    std::fs::copy(fixtures().join("golden/sd3-cfg/image.png"), images.join("dog.png")).unwrap();
+    let out = dir.join("out");
+    let (ok, text) = sd3(&[
+        "train-dreambooth",
+        "--instance-data-dir",
+        s(&images),
+        "--instance-prompt",
+        "a photo of sks dog",
+        "--resolution",
+        "64",
+        "--max-train-steps",
+        "2",
+        "--gradient-checkpointing",
+        "--output-dir",
+        s(&out),
+        "--validation-prompt",
+        "a photo of sks dog",
+    ]);
+    assert!(ok, "{text}");
+    assert!(text.contains("every parameter of the transformer") && text.contains("step 2/2: loss"), "{text}");
+    assert!(out.join("transformer/diffusion_pytorch_model.safetensors").is_file());
+    assert!(out.join("validation.png").is_file());
+    let (ok, text) =
+        sd3(&["--model", s(&out), "--prompt", "a photo of sks dog", "--steps", "2", "--out", s(&dir.join("g.png"))]);
+    assert!(ok, "{text}");
 }

@@ -158,7 +158,7 @@ struct EvalBatch {
 #[test]
 fn dreambooth_lora_learns_and_loads() {
     use sd3::lora::LoraSet;
-    use sd3::train::dreambooth::{embed_prompt, train_dreambooth_lora, DreamBoothConfig};
+    use sd3::train::dreambooth::{embed_prompt, train_dreambooth, DreamBoothConfig};
     use sd3::weights::Weights;
     let cpu = common::cpu();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -170,7 +170,7 @@ fn dreambooth_lora_learns_and_loads() {
     (cfg.resolution, cfg.max_train_steps, cfg.center_crop, cfg.cache_latents) = (64, 60, true, true);
     cfg.optimizer.lr = 1e-2;
     let mut steps = 0;
-    let report = train_dreambooth_lora(&cfg, &cpu, &mut |e| {
+    let report = train_dreambooth(&cfg, &cpu, &mut |e| {
         if let sd3::train::dreambooth::TrainEvent::Step { .. } = e {
             steps += 1
         }
@@ -208,7 +208,7 @@ fn dreambooth_lora_learns_and_loads() {
 
     // The saved file through the inference path's LoRA merge.
     let mut weights = Weights::open(&model.join("transformer")).unwrap();
-    let set = LoraSet::load(&[(report.lora_path.clone(), 1.0)]).unwrap();
+    let set = LoraSet::load(&[(report.output.clone(), 1.0)]).unwrap();
     assert_eq!(set.module_count("transformer"), base.adapter_shapes().len());
     set.apply("transformer", &mut weights).unwrap();
     let config = sd3::models::mmdit::Sd3TransformerConfig::load(&model.join("transformer")).unwrap();
@@ -218,7 +218,7 @@ fn dreambooth_lora_learns_and_loads() {
     assert!(after < 0.9 * before, "the LoRA should fit the subject: loss {before} before, {after} after");
 
     // The same LoRA as adapters on the base model predicts what the merged model predicts.
-    let file = std::fs::read(&report.lora_path).unwrap();
+    let file = std::fs::read(&report.output).unwrap();
     let st = SafeTensors::deserialize(&file).unwrap();
     let load = |name: String| {
         let t = st.tensor(&name).unwrap();
@@ -251,26 +251,87 @@ fn dreambooth_lora_learns_and_loads() {
     assert!(err < 1e-5, "adapters and the merged LoRA disagree by {err}");
 }
 
+/// Full fine-tuning on the tiny model: the saved pipeline's transformer lowers the loss on fixed noise levels and
+/// noise, holds every tensor of the original file (the buffer `pos_embed.pos_embed` unchanged), and the folder
+/// opens as a pipeline.
+#[test]
+fn full_dreambooth_learns_and_saves_a_pipeline() {
+    use sd3::train::dreambooth::{embed_prompt, train_dreambooth, DreamBoothConfig, Method};
+    use sd3::weights::Weights;
+    let cpu = common::cpu();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let model = root.join("fixtures/sd3-tiny");
+    let instance = common::scratch("dreambooth-full-instance");
+    std::fs::copy(root.join("fixtures/golden/sd3-cfg/image.png"), instance.join("subject.png")).unwrap();
+    let out = common::scratch("dreambooth-full-out");
+    let mut cfg = DreamBoothConfig::new(model.clone(), instance, "a photo of sks dog".into(), out.clone());
+    (cfg.resolution, cfg.max_train_steps, cfg.center_crop, cfg.cache_latents) = (64, 30, true, true);
+    (cfg.method, cfg.optimizer.lr) = (Method::Full, 1e-3);
+    let report = train_dreambooth(&cfg, &cpu, &mut |_| {}).unwrap();
+    assert_eq!(report.output, out);
+    assert!(report.losses.iter().all(|l| l.is_finite()));
+
+    let encoder = VaeEncoder::load(&model.join("vae"), &cpu, DType::F32).unwrap();
+    let pixels = sd3::train::data::InstanceImages::load(&cfg.instance_dir).unwrap().prepared(0, 64, (0.5, 0.5), false);
+    let dist = encoder.encode(&cpu.from_f32(&pixels, &[1, 3, 64, 64], DType::F32).unwrap()).unwrap();
+    let (shift, scale) = (encoder.config().shift_factor.unwrap(), encoder.config().scaling_factor);
+    let mean: Vec<f32> = dist.mean.to_f32_vec().unwrap().iter().map(|m| (m - shift) * scale).collect();
+    let sigmas = vec![0.2, 0.4, 0.6, 0.8];
+    let x0: Vec<f32> = sigmas.iter().flat_map(|_| mean.clone()).collect();
+    let noise = sd3::noise::standard_normal(99, x0.len());
+    let (embeds, pooled) = embed_prompt(&cfg, &cpu).unwrap();
+    let rows = |t: &Tensor| {
+        let mut shape = t.shape().to_vec();
+        shape[0] = 4;
+        t.broadcast_to(&shape).unwrap().contiguous().unwrap()
+    };
+    let e = EvalBatch {
+        noisy: noisy_latents(&x0, &noise, &sigmas),
+        timesteps: sigmas.iter().map(|s| s * 1000.0).collect(),
+        x0,
+        sigmas,
+        shape: vec![4, 16, 8, 8],
+        embeds: rows(&embeds),
+        pooled: rows(&pooled),
+    };
+    let base = Sd3Transformer2DModel::load(&model.join("transformer"), &cpu, DType::F32).unwrap();
+    let trained = Sd3Transformer2DModel::load(&out.join("transformer"), &cpu, DType::F32).unwrap();
+    let (before, after) = (eval_loss(&base, &e, &cpu), eval_loss(&trained, &e, &cpu));
+    eprintln!("evaluation loss {before} before full fine-tuning, {after} after");
+    assert!(after < 0.9 * before, "the fine-tuned model should fit the subject: loss {before} before, {after} after");
+
+    let original = Weights::open(&model.join("transformer")).unwrap();
+    let saved = Weights::open(&out.join("transformer")).unwrap();
+    let mut names: Vec<&str> = original.names().collect();
+    names.sort();
+    let mut saved_names: Vec<&str> = saved.names().collect();
+    saved_names.sort();
+    assert_eq!(names, saved_names);
+    let pos = "pos_embed.pos_embed";
+    assert_eq!(original.host_f32(pos).unwrap(), saved.host_f32(pos).unwrap());
+    sd3::pipeline::StableDiffusion3Pipeline::new(&out, cpu.clone(), Default::default()).unwrap();
+}
+
 #[test]
 fn dreambooth_rejects_bad_input() {
-    use sd3::train::dreambooth::{train_dreambooth_lora, DreamBoothConfig};
+    use sd3::train::dreambooth::{train_dreambooth, DreamBoothConfig, Method};
     let cpu = common::cpu();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let empty = common::scratch("dreambooth-empty");
     let out = common::scratch("dreambooth-bad-out");
     let cfg = DreamBoothConfig::new(root.join("fixtures/sd3-tiny"), empty.clone(), "sks".into(), out.clone());
-    let msg = train_dreambooth_lora(&cfg, &cpu, &mut |_| {}).err().unwrap().to_string();
+    let msg = train_dreambooth(&cfg, &cpu, &mut |_| {}).err().unwrap().to_string();
     assert!(msg.contains(&empty.display().to_string()) && msg.contains("no .png"), "{msg}");
     let mut cfg = DreamBoothConfig::new(root.join("fixtures/sd3-tiny"), empty, "sks".into(), out);
-    cfg.rank = 0;
-    let msg = format!("{:#}", train_dreambooth_lora(&cfg, &cpu, &mut |_| {}).err().unwrap());
+    cfg.method = Method::Lora { rank: 0 };
+    let msg = format!("{:#}", train_dreambooth(&cfg, &cpu, &mut |_| {}).err().unwrap());
     assert!(msg.contains("--rank 0"), "{msg}");
     std::fs::write(cfg.instance_dir.join("broken.png"), b"not a png").unwrap();
-    cfg.rank = 4;
-    let msg = format!("{:#}", train_dreambooth_lora(&cfg, &cpu, &mut |_| {}).err().unwrap());
+    cfg.method = Method::Lora { rank: 4 };
+    let msg = format!("{:#}", train_dreambooth(&cfg, &cpu, &mut |_| {}).err().unwrap());
     assert!(msg.contains("broken.png"), "{msg}");
     cfg.resolution = 1000;
     std::fs::copy(root.join("fixtures/golden/sd3-cfg/image.png"), cfg.instance_dir.join("broken.png")).unwrap();
-    let msg = format!("{:#}", train_dreambooth_lora(&cfg, &cpu, &mut |_| {}).err().unwrap());
+    let msg = format!("{:#}", train_dreambooth(&cfg, &cpu, &mut |_| {}).err().unwrap());
     assert!(msg.contains("--resolution 1000"), "{msg}");
 }

@@ -32,13 +32,17 @@ pub enum Command {
     Conformance(conformance::ConformanceArgs),
     /// Fine-tune a LoRA on a few images of a subject (DreamBooth), as diffusers' train_dreambooth_lora_sd3.py.
     TrainLora(Box<train::TrainLoraArgs>),
+    /// Fine-tune every parameter of the transformer on a few images of a subject (DreamBooth), as diffusers'
+    /// train_dreambooth_sd3.py.
+    TrainDreambooth(Box<train::DreamBoothArgs>),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Some(Command::Devices(a)) => devices::run(a),
         Some(Command::Conformance(a)) => conformance::run(a),
-        Some(Command::TrainLora(a)) => train::run(*a),
+        Some(Command::TrainLora(a)) => train::run_lora(*a),
+        Some(Command::TrainDreambooth(a)) => train::run_full(*a),
         None => generate::run(cli.generate),
     }
 }

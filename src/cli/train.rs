@@ -1,17 +1,29 @@
-//! `sd3 train-lora`: DreamBooth LoRA fine-tuning of the transformer (diffusers' `train_dreambooth_lora_sd3.py`;
-//! the flags keep its names, with dashes). See `docs/training.md`.
+//! `sd3 train-lora` and `sd3 train-dreambooth`: DreamBooth fine-tuning of the transformer with a LoRA or of every
+//! parameter (diffusers' `train_dreambooth_lora_sd3.py` and `train_dreambooth_sd3.py`; the flags keep their names,
+//! with dashes). See `docs/training.md`.
 
 use anyhow::{bail, Context};
 use clap::Args;
 use sd3::pipeline::{GenerationRequest, PipelineOptions, StableDiffusion3Pipeline};
-use sd3::train::dreambooth::{train_dreambooth_lora, DreamBoothConfig, TrainEvent};
+use sd3::train::dreambooth::{train_dreambooth, DreamBoothConfig, Method, TrainEvent};
 use sd3::train::objective::TimestepSampling;
 use sd3_core::DType;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// `sd3 train-lora`: the shared flags and the LoRA's rank.
 #[derive(Args, Debug)]
 pub struct TrainLoraArgs {
+    #[command(flatten)]
+    pub common: DreamBoothArgs,
+    /// LoRA rank (alpha equals it, as in the script).
+    #[arg(long, default_value_t = 4)]
+    pub rank: usize,
+}
+
+/// The flags both methods take.
+#[derive(Args, Debug)]
+pub struct DreamBoothArgs {
     #[command(flatten)]
     pub backend: super::common::BackendArgs,
     /// diffusers model folder (StableDiffusion3Pipeline layout). Without it, the bundled tiny model is used.
@@ -23,9 +35,10 @@ pub struct TrainLoraArgs {
     /// The prompt with the subject's identifier, e.g. "a photo of sks dog".
     #[arg(long = "instance-prompt")]
     pub instance_prompt: String,
-    /// Where pytorch_lora_weights.safetensors (and checkpoints, validation.png) go.
-    #[arg(long = "output-dir", value_name = "DIR", default_value = "sd3-dreambooth-lora")]
-    pub output_dir: PathBuf,
+    /// Where the result (pytorch_lora_weights.safetensors, or a pipeline folder with the trained transformer),
+    /// checkpoints and validation.png go [default: sd3-dreambooth-lora, or sd3-dreambooth].
+    #[arg(long = "output-dir", value_name = "DIR")]
+    pub output_dir: Option<PathBuf>,
     /// Training images are resized and cropped to this square size.
     #[arg(long, default_value_t = 512)]
     pub resolution: usize,
@@ -45,9 +58,6 @@ pub struct TrainLoraArgs {
     pub learning_rate: f32,
     #[arg(long = "adam-weight-decay", default_value_t = 1e-4)]
     pub adam_weight_decay: f32,
-    /// LoRA rank (alpha equals it, as in the script).
-    #[arg(long, default_value_t = 4)]
-    pub rank: usize,
     /// How noise levels are drawn: logit_normal, mode or none (uniform).
     #[arg(long = "weighting-scheme", default_value = "logit_normal")]
     pub weighting_scheme: String,
@@ -64,7 +74,7 @@ pub struct TrainLoraArgs {
     pub max_sequence_length: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// The transformer's compute dtype: f32, f16 or bf16 (the adapters and optimizer stay f32).
+    /// The transformer's compute dtype: f32, f16 or bf16 (the trained values and the optimizer stay f32).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
     /// Save a checkpoint of the LoRA every N steps.
@@ -88,7 +98,15 @@ pub struct TrainLoraArgs {
     pub quiet: bool,
 }
 
-pub fn run(args: TrainLoraArgs) -> anyhow::Result<ExitCode> {
+pub fn run_lora(args: TrainLoraArgs) -> anyhow::Result<ExitCode> {
+    run(args.common, Method::Lora { rank: args.rank })
+}
+
+pub fn run_full(args: DreamBoothArgs) -> anyhow::Result<ExitCode> {
+    run(args, Method::Full)
+}
+
+fn run(args: DreamBoothArgs, method: Method) -> anyhow::Result<ExitCode> {
     let say = |s: String| {
         if !args.quiet {
             eprintln!("{s}");
@@ -108,12 +126,17 @@ pub fn run(args: TrainLoraArgs) -> anyhow::Result<ExitCode> {
             sd3::bundled::tiny_model_dir().context("unpacking the bundled tiny model")?
         }
     };
+    let output_dir = args.output_dir.clone().unwrap_or_else(|| match method {
+        Method::Lora { .. } => "sd3-dreambooth-lora".into(),
+        Method::Full => "sd3-dreambooth".into(),
+    });
     let mut cfg = DreamBoothConfig::new(
         model_dir.clone(),
         args.instance_data_dir.clone(),
         args.instance_prompt.clone(),
-        args.output_dir.clone(),
+        output_dir.clone(),
     );
+    cfg.method = method;
     cfg.resolution = args.resolution;
     cfg.center_crop = args.center_crop;
     cfg.random_flip = args.random_flip;
@@ -122,7 +145,6 @@ pub fn run(args: TrainLoraArgs) -> anyhow::Result<ExitCode> {
     cfg.gradient_accumulation_steps = args.gradient_accumulation_steps;
     cfg.optimizer.lr = args.learning_rate;
     cfg.optimizer.weight_decay = args.adam_weight_decay;
-    cfg.rank = args.rank;
     cfg.sampling = sampling;
     cfg.max_grad_norm = args.max_grad_norm;
     cfg.max_sequence_length = args.max_sequence_length;
@@ -135,11 +157,13 @@ pub fn run(args: TrainLoraArgs) -> anyhow::Result<ExitCode> {
     let backend = sd3::runtime::open_backend(&args.backend.request())?;
     say(format!("backend: {} ({})", backend.name(), backend.info().name));
     let every = (args.max_train_steps / 20).max(1);
-    let mut on_event = |e: &TrainEvent| {
-        match e {
-        TrainEvent::Ready { images, modules, parameters, seconds } => say(format!(
-            "{images} instance images, LoRA rank {} on {modules} modules ({parameters} parameters); ready in {seconds:.1} s",
-            args.rank
+    let mut on_event = |e: &TrainEvent| match e {
+        TrainEvent::Ready { images, tensors, values, seconds } => say(format!(
+            "{images} instance images; training {}: {values} values in {tensors} tensors; ready in {seconds:.1} s",
+            match method {
+                Method::Lora { rank } => format!("a rank-{rank} LoRA"),
+                Method::Full => "every parameter of the transformer".into(),
+            }
         )),
         TrainEvent::Step { step, total, loss, grad_norm, seconds } => {
             if step % every == 0 || step == total || *step == 1 {
@@ -147,18 +171,22 @@ pub fn run(args: TrainLoraArgs) -> anyhow::Result<ExitCode> {
             }
         }
         TrainEvent::Saved { path } => say(format!("wrote {}", path.display())),
-    }
     };
-    let report = train_dreambooth_lora(&cfg, &backend, &mut on_event)?;
+    let report = train_dreambooth(&cfg, &backend, &mut on_event)?;
 
     if let (Some(prompt), false) = (&args.validation_prompt, args.not_validation_final) {
-        let options = PipelineOptions { dtype, no_t5: false, loras: vec![(report.lora_path.clone(), 1.0)] };
-        let pipe = StableDiffusion3Pipeline::new(&model_dir, backend.clone(), options)?;
+        // The base model with the LoRA, or the trained pipeline folder.
+        let (model, loras) = match method {
+            Method::Lora { .. } => (model_dir.clone(), vec![(report.output.clone(), 1.0)]),
+            Method::Full => (report.output.clone(), Vec::new()),
+        };
+        let options = PipelineOptions { dtype, no_t5: false, loras };
+        let pipe = StableDiffusion3Pipeline::new(&model, backend.clone(), options)?;
         let mut req = GenerationRequest::new(prompt.clone(), args.resolution, args.resolution);
         req.seed = args.seed;
         let generation = pipe.generate(&req, &mut |_| {}).context("the validation image")?;
-        let path = args.output_dir.join("validation.png");
-        let text = [("prompt", prompt.clone()), ("lora", report.lora_path.display().to_string())];
+        let path = output_dir.join("validation.png");
+        let text = [("prompt", prompt.clone()), ("trained", report.output.display().to_string())];
         let text: Vec<(&str, String)> = text.iter().map(|(k, v)| (*k, v.clone())).collect();
         sd3::image_out::write_png(&path, &generation.images[0], &text)?;
         say(format!("wrote {}", path.display()));

@@ -1,13 +1,15 @@
-//! DreamBooth LoRA fine-tuning of the transformer, step for step as diffusers'
-//! `examples/dreambooth/train_dreambooth_lora_sd3.py` (text encoders frozen, prompt embedded once):
-//! instance images → VAE latents `(z - shift)·scale`; per step a noise level from the weighting scheme, the noisy
-//! latents `(1-σ)·x0 + σ·noise`, the transformer with LoRA adapters, the preconditioned loss, gradients to the
-//! adapters, clipping and AdamW. Writes `pytorch_lora_weights.safetensors` in diffusers' layout.
+//! DreamBooth fine-tuning of the transformer, step for step as diffusers'
+//! `examples/dreambooth/train_dreambooth_lora_sd3.py` (LoRA) and `train_dreambooth_sd3.py` (every parameter) do it
+//! (text encoders frozen, prompt embedded once): instance images → VAE latents `(z - shift)·scale`; per step a
+//! noise level from the weighting scheme, the noisy latents `(1-σ)·x0 + σ·noise`, the transformer, the
+//! preconditioned loss, gradients, clipping and AdamW ([`super::trainee`]). Writes
+//! `pytorch_lora_weights.safetensors`, or a pipeline folder with the trained transformer, in diffusers' layout.
 
 use super::data::InstanceImages;
-use super::lora_params::LoraParams;
 use super::objective::{noisy_latents, preconditioned_loss, training_sigma, TimestepSampling};
-use super::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use super::optim::AdamWConfig;
+use super::trainee::{Gradients, Trainee};
+pub use super::trainee::{Method, LORA_FILE};
 use crate::models::mmdit::train::TrainingBatch;
 use crate::models::mmdit::Sd3Transformer2DModel;
 use crate::models::vae_encoder::VaeEncoder;
@@ -15,11 +17,8 @@ use crate::pipeline::{GenerationRequest, PipelineOptions, StableDiffusion3Pipeli
 use crate::scheduler::SchedulerConfig;
 use anyhow::{bail, Context};
 use sd3_core::{Backend, DType, Tensor};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
-
-/// The file the trained LoRA is written to (diffusers' name).
-pub const LORA_FILE: &str = "pytorch_lora_weights.safetensors";
 
 /// What to train; the defaults are the script's (`Default`), but the instance data and output.
 #[derive(Clone, Debug)]
@@ -36,7 +35,7 @@ pub struct DreamBoothConfig {
     pub max_train_steps: usize,
     pub gradient_accumulation_steps: usize,
     pub optimizer: AdamWConfig,
-    pub rank: usize,
+    pub method: Method,
     pub sampling: TimestepSampling,
     pub max_grad_norm: f32,
     pub seed: u64,
@@ -65,7 +64,7 @@ impl DreamBoothConfig {
             max_train_steps: 500,
             gradient_accumulation_steps: 1,
             optimizer: AdamWConfig::default(),
-            rank: 4,
+            method: Method::Lora { rank: 4 },
             sampling: TimestepSampling::LogitNormal { mean: 0.0, std: 1.0 },
             max_grad_norm: 1.0,
             seed: 0,
@@ -81,11 +80,11 @@ impl DreamBoothConfig {
 /// Progress of a training run.
 #[derive(Clone, Debug)]
 pub enum TrainEvent {
-    /// Prompt embedded, models loaded: `modules` adapters of `parameters` values in all.
+    /// Prompt embedded, models loaded: `tensors` trained (adapters, or parameters) of `values` values in all.
     Ready {
         images: usize,
-        modules: usize,
-        parameters: usize,
+        tensors: usize,
+        values: usize,
         seconds: f64,
     },
     /// Optimizer step `step` (1-based) of `total`: the mean loss of its micro-batches and the gradient norm
@@ -105,7 +104,8 @@ pub enum TrainEvent {
 /// A finished run.
 pub struct TrainReport {
     pub losses: Vec<f32>,
-    pub lora_path: PathBuf,
+    /// The LoRA file, or the pipeline folder with the trained transformer.
+    pub output: PathBuf,
 }
 
 /// Uniform draws for shuffles, crops and flips (splitmix64; the noise comes from [`crate::noise`]).
@@ -158,7 +158,7 @@ impl Latents<'_> {
 }
 
 /// Runs the fine-tuning and writes the LoRA under `cfg.output_dir`.
-pub fn train_dreambooth_lora(
+pub fn train_dreambooth(
     cfg: &DreamBoothConfig,
     backend: &Backend,
     on_event: &mut dyn FnMut(&TrainEvent),
@@ -180,8 +180,7 @@ pub fn train_dreambooth_lora(
     // diffusers shifts the training schedule at construction only without dynamic shifting.
     let shift = if scheduler.use_dynamic_shifting { 1.0 } else { scheduler.shift as f32 };
 
-    let mut params = LoraParams::gaussian(&transformer.adapter_shapes(), cfg.rank, cfg.rank as f32, cfg.seed);
-    let mut adam = AdamW::new(cfg.optimizer, &params.flat_sizes());
+    let mut trainee = Trainee::new(cfg.method, cfg.optimizer, cfg.seed, &transformer)?;
     let mut draws = Draws(cfg.seed ^ 0x5eed_0fd7_eab0_0700);
     let mut latents = Latents {
         images: &images,
@@ -197,12 +196,8 @@ pub fn train_dreambooth_lora(
             latents.cached.push(latents.distribution(i, res, crop, false)?);
         }
     }
-    on_event(&TrainEvent::Ready {
-        images: images.len(),
-        modules: params.modules.len(),
-        parameters: params.flat_sizes().iter().sum(),
-        seconds: start.elapsed().as_secs_f64(),
-    });
+    let (tensors, values) = trainee.size();
+    on_event(&TrainEvent::Ready { images: images.len(), tensors, values, seconds: start.elapsed().as_secs_f64() });
 
     let b = cfg.train_batch_size;
     let latent_len = transformer.config.in_channels * (res / f) * (res / f);
@@ -214,8 +209,8 @@ pub fn train_dreambooth_lora(
     let mut draw_index = 0u64;
     for step in 1..=cfg.max_train_steps {
         let t0 = Instant::now();
-        let adapters = params.upload(backend, cfg.dtype)?;
-        let mut summed: Option<Vec<Vec<f32>>> = None;
+        trainee.begin_step(backend, cfg.dtype)?;
+        let mut summed: Option<Gradients> = None;
         let mut loss_sum = 0.0;
         for _ in 0..cfg.gradient_accumulation_steps {
             // One batch: the next images of a shuffled pass over the instance images (the script's DataLoader).
@@ -258,51 +253,44 @@ pub fn train_dreambooth_lora(
                 pooled: &pooled,
                 timesteps: &timesteps,
             };
-            let (grads, loss) =
-                transformer.adapter_gradients(&batch, &adapters, cfg.gradient_checkpointing, |pred| {
-                    let (loss, d) = preconditioned_loss(pred, &noisy_host, &x0, &sigmas)?;
-                    Ok((d, loss))
-                })?;
+            let (grads, loss) = trainee.gradients(&transformer, &batch, cfg.gradient_checkpointing, |pred| {
+                let (loss, d) = preconditioned_loss(pred, &noisy_host, &x0, &sigmas)?;
+                Ok((d, loss))
+            })?;
             if !loss.is_finite() {
                 bail!("step {step}: the loss is {loss} (lower --learning-rate, or train in f32)");
             }
             loss_sum += loss;
-            let flat = params.flat_grads(&grads)?;
-            if flat.iter().flatten().any(|g| !g.is_finite()) {
-                bail!("step {step}: the gradients overflowed (train in bf16 or f32, or lower --learning-rate)");
-            }
             summed = Some(match summed {
-                None => flat,
-                Some(mut acc) => {
-                    acc.iter_mut().flatten().zip(flat.iter().flatten()).for_each(|(a, g)| *a += g);
-                    acc
-                }
+                None => grads,
+                Some(acc) => acc.add(grads)?,
             });
         }
-        let accum = cfg.gradient_accumulation_steps as f32;
-        let mut grads = summed.expect("at least one micro-batch");
-        grads.iter_mut().flatten().for_each(|g| *g /= accum);
-        let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm);
-        let mut flat = params.take_flat();
-        adam.step(&mut flat, &grads);
-        params.put_flat(flat);
-        let loss = loss_sum / accum;
+        let sum = summed.expect("at least one micro-batch");
+        let grad_norm = trainee
+            .update(sum, cfg.gradient_accumulation_steps, cfg.max_grad_norm)
+            .with_context(|| format!("step {step}"))?;
+        let loss = loss_sum / cfg.gradient_accumulation_steps as f32;
         losses.push(loss);
         let seconds = t0.elapsed().as_secs_f64();
         on_event(&TrainEvent::Step { step, total: cfg.max_train_steps, loss, grad_norm, seconds });
         if cfg.checkpointing_steps.is_some_and(|n| step % n == 0 && step < cfg.max_train_steps) {
-            let path = save(&params, &cfg.output_dir.join(format!("checkpoint-{step}")))?;
+            let path = trainee.save(&cfg.model_dir, &cfg.output_dir.join(format!("checkpoint-{step}")))?;
             on_event(&TrainEvent::Saved { path });
         }
     }
-    let lora_path = save(&params, &cfg.output_dir)?;
-    on_event(&TrainEvent::Saved { path: lora_path.clone() });
-    Ok(TrainReport { losses, lora_path })
+    let output = trainee.save(&cfg.model_dir, &cfg.output_dir)?;
+    on_event(&TrainEvent::Saved { path: output.clone() });
+    Ok(TrainReport { losses, output })
 }
 
 fn check(cfg: &DreamBoothConfig) -> anyhow::Result<()> {
+    let rank = match cfg.method {
+        Method::Lora { rank } => rank,
+        Method::Full => 1,
+    };
     let positive = [
-        (cfg.rank, "--rank"),
+        (rank, "--rank"),
         (cfg.max_train_steps, "--max-train-steps"),
         (cfg.train_batch_size, "--train-batch-size"),
         (cfg.gradient_accumulation_steps, "--gradient-accumulation-steps"),
@@ -343,11 +331,4 @@ fn repeat_rows(t: &Tensor, n: usize) -> sd3_core::Result<Tensor> {
     let mut shape = t.shape().to_vec();
     shape[0] = n;
     t.broadcast_to(&shape)?.contiguous()
-}
-
-fn save(params: &LoraParams, dir: &Path) -> anyhow::Result<PathBuf> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let path = dir.join(LORA_FILE);
-    params.save(&path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(path)
 }

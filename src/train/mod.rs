@@ -9,3 +9,4 @@ pub mod grad_ops;
 pub mod lora_params;
 pub mod objective;
 pub mod optim;
+pub mod trainee;

@@ -7,8 +7,8 @@ use sd3_core::{Backend, DType, Tensor};
 
 /// `PatchEmbed`: conv p×p stride p, flatten to tokens (index = row·w + col), plus the cropped `pos_embed`.
 pub struct PatchEmbed {
-    proj_weight: Tensor,
-    proj_bias: Tensor,
+    pub(super) proj_weight: Tensor,
+    pub(super) proj_bias: Tensor,
     /// `pos_embed.pos_embed` `[1, M·M, D]`, uploaded once.
     pos_embed: Tensor,
     pub patch_size: usize,

@@ -8,6 +8,7 @@
 pub mod attention;
 pub mod block;
 pub mod embeddings;
+pub mod named_parameters;
 pub mod parallel;
 pub mod params;
 pub mod train;

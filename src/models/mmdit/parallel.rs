@@ -79,7 +79,7 @@ impl Comm<'_> {
 pub struct RowParallelLinear {
     pub(super) linear: Linear,
     /// The bias to add after the sum (only when split).
-    bias_after_sum: Option<Tensor>,
+    pub(super) bias_after_sum: Option<Tensor>,
 }
 
 impl RowParallelLinear {
