@@ -53,5 +53,9 @@ fn lora_training_step_matches_diffusers() {
         let d = TrainingGolden::load(&fixtures_dir(), model).unwrap().run(&be).unwrap();
         eprintln!("{model} training step on npu: {d}");
         assert!(d.prediction < 1e-5 && d.loss < 1e-5 && d.gradients < 5e-5, "{model}: {d}");
+        // Full fine-tuning: every parameter's gradient (the CPU's bound, tests/training.rs).
+        let d = TrainingGolden::load(&fixtures_dir(), model).unwrap().run_full(&be, false).unwrap();
+        eprintln!("{model} full training step: {d}");
+        assert!(d.prediction < 1e-5 && d.loss < 1e-5 && d.gradients < 1e-4, "{model}: {d}");
     }
 }
