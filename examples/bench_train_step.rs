@@ -1,9 +1,10 @@
-//! Times one LoRA training step (`sd3 train-lora`'s forward, loss and backward to the adapters; rank 4 on the
-//! script's eight attention projections per block) with SD3-medium shapes and random weights, on any backend.
+//! Times one training step (`sd3 train-lora`'s forward, loss and backward to the adapters, rank 4 on the
+//! script's eight attention projections per block; with `--full`, `sd3 train-dreambooth`'s backward to every
+//! parameter, the optimizer not included) with SD3-medium shapes and random weights, on any backend.
 //!
 //! ```text
 //! cargo run --release --example bench_train_step -- --backend cuda --dtype bf16 --res 512 [--batch 1] [--layers 24]
-//!     [--iters 3] [--gradient-checkpointing]
+//!     [--iters 3] [--gradient-checkpointing] [--full]
 //! ```
 //! Prints the median wall time of a synchronised step, the forward alone for comparison, and the process's peak
 //! memory. The text sequence is 154 tokens (77 CLIP + 77 T5, the script's `max_sequence_length`).
@@ -51,10 +52,16 @@ fn main() -> anyhow::Result<()> {
         let forward = s.elapsed().as_secs_f64();
         let s = Instant::now();
         let batch = TrainingBatch { hidden_states: &x, encoder_hidden_states: &ctx, pooled: &pooled, timesteps: &t };
-        let (grads, ()) = model.adapter_gradients(&batch, &adapters, checkpointing, |p| Ok((p.clone(), ())))?;
-        for [a, b] in grads.values() {
-            a.to_f32_vec()?;
-            b.to_f32_vec()?;
+        if args.iter().any(|a| a == "--full") {
+            let (grads, ()) = model.parameter_gradients(&batch, checkpointing, |p| Ok((p.clone(), ())))?;
+            backend.synchronize()?;
+            drop(grads);
+        } else {
+            let (grads, ()) = model.adapter_gradients(&batch, &adapters, checkpointing, |p| Ok((p.clone(), ())))?;
+            for [a, b] in grads.values() {
+                a.to_f32_vec()?;
+                b.to_f32_vec()?;
+            }
         }
         let step = s.elapsed().as_secs_f64();
         if i > 0 {
