@@ -298,6 +298,8 @@ fn train_lora_through_the_cli() {
     must_fail(&[&train[..], &["--weighting-scheme", "cosmic"]].concat(), &["--weighting-scheme cosmic"]);
     must_fail(&[&train[..], &["--learning-rate", "0"]].concat(), &["--learning-rate 0"]);
     must_fail(&[&train[..], &["--dtype", "i32"]].concat(), &["--dtype i32"]);
+    must_fail(&[&train[..], &["--class-prompt", "a dog"]].concat(), &["--with-prior-preservation"]);
+    must_fail(&[&train[..], &["--with-prior-preservation"]].concat(), &["--class-data-dir and --class-prompt"]);
 }
 
 /// `sd3 train-dreambooth` (every parameter) on the bundled model: a pipeline folder that generation opens.

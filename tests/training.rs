@@ -312,6 +312,43 @@ fn full_dreambooth_learns_and_saves_a_pipeline() {
     sd3::pipeline::StableDiffusion3Pipeline::new(&out, cpu.clone(), Default::default()).unwrap();
 }
 
+/// Prior preservation: the missing class images are generated once (a second run finds them), and training runs
+/// on instance and class rows.
+#[test]
+fn prior_preservation_generates_class_images_once() {
+    use sd3::train::dreambooth::{train_dreambooth, DreamBoothConfig, PriorPreservation, TrainEvent};
+    let cpu = common::cpu();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let instance = common::scratch("prior-instance");
+    std::fs::copy(root.join("fixtures/golden/sd3-cfg/image.png"), instance.join("subject.png")).unwrap();
+    let class_dir = common::scratch("prior-class").join("dogs");
+    let mut cfg = DreamBoothConfig::new(
+        root.join("fixtures/sd3-tiny"),
+        instance,
+        "a photo of sks dog".into(),
+        common::scratch("prior-out"),
+    );
+    (cfg.resolution, cfg.max_train_steps, cfg.train_batch_size) = (64, 3, 2);
+    cfg.prior = Some(PriorPreservation {
+        class_dir: class_dir.clone(),
+        class_prompt: "a photo of dog".into(),
+        num_class_images: 2,
+        prior_loss_weight: 1.0,
+    });
+    let mut generated = Vec::new();
+    let report = train_dreambooth(&cfg, &cpu, &mut |e| {
+        if let TrainEvent::ClassImage { path, .. } = e {
+            generated.push(path.clone())
+        }
+    })
+    .unwrap();
+    assert_eq!(generated, vec![class_dir.join("class_0.png"), class_dir.join("class_1.png")]);
+    assert!(report.losses.iter().all(|l| l.is_finite()) && report.losses.len() == 3);
+    let mut again = 0;
+    train_dreambooth(&cfg, &cpu, &mut |e| again += matches!(e, TrainEvent::ClassImage { .. }) as usize).unwrap();
+    assert_eq!(again, 0, "the class images are there already");
+}
+
 #[test]
 fn dreambooth_rejects_bad_input() {
     use sd3::train::dreambooth::{train_dreambooth, DreamBoothConfig, Method};

@@ -5,7 +5,7 @@
 use anyhow::{bail, Context};
 use clap::Args;
 use sd3::pipeline::{GenerationRequest, PipelineOptions, StableDiffusion3Pipeline};
-use sd3::train::dreambooth::{train_dreambooth, DreamBoothConfig, Method, TrainEvent};
+use sd3::train::dreambooth::{train_dreambooth, DreamBoothConfig, Method, PriorPreservation, TrainEvent};
 use sd3::train::objective::TimestepSampling;
 use sd3_core::DType;
 use std::path::PathBuf;
@@ -83,6 +83,19 @@ pub struct DreamBoothArgs {
     /// Encode each image with the VAE once (one crop, no flips) rather than at every use.
     #[arg(long = "cache-latents")]
     pub cache_latents: bool,
+    /// Train class images beside the instance images (prior preservation, against language drift).
+    #[arg(long = "with-prior-preservation")]
+    pub with_prior_preservation: bool,
+    /// Folder of class images; missing ones (below --num-class-images) are generated there first.
+    #[arg(long = "class-data-dir", value_name = "DIR")]
+    pub class_data_dir: Option<PathBuf>,
+    /// The class's prompt, e.g. "a photo of dog".
+    #[arg(long = "class-prompt")]
+    pub class_prompt: Option<String>,
+    #[arg(long = "num-class-images", default_value_t = 100)]
+    pub num_class_images: usize,
+    #[arg(long = "prior-loss-weight", default_value_t = 1.0)]
+    pub prior_loss_weight: f32,
     /// Recompute each block's activations in the backward instead of keeping them (less memory, about a third
     /// more time).
     #[arg(long = "gradient-checkpointing")]
@@ -153,6 +166,19 @@ fn run(args: DreamBoothArgs, method: Method) -> anyhow::Result<ExitCode> {
     cfg.checkpointing_steps = args.checkpointing_steps;
     cfg.cache_latents = args.cache_latents;
     cfg.gradient_checkpointing = args.gradient_checkpointing;
+    if args.with_prior_preservation {
+        let (Some(class_dir), Some(class_prompt)) = (&args.class_data_dir, &args.class_prompt) else {
+            bail!("--with-prior-preservation needs --class-data-dir and --class-prompt");
+        };
+        cfg.prior = Some(PriorPreservation {
+            class_dir: class_dir.clone(),
+            class_prompt: class_prompt.clone(),
+            num_class_images: args.num_class_images,
+            prior_loss_weight: args.prior_loss_weight,
+        });
+    } else if args.class_data_dir.is_some() || args.class_prompt.is_some() {
+        bail!("--class-data-dir and --class-prompt take effect with --with-prior-preservation");
+    }
 
     let backend = sd3::runtime::open_backend(&args.backend.request())?;
     say(format!("backend: {} ({})", backend.name(), backend.info().name));
@@ -171,6 +197,9 @@ fn run(args: DreamBoothArgs, method: Method) -> anyhow::Result<ExitCode> {
             }
         }
         TrainEvent::Saved { path } => say(format!("wrote {}", path.display())),
+        TrainEvent::ClassImage { index, total, path } => {
+            say(format!("class image {}/{total}: {}", index + 1, path.display()))
+        }
     };
     let report = train_dreambooth(&cfg, &backend, &mut on_event)?;
 

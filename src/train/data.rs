@@ -1,9 +1,12 @@
-//! DreamBooth's instance images: every PNG or JPEG of a folder, prepared as the script's `DreamBoothDataset`
-//! does: resized (bilinear) so the shorter side is the resolution, cropped to a square (centre, or a random
-//! position), optionally flipped, scaled to [-1, 1], channels first.
+//! DreamBooth's instance (and class) images: every PNG or JPEG of a folder, prepared as the script's
+//! `DreamBoothDataset` does: resized (bilinear) so the shorter side is the resolution, cropped to a square
+//! (centre, or a random position), optionally flipped, scaled to [-1, 1], channels first; then encoded by the VAE
+//! into training latents ([`ImageLatents`]).
 
+use crate::models::vae_encoder::VaeEncoder;
 use image::imageops::FilterType;
 use image::RgbImage;
+use sd3_core::{Backend, DType};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -16,6 +19,20 @@ pub enum DataError {
     Decode { path: PathBuf, source: image::ImageError },
 }
 
+/// The PNG and JPEG files of `dir`, in file-name order (not decoded).
+pub fn image_paths(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
+    let entries = std::fs::read_dir(dir).map_err(|source| DataError::ReadDir { dir: dir.into(), source })?;
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let ext = p.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+            matches!(ext.as_deref(), Some("png" | "jpg" | "jpeg"))
+        })
+        .collect();
+    paths.sort();
+    Ok(paths)
+}
+
 /// The instance images, decoded once, in file-name order.
 pub struct InstanceImages {
     pub paths: Vec<PathBuf>,
@@ -24,15 +41,7 @@ pub struct InstanceImages {
 
 impl InstanceImages {
     pub fn load(dir: &Path) -> Result<Self, DataError> {
-        let entries = std::fs::read_dir(dir).map_err(|source| DataError::ReadDir { dir: dir.into(), source })?;
-        let mut paths: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                let ext = p.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
-                matches!(ext.as_deref(), Some("png" | "jpg" | "jpeg"))
-            })
-            .collect();
-        paths.sort();
+        let paths = image_paths(dir)?;
         if paths.is_empty() {
             return Err(DataError::Empty(dir.into()));
         }
@@ -74,5 +83,110 @@ impl InstanceImages {
             }
         }
         out
+    }
+}
+
+/// Uniform draws for shuffles, crops and flips (splitmix64; the noise comes from [`crate::noise`]).
+pub struct Draws(u64);
+
+impl Draws {
+    pub fn new(seed: u64) -> Self {
+        Draws(seed)
+    }
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// In [0, 1).
+    pub fn unit(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+}
+
+/// How images become training latents.
+#[derive(Clone, Copy, Debug)]
+pub struct LatentsOptions {
+    pub resolution: usize,
+    pub center_crop: bool,
+    pub random_flip: bool,
+    /// Encode each image once (one crop, no flip).
+    pub cache: bool,
+}
+
+/// One image set (instance or class images) as training latents: shuffled passes over it, each image prepared
+/// and encoded by the VAE when used (or once, cached), its latent sampled as `(z − shift)·scale`.
+pub struct ImageLatents<'a> {
+    images: &'a InstanceImages,
+    encoder: &'a VaeEncoder,
+    backend: &'a Backend,
+    options: LatentsOptions,
+    /// `(mean, logvar)` per image when cached.
+    cached: Vec<(Vec<f32>, Vec<f32>)>,
+    order: Vec<usize>,
+}
+
+impl<'a> ImageLatents<'a> {
+    pub fn new(
+        images: &'a InstanceImages,
+        encoder: &'a VaeEncoder,
+        backend: &'a Backend,
+        options: LatentsOptions,
+        draws: &mut Draws,
+    ) -> anyhow::Result<Self> {
+        let mut set = ImageLatents { images, encoder, backend, options, cached: Vec::new(), order: Vec::new() };
+        if options.cache {
+            for i in 0..images.len() {
+                let crop = set.crop(draws);
+                let dist = set.distribution(i, crop, false)?;
+                set.cached.push(dist);
+            }
+        }
+        Ok(set)
+    }
+
+    fn crop(&self, draws: &mut Draws) -> (f32, f32) {
+        if self.options.center_crop {
+            (0.5, 0.5)
+        } else {
+            (draws.unit(), draws.unit())
+        }
+    }
+
+    /// `(mean, logvar)` of image `i`, prepared with `crop` and `flip`.
+    fn distribution(&self, i: usize, crop: (f32, f32), flip: bool) -> anyhow::Result<(Vec<f32>, Vec<f32>)> {
+        let res = self.options.resolution;
+        let pixels = self.images.prepared(i, res, crop, flip);
+        let image = self.backend.from_f32(&pixels, &[1, 3, res, res], DType::F32)?;
+        let dist = self.encoder.encode(&image)?;
+        Ok((dist.mean.to_f32_vec()?, dist.logvar.to_f32_vec()?))
+    }
+
+    /// The next image's latent, `(mean + exp(logvar/2)·noise − shift)·scale`.
+    pub fn next_sample(&mut self, noise: &[f32], draws: &mut Draws) -> anyhow::Result<Vec<f32>> {
+        if self.order.is_empty() {
+            self.order = (0..self.images.len()).collect();
+            for i in (1..self.order.len()).rev() {
+                self.order.swap(i, draws.below(i + 1));
+            }
+        }
+        let i = self.order.pop().expect("refilled");
+        let dist = match self.cached.get(i) {
+            Some(dist) => dist.clone(),
+            None => {
+                let crop = self.crop(draws);
+                let flip = self.options.random_flip && draws.unit() < 0.5;
+                self.distribution(i, crop, flip)?
+            }
+        };
+        let c = self.encoder.config();
+        let (shift, scale) = (c.shift_factor.unwrap_or(0.0), c.scaling_factor);
+        let (mean, logvar) = &dist;
+        Ok(mean.iter().zip(logvar).zip(noise).map(|((m, lv), n)| (m + (0.5 * lv).exp() * n - shift) * scale).collect())
     }
 }

@@ -5,8 +5,8 @@
 //! preconditioned loss, gradients, clipping and AdamW ([`super::trainee`]). Writes
 //! `pytorch_lora_weights.safetensors`, or a pipeline folder with the trained transformer, in diffusers' layout.
 
-use super::data::InstanceImages;
-use super::objective::{noisy_latents, preconditioned_loss, training_sigma, TimestepSampling};
+use super::data::{Draws, ImageLatents, InstanceImages, LatentsOptions};
+use super::objective::{noisy_latents, prior_preserving_loss, training_sigma, TimestepSampling};
 use super::optim::AdamWConfig;
 use super::trainee::{Gradients, Trainee};
 pub use super::trainee::{Method, LORA_FILE};
@@ -48,6 +48,20 @@ pub struct DreamBoothConfig {
     pub cache_latents: bool,
     /// Keep each block's inputs only and recompute its activations in the backward.
     pub gradient_checkpointing: bool,
+    /// Class images trained beside the instance images (`--with_prior_preservation`).
+    pub prior: Option<PriorPreservation>,
+}
+
+/// Prior preservation: each batch also holds class images ("a photo of a dog") with their own prompt, and the
+/// loss adds their loss times `prior_loss_weight`, so the model keeps what the class looks like. Missing class
+/// images (fewer than `num_class_images` in `class_dir`) are generated with the base model first, as the script
+/// does.
+#[derive(Clone, Debug)]
+pub struct PriorPreservation {
+    pub class_dir: PathBuf,
+    pub class_prompt: String,
+    pub num_class_images: usize,
+    pub prior_loss_weight: f32,
 }
 
 impl DreamBoothConfig {
@@ -73,6 +87,7 @@ impl DreamBoothConfig {
             checkpointing_steps: None,
             cache_latents: false,
             gradient_checkpointing: false,
+            prior: None,
         }
     }
 }
@@ -99,6 +114,12 @@ pub enum TrainEvent {
     Saved {
         path: PathBuf,
     },
+    /// Class image `index` of `total` generated for prior preservation.
+    ClassImage {
+        index: usize,
+        total: usize,
+        path: PathBuf,
+    },
 }
 
 /// A finished run.
@@ -106,55 +127,6 @@ pub struct TrainReport {
     pub losses: Vec<f32>,
     /// The LoRA file, or the pipeline folder with the trained transformer.
     pub output: PathBuf,
-}
-
-/// Uniform draws for shuffles, crops and flips (splitmix64; the noise comes from [`crate::noise`]).
-struct Draws(u64);
-
-impl Draws {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    /// In [0, 1).
-    fn unit(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-}
-
-/// The images' latent distributions, per use or cached.
-struct Latents<'a> {
-    images: &'a InstanceImages,
-    encoder: &'a VaeEncoder,
-    backend: &'a Backend,
-    cached: Vec<(Vec<f32>, Vec<f32>)>,
-    shift: f32,
-    scale: f32,
-}
-
-impl Latents<'_> {
-    /// `(mean, logvar)` of image `i`, prepared with `crop` and `flip`.
-    fn distribution(&self, i: usize, res: usize, crop: (f32, f32), flip: bool) -> anyhow::Result<(Vec<f32>, Vec<f32>)> {
-        let pixels = self.images.prepared(i, res, crop, flip);
-        let image = self.backend.from_f32(&pixels, &[1, 3, res, res], DType::F32)?;
-        let dist = self.encoder.encode(&image)?;
-        Ok((dist.mean.to_f32_vec()?, dist.logvar.to_f32_vec()?))
-    }
-
-    /// `(z - shift)·scale` with `z = mean + exp(logvar/2)·noise`.
-    fn sample(&self, (mean, logvar): &(Vec<f32>, Vec<f32>), noise: &[f32]) -> Vec<f32> {
-        mean.iter()
-            .zip(logvar)
-            .zip(noise)
-            .map(|((m, lv), n)| (m + (0.5 * lv).exp() * n - self.shift) * self.scale)
-            .collect()
-    }
 }
 
 /// Runs the fine-tuning and writes the LoRA under `cfg.output_dir`.
@@ -166,9 +138,15 @@ pub fn train_dreambooth(
     let start = Instant::now();
     check(cfg)?;
     let images = InstanceImages::load(&cfg.instance_dir)?;
-    let (prompt_embeds, pooled) = embed_prompt(cfg, backend)?;
+    let class_images = match &cfg.prior {
+        Some(prior) => {
+            super::prior::complete_class_images(cfg, prior, backend, on_event)?;
+            Some(InstanceImages::load(&prior.class_dir)?)
+        }
+        None => None,
+    };
+    let (mut embeds, mut pooled) = embed_text(cfg, backend, &cfg.instance_prompt)?;
     let encoder = VaeEncoder::load(&cfg.model_dir.join("vae"), backend, DType::F32)?;
-    let vae_cfg = encoder.config();
     let (f, res) = (encoder.scale_factor(), cfg.resolution);
     if res % f != 0 {
         bail!("--resolution {res}: not a multiple of the VAE's factor {f}");
@@ -181,30 +159,37 @@ pub fn train_dreambooth(
     let shift = if scheduler.use_dynamic_shifting { 1.0 } else { scheduler.shift as f32 };
 
     let mut trainee = Trainee::new(cfg.method, cfg.optimizer, cfg.seed, &transformer)?;
-    let mut draws = Draws(cfg.seed ^ 0x5eed_0fd7_eab0_0700);
-    let mut latents = Latents {
-        images: &images,
-        encoder: &encoder,
-        backend,
-        cached: Vec::new(),
-        shift: vae_cfg.shift_factor.unwrap_or(0.0),
-        scale: vae_cfg.scaling_factor,
+    let mut draws = Draws::new(cfg.seed ^ 0x5eed_0fd7_eab0_0700);
+    let options = LatentsOptions {
+        resolution: res,
+        center_crop: cfg.center_crop,
+        random_flip: cfg.random_flip,
+        cache: cfg.cache_latents,
     };
-    if cfg.cache_latents {
-        for i in 0..images.len() {
-            let crop = if cfg.center_crop { (0.5, 0.5) } else { (draws.unit(), draws.unit()) };
-            latents.cached.push(latents.distribution(i, res, crop, false)?);
+    let mut sets = vec![ImageLatents::new(&images, &encoder, backend, options, &mut draws)?];
+    let b = cfg.train_batch_size;
+    // The batch: the instance images' rows, then as many class images' rows under their own prompt.
+    let (class_embeds, class_pooled) = match (&cfg.prior, &class_images) {
+        (Some(prior), Some(class_images)) => {
+            sets.push(ImageLatents::new(class_images, &encoder, backend, options, &mut draws)?);
+            let (e, p) = embed_text(cfg, backend, &prior.class_prompt)?;
+            (Some(e), Some(p))
         }
+        _ => (None, None),
+    };
+    embeds = repeat_rows(&embeds, b)?;
+    pooled = repeat_rows(&pooled, b)?;
+    if let (Some(ce), Some(cp)) = (class_embeds, class_pooled) {
+        embeds = join_text(&embeds, &repeat_rows(&ce, b)?)?;
+        pooled = Tensor::cat(&[&pooled, &repeat_rows(&cp, b)?], 0)?;
     }
     let (tensors, values) = trainee.size();
     on_event(&TrainEvent::Ready { images: images.len(), tensors, values, seconds: start.elapsed().as_secs_f64() });
 
-    let b = cfg.train_batch_size;
+    let rows = b * sets.len();
     let latent_len = transformer.config.in_channels * (res / f) * (res / f);
-    let latent_shape = [b, transformer.config.in_channels, res / f, res / f];
-    let embeds = repeat_rows(&prompt_embeds, b)?;
-    let pooled = repeat_rows(&pooled, b)?;
-    let mut order: Vec<usize> = Vec::new();
+    let latent_shape = [rows, transformer.config.in_channels, res / f, res / f];
+    let prior_weight = cfg.prior.as_ref().map(|p| p.prior_loss_weight);
     let mut losses = Vec::with_capacity(cfg.max_train_steps);
     let mut draw_index = 0u64;
     for step in 1..=cfg.max_train_steps {
@@ -213,31 +198,18 @@ pub fn train_dreambooth(
         let mut summed: Option<Gradients> = None;
         let mut loss_sum = 0.0;
         for _ in 0..cfg.gradient_accumulation_steps {
-            // One batch: the next images of a shuffled pass over the instance images (the script's DataLoader).
-            let mut x0 = Vec::with_capacity(b * latent_len);
-            for _ in 0..b {
-                if order.is_empty() {
-                    order = (0..images.len()).collect();
-                    for i in (1..order.len()).rev() {
-                        order.swap(i, draws.below(i + 1));
-                    }
+            // One batch: the next images of a shuffled pass over each image set (the script's DataLoader).
+            let mut x0 = Vec::with_capacity(rows * latent_len);
+            for set in &mut sets {
+                for _ in 0..b {
+                    draw_index += 1;
+                    let noise = crate::noise::standard_normal(cfg.seed.wrapping_add(draw_index << 20), latent_len);
+                    x0.extend(set.next_sample(&noise, &mut draws)?);
                 }
-                let i = order.pop().expect("refilled");
-                draw_index += 1;
-                let noise = crate::noise::standard_normal(cfg.seed.wrapping_add(draw_index << 20), latent_len);
-                let sample = match latents.cached.get(i) {
-                    Some(dist) => latents.sample(dist, &noise),
-                    None => {
-                        let crop = if cfg.center_crop { (0.5, 0.5) } else { (draws.unit(), draws.unit()) };
-                        let flip = cfg.random_flip && draws.unit() < 0.5;
-                        latents.sample(&latents.distribution(i, res, crop, flip)?, &noise)
-                    }
-                };
-                x0.extend(sample);
             }
             draw_index += 1;
-            let noise = crate::noise::standard_normal(cfg.seed.wrapping_add(draw_index << 20), b * latent_len);
-            let normals = crate::noise::standard_normal(cfg.seed.wrapping_add((draw_index << 20) + 1), b);
+            let noise = crate::noise::standard_normal(cfg.seed.wrapping_add(draw_index << 20), rows * latent_len);
+            let normals = crate::noise::standard_normal(cfg.seed.wrapping_add((draw_index << 20) + 1), rows);
             let sigmas: Vec<f32> = normals
                 .iter()
                 .map(|&z| {
@@ -254,7 +226,7 @@ pub fn train_dreambooth(
                 timesteps: &timesteps,
             };
             let (grads, loss) = trainee.gradients(&transformer, &batch, cfg.gradient_checkpointing, |pred| {
-                let (loss, d) = preconditioned_loss(pred, &noisy_host, &x0, &sigmas)?;
+                let (loss, d) = prior_preserving_loss(pred, &noisy_host, &x0, &sigmas, prior_weight)?;
                 Ok((d, loss))
             })?;
             if !loss.is_finite() {
@@ -305,6 +277,11 @@ fn check(cfg: &DreamBoothConfig) -> anyhow::Result<()> {
     if cfg.max_grad_norm.is_nan() || cfg.max_grad_norm <= 0.0 {
         bail!("--max-grad-norm {}: it must be positive", cfg.max_grad_norm);
     }
+    if let Some(p) = &cfg.prior {
+        if p.num_class_images == 0 || p.class_prompt.is_empty() || p.prior_loss_weight.is_nan() {
+            bail!("--with-prior-preservation needs --class-prompt and at least one class image (--num-class-images)");
+        }
+    }
     if cfg.checkpointing_steps == Some(0) {
         bail!("--checkpointing-steps 0: it must be at least 1");
     }
@@ -316,14 +293,24 @@ fn check(cfg: &DreamBoothConfig) -> anyhow::Result<()> {
 
 /// The instance prompt through the frozen text encoders, once: `[1, S, joint_dim]` and `[1, pooled_dim]`.
 pub fn embed_prompt(cfg: &DreamBoothConfig, backend: &Backend) -> anyhow::Result<(Tensor, Tensor)> {
+    embed_text(cfg, backend, &cfg.instance_prompt)
+}
+
+fn embed_text(cfg: &DreamBoothConfig, backend: &Backend, prompt: &str) -> anyhow::Result<(Tensor, Tensor)> {
     let options = PipelineOptions { dtype: cfg.dtype, ..PipelineOptions::default() };
     let pipe = StableDiffusion3Pipeline::new(&cfg.model_dir, backend.clone(), options)
         .with_context(|| format!("opening the model {}", cfg.model_dir.display()))?;
-    let mut req = GenerationRequest::new(cfg.instance_prompt.clone(), cfg.resolution, cfg.resolution);
+    let mut req = GenerationRequest::new(prompt.to_string(), cfg.resolution, cfg.resolution);
     req.guidance = 1.0;
     req.max_sequence_length = cfg.max_sequence_length;
     let cond = pipe.encode(&req, &mut |_| {})?;
     Ok((cond.prompt_embeds, cond.pooled))
+}
+
+/// Two prompts' embeddings as one batch, `[a; b]` along the batch dim: their token counts agree (both padded to
+/// 77 CLIP tokens plus `max_sequence_length` T5 tokens).
+fn join_text(a: &Tensor, b: &Tensor) -> sd3_core::Result<Tensor> {
+    Tensor::cat(&[a, b], 0)
 }
 
 /// `[1, …]` repeated to `[n, …]`.

@@ -9,4 +9,5 @@ pub mod grad_ops;
 pub mod lora_params;
 pub mod objective;
 pub mod optim;
+pub mod prior;
 pub mod trainee;
