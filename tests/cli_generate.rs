@@ -270,6 +270,10 @@ fn train_lora_through_the_cli() {
         "4",
         "--checkpointing-steps",
         "2",
+        "--lr-scheduler",
+        "cosine",
+        "--lr-warmup-steps",
+        "1",
         "--output-dir",
         s(&out),
         "--validation-prompt",
@@ -299,6 +303,7 @@ fn train_lora_through_the_cli() {
     must_fail(&[&train[..], &["--learning-rate", "0"]].concat(), &["--learning-rate 0"]);
     must_fail(&[&train[..], &["--dtype", "i32"]].concat(), &["--dtype i32"]);
     must_fail(&[&train[..], &["--class-prompt", "a dog"]].concat(), &["--with-prior-preservation"]);
+    must_fail(&[&train[..], &["--lr-scheduler", "sawtooth"]].concat(), &["--lr-scheduler sawtooth", "cosine"]);
     must_fail(&[&train[..], &["--with-prior-preservation"]].concat(), &["--class-data-dir and --class-prompt"]);
 }
 

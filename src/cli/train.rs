@@ -7,6 +7,7 @@ use clap::Args;
 use sd3::pipeline::{GenerationRequest, PipelineOptions, StableDiffusion3Pipeline};
 use sd3::train::dreambooth::{train_dreambooth, DreamBoothConfig, Method, PriorPreservation, TrainEvent};
 use sd3::train::objective::TimestepSampling;
+use sd3::train::optim::LrSchedule;
 use sd3_core::DType;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -56,6 +57,18 @@ pub struct DreamBoothArgs {
     pub gradient_accumulation_steps: usize,
     #[arg(long = "learning-rate", default_value_t = 1e-4)]
     pub learning_rate: f32,
+    /// The learning-rate schedule: constant, constant_with_warmup, linear, cosine, cosine_with_restarts or
+    /// polynomial (diffusers' get_scheduler).
+    #[arg(long = "lr-scheduler", default_value = "constant")]
+    pub lr_scheduler: String,
+    #[arg(long = "lr-warmup-steps", default_value_t = 500)]
+    pub lr_warmup_steps: usize,
+    /// Cosine waves of cosine_with_restarts.
+    #[arg(long = "lr-num-cycles", default_value_t = 1.0)]
+    pub lr_num_cycles: f32,
+    /// The power of polynomial.
+    #[arg(long = "lr-power", default_value_t = 1.0)]
+    pub lr_power: f32,
     #[arg(long = "adam-weight-decay", default_value_t = 1e-4)]
     pub adam_weight_decay: f32,
     /// How noise levels are drawn: logit_normal, mode or none (uniform).
@@ -157,6 +170,14 @@ fn run(args: DreamBoothArgs, method: Method) -> anyhow::Result<ExitCode> {
     cfg.max_train_steps = args.max_train_steps;
     cfg.gradient_accumulation_steps = args.gradient_accumulation_steps;
     cfg.optimizer.lr = args.learning_rate;
+    cfg.lr_schedule =
+        LrSchedule::from_name(&args.lr_scheduler, args.lr_num_cycles, args.lr_power).with_context(|| {
+            format!(
+                "--lr-scheduler {}: constant, constant_with_warmup, linear, cosine, cosine_with_restarts or polynomial",
+                args.lr_scheduler
+            )
+        })?;
+    cfg.lr_warmup_steps = args.lr_warmup_steps;
     cfg.optimizer.weight_decay = args.adam_weight_decay;
     cfg.sampling = sampling;
     cfg.max_grad_norm = args.max_grad_norm;

@@ -7,7 +7,7 @@
 
 use super::data::{Draws, ImageLatents, InstanceImages, LatentsOptions};
 use super::objective::{noisy_latents, prior_preserving_loss, training_sigma, TimestepSampling};
-use super::optim::AdamWConfig;
+use super::optim::{AdamWConfig, LrSchedule};
 use super::trainee::{Gradients, Trainee};
 pub use super::trainee::{Method, LORA_FILE};
 use crate::models::mmdit::train::TrainingBatch;
@@ -34,7 +34,10 @@ pub struct DreamBoothConfig {
     pub train_batch_size: usize,
     pub max_train_steps: usize,
     pub gradient_accumulation_steps: usize,
+    /// AdamW's settings; `lr` is the base rate the schedule scales.
     pub optimizer: AdamWConfig,
+    pub lr_schedule: LrSchedule,
+    pub lr_warmup_steps: usize,
     pub method: Method,
     pub sampling: TimestepSampling,
     pub max_grad_norm: f32,
@@ -78,6 +81,8 @@ impl DreamBoothConfig {
             max_train_steps: 500,
             gradient_accumulation_steps: 1,
             optimizer: AdamWConfig::default(),
+            lr_schedule: LrSchedule::Constant,
+            lr_warmup_steps: 500,
             method: Method::Lora { rank: 4 },
             sampling: TimestepSampling::LogitNormal { mean: 0.0, std: 1.0 },
             max_grad_norm: 1.0,
@@ -180,7 +185,8 @@ pub fn train_dreambooth(
     embeds = repeat_rows(&embeds, b)?;
     pooled = repeat_rows(&pooled, b)?;
     if let (Some(ce), Some(cp)) = (class_embeds, class_pooled) {
-        embeds = join_text(&embeds, &repeat_rows(&ce, b)?)?;
+        // Both prompts' embeddings have 77 CLIP + max_sequence_length T5 tokens.
+        embeds = Tensor::cat(&[&embeds, &repeat_rows(&ce, b)?], 0)?;
         pooled = Tensor::cat(&[&pooled, &repeat_rows(&cp, b)?], 0)?;
     }
     let (tensors, values) = trainee.size();
@@ -239,8 +245,9 @@ pub fn train_dreambooth(
             });
         }
         let sum = summed.expect("at least one micro-batch");
+        let lr = cfg.lr_schedule.rate(cfg.optimizer.lr, step - 1, cfg.lr_warmup_steps, cfg.max_train_steps);
         let grad_norm = trainee
-            .update(sum, cfg.gradient_accumulation_steps, cfg.max_grad_norm)
+            .update(sum, cfg.gradient_accumulation_steps, cfg.max_grad_norm, lr)
             .with_context(|| format!("step {step}"))?;
         let loss = loss_sum / cfg.gradient_accumulation_steps as f32;
         losses.push(loss);
@@ -305,12 +312,6 @@ fn embed_text(cfg: &DreamBoothConfig, backend: &Backend, prompt: &str) -> anyhow
     req.max_sequence_length = cfg.max_sequence_length;
     let cond = pipe.encode(&req, &mut |_| {})?;
     Ok((cond.prompt_embeds, cond.pooled))
-}
-
-/// Two prompts' embeddings as one batch, `[a; b]` along the batch dim: their token counts agree (both padded to
-/// 77 CLIP tokens plus `max_sequence_length` T5 tokens).
-fn join_text(a: &Tensor, b: &Tensor) -> sd3_core::Result<Tensor> {
-    Tensor::cat(&[a, b], 0)
 }
 
 /// `[1, …]` repeated to `[n, …]`.

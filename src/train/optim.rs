@@ -176,4 +176,94 @@ mod tests {
         let missing = device.step(&BTreeMap::new()).unwrap_err().to_string();
         assert!(missing.contains("no gradient for parameter w"), "{missing}");
     }
+
+    /// The schedules' rates against values of diffusers' `get_scheduler` (torch's LambdaLR, base 1e-3, 10 warmup
+    /// steps of 100, printed by `[s.get_last_lr() for _ in …]` with diffusers 0.42.1).
+    #[test]
+    fn learning_rate_schedules_match_diffusers() {
+        let rate = |s: LrSchedule, k| LrSchedule::rate(s, 1e-3, k, 10, 100);
+        let close = |a: f32, b: f32| (a - b).abs() <= 1e-9 + 1e-6 * b.abs();
+        for (schedule, expected) in [
+            (LrSchedule::Constant, [1e-3; 7]),
+            (LrSchedule::ConstantWithWarmup, [0.0, 5e-4, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3]),
+            (LrSchedule::Linear, [0.0, 5e-4, 1e-3, 7.777777778e-4, 5e-4, 2.555555556e-4, 0.0]),
+            (LrSchedule::Cosine, [0.0, 5e-4, 1e-3, 8.830222216e-4, 5e-4, 1.526708148e-4, 0.0]),
+            (
+                LrSchedule::CosineWithRestarts { cycles: 2.0 },
+                [0.0, 5e-4, 1e-3, 5.868240888e-4, 1e-3, 5.174497484e-4, 0.0],
+            ),
+            (
+                LrSchedule::Polynomial { power: 2.0 },
+                [0.0, 5e-4, 1e-3, 6.049777778e-4, 2.50075e-4, 6.540211111e-5, 1e-7],
+            ),
+        ] {
+            for (k, want) in [0usize, 5, 10, 30, 55, 77, 100].into_iter().zip(expected) {
+                let got = rate(schedule, k);
+                assert!(close(got, want), "{schedule:?} after {k} steps: {got}, diffusers {want}");
+            }
+        }
+    }
+}
+
+/// The learning-rate schedules of diffusers' `get_scheduler` (`--lr_scheduler`), as factors of the base rate.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum LrSchedule {
+    Constant,
+    ConstantWithWarmup,
+    Linear,
+    /// Half a cosine wave from 1 to 0 (`num_cycles` 0.5), after the warmup.
+    Cosine,
+    /// `cycles` cosine waves from 1 to 0 (`--lr_num_cycles`), after the warmup.
+    CosineWithRestarts {
+        cycles: f32,
+    },
+    /// `(1 - progress)^power` from 1 down to `1e-7 / lr` (`--lr_power`), after the warmup.
+    Polynomial {
+        power: f32,
+    },
+}
+
+impl LrSchedule {
+    pub fn from_name(name: &str, cycles: f32, power: f32) -> Option<Self> {
+        Some(match name {
+            "constant" => LrSchedule::Constant,
+            "constant_with_warmup" => LrSchedule::ConstantWithWarmup,
+            "linear" => LrSchedule::Linear,
+            "cosine" => LrSchedule::Cosine,
+            "cosine_with_restarts" => LrSchedule::CosineWithRestarts { cycles },
+            "polynomial" => LrSchedule::Polynomial { power },
+            _ => return None,
+        })
+    }
+
+    /// The learning rate of the optimizer step that follows `done` steps (0 for the first), out of `total`, with
+    /// `warmup` warmup steps, as PyTorch's `LambdaLR` gives it.
+    pub fn rate(self, base: f32, done: usize, warmup: usize, total: usize) -> f32 {
+        let (k, w, t) = (done as f64, warmup as f64, total as f64);
+        if self != LrSchedule::Constant && done < warmup {
+            return (base as f64 * k / w.max(1.0)) as f32;
+        }
+        let progress = (k - w) / (t - w).max(1.0);
+        let factor = match self {
+            LrSchedule::Constant | LrSchedule::ConstantWithWarmup => 1.0,
+            LrSchedule::Linear => ((t - k) / (t - w).max(1.0)).max(0.0),
+            LrSchedule::Cosine => (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0),
+            LrSchedule::CosineWithRestarts { cycles } => {
+                if progress >= 1.0 {
+                    0.0
+                } else {
+                    (0.5 * (1.0 + (std::f64::consts::PI * ((cycles as f64 * progress) % 1.0)).cos())).max(0.0)
+                }
+            }
+            LrSchedule::Polynomial { power } => {
+                let end = 1e-7 / base as f64;
+                if done > total {
+                    end
+                } else {
+                    (1.0 - end) * (1.0 - progress).powf(power as f64) + end
+                }
+            }
+        };
+        (base as f64 * factor) as f32
+    }
 }

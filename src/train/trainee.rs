@@ -88,15 +88,16 @@ impl Trainee {
         })
     }
 
-    /// The update from the micro-batches' summed gradients: their mean, clipped to `max_norm`, through AdamW.
-    /// Returns the norm before clipping; a non-finite one stops the run.
-    pub fn update(&mut self, sum: Gradients, micro_batches: usize, max_norm: f32) -> anyhow::Result<f32> {
+    /// The update from the micro-batches' summed gradients: their mean, clipped to `max_norm`, through AdamW at
+    /// learning rate `lr`. Returns the norm before clipping; a non-finite one stops the run.
+    pub fn update(&mut self, sum: Gradients, micro_batches: usize, max_norm: f32, lr: f32) -> anyhow::Result<f32> {
         let inv = 1.0 / micro_batches as f32;
         let norm = match (self, sum) {
             (Trainee::Lora { params, adam, .. }, Gradients::Host(mut grads)) => {
                 grads.iter_mut().flatten().for_each(|g| *g *= inv);
                 let norm = clip_grad_norm(&mut grads, max_norm);
                 if norm.is_finite() {
+                    adam.config.lr = lr;
                     let mut flat = params.take_flat();
                     adam.step(&mut flat, &grads);
                     params.put_flat(flat);
@@ -109,6 +110,7 @@ impl Trainee {
                 }
                 let norm = clip_device_grad_norm(&mut grads, max_norm)?;
                 if norm.is_finite() {
+                    adam.config.lr = lr;
                     adam.step(&grads)?;
                 }
                 norm
