@@ -180,6 +180,7 @@ mod tests {
     /// The schedules' rates against values of diffusers' `get_scheduler` (torch's LambdaLR, base 1e-3, 10 warmup
     /// steps of 100, printed by `[s.get_last_lr() for _ in …]` with diffusers 0.42.1).
     #[test]
+    #[allow(clippy::excessive_precision)] // diffusers' printed values, as printed
     fn learning_rate_schedules_match_diffusers() {
         let rate = |s: LrSchedule, k| LrSchedule::rate(s, 1e-3, k, 10, 100);
         let close = |a: f32, b: f32| (a - b).abs() <= 1e-9 + 1e-6 * b.abs();
