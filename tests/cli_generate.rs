@@ -283,6 +283,11 @@ fn train_lora_through_the_cli() {
     assert!(text.contains("step 4/4: loss"), "{text}");
     assert!(out.join("pytorch_lora_weights.safetensors").is_file());
     assert!(out.join("checkpoint-2/pytorch_lora_weights.safetensors").is_file());
+    // Going on from the last checkpoint to step 6.
+    let resume =
+        [&train_args(&images, &out)[..], &["--max-train-steps", "6", "--resume-from-checkpoint", "latest"]].concat();
+    let (ok, text) = sd3(&resume);
+    assert!(ok && text.contains("step 6/6") && !text.contains("step 1/6"), "{text}");
     let (image, meta) = read_png(&out.join("validation.png")).unwrap();
     assert_eq!((image.width, image.height), (64, 64));
     assert!(meta.iter().any(|(k, v)| k == "trained" && v.ends_with("pytorch_lora_weights.safetensors")));
@@ -338,4 +343,21 @@ fn train_dreambooth_through_the_cli() {
     let (ok, text) =
         sd3(&["--model", s(&out), "--prompt", "a photo of sks dog", "--steps", "2", "--out", s(&dir.join("g.png"))]);
     assert!(ok, "{text}");
+}
+
+/// The flags of a short LoRA run on the bundled model.
+fn train_args<'a>(images: &'a Path, out: &'a Path) -> Vec<&'a str> {
+    vec![
+        "train-lora",
+        "--instance-data-dir",
+        s(images),
+        "--instance-prompt",
+        "a photo of sks dog",
+        "--resolution",
+        "64",
+        "--checkpointing-steps",
+        "2",
+        "--output-dir",
+        s(out),
+    ]
 }

@@ -349,6 +349,56 @@ fn prior_preservation_generates_class_images_once() {
     assert_eq!(again, 0, "the class images are there already");
 }
 
+/// A run resumed from its checkpoint ends where the uninterrupted run ends, bit for bit (weights, optimizer,
+/// data order, noise), for a LoRA and for full fine-tuning; a checkpoint of the other method is refused.
+#[test]
+fn resumed_runs_end_where_uninterrupted_ones_do() {
+    use sd3::train::dreambooth::{train_dreambooth, DreamBoothConfig, Method};
+    let cpu = common::cpu();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let instance = common::scratch("resume-instance");
+    for (i, case) in ["sd3-cfg", "sd35-cfg"].iter().enumerate() {
+        std::fs::copy(root.join(format!("fixtures/golden/{case}/image.png")), instance.join(format!("{i}.png")))
+            .unwrap();
+    }
+    for (method, result) in [
+        (Method::Lora { rank: 4 }, "pytorch_lora_weights.safetensors"),
+        (Method::Full, "transformer/diffusion_pytorch_model.safetensors"),
+    ] {
+        let config = |out: &Path| {
+            let mut cfg =
+                DreamBoothConfig::new(root.join("fixtures/sd3-tiny"), instance.clone(), "sks".into(), out.into());
+            (cfg.resolution, cfg.max_train_steps, cfg.random_flip, cfg.checkpointing_steps) = (64, 4, true, Some(2));
+            (cfg.method, cfg.optimizer.lr) = (method, 1e-3);
+            cfg
+        };
+        let whole = common::scratch("resume-whole");
+        let straight = train_dreambooth(&config(&whole), &cpu, &mut |_| {}).unwrap();
+        let resumed_dir = common::scratch("resume-resumed");
+        let mut cfg = config(&resumed_dir);
+        cfg.resume_from = Some(whole.join("checkpoint-2"));
+        let resumed = train_dreambooth(&cfg, &cpu, &mut |_| {}).unwrap();
+        assert_eq!(resumed.losses, straight.losses[2..], "{method:?}: the resumed steps' losses");
+        // The tensors, by name (the files' headers may list metadata in another order).
+        let read = |dir: &Path| {
+            let bytes = std::fs::read(dir.join(result)).unwrap();
+            let st = SafeTensors::deserialize(&bytes).unwrap();
+            let mut tensors: Vec<(String, Vec<u8>)> =
+                st.tensors().into_iter().map(|(n, t)| (n, t.data().to_vec())).collect();
+            tensors.sort();
+            tensors
+        };
+        assert!(read(&whole) == read(&resumed_dir), "{method:?}: the resumed run's result differs");
+        let other = match method {
+            Method::Full => Method::Lora { rank: 4 },
+            Method::Lora { .. } => Method::Full,
+        };
+        cfg.method = other;
+        let msg = format!("{:#}", train_dreambooth(&cfg, &cpu, &mut |_| {}).err().unwrap());
+        assert!(msg.contains("a checkpoint of a"), "{msg}");
+    }
+}
+
 #[test]
 fn dreambooth_rejects_bad_input() {
     use sd3::train::dreambooth::{train_dreambooth, DreamBoothConfig, Method};

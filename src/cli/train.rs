@@ -90,7 +90,11 @@ pub struct DreamBoothArgs {
     /// The transformer's compute dtype: f32, f16 or bf16 (the trained values and the optimizer stay f32).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
-    /// Save a checkpoint of the LoRA every N steps.
+    /// Go on from a checkpoint folder of an earlier run with the same settings (`latest`: the output folder's
+    /// last `checkpoint-N`), exactly where it stopped.
+    #[arg(long = "resume-from-checkpoint", value_name = "DIR|latest")]
+    pub resume_from_checkpoint: Option<String>,
+    /// Save a checkpoint (the result so far, and the state to resume from) every N steps.
     #[arg(long = "checkpointing-steps", value_name = "N")]
     pub checkpointing_steps: Option<usize>,
     /// Encode each image with the VAE once (one crop, no flips) rather than at every use.
@@ -187,6 +191,11 @@ fn run(args: DreamBoothArgs, method: Method) -> anyhow::Result<ExitCode> {
     cfg.checkpointing_steps = args.checkpointing_steps;
     cfg.cache_latents = args.cache_latents;
     cfg.gradient_checkpointing = args.gradient_checkpointing;
+    cfg.resume_from = match args.resume_from_checkpoint.as_deref() {
+        None => None,
+        Some("latest") => Some(latest_checkpoint(&output_dir)?),
+        Some(dir) => Some(PathBuf::from(dir)),
+    };
     if args.with_prior_preservation {
         let (Some(class_dir), Some(class_prompt)) = (&args.class_data_dir, &args.class_prompt) else {
             bail!("--with-prior-preservation needs --class-data-dir and --class-prompt");
@@ -242,4 +251,19 @@ fn run(args: DreamBoothArgs, method: Method) -> anyhow::Result<ExitCode> {
         say(format!("wrote {}", path.display()));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The `checkpoint-N` folder of `output_dir` with the largest N.
+fn latest_checkpoint(output_dir: &std::path::Path) -> anyhow::Result<PathBuf> {
+    let entries = std::fs::read_dir(output_dir)
+        .with_context(|| format!("--resume-from-checkpoint latest: listing {}", output_dir.display()))?;
+    entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter_map(|p| {
+            let n = p.file_name()?.to_str()?.strip_prefix("checkpoint-")?.parse::<usize>().ok()?;
+            Some((n, p))
+        })
+        .max_by_key(|(n, _)| *n)
+        .map(|(_, p)| p)
+        .with_context(|| format!("--resume-from-checkpoint latest: no checkpoint-N folder in {}", output_dir.display()))
 }

@@ -93,6 +93,10 @@ impl Draws {
     pub fn new(seed: u64) -> Self {
         Draws(seed)
     }
+    /// The generator's state (to save and resume a run exactly).
+    pub fn state(&self) -> u64 {
+        self.0
+    }
     fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
@@ -165,6 +169,17 @@ impl<'a> ImageLatents<'a> {
         let image = self.backend.from_f32(&pixels, &[1, 3, res, res], DType::F32)?;
         let dist = self.encoder.encode(&image)?;
         Ok((dist.mean.to_f32_vec()?, dist.logvar.to_f32_vec()?))
+    }
+
+    /// What is left of the current shuffled pass (to save and resume a run exactly).
+    pub fn pass_left(&self) -> &[usize] {
+        &self.order
+    }
+
+    pub fn set_pass_left(&mut self, order: Vec<usize>) -> anyhow::Result<()> {
+        anyhow::ensure!(order.iter().all(|&i| i < self.images.len()), "a saved image index beyond the image set");
+        self.order = order;
+        Ok(())
     }
 
     /// The next image's latent, `(mean + exp(logvar/2)·noise − shift)·scale`.

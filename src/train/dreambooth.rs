@@ -8,7 +8,7 @@
 use super::data::{Draws, ImageLatents, InstanceImages, LatentsOptions};
 use super::objective::{noisy_latents, prior_preserving_loss, training_sigma, TimestepSampling};
 use super::optim::{AdamWConfig, LrSchedule};
-use super::trainee::{Gradients, Trainee};
+use super::trainee::{Gradients, RunState, Trainee};
 pub use super::trainee::{Method, LORA_FILE};
 use crate::models::mmdit::train::TrainingBatch;
 use crate::models::mmdit::Sd3Transformer2DModel;
@@ -53,6 +53,8 @@ pub struct DreamBoothConfig {
     pub gradient_checkpointing: bool,
     /// Class images trained beside the instance images (`--with_prior_preservation`).
     pub prior: Option<PriorPreservation>,
+    /// A checkpoint folder of an earlier run with the same settings to go on from, exactly where it stopped.
+    pub resume_from: Option<PathBuf>,
 }
 
 /// Prior preservation: each batch also holds class images ("a photo of a dog") with their own prompt, and the
@@ -93,6 +95,7 @@ impl DreamBoothConfig {
             cache_latents: false,
             gradient_checkpointing: false,
             prior: None,
+            resume_from: None,
         }
     }
 }
@@ -198,7 +201,26 @@ pub fn train_dreambooth(
     let prior_weight = cfg.prior.as_ref().map(|p| p.prior_loss_weight);
     let mut losses = Vec::with_capacity(cfg.max_train_steps);
     let mut draw_index = 0u64;
-    for step in 1..=cfg.max_train_steps {
+    let mut first_step = 1;
+    if let Some(dir) = &cfg.resume_from {
+        let run = trainee.restore(dir)?;
+        if run.passes.len() != sets.len() || run.step >= cfg.max_train_steps {
+            bail!(
+                "--resume-from-checkpoint {}: stopped after step {} with {} image sets; this run has {} steps and {}",
+                dir.display(),
+                run.step,
+                run.passes.len(),
+                cfg.max_train_steps,
+                sets.len()
+            );
+        }
+        for (set, pass) in sets.iter_mut().zip(run.passes) {
+            set.set_pass_left(pass)?;
+        }
+        (draw_index, draws, first_step) = (run.draw_index, Draws::new(run.draws), run.step + 1);
+    }
+    let mut last_run = None;
+    for step in first_step..=cfg.max_train_steps {
         let t0 = Instant::now();
         trainee.begin_step(backend, cfg.dtype)?;
         let mut summed: Option<Gradients> = None;
@@ -253,12 +275,24 @@ pub fn train_dreambooth(
         losses.push(loss);
         let seconds = t0.elapsed().as_secs_f64();
         on_event(&TrainEvent::Step { step, total: cfg.max_train_steps, loss, grad_norm, seconds });
+        let run = RunState {
+            step,
+            method: trainee.method_tag(),
+            draw_index,
+            draws: draws.state(),
+            passes: sets.iter().map(|s| s.pass_left().to_vec()).collect(),
+        };
         if cfg.checkpointing_steps.is_some_and(|n| step % n == 0 && step < cfg.max_train_steps) {
-            let path = trainee.save(&cfg.model_dir, &cfg.output_dir.join(format!("checkpoint-{step}")))?;
+            let dir = cfg.output_dir.join(format!("checkpoint-{step}"));
+            let path = trainee.save(&cfg.model_dir, &dir)?;
+            trainee.save_state(&dir, &run)?;
             on_event(&TrainEvent::Saved { path });
         }
+        last_run = Some(run);
     }
     let output = trainee.save(&cfg.model_dir, &cfg.output_dir)?;
+    // The final result can be resumed too, to train further.
+    trainee.save_state(&cfg.output_dir, &last_run.expect("at least one step ran"))?;
     on_event(&TrainEvent::Saved { path: output.clone() });
     Ok(TrainReport { losses, output })
 }

@@ -37,6 +37,19 @@ impl AdamW {
         }
     }
 
+    /// `(steps taken, first moments, second moments)`, to save a run's state.
+    pub fn state(&self) -> (u32, &[Vec<f32>], &[Vec<f32>]) {
+        (self.step, &self.m, &self.v)
+    }
+
+    /// Restores [`Self::state`]'s values (sizes as at construction).
+    pub fn restore(&mut self, step: u32, m: Vec<Vec<f32>>, v: Vec<Vec<f32>>) -> anyhow::Result<()> {
+        let sizes = |x: &[Vec<f32>]| x.iter().map(Vec::len).collect::<Vec<_>>();
+        anyhow::ensure!(sizes(&m) == sizes(&self.m) && sizes(&v) == sizes(&self.v), "optimizer state of other sizes");
+        (self.step, self.m, self.v) = (step, m, v);
+        Ok(())
+    }
+
     /// One step: `p ← p·(1 - lr·wd)`, then Adam's bias-corrected update.
     pub fn step(&mut self, params: &mut [Vec<f32>], grads: &[Vec<f32>]) {
         assert_eq!(params.len(), self.m.len(), "one gradient per parameter");
@@ -98,6 +111,31 @@ impl DeviceAdamW {
     /// The f32 master of each parameter.
     pub fn masters(&self) -> impl Iterator<Item = (&str, &Tensor)> {
         self.params.iter().map(|p| (p.0.as_str(), &p.2))
+    }
+
+    /// Steps taken, and each parameter's `(name, m, v)`, to save a run's state.
+    pub fn state(&self) -> (u32, impl Iterator<Item = (&str, &Tensor, &Tensor)>) {
+        (self.step, self.params.iter().map(|p| (p.0.as_str(), &p.3, &p.4)))
+    }
+
+    /// Restores a saved state: each parameter's master (written into the model too) and moments, by name, from
+    /// `values(name, kind)` with kind `master`, `m` or `v` (f32, the parameter's element count).
+    pub fn restore(
+        &mut self,
+        step: u32,
+        mut values: impl FnMut(&str, &str) -> anyhow::Result<Vec<f32>>,
+    ) -> anyhow::Result<()> {
+        for (name, model, master, m, v) in &mut self.params {
+            let load = |values: &mut dyn FnMut(&str, &str) -> anyhow::Result<Vec<f32>>, kind: &str| {
+                let data = values(name, kind)?;
+                anyhow::ensure!(data.len() == model.elem_count(), "{kind} of {name}: {} values", data.len());
+                Ok(model.backend().from_f32(&data, model.shape(), DType::F32)?)
+            };
+            (*master, *m, *v) = (load(&mut values, "master")?, load(&mut values, "m")?, load(&mut values, "v")?);
+            model.copy_from(master)?;
+        }
+        self.step = step;
+        Ok(())
     }
 
     /// One step from `grads` (by name, f32, already clipped): the same arithmetic as [`AdamW::step`], then the

@@ -231,3 +231,123 @@ fn link(src: &Path, dst: &Path) -> std::io::Result<()> {
         std::fs::copy(src, dst).map(|_| ())
     }
 }
+
+/// The file beside a checkpoint's result that lets a run resume exactly (`--resume-from-checkpoint`).
+pub const STATE_FILE: &str = "training_state.safetensors";
+
+/// Where a run stands after `step` optimizer steps: enough, with the optimizer's moments, to go on exactly as if
+/// it had not stopped.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RunState {
+    pub step: usize,
+    /// The method, `lora-<rank>` or `full` (a checkpoint resumes only the run that wrote it).
+    pub method: String,
+    /// The noise streams used so far and the data generator's state.
+    pub draw_index: u64,
+    pub draws: u64,
+    /// What is left of each image set's shuffled pass.
+    pub passes: Vec<Vec<usize>>,
+}
+
+impl Method {
+    fn tag(self) -> String {
+        match self {
+            Method::Lora { rank } => format!("lora-{rank}"),
+            Method::Full => "full".into(),
+        }
+    }
+}
+
+impl Trainee {
+    /// The method this trainee trains, as [`RunState::method`] records it.
+    pub fn method_tag(&self) -> String {
+        match self {
+            Trainee::Lora { params, .. } => Method::Lora { rank: params.rank }.tag(),
+            Trainee::Full { .. } => Method::Full.tag(),
+        }
+    }
+
+    /// Writes the optimizer's state and `run` to `dir/`[`STATE_FILE`] (beside what [`Self::save`] wrote there).
+    pub fn save_state(&self, dir: &Path, run: &RunState) -> anyhow::Result<()> {
+        let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let adam_step = match self {
+            Trainee::Lora { adam, .. } => {
+                let (step, m, v) = adam.state();
+                for (i, (m, v)) in m.iter().zip(v).enumerate() {
+                    tensors.push((format!("m.{i}"), vec![m.len()], bytes(m)));
+                    tensors.push((format!("v.{i}"), vec![v.len()], bytes(v)));
+                }
+                step
+            }
+            Trainee::Full { adam } => {
+                let (step, moments) = adam.state();
+                for (name, m, v) in moments {
+                    tensors.push((format!("m.{name}"), vec![m.elem_count()], bytes(&m.to_f32_vec()?)));
+                    tensors.push((format!("v.{name}"), vec![v.elem_count()], bytes(&v.to_f32_vec()?)));
+                }
+                step
+            }
+        };
+        let views = tensors
+            .iter()
+            .map(|(n, shape, data)| Ok((n.clone(), TensorView::new(Dtype::F32, shape.clone(), data)?)))
+            .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
+        let metadata = std::collections::HashMap::from([
+            ("run".to_string(), serde_json::to_string(run)?),
+            ("adam_step".to_string(), adam_step.to_string()),
+        ]);
+        let path = dir.join(STATE_FILE);
+        safetensors::serialize_to_file(views, Some(metadata), &path)
+            .with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// Restores a checkpoint written by [`Self::save`] and [`Self::save_state`]: the trained values, the
+    /// optimizer's moments and step; returns where the run stood.
+    pub fn restore(&mut self, dir: &Path) -> anyhow::Result<RunState> {
+        let path = dir.join(STATE_FILE);
+        let bytes =
+            std::fs::read(&path).with_context(|| format!("--resume-from-checkpoint: reading {}", path.display()))?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)?;
+        let meta = meta.metadata().clone().unwrap_or_default();
+        let run: RunState = serde_json::from_str(meta.get("run").map(String::as_str).unwrap_or(""))
+            .with_context(|| format!("{}: no run state in its metadata", path.display()))?;
+        let adam_step: u32 = meta.get("adam_step").and_then(|s| s.parse().ok()).unwrap_or(0);
+        if run.method != self.method_tag() {
+            bail!("{}: a checkpoint of a {} run, this run is {}", dir.display(), run.method, self.method_tag());
+        }
+        let state = safetensors::SafeTensors::deserialize(&bytes)?;
+        let f32s = |st: &safetensors::SafeTensors, name: &str| -> anyhow::Result<Vec<f32>> {
+            let t = st.tensor(name).with_context(|| format!("{}: no tensor {name}", path.display()))?;
+            Ok(t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+        };
+        match self {
+            Trainee::Lora { params, adam, .. } => {
+                let lora_path = dir.join(LORA_FILE);
+                let lora_bytes =
+                    std::fs::read(&lora_path).with_context(|| format!("reading {}", lora_path.display()))?;
+                let lora = safetensors::SafeTensors::deserialize(&lora_bytes)?;
+                for (name, m) in params.modules.iter_mut() {
+                    let a = f32s(&lora, &format!("transformer.{name}.lora_A.weight"))?;
+                    let b = f32s(&lora, &format!("transformer.{name}.lora_B.weight"))?;
+                    if (a.len(), b.len()) != (m.a.len(), m.b.len()) {
+                        bail!("{}: the adapter of {name} has another shape", lora_path.display());
+                    }
+                    (m.a, m.b) = (a, b);
+                }
+                let n = params.flat_sizes().len();
+                let m = (0..n).map(|i| f32s(&state, &format!("m.{i}"))).collect::<anyhow::Result<Vec<_>>>()?;
+                let v = (0..n).map(|i| f32s(&state, &format!("v.{i}"))).collect::<anyhow::Result<Vec<_>>>()?;
+                adam.restore(adam_step, m, v)?;
+            }
+            Trainee::Full { adam } => {
+                let weights = Weights::open(&dir.join("transformer"))?;
+                adam.restore(adam_step, |name, kind| match kind {
+                    "master" => Ok(weights.host_f32(name)?),
+                    _ => f32s(&state, &format!("{kind}.{name}")),
+                })?;
+            }
+        }
+        Ok(run)
+    }
+}
