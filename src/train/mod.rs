@@ -1,6 +1,11 @@
-//! Fine-tuning: DreamBooth with LoRA on the MM-DiT, as diffusers' `train_dreambooth_lora_sd3.py` does it (see
-//! `docs/training.md`). The gradients come from `models::mmdit::train`, built on the backward formulas of
-//! [`grad_ops`]; the optimizer state lives on the host in f32.
+//! Fine-tuning: DreamBooth on the MM-DiT with a LoRA or in full, as diffusers' `train_dreambooth_lora_sd3.py`
+//! and `train_dreambooth_sd3.py` do it (see `docs/training.md`). The gradients come from `models::mmdit::train`,
+//! built on the backward formulas of [`grad_ops`].
+//!
+//! [`dreambooth`] is the training loop; [`trainee`] what it trains (a LoRA with [`lora_params`] and the host
+//! AdamW, or every parameter with the device AdamW of [`optim`]); [`data`] the images as latents; [`objective`]
+//! the noise levels and the loss; [`prior`] prior preservation's class images; [`golden`] the diffusers step every
+//! backend's training test runs.
 
 pub mod data;
 pub mod dreambooth;
