@@ -137,7 +137,7 @@ pub struct TrainReport {
     pub output: PathBuf,
 }
 
-/// Runs the fine-tuning and writes the LoRA under `cfg.output_dir`.
+/// Runs the fine-tuning and writes the result (and the state to resume from) under `cfg.output_dir`.
 pub fn train_dreambooth(
     cfg: &DreamBoothConfig,
     backend: &Backend,
