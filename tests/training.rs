@@ -170,7 +170,7 @@ fn dreambooth_lora_learns_and_loads() {
     (cfg.resolution, cfg.max_train_steps, cfg.center_crop, cfg.cache_latents) = (64, 60, true, true);
     cfg.optimizer.lr = 1e-2;
     let mut steps = 0;
-    let report = train_dreambooth(&cfg, &cpu, &mut |e| {
+    let report = train_dreambooth(&cfg, std::slice::from_ref(&cpu), &mut |e| {
         if let sd3::train::dreambooth::TrainEvent::Step { .. } = e {
             steps += 1
         }
@@ -267,7 +267,7 @@ fn full_dreambooth_learns_and_saves_a_pipeline() {
     let mut cfg = DreamBoothConfig::new(model.clone(), instance, "a photo of sks dog".into(), out.clone());
     (cfg.resolution, cfg.max_train_steps, cfg.center_crop, cfg.cache_latents) = (64, 30, true, true);
     (cfg.method, cfg.optimizer.lr) = (Method::Full, 1e-3);
-    let report = train_dreambooth(&cfg, &cpu, &mut |_| {}).unwrap();
+    let report = train_dreambooth(&cfg, std::slice::from_ref(&cpu), &mut |_| {}).unwrap();
     assert_eq!(report.output, out);
     assert!(report.losses.iter().all(|l| l.is_finite()));
 
@@ -336,7 +336,7 @@ fn prior_preservation_generates_class_images_once() {
         prior_loss_weight: 1.0,
     });
     let mut generated = Vec::new();
-    let report = train_dreambooth(&cfg, &cpu, &mut |e| {
+    let report = train_dreambooth(&cfg, std::slice::from_ref(&cpu), &mut |e| {
         if let TrainEvent::ClassImage { path, .. } = e {
             generated.push(path.clone())
         }
@@ -345,7 +345,10 @@ fn prior_preservation_generates_class_images_once() {
     assert_eq!(generated, vec![class_dir.join("class_0.png"), class_dir.join("class_1.png")]);
     assert!(report.losses.iter().all(|l| l.is_finite()) && report.losses.len() == 3);
     let mut again = 0;
-    train_dreambooth(&cfg, &cpu, &mut |e| again += matches!(e, TrainEvent::ClassImage { .. }) as usize).unwrap();
+    train_dreambooth(&cfg, std::slice::from_ref(&cpu), &mut |e| {
+        again += matches!(e, TrainEvent::ClassImage { .. }) as usize
+    })
+    .unwrap();
     assert_eq!(again, 0, "the class images are there already");
 }
 
@@ -373,11 +376,11 @@ fn resumed_runs_end_where_uninterrupted_ones_do() {
             cfg
         };
         let whole = common::scratch("resume-whole");
-        let straight = train_dreambooth(&config(&whole), &cpu, &mut |_| {}).unwrap();
+        let straight = train_dreambooth(&config(&whole), std::slice::from_ref(&cpu), &mut |_| {}).unwrap();
         let resumed_dir = common::scratch("resume-resumed");
         let mut cfg = config(&resumed_dir);
         cfg.resume_from = Some(whole.join("checkpoint-2"));
-        let resumed = train_dreambooth(&cfg, &cpu, &mut |_| {}).unwrap();
+        let resumed = train_dreambooth(&cfg, std::slice::from_ref(&cpu), &mut |_| {}).unwrap();
         assert_eq!(resumed.losses, straight.losses[2..], "{method:?}: the resumed steps' losses");
         // The tensors, by name (the files' headers may list metadata in another order).
         let read = |dir: &Path| {
@@ -394,9 +397,46 @@ fn resumed_runs_end_where_uninterrupted_ones_do() {
             Method::Lora { .. } => Method::Full,
         };
         cfg.method = other;
-        let msg = format!("{:#}", train_dreambooth(&cfg, &cpu, &mut |_| {}).err().unwrap());
+        let msg = format!("{:#}", train_dreambooth(&cfg, std::slice::from_ref(&cpu), &mut |_| {}).err().unwrap());
         assert!(msg.contains("a checkpoint of a"), "{msg}");
     }
+}
+
+/// Data parallelism over two devices (two CPU backend instances here) computes what one device computes
+/// accumulating the same two micro-batches: the same losses and the same LoRA, bit for bit. Full fine-tuning is
+/// refused on several devices.
+#[test]
+fn data_parallel_lora_equals_accumulation_on_one_device() {
+    use sd3::train::dreambooth::{train_dreambooth, DreamBoothConfig, Method};
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let instance = common::scratch("dp-instance");
+    for (i, case) in ["sd3-cfg", "sd35-cfg"].iter().enumerate() {
+        std::fs::copy(root.join(format!("fixtures/golden/{case}/image.png")), instance.join(format!("{i}.png")))
+            .unwrap();
+    }
+    let config = |out: &Path, accumulate: usize| {
+        let mut cfg = DreamBoothConfig::new(root.join("fixtures/sd3-tiny"), instance.clone(), "sks".into(), out.into());
+        (cfg.resolution, cfg.max_train_steps, cfg.random_flip, cfg.optimizer.lr) = (64, 3, true, 1e-3);
+        cfg.gradient_accumulation_steps = accumulate;
+        cfg
+    };
+    let (one_dir, two_dir) = (common::scratch("dp-one"), common::scratch("dp-two"));
+    let one = train_dreambooth(&config(&one_dir, 2), &[common::cpu()], &mut |_| {}).unwrap();
+    let two = train_dreambooth(&config(&two_dir, 1), &[common::cpu(), common::cpu()], &mut |_| {}).unwrap();
+    assert_eq!(one.losses, two.losses);
+    let read = |path: &Path| {
+        let bytes = std::fs::read(path).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let mut tensors: Vec<(String, Vec<u8>)> =
+            st.tensors().into_iter().map(|(n, t)| (n, t.data().to_vec())).collect();
+        tensors.sort();
+        tensors
+    };
+    assert!(read(&one.output) == read(&two.output), "the data-parallel LoRA differs");
+    let mut cfg = config(&two_dir, 1);
+    cfg.method = Method::Full;
+    let msg = format!("{:#}", train_dreambooth(&cfg, &[common::cpu(), common::cpu()], &mut |_| {}).err().unwrap());
+    assert!(msg.contains("full fine-tuning runs on one device"), "{msg}");
 }
 
 #[test]
@@ -407,18 +447,18 @@ fn dreambooth_rejects_bad_input() {
     let empty = common::scratch("dreambooth-empty");
     let out = common::scratch("dreambooth-bad-out");
     let cfg = DreamBoothConfig::new(root.join("fixtures/sd3-tiny"), empty.clone(), "sks".into(), out.clone());
-    let msg = train_dreambooth(&cfg, &cpu, &mut |_| {}).err().unwrap().to_string();
+    let msg = train_dreambooth(&cfg, std::slice::from_ref(&cpu), &mut |_| {}).err().unwrap().to_string();
     assert!(msg.contains(&empty.display().to_string()) && msg.contains("no .png"), "{msg}");
     let mut cfg = DreamBoothConfig::new(root.join("fixtures/sd3-tiny"), empty, "sks".into(), out);
     cfg.method = Method::Lora { rank: 0 };
-    let msg = format!("{:#}", train_dreambooth(&cfg, &cpu, &mut |_| {}).err().unwrap());
+    let msg = format!("{:#}", train_dreambooth(&cfg, std::slice::from_ref(&cpu), &mut |_| {}).err().unwrap());
     assert!(msg.contains("--rank 0"), "{msg}");
     std::fs::write(cfg.instance_dir.join("broken.png"), b"not a png").unwrap();
     cfg.method = Method::Lora { rank: 4 };
-    let msg = format!("{:#}", train_dreambooth(&cfg, &cpu, &mut |_| {}).err().unwrap());
+    let msg = format!("{:#}", train_dreambooth(&cfg, std::slice::from_ref(&cpu), &mut |_| {}).err().unwrap());
     assert!(msg.contains("broken.png"), "{msg}");
     cfg.resolution = 1000;
     std::fs::copy(root.join("fixtures/golden/sd3-cfg/image.png"), cfg.instance_dir.join("broken.png")).unwrap();
-    let msg = format!("{:#}", train_dreambooth(&cfg, &cpu, &mut |_| {}).err().unwrap());
+    let msg = format!("{:#}", train_dreambooth(&cfg, std::slice::from_ref(&cpu), &mut |_| {}).err().unwrap());
     assert!(msg.contains("--resolution 1000"), "{msg}");
 }

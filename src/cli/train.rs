@@ -123,6 +123,10 @@ pub struct DreamBoothArgs {
     /// Skip the final validation image even with --validation-prompt (the seed's --not_validation_final).
     #[arg(long = "not-validation-final")]
     pub not_validation_final: bool,
+    /// Train a LoRA data-parallel on N devices (`--device` and the next N−1 of the backend), each taking
+    /// --train-batch-size rows of every batch, as `accelerate launch --num_processes N`.
+    #[arg(long = "data-parallel", default_value_t = 1, value_name = "N")]
+    pub data_parallel: usize,
     /// Print nothing but errors.
     #[arg(long, short)]
     pub quiet: bool,
@@ -231,7 +235,25 @@ fn run(args: DreamBoothArgs, method: Method) -> anyhow::Result<ExitCode> {
             say(format!("class image {}/{total}: {}", index + 1, path.display()))
         }
     };
-    let report = train_dreambooth(&cfg, &backend, &mut on_event)?;
+    if args.data_parallel == 0 {
+        bail!("--data-parallel 0: at least one device trains");
+    }
+    let mut backends = vec![backend.clone()];
+    for i in 1..args.data_parallel {
+        let mut req = args.backend.request();
+        req.device += i;
+        let be = sd3::runtime::open_backend(&req)
+            .with_context(|| format!("--data-parallel: opening device {} of `{}`", req.device, req.backend))?;
+        backends.push(be);
+    }
+    if backends.len() > 1 {
+        say(format!(
+            "data-parallel over devices {}..={}",
+            args.backend.device,
+            args.backend.device + backends.len() - 1
+        ));
+    }
+    let report = train_dreambooth(&cfg, &backends, &mut on_event)?;
 
     if let (Some(prompt), false) = (&args.validation_prompt, args.not_validation_final) {
         // The base model with the LoRA, or the trained pipeline folder.

@@ -138,13 +138,21 @@ pub struct TrainReport {
 }
 
 /// Runs the fine-tuning and writes the result (and the state to resume from) under `cfg.output_dir`.
+///
+/// With more than one backend, a LoRA trains data-parallel, as `accelerate launch --num_processes N` runs the
+/// script: each device holds the transformer and takes `train_batch_size` rows of every batch, the gradients are
+/// averaged over the devices on the host, one optimizer updates the adapters.
 pub fn train_dreambooth(
     cfg: &DreamBoothConfig,
-    backend: &Backend,
+    backends: &[Backend],
     on_event: &mut dyn FnMut(&TrainEvent),
 ) -> anyhow::Result<TrainReport> {
     let start = Instant::now();
     check(cfg)?;
+    let backend = backends.first().context("no device to train on")?;
+    if backends.len() > 1 && cfg.method == Method::Full {
+        bail!("full fine-tuning runs on one device (data parallelism is for LoRA training)");
+    }
     let images = InstanceImages::load(&cfg.instance_dir)?;
     let class_images = match &cfg.prior {
         Some(prior) => {
@@ -167,6 +175,14 @@ pub fn train_dreambooth(
     let shift = if scheduler.use_dynamic_shifting { 1.0 } else { scheduler.shift as f32 };
 
     let mut trainee = Trainee::new(cfg.method, cfg.optimizer, cfg.seed, &transformer)?;
+    // The other devices of a data-parallel run, each with the whole transformer.
+    let mut replicas = Vec::with_capacity(backends.len() - 1);
+    for be in &backends[1..] {
+        let t = Sd3Transformer2DModel::load(&cfg.model_dir.join("transformer"), be, cfg.dtype)
+            .with_context(|| format!("loading the transformer on {}", be.info().name))?;
+        replicas.push(t);
+    }
+    let transformers: Vec<&Sd3Transformer2DModel> = std::iter::once(&transformer).chain(&replicas).collect();
     let mut draws = Draws::new(cfg.seed ^ 0x5eed_0fd7_eab0_0700);
     let options = LatentsOptions {
         resolution: res,
@@ -192,6 +208,10 @@ pub fn train_dreambooth(
         embeds = Tensor::cat(&[&embeds, &repeat_rows(&ce, b)?], 0)?;
         pooled = Tensor::cat(&[&pooled, &repeat_rows(&cp, b)?], 0)?;
     }
+    let texts = backends
+        .iter()
+        .map(|be| Ok((embeds.to_backend(be)?, pooled.to_backend(be)?)))
+        .collect::<sd3_core::Result<Vec<_>>>()?;
     let (tensors, values) = trainee.size();
     on_event(&TrainEvent::Ready { images: images.len(), tensors, values, seconds: start.elapsed().as_secs_f64() });
 
@@ -222,56 +242,81 @@ pub fn train_dreambooth(
     let mut last_run = None;
     for step in first_step..=cfg.max_train_steps {
         let t0 = Instant::now();
-        trainee.begin_step(backend, cfg.dtype)?;
+        trainee.begin_step(backends, cfg.dtype)?;
         let mut summed: Option<Gradients> = None;
         let mut loss_sum = 0.0;
         for _ in 0..cfg.gradient_accumulation_steps {
-            // One batch: the next images of a shuffled pass over each image set (the script's DataLoader).
-            let mut x0 = Vec::with_capacity(rows * latent_len);
-            for set in &mut sets {
-                for _ in 0..b {
-                    draw_index += 1;
-                    let noise = crate::noise::standard_normal(cfg.seed.wrapping_add(draw_index << 20), latent_len);
-                    x0.extend(set.next_sample(&noise, &mut draws)?);
+            // One batch per device: the next images of a shuffled pass over each image set (the script's
+            // DataLoader), drawn on the host in device order.
+            let mut work = Vec::with_capacity(backends.len());
+            for _ in backends {
+                let mut x0 = Vec::with_capacity(rows * latent_len);
+                for set in &mut sets {
+                    for _ in 0..b {
+                        draw_index += 1;
+                        let noise = crate::noise::standard_normal(cfg.seed.wrapping_add(draw_index << 20), latent_len);
+                        x0.extend(set.next_sample(&noise, &mut draws)?);
+                    }
                 }
+                draw_index += 1;
+                let noise = crate::noise::standard_normal(cfg.seed.wrapping_add(draw_index << 20), rows * latent_len);
+                let normals = crate::noise::standard_normal(cfg.seed.wrapping_add((draw_index << 20) + 1), rows);
+                let sigmas: Vec<f32> = normals
+                    .iter()
+                    .map(|&z| {
+                        let u = cfg.sampling.density_sample(z, draws.unit());
+                        training_sigma(u, scheduler.num_train_timesteps, shift)
+                    })
+                    .collect();
+                work.push((noisy_latents(&x0, &noise, &sigmas), x0, sigmas));
             }
-            draw_index += 1;
-            let noise = crate::noise::standard_normal(cfg.seed.wrapping_add(draw_index << 20), rows * latent_len);
-            let normals = crate::noise::standard_normal(cfg.seed.wrapping_add((draw_index << 20) + 1), rows);
-            let sigmas: Vec<f32> = normals
-                .iter()
-                .map(|&z| {
-                    training_sigma(cfg.sampling.density_sample(z, draws.unit()), scheduler.num_train_timesteps, shift)
-                })
-                .collect();
-            let noisy_host = noisy_latents(&x0, &noise, &sigmas);
-            let noisy = backend.from_f32(&noisy_host, &latent_shape, DType::F32)?;
-            let timesteps: Vec<f32> = sigmas.iter().map(|s| s * scheduler.num_train_timesteps as f32).collect();
-            let batch = TrainingBatch {
-                hidden_states: &noisy,
-                encoder_hidden_states: &embeds,
-                pooled: &pooled,
-                timesteps: &timesteps,
-            };
-            let (grads, loss) = trainee.gradients(&transformer, &batch, cfg.gradient_checkpointing, |pred| {
-                let (loss, d) = prior_preserving_loss(pred, &noisy_host, &x0, &sigmas, prior_weight)?;
-                Ok((d, loss))
-            })?;
-            if !loss.is_finite() {
-                bail!("step {step}: the loss is {loss} (lower --learning-rate, or train in f32)");
-            }
-            loss_sum += loss;
-            summed = Some(match summed {
-                None => grads,
-                Some(acc) => acc.add(grads)?,
+            let trainee = &trainee;
+            let results: Vec<anyhow::Result<(Gradients, f32)>> = std::thread::scope(|scope| {
+                let handles: Vec<_> = work
+                    .iter()
+                    .zip(backends)
+                    .zip(&transformers)
+                    .zip(&texts)
+                    .enumerate()
+                    .map(|(device, (((host, be), transformer), (embeds, pooled)))| {
+                        scope.spawn(move || -> anyhow::Result<(Gradients, f32)> {
+                            let (noisy_host, x0, sigmas) = host;
+                            let noisy = be.from_f32(noisy_host, &latent_shape, DType::F32)?;
+                            let n = scheduler.num_train_timesteps as f32;
+                            let timesteps: Vec<f32> = sigmas.iter().map(|s| s * n).collect();
+                            let batch = TrainingBatch {
+                                hidden_states: &noisy,
+                                encoder_hidden_states: embeds,
+                                pooled,
+                                timesteps: &timesteps,
+                            };
+                            trainee.gradients(device, transformer, &batch, cfg.gradient_checkpointing, |pred| {
+                                let (loss, d) = prior_preserving_loss(pred, noisy_host, x0, sigmas, prior_weight)?;
+                                Ok((d, loss))
+                            })
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().expect("a training thread panicked")).collect()
             });
+            for result in results {
+                let (grads, loss) = result?;
+                if !loss.is_finite() {
+                    bail!("step {step}: the loss is {loss} (lower --learning-rate, or train in f32)");
+                }
+                loss_sum += loss;
+                summed = Some(match summed {
+                    None => grads,
+                    Some(acc) => acc.add(grads)?,
+                });
+            }
         }
         let sum = summed.expect("at least one micro-batch");
         let lr = cfg.lr_schedule.rate(cfg.optimizer.lr, step - 1, cfg.lr_warmup_steps, cfg.max_train_steps);
-        let grad_norm = trainee
-            .update(sum, cfg.gradient_accumulation_steps, cfg.max_grad_norm, lr)
-            .with_context(|| format!("step {step}"))?;
-        let loss = loss_sum / cfg.gradient_accumulation_steps as f32;
+        // The mean over the micro-batches and the devices.
+        let parts = cfg.gradient_accumulation_steps * backends.len();
+        let grad_norm = trainee.update(sum, parts, cfg.max_grad_norm, lr).with_context(|| format!("step {step}"))?;
+        let loss = loss_sum / parts as f32;
         losses.push(loss);
         let seconds = t0.elapsed().as_secs_f64();
         on_event(&TrainEvent::Step { step, total: cfg.max_train_steps, loss, grad_norm, seconds });

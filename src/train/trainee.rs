@@ -25,8 +25,15 @@ pub enum Method {
 }
 
 pub(super) enum Trainee {
-    Lora { params: LoraParams, adam: AdamW, adapters: Adapters },
-    Full { adam: DeviceAdamW },
+    /// `adapters`: the current values on each device of a data-parallel run.
+    Lora {
+        params: LoraParams,
+        adam: AdamW,
+        adapters: Vec<Adapters>,
+    },
+    Full {
+        adam: DeviceAdamW,
+    },
 }
 
 /// A micro-batch's gradients (or their running sum).
@@ -46,7 +53,7 @@ impl Trainee {
             Method::Lora { rank } => {
                 let params = LoraParams::gaussian(&transformer.adapter_shapes(), rank, rank as f32, seed);
                 let adam = AdamW::new(config, &params.flat_sizes());
-                Trainee::Lora { params, adam, adapters: Adapters::new() }
+                Trainee::Lora { params, adam, adapters: Vec::new() }
             }
             Method::Full => Trainee::Full { adam: DeviceAdamW::new(config, transformer.named_parameters()?)? },
         })
@@ -60,17 +67,19 @@ impl Trainee {
         }
     }
 
-    /// Before a step's micro-batches: the adapters' current values on the device.
-    pub fn begin_step(&mut self, backend: &Backend, dtype: DType) -> sd3_core::Result<()> {
+    /// Before a step's micro-batches: the adapters' current values on each device.
+    pub fn begin_step(&mut self, backends: &[Backend], dtype: DType) -> sd3_core::Result<()> {
         if let Trainee::Lora { params, adapters, .. } = self {
-            *adapters = params.upload(backend, dtype)?;
+            *adapters = backends.iter().map(|b| params.upload(b, dtype)).collect::<sd3_core::Result<_>>()?;
         }
         Ok(())
     }
 
-    /// One micro-batch's forward and backward: its gradients and the loss `loss_grad` reports.
+    /// One micro-batch's forward and backward on device `device` of the run (its `transformer`): its gradients
+    /// and the loss `loss_grad` reports.
     pub fn gradients(
         &self,
+        device: usize,
         transformer: &Sd3Transformer2DModel,
         batch: &TrainingBatch,
         checkpointing: bool,
@@ -78,6 +87,7 @@ impl Trainee {
     ) -> anyhow::Result<(Gradients, f32)> {
         Ok(match self {
             Trainee::Lora { params, adapters, .. } => {
+                let adapters = &adapters[device];
                 let (grads, loss) = transformer.adapter_gradients(batch, adapters, checkpointing, loss_grad)?;
                 (Gradients::Host(params.flat_grads(&grads)?), loss)
             }
