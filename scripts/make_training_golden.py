@@ -33,7 +33,7 @@ import argparse
 import os
 
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
 from safetensors.torch import save_file
 
 from diffusers import AutoencoderKL, SD3Transformer2DModel
@@ -140,6 +140,49 @@ def full_step(fixtures, name, inputs):
     return out
 
 
+TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # the script's text_lora_config
+PROMPT = "a photo of sks dog"
+
+
+def text_encoder_step(fixtures, name, inputs):
+    """The LoRA step with --train_text_encoder: adapters on both CLIPs too, the prompt encoded with gradients."""
+    from diffusers import StableDiffusion3Pipeline
+
+    torch.manual_seed(0)
+    pipe = StableDiffusion3Pipeline.from_pretrained(os.path.join(fixtures, name), torch_dtype=torch.float32)
+    g = torch.Generator().manual_seed(3)
+    params = {}
+    for prefix, model, targets in (("transformer", pipe.transformer, TARGETS),
+                                   ("text_encoder", pipe.text_encoder, TEXT_TARGETS),
+                                   ("text_encoder_2", pipe.text_encoder_2, TEXT_TARGETS)):
+        model.requires_grad_(False)
+        config = LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian", target_modules=targets)
+        # transformers' add_adapter wants PEFT >= 0.22; inject_adapter_in_model is what it calls.
+        inject_adapter_in_model(config, model)
+        for key, p in model.named_parameters():
+            if "lora_" in key:
+                p.data = torch.randn(p.shape, generator=g) * 0.1
+                params[f"{prefix}.{key.replace('.default', '')}"] = p
+    pipe.text_encoder_3.requires_grad_(False)
+    prompt, _, pooled, _ = pipe.encode_prompt(PROMPT, None, None, do_classifier_free_guidance=False,
+                                              max_sequence_length=77)
+    x0, noise, sigmas, _, _ = inputs
+    b = x0.shape[0]
+    prompt, pooled = prompt.expand(b, -1, -1), pooled.expand(b, -1)
+    s = sigmas.view(b, 1, 1, 1)
+    noisy = (1.0 - s) * x0 + s * noise
+    pred = pipe.transformer(hidden_states=noisy, timestep=sigmas * 1000, encoder_hidden_states=prompt,
+                            pooled_projections=pooled, return_dict=False)[0]
+    loss = torch.mean(((pred * (-s) + noisy) - x0) ** 2)
+    loss.backward()
+    out = {"pred": pred.detach(), "loss": loss.detach().reshape(1)}
+    for key, p in params.items():
+        out[f"lora.{key}"] = p.detach().clone()
+        out[f"grad.{key}"] = p.grad.detach().clone()
+    print(f"{name} with the text encoders: loss {loss.item():.6f}, {len(params)} LoRA tensors")
+    return out
+
+
 def vae_encoding(fixtures):
     vae = AutoencoderKL.from_pretrained(os.path.join(fixtures, "sd3-tiny", "vae"), torch_dtype=torch.float32)
     g = torch.Generator().manual_seed(2)
@@ -157,9 +200,12 @@ def main():
     os.makedirs(out_dir, exist_ok=True)
     for name, hw in CASES.items():
         tensors, full = lora_step(args.fixtures, name, hw)
+        outputs = [("", tensors), ("-full", full)]
         if name == "sd3-tiny":
             tensors.update(vae_encoding(args.fixtures))
-        for suffix, t in (("", tensors), ("-full", full)):
+            inputs = tuple(tensors[f"input.{k}"] for k in ("x0", "noise", "sigmas", "prompt_embeds", "pooled"))
+            outputs.append(("-text", text_encoder_step(args.fixtures, name, inputs)))
+        for suffix, t in outputs:
             t = {k: v.contiguous().float() for k, v in t.items()}
             save_file(t, os.path.join(out_dir, f"{name}{suffix}.safetensors"))
 

@@ -172,6 +172,13 @@ pub struct Conditioning {
     pub pooled: Tensor,
 }
 
+/// A prompt's CLIP token ids and T5 output ([`StableDiffusion3Pipeline::text_inputs`]).
+pub struct TextInputs {
+    pub clip_l: Vec<i64>,
+    pub clip_g: Vec<i64>,
+    pub t5: Tensor,
+}
+
 /// One prompt's encoder outputs, `[1, …]`.
 struct PromptEmbeds {
     embeds: Tensor,
@@ -438,6 +445,30 @@ impl StableDiffusion3Pipeline {
             }
         }
         Ok(Conditioning { prompt_embeds: Tensor::cat(&embeds, 0)?, pooled: Tensor::cat(&pooled, 0)? })
+    }
+
+    /// What training the CLIP encoders needs of a prompt: its CLIP token ids and the (frozen) T5 output
+    /// `[1, T, joint]` (zeros without T5), as [`Self::encode`] computes them.
+    pub fn text_inputs(&self, prompt: &str, max_sequence_length: usize) -> Result<TextInputs> {
+        let ids = self.tokenizers.encode(prompt, max_sequence_length)?;
+        let dtype = self.options.dtype;
+        let t5 = if self.uses_t5() {
+            let dir = self.model_dir.join("text_encoder_3");
+            let weights = self.component_weights("text_encoder_3")?;
+            let model = T5EncoderModel::load_with_weights(&dir, &weights, &self.backend, dtype)
+                .map_err(PipelineError::Encoder)?;
+            model.forward(&ids.t5).map_err(PipelineError::Encoder)?
+        } else {
+            self.backend.zeros(&[1, max_sequence_length, self.transformer_config.joint_attention_dim], dtype)?
+        };
+        Ok(TextInputs { clip_l: ids.clip_l, clip_g: ids.clip_g, t5 })
+    }
+
+    /// The prompt embeddings from the two CLIPs' `(penultimate, pooled)` and T5's output, as [`Self::encode`]
+    /// assembles them: `([1, 77 + T, joint], [1, pooled_dim])`.
+    pub fn assemble_text(&self, l: &(Tensor, Tensor), g: &(Tensor, Tensor), t5: &Tensor) -> Result<(Tensor, Tensor)> {
+        let p = self.assemble(l, g, t5)?;
+        Ok((p.embeds, p.pooled))
     }
 
     /// `cat([pad_or_crop(cat([clip_l, clip_g], -1), joint), t5], -2)` and `cat([pooled_l, pooled_g], -1)`.

@@ -118,6 +118,16 @@ fn full_fine_tuning_gradients_match_diffusers() {
     }
 }
 
+/// `--train_text_encoder`: adapters on the transformer and both CLIPs, the prompt encoded with them; every
+/// adapter's gradient against diffusers + PEFT's.
+#[test]
+fn text_encoder_lora_gradients_match_diffusers() {
+    let g = TrainingGolden::load(&fixtures(), "sd3-tiny").unwrap();
+    let d = g.run_text_encoders(&common::cpu()).unwrap();
+    eprintln!("sd3-tiny with the text encoders on cpu: {d}");
+    assert!(d.prediction < 1e-5 && d.loss < 1e-5 && d.gradients < 5e-5, "{d}");
+}
+
 #[test]
 fn vae_encoder_matches_diffusers() {
     let cpu = common::cpu();

@@ -63,12 +63,12 @@ pub struct ClipOutput {
 }
 
 /// `CLIPAttention`: multi-head causal self-attention, q/k/v/out with bias, scale `head_dim^-0.5`.
-struct ClipAttention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    out_proj: Linear,
-    heads: usize,
+pub(super) struct ClipAttention {
+    pub(super) q_proj: Linear,
+    pub(super) k_proj: Linear,
+    pub(super) v_proj: Linear,
+    pub(super) out_proj: Linear,
+    pub(super) heads: usize,
 }
 
 impl ClipAttention {
@@ -95,10 +95,10 @@ impl ClipAttention {
 }
 
 /// `CLIPMLP`: `fc2(act(fc1(x)))`.
-struct ClipMlp {
-    fc1: Linear,
-    fc2: Linear,
-    act: Activation,
+pub(super) struct ClipMlp {
+    pub(super) fc1: Linear,
+    pub(super) fc2: Linear,
+    pub(super) act: Activation,
 }
 
 impl ClipMlp {
@@ -110,11 +110,11 @@ impl ClipMlp {
 }
 
 /// `CLIPEncoderLayer`: pre-LN residual attention and MLP.
-struct ClipEncoderLayer {
-    layer_norm1: LayerNorm,
-    self_attn: ClipAttention,
-    layer_norm2: LayerNorm,
-    mlp: ClipMlp,
+pub(super) struct ClipEncoderLayer {
+    pub(super) layer_norm1: LayerNorm,
+    pub(super) self_attn: ClipAttention,
+    pub(super) layer_norm2: LayerNorm,
+    pub(super) mlp: ClipMlp,
 }
 
 impl ClipEncoderLayer {
@@ -143,9 +143,9 @@ pub struct ClipTextModel {
     config: ClipTextConfig,
     token_embedding: Tensor,
     position_embedding: Tensor,
-    layers: Vec<ClipEncoderLayer>,
-    final_layer_norm: LayerNorm,
-    text_projection: Linear,
+    pub(super) layers: Vec<ClipEncoderLayer>,
+    pub(super) final_layer_norm: LayerNorm,
+    pub(super) text_projection: Linear,
     backend: Backend,
 }
 
@@ -217,9 +217,7 @@ impl ClipTextModel {
             .checked_sub(skip + 2)
             .with_context(|| format!("CLIP: clip_skip {skip} needs more than the model's {layers} layers"))?;
 
-        let ids_t = self.backend.from_i64(ids, &[n])?;
-        let tokens = Tensor::gather(&self.token_embedding, &ids_t)?;
-        let mut h = tokens.add(&self.position_embedding.narrow(0, 0, n)?)?.unsqueeze(0)?;
+        let mut h = self.embed(ids)?;
         let mut penultimate = (wanted == 0).then(|| h.clone());
         for (i, layer) in self.layers.iter().enumerate() {
             h = layer.forward(&h)?;
@@ -229,10 +227,29 @@ impl ClipTextModel {
         }
         let penultimate = penultimate.expect("wanted <= layers");
 
-        let last = self.final_layer_norm.forward(&h)?;
-        let pooled_token = last.narrow(1, pooled_index(ids, c.eos_token_id), 1)?.reshape(&[1, c.hidden_size])?;
-        let pooled = self.text_projection.forward(&pooled_token)?;
+        let pooled = self.pooled(&h, pooled_index(ids, c.eos_token_id))?;
         Ok(ClipOutput { penultimate, pooled })
+    }
+
+    /// Token plus position embeddings of `ids`: `[1, N, hidden]`.
+    pub(super) fn embed(&self, ids: &[i64]) -> anyhow::Result<Tensor> {
+        let n = ids.len();
+        if n == 0 || n > self.config.max_position_embeddings {
+            anyhow::bail!(
+                "CLIP: {n} token ids given, expected 1 to {} (max_position_embeddings)",
+                self.config.max_position_embeddings
+            );
+        }
+        let ids_t = self.backend.from_i64(ids, &[n])?;
+        let tokens = Tensor::gather(&self.token_embedding, &ids_t)?;
+        Ok(tokens.add(&self.position_embedding.narrow(0, 0, n)?)?.unsqueeze(0)?)
+    }
+
+    /// `text_projection(final_layer_norm(last)[index])`: `[1, projection_dim]`.
+    pub(super) fn pooled(&self, last: &Tensor, index: usize) -> sd3_core::Result<Tensor> {
+        let normed = self.final_layer_norm.forward(last)?;
+        let token = normed.narrow(1, index, 1)?.reshape(&[1, self.config.hidden_size])?;
+        self.text_projection.forward(&token)
     }
 }
 

@@ -227,6 +227,103 @@ impl TrainingGolden {
     }
 }
 
+impl TrainingGolden {
+    /// The LoRA step with `--train_text_encoder` (`<model>-text.safetensors`: adapters on the transformer and both
+    /// CLIPs, the prompt "a photo of sks dog" encoded with them): every adapter's gradient, f32.
+    pub fn run_text_encoders(&self, backend: &Backend) -> anyhow::Result<StepDistance> {
+        use super::text_encoders::{sum_rows, TextEncoders, COMPONENTS};
+        use crate::models::mmdit::train::GradientRequest;
+        let stem = self.path.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+        let path = self.path.with_file_name(format!("{stem}-text.safetensors"));
+        let text = TrainingGolden {
+            bytes: std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+            path,
+            transformer_dir: self.transformer_dir.clone(),
+        };
+        let model_dir = self.transformer_dir.parent().context("the transformer's pipeline folder")?;
+        let options = crate::pipeline::PipelineOptions { dtype: DType::F32, ..Default::default() };
+        let pipe = crate::pipeline::StableDiffusion3Pipeline::new(model_dir, backend.clone(), options)?;
+        let inputs = pipe.text_inputs("a photo of sks dog", 77)?;
+        let encoders = TextEncoders::load(model_dir, backend, DType::F32)?;
+        let transformer = Sd3Transformer2DModel::load(&self.transformer_dir, backend, DType::F32)?;
+        // Adapters by component, from `lora.<component>.<module>.lora_{A,B}.weight`.
+        let names: Vec<String> = text.st().names().iter().map(|n| n.to_string()).collect();
+        let adapters_of = |component: &str| -> anyhow::Result<(Vec<String>, Adapters)> {
+            let prefix = format!("lora.{component}.");
+            let mut modules: Vec<String> = names
+                .iter()
+                .filter_map(|n| n.strip_prefix(&prefix)?.strip_suffix(".lora_A.weight").map(str::to_string))
+                .collect();
+            modules.sort();
+            let adapters = modules
+                .iter()
+                .map(|m| {
+                    let a = text.tensor(&format!("{prefix}{m}.lora_A.weight"), backend)?;
+                    let b = text.tensor(&format!("{prefix}{m}.lora_B.weight"), backend)?;
+                    Ok((m.clone(), LoraPair { a, b, scale: 1.0 }))
+                })
+                .collect::<anyhow::Result<Adapters>>()?;
+            Ok((modules, adapters))
+        };
+        let (t_modules, t_adapters) = adapters_of("transformer")?;
+        let (l_modules, l_adapters) = adapters_of(COMPONENTS[0])?;
+        let (g_modules, g_adapters) = adapters_of(COMPONENTS[1])?;
+        let text_adapters = [l_adapters, g_adapters];
+        let encoded = encoders.encode(&pipe, &inputs, &text_adapters)?;
+        let (x0, shape) = self.get("input.x0")?;
+        let (noise, _) = self.get("input.noise")?;
+        let (sigmas, _) = self.get("input.sigmas")?;
+        let b = shape[0];
+        let rows = |t: &Tensor| -> sd3_core::Result<Tensor> {
+            let mut s = t.shape().to_vec();
+            s[0] = b;
+            t.broadcast_to(&s)?.contiguous()
+        };
+        let (embeds, pooled) = (rows(&encoded.embeds)?, rows(&encoded.pooled)?);
+        let noisy_host = noisy_latents(&x0, &noise, &sigmas);
+        let noisy = backend.from_f32(&noisy_host, &shape, DType::F32)?;
+        let timesteps: Vec<f32> = sigmas.iter().map(|s| s * 1000.0).collect();
+        let batch = TrainingBatch {
+            hidden_states: &noisy,
+            encoder_hidden_states: &embeds,
+            pooled: &pooled,
+            timesteps: &timesteps,
+        };
+        let request = GradientRequest { parameters: false, text_inputs: true };
+        let (grads, (pred, loss)) = transformer.step_gradients(&batch, &t_adapters, false, request, |pred| {
+            let (loss, d) = preconditioned_loss(pred, &noisy_host, &x0, &sigmas)?;
+            Ok((d, (pred.to_f32_vec()?, loss)))
+        })?;
+        let (d_embeds, d_pooled) = grads.text_inputs.context("the text inputs' gradients")?;
+        let text_grads = encoders.backward(&encoded, &sum_rows(&d_embeds, 0..b)?, &sum_rows(&d_pooled, 0..b)?)?;
+        let golden_loss = text.get("loss")?.0[0];
+        let mut d = StepDistance {
+            prediction: relative_error(&pred, &text.get("pred")?.0),
+            loss: (loss - golden_loss).abs() / golden_loss.abs(),
+            modules: t_modules.len() + l_modules.len() + g_modules.len(),
+            ..StepDistance::default()
+        };
+        let groups = [
+            ("transformer", &t_modules, &grads.adapters),
+            (COMPONENTS[0], &l_modules, &text_grads[0]),
+            (COMPONENTS[1], &g_modules, &text_grads[1]),
+        ];
+        for (component, modules, grads) in groups {
+            for m in modules.iter() {
+                let [da, db] = grads.get(m).with_context(|| format!("no gradient for {component}.{m}"))?;
+                for (t, which) in [(da, "A"), (db, "B")] {
+                    let golden = text.get(&format!("grad.{component}.{m}.lora_{which}.weight"))?.0;
+                    let err = relative_error(&t.to_f32_vec()?, &golden);
+                    if err >= d.gradients {
+                        (d.gradients, d.worst) = (err, format!("{component}.{m}.lora_{which}"));
+                    }
+                }
+            }
+        }
+        Ok(d)
+    }
+}
+
 fn half_tag(dtype: DType) -> anyhow::Result<&'static str> {
     match dtype {
         DType::BF16 => Ok("bf16"),

@@ -81,9 +81,40 @@ pub fn gelu_tanh_derivative(x: &Tensor) -> Result<Tensor> {
     t.affine(0.5, 0.5)?.add(&inner.scale(0.5)?)?.to_dtype(dtype)
 }
 
-/// `o = softmax(scale·q·kᵀ)·v` (`q [.., Nq, Dh]`, `k [.., Nk, Dh]`, `v [.., Nk, Dv]`, `o` the forward's output):
-/// `(dq, dk, dv)` for `do`. The probabilities are recomputed (one `[.., Nq, Nk]` matrix at a time); the softmax's
-/// backward uses `rowsum(dP ⊙ P) = rowsum(do ⊙ o)`.
+/// The derivative of an activation at `x` (computed in f32, rounded into `x`'s dtype).
+pub fn activation_derivative(act: crate::models::layers::Activation, x: &Tensor) -> Result<Tensor> {
+    use crate::models::layers::Activation;
+    let dtype = x.dtype();
+    let x = &f32(x)?;
+    let d = match act {
+        Activation::GeluTanh => return gelu_tanh_derivative(x)?.to_dtype(dtype),
+        // x·σ(a·x): σ(a·x)·(1 + a·x·(1 − σ(a·x))).
+        Activation::QuickGelu | Activation::Silu => {
+            let a = if act == Activation::QuickGelu { 1.702 } else { 1.0 };
+            let s = x.scale(a)?.unary(UnaryOp::Sigmoid)?;
+            s.mul(&x.scale(a)?.mul(&s.affine(-1.0, 1.0)?)?.affine(1.0, 1.0)?)?
+        }
+        // Φ(x) + x·φ(x). The op set has no erf, so Φ(x) = gelu(x)/x, blended near 0 (where the division fails)
+        // with its expansion 0.5 + x/√(2π): the blend's error is below 1e-12 everywhere.
+        Activation::GeluErf => {
+            const EPS2: f32 = 1e-12;
+            const INV_SQRT_2PI: f32 = 0.398_942_3;
+            let x2 = x.unary(UnaryOp::Square)?;
+            let w = x2.affine(1.0, EPS2)?.unary(UnaryOp::Recip)?; // 1/(x² + ε²)
+            let far = x.gelu_erf()?.mul(x)?.mul(&w)?; // Φ(x)·x²/(x² + ε²)
+            let near = x.affine(INV_SQRT_2PI, 0.5)?.mul(&w)?.scale(EPS2)?; // (0.5 + x/√(2π))·ε²/(x² + ε²)
+            let phi = x2.scale(-0.5)?.unary(UnaryOp::Exp)?.scale(INV_SQRT_2PI)?;
+            far.add(&near)?.add(&x.mul(&phi)?)?
+        }
+        // The step function as relu(x)/(|x| + 1e-30): exactly 1 above 1e-23, 0 at and below 0.
+        Activation::Relu => x.unary(UnaryOp::Relu)?.div(&x.unary(UnaryOp::Abs)?.affine(1.0, 1e-30)?)?,
+    };
+    d.to_dtype(dtype)
+}
+
+/// `o = softmax(scale·q·kᵀ (+ causal mask))·v` (`q [.., Nq, Dh]`, `k [.., Nk, Dh]`, `v [.., Nk, Dv]`, `o` the
+/// forward's output): `(dq, dk, dv)` for `do`. The probabilities are recomputed (one `[.., Nq, Nk]` matrix at a
+/// time); the softmax's backward uses `rowsum(dP ⊙ P) = rowsum(do ⊙ o)`. `causal` masks key `j > i` for query `i`.
 pub fn attention_backward(
     q: &Tensor,
     k: &Tensor,
@@ -91,11 +122,18 @@ pub fn attention_backward(
     o: &Tensor,
     d_o: &Tensor,
     scale: f32,
+    causal: bool,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let r = q.rank();
     let dtype = q.dtype();
     // The probabilities and the softmax's backward in f32; the products in the operands' dtype.
-    let p = f32(&q.matmul(&k.transpose(r - 2, r - 1)?)?)?.scale(scale)?.softmax()?;
+    let mut s = f32(&q.matmul(&k.transpose(r - 2, r - 1)?)?)?.scale(scale)?;
+    if causal {
+        let (nq, nk) = (q.dim(r - 2), k.dim(r - 2));
+        let mask: Vec<f32> = (0..nq * nk).map(|ij| if ij % nk > ij / nk { -1e30 } else { 0.0 }).collect();
+        s = s.add(&q.backend().from_f32(&mask, &[nq, nk], DType::F32)?)?;
+    }
+    let p = s.softmax()?;
     let dv = p.to_dtype(dtype)?.transpose(r - 2, r - 1)?.matmul(d_o)?;
     let dp = f32(&d_o.matmul(&v.transpose(r - 2, r - 1)?)?)?;
     let ds = p.mul(&dp.sub(&row_sum(&f32(d_o)?.mul(&f32(o)?)?)?)?)?.to_dtype(dtype)?;
@@ -186,11 +224,45 @@ mod tests {
         let attend =
             |q: &Tensor, k: &Tensor, v: &Tensor| Tensor::attention(q, k, v, &AttentionParams::new(scale)).unwrap();
         let grads = |q: &Tensor, k: &Tensor, v: &Tensor, dy: &Tensor| {
-            attention_backward(q, k, v, &attend(q, k, v), dy, scale).unwrap()
+            attention_backward(q, k, v, &attend(q, k, v), dy, scale, false).unwrap()
         };
         check(&b, &shape, &|x| attend(x, &k, &v), &|x, dy| grads(x, &k, &v, dy).0);
         check(&b, &shape, &|x| attend(&q, x, &v), &|x, dy| grads(&q, x, &v, dy).1);
         check(&b, &shape, &|x| attend(&q, &k, x), &|x, dy| grads(&q, &k, x, dy).2);
+    }
+
+    #[test]
+    fn causal_attention() {
+        let b = cpu();
+        let shape = [1, 2, 5, 4];
+        let t = |seed| b.from_f32(&values(40, seed), &shape, DType::F32).unwrap();
+        let (k, v) = (t(7), t(8));
+        let params = AttentionParams { causal: true, ..AttentionParams::new(0.5) };
+        let attend = |q: &Tensor, k: &Tensor, v: &Tensor| Tensor::attention(q, k, v, &params).unwrap();
+        check(&b, &shape, &|x| attend(x, &k, &v), &|x, dy| {
+            attention_backward(x, &k, &v, &attend(x, &k, &v), dy, 0.5, true).unwrap().0
+        });
+        let q = t(6);
+        check(&b, &shape, &|x| attend(&q, x, &v), &|x, dy| {
+            attention_backward(&q, x, &v, &attend(&q, x, &v), dy, 0.5, true).unwrap().1
+        });
+    }
+
+    #[test]
+    fn activations() {
+        use crate::models::layers::Activation;
+        for act in [Activation::QuickGelu, Activation::GeluErf, Activation::GeluTanh, Activation::Silu] {
+            check(&cpu(), &[4, 9], &|x| act.forward(x).unwrap(), &|x, dy| {
+                dy.mul(&activation_derivative(act, x).unwrap()).unwrap()
+            });
+        }
+        // GELU's Φ(x) at and around 0, where gelu(x)/x is 0/0.
+        let b = cpu();
+        let x = b.from_f32(&[0.0, 1e-8, -1e-8, 1e-3], &[4], DType::F32).unwrap();
+        let d = activation_derivative(Activation::GeluErf, &x).unwrap().to_f32_vec().unwrap();
+        for (got, want) in d.iter().zip([0.5, 0.5, 0.5, 0.5 + 2e-3 * 0.398_942_3]) {
+            assert!((got - want).abs() < 1e-6, "{got} against {want}");
+        }
     }
 
     #[test]

@@ -15,4 +15,5 @@ pub mod lora_params;
 pub mod objective;
 pub mod optim;
 pub mod prior;
+pub mod text_encoders;
 pub mod trainee;

@@ -165,7 +165,7 @@ impl JointTransformerBlock {
         grads: &mut Grads,
     ) -> sd3_core::Result<(Tensor, Tensor)> {
         let (m, cm, prefix) = (&a.m, &a.cm, &a.prefix);
-        let full = grads.full();
+        let full = grads.modulations();
         // d(chunk) of each modulation, filled in as the backward meets them (full fine-tuning only).
         let mut dm: Vec<Option<Tensor>> = vec![None; m.len()];
         let mut dcm: Vec<Option<Tensor>> = vec![None; cm.len()];

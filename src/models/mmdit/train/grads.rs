@@ -9,18 +9,30 @@ use std::collections::BTreeMap;
 
 /// Where a backward puts its gradients: the adapters', and in a full fine-tuning step every parameter's, with the
 /// gradient of `silu(temb)` gathered from every modulation on the way.
-pub(super) struct Grads {
-    pub(super) adapters: AdapterGrads,
-    pub(super) params: Option<ParamGrads>,
-    pub(super) temb_silu: Option<Tensor>,
+pub(crate) struct Grads {
+    pub(crate) adapters: AdapterGrads,
+    pub(crate) params: Option<ParamGrads>,
+    pub(crate) temb_silu: Option<Tensor>,
+    /// Whether the modulations' gradients are formed (a full step, or one that wants the text inputs' gradient).
+    pub(crate) through_modulations: bool,
 }
 
 impl Grads {
-    pub(super) fn full(&self) -> bool {
+    /// Adapters' gradients only.
+    pub(crate) fn adapters_only() -> Self {
+        Grads { adapters: AdapterGrads::new(), params: None, temb_silu: None, through_modulations: false }
+    }
+
+    pub(crate) fn full(&self) -> bool {
         self.params.is_some()
     }
 
-    pub(super) fn add(map: &mut BTreeMap<String, Tensor>, name: String, g: Tensor) -> sd3_core::Result<()> {
+    /// Whether the backward forms the modulation chunks' gradients (into `d silu(temb)`).
+    pub(crate) fn modulations(&self) -> bool {
+        self.through_modulations
+    }
+
+    pub(crate) fn add(map: &mut BTreeMap<String, Tensor>, name: String, g: Tensor) -> sd3_core::Result<()> {
         let g = match map.remove(&name) {
             Some(prev) => prev.add(&g)?,
             None => g,
@@ -30,7 +42,7 @@ impl Grads {
     }
 
     /// Adds `g` to parameter `name`'s gradient (full fine-tuning only).
-    pub(super) fn param(&mut self, name: String, g: impl FnOnce() -> sd3_core::Result<Tensor>) -> sd3_core::Result<()> {
+    pub(crate) fn param(&mut self, name: String, g: impl FnOnce() -> sd3_core::Result<Tensor>) -> sd3_core::Result<()> {
         match &mut self.params {
             Some(params) => Self::add(params, name, g()?),
             None => Ok(()),
@@ -38,7 +50,7 @@ impl Grads {
     }
 
     /// A frozen-or-trained linear `y = x·Wᵀ + b`: `dW = dyᵀ·x`, `db = Σ dy` under `name.weight`, `name.bias`.
-    pub(super) fn linear(&mut self, name: &str, x: &Tensor, dy: &Tensor, bias: bool) -> sd3_core::Result<()> {
+    pub(crate) fn linear(&mut self, name: &str, x: &Tensor, dy: &Tensor, bias: bool) -> sd3_core::Result<()> {
         self.param(format!("{name}.weight"), || g::weight_grad(dy, x))?;
         if bias {
             self.param(format!("{name}.bias"), || column_sum(dy))?;
@@ -48,14 +60,14 @@ impl Grads {
 
     /// The backward of a modulation `emb = linear(silu(temb))` split into chunks `[B, 1, D]`, from each chunk's
     /// gradient (same order): the linear's parameters and `d silu(temb)` (full fine-tuning only).
-    pub(super) fn modulation(
+    pub(crate) fn modulation(
         &mut self,
         linear: &Linear,
         name: &str,
         temb_silu: &Tensor,
         chunks: &[Tensor],
     ) -> sd3_core::Result<()> {
-        if !self.full() {
+        if !self.through_modulations {
             return Ok(());
         }
         let refs: Vec<&Tensor> = chunks.iter().collect();
@@ -72,7 +84,7 @@ impl Grads {
 }
 
 /// `Σ` over every dim but the last: `[.., D]` → `[D]`.
-pub(super) fn column_sum(t: &Tensor) -> sd3_core::Result<Tensor> {
+pub(crate) fn column_sum(t: &Tensor) -> sd3_core::Result<Tensor> {
     let d = t.dim(t.rank() - 1);
     let rows = t.elem_count() / d.max(1);
     let ones = t.backend().full(&[1, rows], t.dtype(), 1.0)?;
@@ -80,22 +92,22 @@ pub(super) fn column_sum(t: &Tensor) -> sd3_core::Result<Tensor> {
 }
 
 /// `Σ` over the tokens: `[B, N, D]` → `[B, 1, D]` (a modulation chunk's shape).
-pub(super) fn token_sum(t: &Tensor) -> sd3_core::Result<Tensor> {
+pub(crate) fn token_sum(t: &Tensor) -> sd3_core::Result<Tensor> {
     t.backend().full(&[1, t.dim(1)], t.dtype(), 1.0)?.matmul(t)
 }
 
 /// `σ(x)·(1 + x·(1 - σ(x)))`, the derivative of SiLU.
-pub(super) fn silu_derivative(x: &Tensor) -> sd3_core::Result<Tensor> {
+pub(crate) fn silu_derivative(x: &Tensor) -> sd3_core::Result<Tensor> {
     let sig = x.unary(sd3_core::UnaryOp::Sigmoid)?;
     sig.mul(&x.mul(&sig.affine(-1.0, 1.0)?)?.affine(1.0, 1.0)?)
 }
 
 /// `LN(x)` without affine: the normalised input of a modulated norm.
-pub(super) fn normed(x: &Tensor) -> sd3_core::Result<Tensor> {
+pub(crate) fn normed(x: &Tensor) -> sd3_core::Result<Tensor> {
     x.layer_norm(None, None, LN_EPS)
 }
 
 /// The gradients of a modulated norm's `(scale, shift)` from its output's `dy`: `(Σ dy·LN(x), Σ dy)`.
-pub(super) fn modulate_chunks(x: &Tensor, dy: &Tensor) -> sd3_core::Result<(Tensor, Tensor)> {
+pub(crate) fn modulate_chunks(x: &Tensor, dy: &Tensor) -> sd3_core::Result<(Tensor, Tensor)> {
     Ok((token_sum(&dy.mul(&normed(x)?)?)?, token_sum(dy)?))
 }

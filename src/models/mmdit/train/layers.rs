@@ -10,32 +10,37 @@ use crate::train::grad_ops as g;
 use sd3_core::{AttentionParams, Tensor};
 
 /// A frozen linear (views of the model's weights) with the adapter of its module, if any.
-pub(super) struct AdaptedLinear<'a> {
-    pub(super) weight: Tensor,
-    pub(super) bias: Option<Tensor>,
-    pub(super) name: String,
-    pub(super) lora: Option<&'a LoraPair>,
+pub(crate) struct AdaptedLinear<'a> {
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Option<Tensor>,
+    pub(crate) name: String,
+    pub(crate) lora: Option<&'a LoraPair>,
 }
 
 /// An adapted linear's forward: its output and, with an adapter, `x·Aᵀ` (the backward needs it).
-pub(super) struct LinearActs {
-    pub(super) y: Tensor,
-    pub(super) xa: Option<Tensor>,
+pub(crate) struct LinearActs {
+    pub(crate) y: Tensor,
+    pub(crate) xa: Option<Tensor>,
 }
 
 impl<'a> AdaptedLinear<'a> {
-    pub(super) fn new(linear: &Linear, name: String, adapters: &'a Adapters) -> Self {
+    pub(crate) fn new(linear: &Linear, name: String, adapters: &'a Adapters) -> Self {
         let lora = adapters.get(&name);
         AdaptedLinear { weight: linear.weight.clone(), bias: linear.bias.clone(), name, lora }
     }
 
+    /// A linear from its tensors (`weight [out, in]`, `bias [out]`), with `lora` if an adapter targets it.
+    pub(crate) fn from_parts(weight: Tensor, bias: Option<Tensor>, name: String, lora: Option<&'a LoraPair>) -> Self {
+        AdaptedLinear { weight, bias, name, lora }
+    }
+
     /// A linear no adapter targets.
-    pub(super) fn plain(linear: &Linear, name: String) -> Self {
+    pub(crate) fn plain(linear: &Linear, name: String) -> Self {
         AdaptedLinear { weight: linear.weight.clone(), bias: linear.bias.clone(), name, lora: None }
     }
 
     /// Rows `part·d .. (part+1)·d` of a fused projection (`to_q`, `to_k`, `to_v` of `[3d, d]`).
-    pub(super) fn part(
+    pub(crate) fn part(
         linear: &Linear,
         part: usize,
         d: usize,
@@ -46,7 +51,7 @@ impl<'a> AdaptedLinear<'a> {
         Ok(AdaptedLinear { weight: linear.weight.narrow(0, part * d, d)?, bias, name, lora })
     }
 
-    pub(super) fn forward(&self, x: &Tensor) -> sd3_core::Result<LinearActs> {
+    pub(crate) fn forward(&self, x: &Tensor) -> sd3_core::Result<LinearActs> {
         let y = x.linear(&self.weight, self.bias.as_ref())?;
         let Some(p) = self.lora else { return Ok(LinearActs { y, xa: None }) };
         let xa = x.linear(&p.a, None)?;
@@ -55,7 +60,7 @@ impl<'a> AdaptedLinear<'a> {
 
     /// `dL/dx` for `dy`, adding the adapter's `(dA, dB)` (and in a full step the weight's and bias's gradients) to
     /// `grads`.
-    pub(super) fn backward(
+    pub(crate) fn backward(
         &self,
         x: &Tensor,
         acts: &LinearActs,
@@ -78,25 +83,25 @@ impl<'a> AdaptedLinear<'a> {
 }
 
 /// One stream's q/k/v projections (`[B, n, H, Dh]` each, tokens first) before and after the q/k RMS norm.
-pub(super) struct QkvActs {
-    pub(super) proj: [LinearActs; 3],
+pub(crate) struct QkvActs {
+    pub(crate) proj: [LinearActs; 3],
     /// q and k after the norm (equal to the projections without one); v is `proj[2]`.
-    pub(super) q: Tensor,
-    pub(super) k: Tensor,
+    pub(crate) q: Tensor,
+    pub(crate) k: Tensor,
 }
 
-pub(super) struct Qkv<'a> {
-    pub(super) parts: [AdaptedLinear<'a>; 3],
-    pub(super) norm: Option<&'a QkNorm>,
+pub(crate) struct Qkv<'a> {
+    pub(crate) parts: [AdaptedLinear<'a>; 3],
+    pub(crate) norm: Option<&'a QkNorm>,
     /// The norms' parameter names (`{prefix}.norm_q.weight`, …).
-    pub(super) norm_names: [String; 2],
-    pub(super) heads: usize,
-    pub(super) head_dim: usize,
+    pub(crate) norm_names: [String; 2],
+    pub(crate) heads: usize,
+    pub(crate) head_dim: usize,
 }
 
 impl<'a> Qkv<'a> {
     /// `adapters` `None`: a projection without adapters (`attn2`).
-    pub(super) fn new(
+    pub(crate) fn new(
         p: &'a QkvProjection,
         prefix: &str,
         names: [&str; 3],
@@ -118,11 +123,11 @@ impl<'a> Qkv<'a> {
         })
     }
 
-    pub(super) fn split(&self, t: &Tensor) -> sd3_core::Result<Tensor> {
+    pub(crate) fn split(&self, t: &Tensor) -> sd3_core::Result<Tensor> {
         t.reshape(&[t.dim(0), t.dim(1), self.heads, self.head_dim])
     }
 
-    pub(super) fn forward(&self, x: &Tensor) -> sd3_core::Result<QkvActs> {
+    pub(crate) fn forward(&self, x: &Tensor) -> sd3_core::Result<QkvActs> {
         let proj = [self.parts[0].forward(x)?, self.parts[1].forward(x)?, self.parts[2].forward(x)?];
         let (mut q, mut k) = (self.split(&proj[0].y)?, self.split(&proj[1].y)?);
         if let Some(norm) = self.norm {
@@ -132,12 +137,12 @@ impl<'a> Qkv<'a> {
         Ok(QkvActs { proj, q, k })
     }
 
-    pub(super) fn v(&self, acts: &QkvActs) -> sd3_core::Result<Tensor> {
+    pub(crate) fn v(&self, acts: &QkvActs) -> sd3_core::Result<Tensor> {
         self.split(&acts.proj[2].y)
     }
 
     /// `dL/dx` from the gradients of q, k, v (`[B, n, H, Dh]`, after the norm).
-    pub(super) fn backward(
+    pub(crate) fn backward(
         &self,
         x: &Tensor,
         acts: &QkvActs,
@@ -164,7 +169,7 @@ impl<'a> Qkv<'a> {
 }
 
 /// Softmax attention over `[B, n, H, Dh]` tokens-first q, k, v: the output `[B, n, H, Dh]` (contiguous).
-pub(super) fn attend(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> sd3_core::Result<Tensor> {
+pub(crate) fn attend(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> sd3_core::Result<Tensor> {
     let hf = |t: &Tensor| t.permute(&[0, 2, 1, 3]);
     let o = Tensor::attention(&hf(q)?, &hf(k)?, &hf(v)?, &AttentionParams::new(scale))?;
     o.permute(&[0, 2, 1, 3])?.contiguous()
@@ -172,11 +177,11 @@ pub(super) fn attend(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> sd3_core
 
 /// The most bytes of one `[B, h, T, T]` probability matrix in [`attend_backward`]: heads go through in groups
 /// under it (at 1024² one head's is 72 MB in f32 for two samples).
-pub(super) const PROBABILITY_BYTES: usize = 256 << 20;
+pub(crate) const PROBABILITY_BYTES: usize = 256 << 20;
 
 /// [`attend`]'s backward: `(dq, dk, dv)`, tokens first; heads in groups so that the recomputed probabilities and
 /// their gradient stay under `limit` bytes each ([`PROBABILITY_BYTES`]).
-pub(super) fn attend_backward(
+pub(crate) fn attend_backward(
     [q, k, v]: [&Tensor; 3],
     o: &Tensor,
     d_o: &Tensor,
@@ -191,7 +196,7 @@ pub(super) fn attend_backward(
     for h0 in (0..heads).step_by(group) {
         let n = group.min(heads - h0);
         let sel = |x: &Tensor| hf(x)?.narrow(1, h0, n)?.contiguous();
-        let (dq, dk, dv) = g::attention_backward(&sel(q)?, &sel(k)?, &sel(v)?, &sel(o)?, &sel(d_o)?, scale)?;
+        let (dq, dk, dv) = g::attention_backward(&sel(q)?, &sel(k)?, &sel(v)?, &sel(o)?, &sel(d_o)?, scale, false)?;
         for (p, d) in parts.iter_mut().zip([dq, dk, dv]) {
             p.push(d);
         }
@@ -204,30 +209,30 @@ pub(super) fn attend_backward(
 }
 
 /// `[B, n, D]` → `[B, n, H, Dh]`.
-pub(super) fn heads(t: &Tensor, h: usize) -> sd3_core::Result<Tensor> {
+pub(crate) fn heads(t: &Tensor, h: usize) -> sd3_core::Result<Tensor> {
     t.contiguous()?.reshape(&[t.dim(0), t.dim(1), h, t.dim(2) / h])
 }
 
 /// `[B, n, H, Dh]` → `[B, n, D]`.
-pub(super) fn merged(t: &Tensor) -> sd3_core::Result<Tensor> {
+pub(crate) fn merged(t: &Tensor) -> sd3_core::Result<Tensor> {
     t.contiguous()?.reshape(&[t.dim(0), t.dim(1), t.dim(2) * t.dim(3)])
 }
 
 /// A feed-forward's activations: its input, the pre-activation `x·W₁ᵀ + b₁` and the output.
-pub(super) struct FfActs {
-    pub(super) input: Tensor,
-    pub(super) pre: Tensor,
-    pub(super) out: Tensor,
+pub(crate) struct FfActs {
+    pub(crate) input: Tensor,
+    pub(crate) pre: Tensor,
+    pub(crate) out: Tensor,
 }
 
-pub(super) fn ff_forward(ff: &FeedForward, x: &Tensor) -> sd3_core::Result<FfActs> {
+pub(crate) fn ff_forward(ff: &FeedForward, x: &Tensor) -> sd3_core::Result<FfActs> {
     let pre = ff.proj_in.forward(x)?;
     let out = ff.proj_out.linear.forward(&pre.gelu_tanh()?)?;
     Ok(FfActs { input: x.clone(), pre, out })
 }
 
 /// `dL/d input` of the feed-forward `name` (`…ff.net`), adding its parameters' gradients in a full step.
-pub(super) fn ff_backward(
+pub(crate) fn ff_backward(
     ff: &FeedForward,
     name: &str,
     acts: &FfActs,

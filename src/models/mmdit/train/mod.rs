@@ -17,8 +17,8 @@
 //! activations, and its backward); here the step over the whole model.
 
 mod block;
-mod grads;
-mod layers;
+pub(crate) mod grads;
+pub(crate) mod layers;
 
 use super::block::{modulation, LN_EPS};
 use super::{MmditError, Sd3Transformer2DModel};
@@ -70,10 +70,21 @@ enum Saved<'a> {
     Inputs(Tensor, Tensor),
 }
 
-/// What a step's backward returns: the adapters' gradients, and in a full step every parameter's (f32).
+/// What a step's backward returns: the adapters' gradients, in a full step every parameter's, and where asked the
+/// gradients of the text inputs, `(d encoder_hidden_states, d pooled)` (all f32).
 pub struct StepGradients {
     pub adapters: AdapterGrads,
     pub params: Option<ParamGrads>,
+    pub text_inputs: Option<(Tensor, Tensor)>,
+}
+
+/// What a step's backward forms besides the adapters' gradients.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GradientRequest {
+    /// Every parameter's gradient (full fine-tuning).
+    pub parameters: bool,
+    /// The gradients of `encoder_hidden_states` and `pooled` (to train the text encoders).
+    pub text_inputs: bool,
 }
 
 impl Sd3Transformer2DModel {
@@ -90,7 +101,8 @@ impl Sd3Transformer2DModel {
         checkpointing: bool,
         loss_grad: impl FnOnce(&Tensor) -> anyhow::Result<(Tensor, T)>,
     ) -> anyhow::Result<(AdapterGrads, T)> {
-        let (grads, extra) = self.step_gradients(batch, adapters, checkpointing, false, loss_grad)?;
+        let (grads, extra) =
+            self.step_gradients(batch, adapters, checkpointing, GradientRequest::default(), loss_grad)?;
         Ok((grads.adapters, extra))
     }
 
@@ -101,16 +113,19 @@ impl Sd3Transformer2DModel {
         checkpointing: bool,
         loss_grad: impl FnOnce(&Tensor) -> anyhow::Result<(Tensor, T)>,
     ) -> anyhow::Result<(ParamGrads, T)> {
-        let (grads, extra) = self.step_gradients(batch, &Adapters::new(), checkpointing, true, loss_grad)?;
+        let request = GradientRequest { parameters: true, text_inputs: false };
+        let (grads, extra) = self.step_gradients(batch, &Adapters::new(), checkpointing, request, loss_grad)?;
         Ok((grads.params.expect("a full step forms every parameter's gradient"), extra))
     }
 
-    fn step_gradients<T>(
+    /// The general step behind [`Self::adapter_gradients`] and [`Self::parameter_gradients`]: the adapters'
+    /// gradients and what `request` asks for besides.
+    pub fn step_gradients<T>(
         &self,
         batch: &TrainingBatch,
         adapters: &Adapters,
         checkpointing: bool,
-        full: bool,
+        request: GradientRequest,
         loss_grad: impl FnOnce(&Tensor) -> anyhow::Result<(Tensor, T)>,
     ) -> anyhow::Result<(StepGradients, T)> {
         let c = &self.config;
@@ -159,10 +174,16 @@ impl Sd3Transformer2DModel {
         // Unpatchify's inverse: [B, C, h, p, w, p] → [B, h, w, p, p, C].
         let d_out = d_pred.to_dtype(self.dtype)?.reshape(&[b, oc, h, p, w, p])?.permute(&[0, 2, 4, 3, 5, 1])?;
         let d_out = d_out.contiguous()?.reshape(&[b, h * w, p * p * oc])?;
-        let mut grads = Grads { adapters: AdapterGrads::new(), params: full.then(ParamGrads::new), temb_silu: None };
+        let full = request.parameters;
+        let mut grads = Grads {
+            adapters: AdapterGrads::new(),
+            params: full.then(ParamGrads::new),
+            temb_silu: None,
+            through_modulations: full || request.text_inputs,
+        };
         grads.linear("proj_out", &normed_out, &d_out, true)?;
         let d_normed = d_out.matmul(&self.proj_out.weight)?;
-        if full {
+        if grads.modulations() {
             let (scale, shift) = modulate_chunks(&x, &d_normed)?;
             grads.modulation(&self.norm_out.linear, "norm_out.linear", &temb_silu, &[scale, shift])?;
         }
@@ -180,6 +201,16 @@ impl Sd3Transformer2DModel {
             dx = ndx;
             dc = Some(ndc);
         }
+        let mut text_inputs = None;
+        if request.text_inputs {
+            let dc = dc.as_ref().expect("at least one block");
+            let d_encoder = dc.matmul(&self.context_embedder.weight)?;
+            let d_temb = grads.temb_silu.as_ref().expect("the modulations' gradients").mul(&silu_derivative(&temb)?)?;
+            let text = &self.time_text_embed.text_embedder;
+            let hidden = text.linear_1.forward(&pooled)?;
+            let d_hidden = d_temb.matmul(&text.linear_2.weight)?.mul(&silu_derivative(&hidden)?)?;
+            text_inputs = Some((d_encoder, d_hidden.matmul(&text.linear_1.weight)?));
+        }
         if full {
             self.embeddings_backward(&mut grads, &latents, &encoder_hidden_states, &pooled, timesteps, &temb, &dx, dc)?;
         }
@@ -193,7 +224,11 @@ impl Sd3Transformer2DModel {
                 *g = unscale(g)?;
             }
         }
-        Ok((StepGradients { adapters: grads.adapters, params: grads.params }, extra))
+        let text_inputs = match text_inputs {
+            Some((e, p)) => Some((unscale(&e)?, unscale(&p)?)),
+            None => None,
+        };
+        Ok((StepGradients { adapters: grads.adapters, params: grads.params, text_inputs }, extra))
     }
 
     /// The parameters before the blocks (full fine-tuning): the patch embedding's projection from `dx` (the
