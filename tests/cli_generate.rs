@@ -283,6 +283,14 @@ fn train_lora_through_the_cli() {
     assert!(text.contains("step 4/4: loss"), "{text}");
     assert!(out.join("pytorch_lora_weights.safetensors").is_file());
     assert!(out.join("checkpoint-2/pytorch_lora_weights.safetensors").is_file());
+    // With the text encoders' adapters too.
+    let text_out = dir.join("out-text");
+    let text = [&train_args(&images, &text_out)[..], &["--max-train-steps", "2", "--train-text-encoder"]].concat();
+    let (ok, text_log) = sd3(&text);
+    assert!(ok && text_log.contains("step 2/2"), "{text_log}");
+    let bytes = std::fs::read(text_out.join("pytorch_lora_weights.safetensors")).unwrap();
+    let names = safetensors::SafeTensors::deserialize(&bytes).unwrap().names().join(" ");
+    assert!(names.contains("text_encoder.text_model") && names.contains("text_encoder_2.text_model"), "{names}");
     // Going on from the last checkpoint to step 6.
     let resume =
         [&train_args(&images, &out)[..], &["--max-train-steps", "6", "--resume-from-checkpoint", "latest"]].concat();
@@ -309,6 +317,9 @@ fn train_lora_through_the_cli() {
     must_fail(&[&train[..], &["--dtype", "i32"]].concat(), &["--dtype i32"]);
     must_fail(&[&train[..], &["--class-prompt", "a dog"]].concat(), &["--with-prior-preservation"]);
     must_fail(&[&train[..], &["--lr-scheduler", "sawtooth"]].concat(), &["--lr-scheduler sawtooth", "cosine"]);
+    let full =
+        ["train-dreambooth", "--instance-data-dir", s(&images), "--instance-prompt", "sks", "--resolution", "64"];
+    must_fail(&[&full[..], &["--train-text-encoder"]].concat(), &["--train-text-encoder", "train-lora"]);
     must_fail(&[&train[..], &["--with-prior-preservation"]].concat(), &["--class-data-dir and --class-prompt"]);
 }
 

@@ -57,4 +57,8 @@ fn lora_training_step_on_opencl() {
         eprintln!("{model} full training step: {d}");
         assert!(d.prediction < 1e-5 && d.loss < 1e-5 && d.gradients < 1e-4, "{model}: {d}");
     }
+    // --train-text-encoder: the adapters of the transformer and both CLIPs.
+    let d = TrainingGolden::load(&fixtures_dir(), "sd3-tiny").unwrap().run_text_encoders(&be).unwrap();
+    eprintln!("sd3-tiny training step with the text encoders: {d}");
+    assert!(d.prediction < 1e-5 && d.loss < 1e-5 && d.gradients < 5e-5, "{d}");
 }

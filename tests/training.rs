@@ -38,7 +38,9 @@ fn lora_step_matches_diffusers(model: &str) {
     assert_eq!((recomputed.prediction, recomputed.gradients), (d.prediction, d.gradients), "{model}: checkpointing");
 
     let modules = g.modules();
-    let mut params = LoraParams { rank: 4, alpha: 4.0, modules: BTreeMap::new() };
+    let targets = sd3::models::mmdit::train::LORA_TARGETS.to_vec();
+    let mut params =
+        LoraParams { component: "transformer".into(), targets, rank: 4, alpha: 4.0, modules: BTreeMap::new() };
     for m in &modules {
         let (a, a_shape) = g.get(&format!("lora.{m}.lora_A.weight")).unwrap();
         let (b, b_shape) = g.get(&format!("lora.{m}.lora_B.weight")).unwrap();
@@ -374,15 +376,17 @@ fn resumed_runs_end_where_uninterrupted_ones_do() {
         std::fs::copy(root.join(format!("fixtures/golden/{case}/image.png")), instance.join(format!("{i}.png")))
             .unwrap();
     }
-    for (method, result) in [
-        (Method::Lora { rank: 4 }, "pytorch_lora_weights.safetensors"),
-        (Method::Full, "transformer/diffusion_pytorch_model.safetensors"),
+    let text = Some(sd3::train::optim::AdamWConfig::default());
+    for (method, text, result) in [
+        (Method::Lora { rank: 4 }, None, "pytorch_lora_weights.safetensors"),
+        (Method::Lora { rank: 4 }, text, "pytorch_lora_weights.safetensors"),
+        (Method::Full, None, "transformer/diffusion_pytorch_model.safetensors"),
     ] {
         let config = |out: &Path| {
             let mut cfg =
                 DreamBoothConfig::new(root.join("fixtures/sd3-tiny"), instance.clone(), "sks".into(), out.into());
             (cfg.resolution, cfg.max_train_steps, cfg.random_flip, cfg.checkpointing_steps) = (64, 4, true, Some(2));
-            (cfg.method, cfg.optimizer.lr) = (method, 1e-3);
+            (cfg.method, cfg.optimizer.lr, cfg.train_text_encoder) = (method, 1e-3, text);
             cfg
         };
         let whole = common::scratch("resume-whole");
@@ -406,7 +410,7 @@ fn resumed_runs_end_where_uninterrupted_ones_do() {
             Method::Full => Method::Lora { rank: 4 },
             Method::Lora { .. } => Method::Full,
         };
-        cfg.method = other;
+        (cfg.method, cfg.train_text_encoder) = (other, None);
         let msg = format!("{:#}", train_dreambooth(&cfg, std::slice::from_ref(&cpu), &mut |_| {}).err().unwrap());
         assert!(msg.contains("a checkpoint of a"), "{msg}");
     }
@@ -447,6 +451,103 @@ fn data_parallel_lora_equals_accumulation_on_one_device() {
     cfg.method = Method::Full;
     let msg = format!("{:#}", train_dreambooth(&cfg, &[common::cpu(), common::cpu()], &mut |_| {}).err().unwrap());
     assert!(msg.contains("full fine-tuning runs on one device"), "{msg}");
+}
+
+/// `--train-text-encoder`: a short run's LoRA holds both CLIPs' adapters, `--lora` merges them (the merged
+/// encoders give what the adapters give), and the pipeline with it fits the subject better than the base.
+#[test]
+fn text_encoder_lora_trains_and_loads() {
+    use sd3::lora::LoraSet;
+    use sd3::pipeline::{GenerationRequest, PipelineOptions, StableDiffusion3Pipeline};
+    use sd3::train::dreambooth::{train_dreambooth, DreamBoothConfig};
+    use sd3::train::optim::AdamWConfig;
+    use sd3::weights::Weights;
+    let cpu = common::cpu();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let model = root.join("fixtures/sd3-tiny");
+    let instance = common::scratch("text-lora-instance");
+    std::fs::copy(root.join("fixtures/golden/sd3-cfg/image.png"), instance.join("subject.png")).unwrap();
+    let out = common::scratch("text-lora-out");
+    let mut cfg = DreamBoothConfig::new(model.clone(), instance, "a photo of sks dog".into(), out.clone());
+    (cfg.resolution, cfg.max_train_steps, cfg.center_crop, cfg.cache_latents) = (64, 60, true, true);
+    cfg.optimizer.lr = 1e-2;
+    cfg.train_text_encoder = Some(AdamWConfig { lr: 1e-2, weight_decay: 1e-3, ..AdamWConfig::default() });
+    let report = train_dreambooth(&cfg, std::slice::from_ref(&cpu), &mut |_| {}).unwrap();
+    let set = LoraSet::load(&[(report.output.clone(), 1.0)]).unwrap();
+    for (component, layers) in [("text_encoder", 3), ("text_encoder_2", 3)] {
+        assert_eq!(set.module_count(component), 4 * layers, "{component}'s adapted modules in the file");
+    }
+
+    // The conditioning through the pipeline, with and without the LoRA (merged into the encoders at load).
+    let encode = |loras: Vec<(std::path::PathBuf, f32)>| {
+        let pipe = StableDiffusion3Pipeline::new(&model, cpu.clone(), PipelineOptions { loras, ..Default::default() })
+            .unwrap();
+        let mut req = GenerationRequest::new("a photo of sks dog", 64, 64);
+        (req.guidance, req.max_sequence_length) = (1.0, 77);
+        pipe.encode(&req, &mut |_| {}).unwrap()
+    };
+    let base_cond = encode(Vec::new());
+    let tuned_cond = encode(vec![(report.output.clone(), 1.0)]);
+    let moved =
+        rel_err(&tuned_cond.prompt_embeds.to_f32_vec().unwrap(), &base_cond.prompt_embeds.to_f32_vec().unwrap());
+    assert!(moved > 1e-3, "the text encoders' LoRA should change the prompt embeddings ({moved})");
+    // The file's text adapters applied as adapters give what the merged encoders give.
+    let file = std::fs::read(&report.output).unwrap();
+    let st = SafeTensors::deserialize(&file).unwrap();
+    let encoders = sd3::train::text_encoders::TextEncoders::load(&model, &cpu, DType::F32).unwrap();
+    let shapes = encoders.adapter_shapes();
+    let adapters = [0, 1].map(|i| {
+        let c = ["text_encoder", "text_encoder_2"][i];
+        shapes[i]
+            .keys()
+            .map(|m| {
+                let load = |w: &str| {
+                    let t = st.tensor(&format!("{c}.{m}.lora_{w}.weight")).unwrap();
+                    let v: Vec<f32> =
+                        t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+                    cpu.from_f32(&v, t.shape(), DType::F32).unwrap()
+                };
+                (m.clone(), LoraPair { a: load("A"), b: load("B"), scale: 1.0 })
+            })
+            .collect::<Adapters>()
+    });
+    let pipe = StableDiffusion3Pipeline::new(&model, cpu.clone(), Default::default()).unwrap();
+    let inputs = pipe.text_inputs("a photo of sks dog", 77).unwrap();
+    let encoded = encoders.encode(&pipe, &inputs, [&adapters[0], &adapters[1]]).unwrap();
+    let err = rel_err(&encoded.embeds.to_f32_vec().unwrap(), &tuned_cond.prompt_embeds.to_f32_vec().unwrap());
+    let err_pooled = rel_err(&encoded.pooled.to_f32_vec().unwrap(), &tuned_cond.pooled.to_f32_vec().unwrap());
+    assert!(err < 1e-5 && err_pooled < 1e-5, "adapters and merged text encoders disagree: {err}, {err_pooled}");
+
+    let encoder = VaeEncoder::load(&model.join("vae"), &cpu, DType::F32).unwrap();
+    let pixels = sd3::train::data::InstanceImages::load(&cfg.instance_dir).unwrap().prepared(0, 64, (0.5, 0.5), false);
+    let dist = encoder.encode(&cpu.from_f32(&pixels, &[1, 3, 64, 64], DType::F32).unwrap()).unwrap();
+    let (shift, scale) = (encoder.config().shift_factor.unwrap(), encoder.config().scaling_factor);
+    let mean: Vec<f32> = dist.mean.to_f32_vec().unwrap().iter().map(|m| (m - shift) * scale).collect();
+    let sigmas = vec![0.2, 0.4, 0.6, 0.8];
+    let x0: Vec<f32> = sigmas.iter().flat_map(|_| mean.clone()).collect();
+    let noise = sd3::noise::standard_normal(99, x0.len());
+    let rows = |t: &Tensor| {
+        let mut shape = t.shape().to_vec();
+        shape[0] = 4;
+        t.broadcast_to(&shape).unwrap().contiguous().unwrap()
+    };
+    let batch = |cond: &sd3::pipeline::Conditioning| EvalBatch {
+        noisy: noisy_latents(&x0, &noise, &sigmas),
+        timesteps: sigmas.iter().map(|s| s * 1000.0).collect(),
+        x0: x0.clone(),
+        sigmas: sigmas.clone(),
+        shape: vec![4, 16, 8, 8],
+        embeds: rows(&cond.prompt_embeds),
+        pooled: rows(&cond.pooled),
+    };
+    let base = Sd3Transformer2DModel::load(&model.join("transformer"), &cpu, DType::F32).unwrap();
+    let mut weights = Weights::open(&model.join("transformer")).unwrap();
+    set.apply("transformer", &mut weights).unwrap();
+    let config = sd3::models::mmdit::Sd3TransformerConfig::load(&model.join("transformer")).unwrap();
+    let merged = Sd3Transformer2DModel::from_weights(&weights, config, &cpu, DType::F32).unwrap();
+    let (before, after) = (eval_loss(&base, &batch(&base_cond), &cpu), eval_loss(&merged, &batch(&tuned_cond), &cpu));
+    eprintln!("evaluation loss {before} before training with the text encoders, {after} after");
+    assert!(after < 0.9 * before, "loss {before} before, {after} after");
 }
 
 #[test]

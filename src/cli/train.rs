@@ -123,6 +123,14 @@ pub struct DreamBoothArgs {
     /// Skip the final validation image even with --validation-prompt (the seed's --not_validation_final).
     #[arg(long = "not-validation-final")]
     pub not_validation_final: bool,
+    /// LoRA adapters on both CLIP text encoders too (train-lora only).
+    #[arg(long = "train-text-encoder")]
+    pub train_text_encoder: bool,
+    /// The text encoders' learning rate.
+    #[arg(long = "text-encoder-lr", default_value_t = 5e-6)]
+    pub text_encoder_lr: f32,
+    #[arg(long = "adam-weight-decay-text-encoder", default_value_t = 1e-3)]
+    pub adam_weight_decay_text_encoder: f32,
     /// Train a LoRA data-parallel on N devices (`--device` and the next N−1 of the backend), each taking
     /// --train-batch-size rows of every batch, as `accelerate launch --num_processes N`.
     #[arg(long = "data-parallel", default_value_t = 1, value_name = "N")]
@@ -195,6 +203,13 @@ fn run(args: DreamBoothArgs, method: Method) -> anyhow::Result<ExitCode> {
     cfg.checkpointing_steps = args.checkpointing_steps;
     cfg.cache_latents = args.cache_latents;
     cfg.gradient_checkpointing = args.gradient_checkpointing;
+    if args.train_text_encoder {
+        cfg.train_text_encoder = Some(sd3::train::optim::AdamWConfig {
+            lr: args.text_encoder_lr,
+            weight_decay: args.adam_weight_decay_text_encoder,
+            ..cfg.optimizer
+        });
+    }
     cfg.resume_from = match args.resume_from_checkpoint.as_deref() {
         None => None,
         Some("latest") => Some(latest_checkpoint(&output_dir)?),

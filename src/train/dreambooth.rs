@@ -8,7 +8,8 @@
 use super::data::{Draws, ImageLatents, InstanceImages, LatentsOptions};
 use super::objective::{noisy_latents, prior_preserving_loss, training_sigma, TimestepSampling};
 use super::optim::{AdamWConfig, LrSchedule};
-use super::trainee::{Gradients, RunState, Trainee};
+use super::text_encoders::TextEncoders;
+use super::trainee::{Gradients, RunState, TextStep, Trainee};
 pub use super::trainee::{Method, LORA_FILE};
 use crate::models::mmdit::train::TrainingBatch;
 use crate::models::mmdit::Sd3Transformer2DModel;
@@ -55,6 +56,9 @@ pub struct DreamBoothConfig {
     pub prior: Option<PriorPreservation>,
     /// A checkpoint folder of an earlier run with the same settings to go on from, exactly where it stopped.
     pub resume_from: Option<PathBuf>,
+    /// `--train-text-encoder`: LoRA adapters on both CLIPs too, with these optimizer settings (the script's
+    /// `--text_encoder_lr` 5e-6 and `--adam_weight_decay_text_encoder` 1e-3 by default).
+    pub train_text_encoder: Option<AdamWConfig>,
 }
 
 /// Prior preservation: each batch also holds class images ("a photo of a dog") with their own prompt, and the
@@ -96,6 +100,7 @@ impl DreamBoothConfig {
             gradient_checkpointing: false,
             prior: None,
             resume_from: None,
+            train_text_encoder: None,
         }
     }
 }
@@ -174,7 +179,25 @@ pub fn train_dreambooth(
     // diffusers shifts the training schedule at construction only without dynamic shifting.
     let shift = if scheduler.use_dynamic_shifting { 1.0 } else { scheduler.shift as f32 };
 
-    let mut trainee = Trainee::new(cfg.method, cfg.optimizer, cfg.seed, &transformer)?;
+    // --train-text-encoder: the CLIPs, and each prompt's token ids and frozen T5 output.
+    let text_training = match cfg.train_text_encoder {
+        Some(text_config) => {
+            if backends.len() > 1 {
+                bail!("--train-text-encoder runs on one device (data parallelism trains the transformer's LoRA only)");
+            }
+            let options = PipelineOptions { dtype: cfg.dtype, ..PipelineOptions::default() };
+            let pipe = StableDiffusion3Pipeline::new(&cfg.model_dir, backend.clone(), options)?;
+            let mut prompts = vec![pipe.text_inputs(&cfg.instance_prompt, cfg.max_sequence_length)?];
+            if let Some(prior) = &cfg.prior {
+                prompts.push(pipe.text_inputs(&prior.class_prompt, cfg.max_sequence_length)?);
+            }
+            let encoders = TextEncoders::load(&cfg.model_dir, backend, cfg.dtype)?;
+            Some((pipe, prompts, encoders, text_config))
+        }
+        None => None,
+    };
+    let text_setup = text_training.as_ref().map(|(_, _, encoders, config)| (encoders, *config));
+    let mut trainee = Trainee::new(cfg.method, cfg.optimizer, text_setup, cfg.seed, &transformer)?;
     // The other devices of a data-parallel run, each with the whole transformer.
     let mut replicas = Vec::with_capacity(backends.len() - 1);
     for be in &backends[1..] {
@@ -270,13 +293,30 @@ pub fn train_dreambooth(
                     .collect();
                 work.push((noisy_latents(&x0, &noise, &sigmas), x0, sigmas));
             }
+            // With --train-text-encoder, the prompts are encoded with the current adapters at every micro-batch.
+            let encoded = match (&text_training, trainee.text_adapters()) {
+                (Some((pipe, prompts, encoders, _)), Some(adapters)) => {
+                    prompts.iter().map(|p| encoders.encode(pipe, p, adapters)).collect::<anyhow::Result<Vec<_>>>()?
+                }
+                _ => Vec::new(),
+            };
+            let step_texts = if encoded.is_empty() {
+                texts.clone()
+            } else {
+                let e: Vec<Tensor> =
+                    encoded.iter().map(|e| repeat_rows(&e.embeds, b)).collect::<sd3_core::Result<_>>()?;
+                let p: Vec<Tensor> =
+                    encoded.iter().map(|e| repeat_rows(&e.pooled, b)).collect::<sd3_core::Result<_>>()?;
+                vec![(Tensor::cat(&e.iter().collect::<Vec<_>>(), 0)?, Tensor::cat(&p.iter().collect::<Vec<_>>(), 0)?)]
+            };
+            let text_step = text_training.as_ref().map(|(_, _, encoders, _)| (encoders, &encoded));
             let trainee = &trainee;
             let results: Vec<anyhow::Result<(Gradients, f32)>> = std::thread::scope(|scope| {
                 let handles: Vec<_> = work
                     .iter()
                     .zip(backends)
                     .zip(&transformers)
-                    .zip(&texts)
+                    .zip(&step_texts)
                     .enumerate()
                     .map(|(device, (((host, be), transformer), (embeds, pooled)))| {
                         scope.spawn(move || -> anyhow::Result<(Gradients, f32)> {
@@ -290,7 +330,10 @@ pub fn train_dreambooth(
                                 pooled,
                                 timesteps: &timesteps,
                             };
-                            trainee.gradients(device, transformer, &batch, cfg.gradient_checkpointing, |pred| {
+                            let text =
+                                text_step.map(|(encoders, encoded)| TextStep { encoders, encoded, rows_per_prompt: b });
+                            let ckpt = cfg.gradient_checkpointing;
+                            trainee.gradients(device, transformer, &batch, ckpt, text, |pred| {
                                 let (loss, d) = prior_preserving_loss(pred, noisy_host, x0, sigmas, prior_weight)?;
                                 Ok((d, loss))
                             })
@@ -312,10 +355,13 @@ pub fn train_dreambooth(
             }
         }
         let sum = summed.expect("at least one micro-batch");
+        // The schedule's factor, the same for every parameter group (as LambdaLR applies one lambda to all).
         let lr = cfg.lr_schedule.rate(cfg.optimizer.lr, step - 1, cfg.lr_warmup_steps, cfg.max_train_steps);
+        let lr_factor = lr / cfg.optimizer.lr;
         // The mean over the micro-batches and the devices.
         let parts = cfg.gradient_accumulation_steps * backends.len();
-        let grad_norm = trainee.update(sum, parts, cfg.max_grad_norm, lr).with_context(|| format!("step {step}"))?;
+        let grad_norm =
+            trainee.update(sum, parts, cfg.max_grad_norm, lr_factor).with_context(|| format!("step {step}"))?;
         let loss = loss_sum / parts as f32;
         losses.push(loss);
         let seconds = t0.elapsed().as_secs_f64();

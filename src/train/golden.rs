@@ -269,7 +269,7 @@ impl TrainingGolden {
         let (l_modules, l_adapters) = adapters_of(COMPONENTS[0])?;
         let (g_modules, g_adapters) = adapters_of(COMPONENTS[1])?;
         let text_adapters = [l_adapters, g_adapters];
-        let encoded = encoders.encode(&pipe, &inputs, &text_adapters)?;
+        let encoded = encoders.encode(&pipe, &inputs, [&text_adapters[0], &text_adapters[1]])?;
         let (x0, shape) = self.get("input.x0")?;
         let (noise, _) = self.get("input.noise")?;
         let (sigmas, _) = self.get("input.sigmas")?;

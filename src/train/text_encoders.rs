@@ -53,10 +53,10 @@ impl TextEncoders {
         &'a self,
         pipe: &StableDiffusion3Pipeline,
         prompt: &TextInputs,
-        adapters: &'a [Adapters; 2],
+        adapters: [&'a Adapters; 2],
     ) -> anyhow::Result<Encoded<'a>> {
-        let (l, l_acts) = self.clips[0].forward_adapted(&prompt.clip_l, &adapters[0])?;
-        let (g, g_acts) = self.clips[1].forward_adapted(&prompt.clip_g, &adapters[1])?;
+        let (l, l_acts) = self.clips[0].forward_adapted(&prompt.clip_l, adapters[0])?;
+        let (g, g_acts) = self.clips[1].forward_adapted(&prompt.clip_g, adapters[1])?;
         let widths = [(l.penultimate.dim(2), l.pooled.dim(1)), (g.penultimate.dim(2), g.pooled.dim(1))];
         let (embeds, pooled) =
             pipe.assemble_text(&(l.penultimate, l.pooled), &(g.penultimate, g.pooled), &prompt.t5)?;
