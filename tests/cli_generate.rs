@@ -278,9 +278,17 @@ fn train_lora_through_the_cli() {
         s(&out),
         "--validation-prompt",
         "a photo of sks dog",
+        "--validation-epochs",
+        "2",
     ]);
     assert!(ok, "{text}");
     assert!(text.contains("step 4/4: loss"), "{text}");
+    // One image, batch 1: an epoch per step; epochs 0 and 2 end before the last step.
+    for e in [0, 2] {
+        assert!(out.join(format!("validation-epoch-{e}.png")).is_file(), "{text}");
+        assert!(!out.join(format!("validation-epoch-{e}")).exists(), "the validation's LoRA is removed");
+    }
+    assert!(!out.join("validation-epoch-1.png").exists());
     assert!(out.join("pytorch_lora_weights.safetensors").is_file());
     assert!(out.join("checkpoint-2/pytorch_lora_weights.safetensors").is_file());
     // With the text encoders' adapters too.

@@ -550,6 +550,35 @@ fn text_encoder_lora_trains_and_loads() {
     assert!(after < 0.9 * before, "loss {before} before, {after} after");
 }
 
+/// `validation_epochs`: a validation is due after the first epoch and every `E` after, with the result so far;
+/// with `--repeats 2` an epoch of two images at batch 1 is four steps.
+#[test]
+fn validations_come_at_epoch_ends() {
+    use sd3::train::dreambooth::{train_dreambooth, DreamBoothConfig, TrainEvent};
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let instance = common::scratch("validation-instance");
+    for (i, case) in ["sd3-cfg", "sd35-cfg"].iter().enumerate() {
+        std::fs::copy(root.join(format!("fixtures/golden/{case}/image.png")), instance.join(format!("{i}.png")))
+            .unwrap();
+    }
+    let out = common::scratch("validation-out");
+    let mut cfg = DreamBoothConfig::new(root.join("fixtures/sd3-tiny"), instance, "sks".into(), out.clone());
+    (cfg.resolution, cfg.max_train_steps, cfg.repeats, cfg.validation_epochs) = (64, 13, 2, Some(2));
+    let mut seen = Vec::new();
+    let mut step = 0;
+    train_dreambooth(&cfg, &[common::cpu()], &mut |e| match e {
+        TrainEvent::Step { step: s, .. } => step = *s,
+        TrainEvent::Validate { epoch, trained } => {
+            assert!(trained.is_file(), "{}", trained.display());
+            seen.push((*epoch, step));
+        }
+        _ => {}
+    })
+    .unwrap();
+    // Epochs of 4 steps end at steps 4, 8, 12: epochs 0 and 2 are validated.
+    assert_eq!(seen, vec![(0, 4), (2, 12)]);
+}
+
 #[test]
 fn dreambooth_rejects_bad_input() {
     use sd3::train::dreambooth::{train_dreambooth, DreamBoothConfig, Method};

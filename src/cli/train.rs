@@ -120,6 +120,12 @@ pub struct DreamBoothArgs {
     /// After training, generate this prompt with the LoRA into OUTPUT_DIR/validation.png.
     #[arg(long = "validation-prompt")]
     pub validation_prompt: Option<String>,
+    /// Also a validation image every this many epochs (after the first), `validation-epoch-<e>.png`.
+    #[arg(long = "validation-epochs", value_name = "E")]
+    pub validation_epochs: Option<usize>,
+    /// Each instance image this many times per epoch.
+    #[arg(long, default_value_t = 1)]
+    pub repeats: usize,
     /// Skip the final validation image even with --validation-prompt (the seed's --not_validation_final).
     #[arg(long = "not-validation-final")]
     pub not_validation_final: bool,
@@ -203,6 +209,11 @@ fn run(args: DreamBoothArgs, method: Method) -> anyhow::Result<ExitCode> {
     cfg.checkpointing_steps = args.checkpointing_steps;
     cfg.cache_latents = args.cache_latents;
     cfg.gradient_checkpointing = args.gradient_checkpointing;
+    cfg.repeats = args.repeats;
+    if args.validation_epochs.is_some() && args.validation_prompt.is_none() {
+        bail!("--validation-epochs needs --validation-prompt");
+    }
+    cfg.validation_epochs = args.validation_epochs;
     if args.train_text_encoder {
         cfg.train_text_encoder = Some(sd3::train::optim::AdamWConfig {
             lr: args.text_encoder_lr,
@@ -231,6 +242,14 @@ fn run(args: DreamBoothArgs, method: Method) -> anyhow::Result<ExitCode> {
 
     let backend = sd3::runtime::open_backend(&args.backend.request())?;
     say(format!("backend: {} ({})", backend.name(), backend.info().name));
+    let validation = Validation {
+        model_dir: &model_dir,
+        method,
+        backend: &backend,
+        dtype,
+        resolution: args.resolution,
+        seed: args.seed,
+    };
     let every = (args.max_train_steps / 20).max(1);
     let mut on_event = |e: &TrainEvent| match e {
         TrainEvent::Ready { images, tensors, values, seconds } => say(format!(
@@ -248,6 +267,17 @@ fn run(args: DreamBoothArgs, method: Method) -> anyhow::Result<ExitCode> {
         TrainEvent::Saved { path } => say(format!("wrote {}", path.display())),
         TrainEvent::ClassImage { index, total, path } => {
             say(format!("class image {}/{total}: {}", index + 1, path.display()))
+        }
+        TrainEvent::Validate { epoch, trained } => {
+            let path = output_dir.join(format!("validation-epoch-{epoch}.png"));
+            let prompt = args.validation_prompt.as_deref().unwrap_or_default();
+            // A failed validation image does not stop the training; it is reported.
+            match validation.image(prompt, trained, &path) {
+                Ok(()) => say(format!("epoch {epoch}: wrote {}", path.display())),
+                Err(e) => eprintln!("epoch {epoch}: no validation image: {e:#}"),
+            }
+            // The result so far was written for this image only (`<output>/validation-epoch-<e>/`).
+            let _ = std::fs::remove_dir_all(output_dir.join(format!("validation-epoch-{epoch}")));
         }
     };
     if args.data_parallel == 0 {
@@ -271,23 +301,40 @@ fn run(args: DreamBoothArgs, method: Method) -> anyhow::Result<ExitCode> {
     let report = train_dreambooth(&cfg, &backends, &mut on_event)?;
 
     if let (Some(prompt), false) = (&args.validation_prompt, args.not_validation_final) {
-        // The base model with the LoRA, or the trained pipeline folder.
-        let (model, loras) = match method {
-            Method::Lora { .. } => (model_dir.clone(), vec![(report.output.clone(), 1.0)]),
-            Method::Full => (report.output.clone(), Vec::new()),
-        };
-        let options = PipelineOptions { dtype, no_t5: false, loras };
-        let pipe = StableDiffusion3Pipeline::new(&model, backend.clone(), options)?;
-        let mut req = GenerationRequest::new(prompt.clone(), args.resolution, args.resolution);
-        req.seed = args.seed;
-        let generation = pipe.generate(&req, &mut |_| {}).context("the validation image")?;
         let path = output_dir.join("validation.png");
-        let text = [("prompt", prompt.clone()), ("trained", report.output.display().to_string())];
-        let text: Vec<(&str, String)> = text.iter().map(|(k, v)| (*k, v.clone())).collect();
-        sd3::image_out::write_png(&path, &generation.images[0], &text)?;
+        validation.image(prompt, &report.output, &path)?;
         say(format!("wrote {}", path.display()));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What a validation image is made with: the base model, how the result applies to it, the request's settings.
+struct Validation<'a> {
+    model_dir: &'a std::path::Path,
+    method: Method,
+    backend: &'a sd3_core::Backend,
+    dtype: DType,
+    resolution: usize,
+    seed: u64,
+}
+
+impl Validation<'_> {
+    /// `prompt` through the base model with `trained` (a LoRA file, or a pipeline folder), into `path`.
+    fn image(&self, prompt: &str, trained: &std::path::Path, path: &std::path::Path) -> anyhow::Result<()> {
+        let (model, loras) = match self.method {
+            Method::Lora { .. } => (self.model_dir.to_path_buf(), vec![(trained.to_path_buf(), 1.0)]),
+            Method::Full => (trained.to_path_buf(), Vec::new()),
+        };
+        let options = PipelineOptions { dtype: self.dtype, no_t5: false, loras };
+        let pipe = StableDiffusion3Pipeline::new(&model, self.backend.clone(), options)?;
+        let mut req = GenerationRequest::new(prompt.to_string(), self.resolution, self.resolution);
+        req.seed = self.seed;
+        let generation = pipe.generate(&req, &mut |_| {}).context("the validation image")?;
+        let text = [("prompt", prompt.to_string()), ("trained", trained.display().to_string())];
+        let text: Vec<(&str, String)> = text.iter().map(|(k, v)| (*k, v.clone())).collect();
+        sd3::image_out::write_png(path, &generation.images[0], &text)?;
+        Ok(())
+    }
 }
 
 /// The `checkpoint-N` folder of `output_dir` with the largest N.

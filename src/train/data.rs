@@ -121,6 +121,8 @@ pub struct LatentsOptions {
     pub random_flip: bool,
     /// Encode each image once (one crop, no flip).
     pub cache: bool,
+    /// Each image this many times per pass (`--repeats`).
+    pub repeats: usize,
 }
 
 /// One image set (instance or class images) as training latents: shuffled passes over it, each image prepared
@@ -185,7 +187,8 @@ impl<'a> ImageLatents<'a> {
     /// The next image's latent, `(mean + exp(logvar/2)·noise − shift)·scale`.
     pub fn next_sample(&mut self, noise: &[f32], draws: &mut Draws) -> anyhow::Result<Vec<f32>> {
         if self.order.is_empty() {
-            self.order = (0..self.images.len()).collect();
+            let repeats = self.options.repeats.max(1);
+            self.order = (0..self.images.len()).flat_map(|i| std::iter::repeat_n(i, repeats)).collect();
             for i in (1..self.order.len()).rev() {
                 self.order.swap(i, draws.below(i + 1));
             }

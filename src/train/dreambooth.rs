@@ -56,6 +56,10 @@ pub struct DreamBoothConfig {
     pub prior: Option<PriorPreservation>,
     /// A checkpoint folder of an earlier run with the same settings to go on from, exactly where it stopped.
     pub resume_from: Option<PathBuf>,
+    /// Each instance image this many times per epoch (`--repeats`).
+    pub repeats: usize,
+    /// Every this many epochs (after the first), [`TrainEvent::Validate`] with the result so far.
+    pub validation_epochs: Option<usize>,
     /// `--train-text-encoder`: LoRA adapters on both CLIPs too, with these optimizer settings (the script's
     /// `--text_encoder_lr` 5e-6 and `--adam_weight_decay_text_encoder` 1e-3 by default).
     pub train_text_encoder: Option<AdamWConfig>,
@@ -101,6 +105,8 @@ impl DreamBoothConfig {
             prior: None,
             resume_from: None,
             train_text_encoder: None,
+            repeats: 1,
+            validation_epochs: None,
         }
     }
 }
@@ -126,6 +132,12 @@ pub enum TrainEvent {
     },
     Saved {
         path: PathBuf,
+    },
+    /// Epoch `epoch` (0-based) ended and a validation is due: the result so far is at `trained` (a LoRA file or a
+    /// pipeline folder, to be removed after use).
+    Validate {
+        epoch: usize,
+        trained: PathBuf,
     },
     /// Class image `index` of `total` generated for prior preservation.
     ClassImage {
@@ -212,12 +224,14 @@ pub fn train_dreambooth(
         center_crop: cfg.center_crop,
         random_flip: cfg.random_flip,
         cache: cfg.cache_latents,
+        repeats: cfg.repeats,
     };
     let mut sets = vec![ImageLatents::new(&images, &encoder, backend, options, &mut draws)?];
     let b = cfg.train_batch_size;
     // The batch: the instance images' rows, then as many class images' rows under their own prompt.
     let (class_embeds, class_pooled) = match (&cfg.prior, &class_images) {
         (Some(prior), Some(class_images)) => {
+            let options = LatentsOptions { repeats: 1, ..options };
             sets.push(ImageLatents::new(class_images, &encoder, backend, options, &mut draws)?);
             let (e, p) = embed_text(cfg, backend, &prior.class_prompt)?;
             (Some(e), Some(p))
@@ -378,6 +392,18 @@ pub fn train_dreambooth(
             let path = trainee.save(&cfg.model_dir, &dir)?;
             trainee.save_state(&dir, &run)?;
             on_event(&TrainEvent::Saved { path });
+        }
+        // The script's epochs: its DataLoader's batches over the dataset (the instance images times --repeats, or
+        // the class images if more), per device, in optimizer steps.
+        let dataset = (images.len() * cfg.repeats.max(1)).max(class_images.as_ref().map_or(0, |c| c.len()));
+        let per_epoch = dataset.div_ceil(b * backends.len()).div_ceil(cfg.gradient_accumulation_steps).max(1);
+        if let Some(every) = cfg.validation_epochs.filter(|_| step % per_epoch == 0 && step < cfg.max_train_steps) {
+            let epoch = step / per_epoch - 1;
+            if epoch % every.max(1) == 0 {
+                let trained =
+                    trainee.save(&cfg.model_dir, &cfg.output_dir.join(format!("validation-epoch-{epoch}")))?;
+                on_event(&TrainEvent::Validate { epoch, trained });
+            }
         }
         last_run = Some(run);
     }
