@@ -5,11 +5,12 @@
 //! preconditioned loss, gradients, clipping and AdamW ([`super::trainee`]). Writes
 //! `pytorch_lora_weights.safetensors`, or a pipeline folder with the trained transformer, in diffusers' layout.
 
+use super::checkpoint::RunState;
 use super::data::{Draws, ImageLatents, InstanceImages, LatentsOptions};
 use super::objective::{noisy_latents, prior_preserving_loss, training_sigma, TimestepSampling};
 use super::optim::{AdamWConfig, LrSchedule};
 use super::text_encoders::TextEncoders;
-use super::trainee::{Gradients, RunState, TextStep, Trainee};
+use super::trainee::{Gradients, TextStep, Trainee};
 pub use super::trainee::{Method, LORA_FILE};
 use crate::models::mmdit::train::TrainingBatch;
 use crate::models::mmdit::Sd3Transformer2DModel;

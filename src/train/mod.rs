@@ -4,9 +4,11 @@
 //!
 //! [`dreambooth`] is the training loop; [`trainee`] what it trains (a LoRA with [`lora_params`] and the host
 //! AdamW, or every parameter with the device AdamW of [`optim`]); [`data`] the images as latents; [`objective`]
-//! the noise levels and the loss; [`prior`] prior preservation's class images; [`golden`] the diffusers step every
+//! the noise levels and the loss; [`prior`] prior preservation's class images; [`text_encoders`] the CLIPs'
+//! adapters; [`checkpoint`] saving results and the state to resume from; [`golden`] the diffusers steps every
 //! backend's training test runs.
 
+pub mod checkpoint;
 pub mod data;
 pub mod dreambooth;
 pub mod golden;
