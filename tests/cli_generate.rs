@@ -253,34 +253,11 @@ fn embedded_copy_of_the_bundled_model_is_complete() {
 /// `sd3 train-lora` on the bundled model: the LoRA file, a validation image made with it, and flag errors.
 #[test]
 fn train_lora_through_the_cli() {
-    let dir = scratch("cli-train-lora");
-    let images = dir.join("instance");
-    std::fs::create_dir_all(&images).unwrap();
-    std::fs::copy(fixtures().join("golden/sd3-cfg/image.png"), images.join("dog.png")).unwrap();
+    let (dir, images) = instance_folder("cli-train-lora");
     let out = dir.join("out");
-    let (ok, text) = sd3(&[
-        "train-lora",
-        "--instance-data-dir",
-        s(&images),
-        "--instance-prompt",
-        "a photo of sks dog",
-        "--resolution",
-        "64",
-        "--max-train-steps",
-        "4",
-        "--checkpointing-steps",
-        "2",
-        "--lr-scheduler",
-        "cosine",
-        "--lr-warmup-steps",
-        "1",
-        "--output-dir",
-        s(&out),
-        "--validation-prompt",
-        "a photo of sks dog",
-        "--validation-epochs",
-        "2",
-    ]);
+    let more = ["--max-train-steps", "4", "--lr-scheduler", "cosine", "--lr-warmup-steps", "1"];
+    let validation = ["--validation-prompt", "a photo of sks dog", "--validation-epochs", "2"];
+    let (ok, text) = sd3(&[&train_args("train-lora", &images, &out)[..], &more, &validation].concat());
     assert!(ok, "{text}");
     assert!(text.contains("step 4/4: loss"), "{text}");
     // One image, batch 1: an epoch per step; epochs 0 and 2 end before the last step.
@@ -293,15 +270,19 @@ fn train_lora_through_the_cli() {
     assert!(out.join("checkpoint-2/pytorch_lora_weights.safetensors").is_file());
     // With the text encoders' adapters too.
     let text_out = dir.join("out-text");
-    let text = [&train_args(&images, &text_out)[..], &["--max-train-steps", "2", "--train-text-encoder"]].concat();
+    let text = [&train_args("train-lora", &images, &text_out)[..], &["--max-train-steps", "2", "--train-text-encoder"]]
+        .concat();
     let (ok, text_log) = sd3(&text);
     assert!(ok && text_log.contains("step 2/2"), "{text_log}");
     let bytes = std::fs::read(text_out.join("pytorch_lora_weights.safetensors")).unwrap();
     let names = safetensors::SafeTensors::deserialize(&bytes).unwrap().names().join(" ");
     assert!(names.contains("text_encoder.text_model") && names.contains("text_encoder_2.text_model"), "{names}");
     // Going on from the last checkpoint to step 6.
-    let resume =
-        [&train_args(&images, &out)[..], &["--max-train-steps", "6", "--resume-from-checkpoint", "latest"]].concat();
+    let resume = [
+        &train_args("train-lora", &images, &out)[..],
+        &["--max-train-steps", "6", "--resume-from-checkpoint", "latest"],
+    ]
+    .concat();
     let (ok, text) = sd3(&resume);
     assert!(ok && text.contains("step 6/6") && !text.contains("step 1/6"), "{text}");
     let (image, meta) = read_png(&out.join("validation.png")).unwrap();
@@ -334,27 +315,10 @@ fn train_lora_through_the_cli() {
 /// `sd3 train-dreambooth` (every parameter) on the bundled model: a pipeline folder that generation opens.
 #[test]
 fn train_dreambooth_through_the_cli() {
-    let dir = scratch("cli-train-dreambooth");
-    let images = dir.join("instance");
-    std::fs::create_dir_all(&images).unwrap();
-    std::fs::copy(fixtures().join("golden/sd3-cfg/image.png"), images.join("dog.png")).unwrap();
+    let (dir, images) = instance_folder("cli-train-dreambooth");
     let out = dir.join("out");
-    let (ok, text) = sd3(&[
-        "train-dreambooth",
-        "--instance-data-dir",
-        s(&images),
-        "--instance-prompt",
-        "a photo of sks dog",
-        "--resolution",
-        "64",
-        "--max-train-steps",
-        "2",
-        "--gradient-checkpointing",
-        "--output-dir",
-        s(&out),
-        "--validation-prompt",
-        "a photo of sks dog",
-    ]);
+    let more = ["--max-train-steps", "2", "--gradient-checkpointing", "--validation-prompt", "a photo of sks dog"];
+    let (ok, text) = sd3(&[&train_args("train-dreambooth", &images, &out)[..], &more].concat());
     assert!(ok, "{text}");
     assert!(text.contains("every parameter of the transformer") && text.contains("step 2/2: loss"), "{text}");
     assert!(out.join("transformer/diffusion_pytorch_model.safetensors").is_file());
@@ -364,10 +328,20 @@ fn train_dreambooth_through_the_cli() {
     assert!(ok, "{text}");
 }
 
-/// The flags of a short LoRA run on the bundled model.
-fn train_args<'a>(images: &'a Path, out: &'a Path) -> Vec<&'a str> {
+/// A scratch folder `name` with an `instance/` folder of one image: `(folder, instance folder)`.
+fn instance_folder(name: &str) -> (PathBuf, PathBuf) {
+    let dir = scratch(name);
+    let images = dir.join("instance");
+    std::fs::create_dir_all(&images).unwrap();
+    std::fs::copy(fixtures().join("golden/sd3-cfg/image.png"), images.join("dog.png")).unwrap();
+    (dir, images)
+}
+
+/// The flags of a short run of `command` (`train-lora`, `train-dreambooth`) on the bundled model, 64², a
+/// checkpoint every 2 steps.
+fn train_args<'a>(command: &'a str, images: &'a Path, out: &'a Path) -> Vec<&'a str> {
     vec![
-        "train-lora",
+        command,
         "--instance-data-dir",
         s(images),
         "--instance-prompt",

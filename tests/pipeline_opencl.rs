@@ -6,7 +6,7 @@
 
 use sd3::golden::{fixtures_dir, GoldenCase, Tolerances};
 use sd3::runtime::{open_backend, BackendRequest};
-use sd3::train::golden::TrainingGolden;
+use sd3::train::golden::check_every_step;
 
 const OPENCL: Tolerances = Tolerances { conditioning: None, initial_latents: None, final_latents: None, image: 3 };
 
@@ -35,8 +35,8 @@ fn sd35_slg_on_opencl() {
     run_case("sd35-slg");
 }
 
-/// One LoRA fine-tuning step (`sd3 train-lora`'s forward and backward) on the device, strict, against diffusers +
-/// PEFT (`fixtures/training`, through the runner every backend shares, `sd3::train::golden`), f32.
+/// Every golden training step (`sd3::train::golden::check_every_step`: the LoRA and the full step on both tiny
+/// models, the step with the text encoders) against diffusers + PEFT, f32, within the CPU backend's bounds.
 #[test]
 fn lora_training_step_on_opencl() {
     let request = BackendRequest { strict: true, ..BackendRequest::named("opencl") };
@@ -48,17 +48,7 @@ fn lora_training_step_on_opencl() {
         }
         Err(e) => panic!("opening the OpenCL plugin (is libsd3_backend_opencl built beside the test?): {e:#}"),
     };
-    for model in ["sd3-tiny", "sd35-tiny"] {
-        let d = TrainingGolden::load(&fixtures_dir(), model).unwrap().run(&be).unwrap();
-        eprintln!("{model} training step on {} ({}): {d}", be.name(), be.info().name);
-        assert!(d.prediction < 1e-5 && d.loss < 1e-5 && d.gradients < 5e-5, "{model}: {d}");
-        // Full fine-tuning: every parameter's gradient (the CPU's bound, tests/training.rs).
-        let d = TrainingGolden::load(&fixtures_dir(), model).unwrap().run_full(&be, false).unwrap();
-        eprintln!("{model} full training step: {d}");
-        assert!(d.prediction < 1e-5 && d.loss < 1e-5 && d.gradients < 1e-4, "{model}: {d}");
+    for line in check_every_step(&fixtures_dir(), &be).unwrap_or_else(|e| panic!("{e:#}")) {
+        eprintln!("{line} on opencl");
     }
-    // --train-text-encoder: the adapters of the transformer and both CLIPs.
-    let d = TrainingGolden::load(&fixtures_dir(), "sd3-tiny").unwrap().run_text_encoders(&be).unwrap();
-    eprintln!("sd3-tiny training step with the text encoders: {d}");
-    assert!(d.prediction < 1e-5 && d.loss < 1e-5 && d.gradients < 5e-5, "{d}");
 }

@@ -148,6 +148,43 @@ fn vae_encoder_matches_diffusers() {
     assert!(msg.contains("[1, 3, 60, 48]") && msg.contains("multiples of 8"), "{msg}");
 }
 
+/// A fresh folder of instance images copied from the golden cases' images (`fixtures/golden/<case>/image.png`).
+fn instance_images(name: &str, cases: &[&str]) -> PathBuf {
+    let dir = common::scratch(name);
+    for (i, case) in cases.iter().enumerate() {
+        std::fs::copy(fixtures().join(format!("golden/{case}/image.png")), dir.join(format!("{i}.png"))).unwrap();
+    }
+    dir
+}
+
+/// A safetensors file's tensors by name, as bytes (the files' headers may list metadata in any order).
+fn tensors_of(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, Vec<u8>)> = st.tensors().into_iter().map(|(n, t)| (n, t.data().to_vec())).collect();
+    tensors.sort();
+    tensors
+}
+
+/// The adapters `<component>.<module>.lora_{A,B}.weight` of a saved LoRA file for `modules`, on `cpu` (scale 1:
+/// alpha equals the rank).
+fn adapters_of<'m>(file: &Path, component: &str, modules: impl Iterator<Item = &'m String>, cpu: &Backend) -> Adapters {
+    let bytes = std::fs::read(file).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let load = |name: String| {
+        let t = st.tensor(&name).unwrap();
+        let v: Vec<f32> = t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        cpu.from_f32(&v, t.shape(), DType::F32).unwrap()
+    };
+    modules
+        .map(|m| {
+            let (a, b) =
+                (load(format!("{component}.{m}.lora_A.weight")), load(format!("{component}.{m}.lora_B.weight")));
+            (m.clone(), LoraPair { a, b, scale: 1.0 })
+        })
+        .collect()
+}
+
 /// `mean((v·(-σ) + noisy - x0)²)` of the transformer's prediction on a fixed evaluation batch.
 fn eval_loss(transformer: &Sd3Transformer2DModel, e: &EvalBatch, backend: &Backend) -> f32 {
     let noisy = backend.from_f32(&e.noisy, &e.shape, DType::F32).unwrap();
@@ -165,6 +202,35 @@ struct EvalBatch {
     pooled: Tensor,
 }
 
+impl EvalBatch {
+    /// The first instance image's latent mean (64×64, centre crop) at four noise levels with fixed noise, under
+    /// the prompt's `embeds` and `pooled` (`[1, …]`, repeated to the 4 rows).
+    fn new(model: &Path, instance_dir: &Path, embeds: &Tensor, pooled: &Tensor, cpu: &Backend) -> EvalBatch {
+        let encoder = VaeEncoder::load(&model.join("vae"), cpu, DType::F32).unwrap();
+        let pixels = sd3::train::data::InstanceImages::load(instance_dir).unwrap().prepared(0, 64, (0.5, 0.5), false);
+        let dist = encoder.encode(&cpu.from_f32(&pixels, &[1, 3, 64, 64], DType::F32).unwrap()).unwrap();
+        let (shift, scale) = (encoder.config().shift_factor.unwrap(), encoder.config().scaling_factor);
+        let mean: Vec<f32> = dist.mean.to_f32_vec().unwrap().iter().map(|m| (m - shift) * scale).collect();
+        let sigmas = vec![0.2, 0.4, 0.6, 0.8];
+        let x0: Vec<f32> = sigmas.iter().flat_map(|_| mean.clone()).collect();
+        let noise = sd3::noise::standard_normal(99, x0.len());
+        let rows = |t: &Tensor| {
+            let mut shape = t.shape().to_vec();
+            shape[0] = 4;
+            t.broadcast_to(&shape).unwrap().contiguous().unwrap()
+        };
+        EvalBatch {
+            noisy: noisy_latents(&x0, &noise, &sigmas),
+            timesteps: sigmas.iter().map(|s| s * 1000.0).collect(),
+            x0,
+            sigmas,
+            shape: vec![4, 16, 8, 8],
+            embeds: rows(embeds),
+            pooled: rows(pooled),
+        }
+    }
+}
+
 /// A short DreamBooth run on the tiny model: the saved LoRA lowers the loss on fixed noise levels and noise, it
 /// loads through `--lora`'s merge, and the merged transformer predicts what the adapters predict.
 #[test]
@@ -175,8 +241,7 @@ fn dreambooth_lora_learns_and_loads() {
     let cpu = common::cpu();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let model = root.join("fixtures/sd3-tiny");
-    let instance = common::scratch("dreambooth-instance");
-    std::fs::copy(root.join("fixtures/golden/sd3-cfg/image.png"), instance.join("subject.png")).unwrap();
+    let instance = instance_images("dreambooth-instance", &["sd3-cfg"]);
     let out = common::scratch("dreambooth-out");
     let mut cfg = DreamBoothConfig::new(model.clone(), instance, "a photo of sks dog".into(), out.clone());
     (cfg.resolution, cfg.max_train_steps, cfg.center_crop, cfg.cache_latents) = (64, 60, true, true);
@@ -192,29 +257,8 @@ fn dreambooth_lora_learns_and_loads() {
     assert!(report.losses.iter().all(|l| l.is_finite()));
 
     // The evaluation batch: the image's latent mean, four noise levels, fixed noise.
-    let encoder = VaeEncoder::load(&model.join("vae"), &cpu, DType::F32).unwrap();
-    let pixels = sd3::train::data::InstanceImages::load(&cfg.instance_dir).unwrap().prepared(0, 64, (0.5, 0.5), false);
-    let dist = encoder.encode(&cpu.from_f32(&pixels, &[1, 3, 64, 64], DType::F32).unwrap()).unwrap();
-    let (shift, scale) = (encoder.config().shift_factor.unwrap(), encoder.config().scaling_factor);
-    let mean: Vec<f32> = dist.mean.to_f32_vec().unwrap().iter().map(|m| (m - shift) * scale).collect();
-    let sigmas = vec![0.2, 0.4, 0.6, 0.8];
-    let x0: Vec<f32> = sigmas.iter().flat_map(|_| mean.clone()).collect();
-    let noise = sd3::noise::standard_normal(99, x0.len());
     let (embeds, pooled) = embed_prompt(&cfg, &cpu).unwrap();
-    let rows = |t: &Tensor| {
-        let mut shape = t.shape().to_vec();
-        shape[0] = 4;
-        t.broadcast_to(&shape).unwrap().contiguous().unwrap()
-    };
-    let e = EvalBatch {
-        noisy: noisy_latents(&x0, &noise, &sigmas),
-        timesteps: sigmas.iter().map(|s| s * 1000.0).collect(),
-        x0,
-        sigmas,
-        shape: vec![4, 16, 8, 8],
-        embeds: rows(&embeds),
-        pooled: rows(&pooled),
-    };
+    let e = EvalBatch::new(&model, &cfg.instance_dir, &embeds, &pooled, &cpu);
     let base = Sd3Transformer2DModel::load(&model.join("transformer"), &cpu, DType::F32).unwrap();
     let before = eval_loss(&base, &e, &cpu);
 
@@ -230,25 +274,7 @@ fn dreambooth_lora_learns_and_loads() {
     assert!(after < 0.9 * before, "the LoRA should fit the subject: loss {before} before, {after} after");
 
     // The same LoRA as adapters on the base model predicts what the merged model predicts.
-    let file = std::fs::read(&report.output).unwrap();
-    let st = SafeTensors::deserialize(&file).unwrap();
-    let load = |name: String| {
-        let t = st.tensor(&name).unwrap();
-        let v: Vec<f32> = t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-        cpu.from_f32(&v, t.shape(), DType::F32).unwrap()
-    };
-    let adapters: Adapters = base
-        .adapter_shapes()
-        .keys()
-        .map(|m| {
-            let pair = LoraPair {
-                a: load(format!("transformer.{m}.lora_A.weight")),
-                b: load(format!("transformer.{m}.lora_B.weight")),
-                scale: 1.0,
-            };
-            (m.clone(), pair)
-        })
-        .collect();
+    let adapters = adapters_of(&report.output, "transformer", base.adapter_shapes().keys(), &cpu);
     let noisy = cpu.from_f32(&e.noisy, &e.shape, DType::F32).unwrap();
     let merged_pred = merged.forward(&noisy, &e.embeds, &e.pooled, &e.timesteps, &[]).unwrap().to_f32_vec().unwrap();
     let batch = TrainingBatch {
@@ -273,8 +299,7 @@ fn full_dreambooth_learns_and_saves_a_pipeline() {
     let cpu = common::cpu();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let model = root.join("fixtures/sd3-tiny");
-    let instance = common::scratch("dreambooth-full-instance");
-    std::fs::copy(root.join("fixtures/golden/sd3-cfg/image.png"), instance.join("subject.png")).unwrap();
+    let instance = instance_images("dreambooth-full-instance", &["sd3-cfg"]);
     let out = common::scratch("dreambooth-full-out");
     let mut cfg = DreamBoothConfig::new(model.clone(), instance, "a photo of sks dog".into(), out.clone());
     (cfg.resolution, cfg.max_train_steps, cfg.center_crop, cfg.cache_latents) = (64, 30, true, true);
@@ -283,29 +308,8 @@ fn full_dreambooth_learns_and_saves_a_pipeline() {
     assert_eq!(report.output, out);
     assert!(report.losses.iter().all(|l| l.is_finite()));
 
-    let encoder = VaeEncoder::load(&model.join("vae"), &cpu, DType::F32).unwrap();
-    let pixels = sd3::train::data::InstanceImages::load(&cfg.instance_dir).unwrap().prepared(0, 64, (0.5, 0.5), false);
-    let dist = encoder.encode(&cpu.from_f32(&pixels, &[1, 3, 64, 64], DType::F32).unwrap()).unwrap();
-    let (shift, scale) = (encoder.config().shift_factor.unwrap(), encoder.config().scaling_factor);
-    let mean: Vec<f32> = dist.mean.to_f32_vec().unwrap().iter().map(|m| (m - shift) * scale).collect();
-    let sigmas = vec![0.2, 0.4, 0.6, 0.8];
-    let x0: Vec<f32> = sigmas.iter().flat_map(|_| mean.clone()).collect();
-    let noise = sd3::noise::standard_normal(99, x0.len());
     let (embeds, pooled) = embed_prompt(&cfg, &cpu).unwrap();
-    let rows = |t: &Tensor| {
-        let mut shape = t.shape().to_vec();
-        shape[0] = 4;
-        t.broadcast_to(&shape).unwrap().contiguous().unwrap()
-    };
-    let e = EvalBatch {
-        noisy: noisy_latents(&x0, &noise, &sigmas),
-        timesteps: sigmas.iter().map(|s| s * 1000.0).collect(),
-        x0,
-        sigmas,
-        shape: vec![4, 16, 8, 8],
-        embeds: rows(&embeds),
-        pooled: rows(&pooled),
-    };
+    let e = EvalBatch::new(&model, &cfg.instance_dir, &embeds, &pooled, &cpu);
     let base = Sd3Transformer2DModel::load(&model.join("transformer"), &cpu, DType::F32).unwrap();
     let trained = Sd3Transformer2DModel::load(&out.join("transformer"), &cpu, DType::F32).unwrap();
     let (before, after) = (eval_loss(&base, &e, &cpu), eval_loss(&trained, &e, &cpu));
@@ -331,8 +335,7 @@ fn prior_preservation_generates_class_images_once() {
     use sd3::train::dreambooth::{train_dreambooth, DreamBoothConfig, PriorPreservation, TrainEvent};
     let cpu = common::cpu();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let instance = common::scratch("prior-instance");
-    std::fs::copy(root.join("fixtures/golden/sd3-cfg/image.png"), instance.join("subject.png")).unwrap();
+    let instance = instance_images("prior-instance", &["sd3-cfg"]);
     let class_dir = common::scratch("prior-class").join("dogs");
     let mut cfg = DreamBoothConfig::new(
         root.join("fixtures/sd3-tiny"),
@@ -371,11 +374,7 @@ fn resumed_runs_end_where_uninterrupted_ones_do() {
     use sd3::train::dreambooth::{train_dreambooth, DreamBoothConfig, Method};
     let cpu = common::cpu();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let instance = common::scratch("resume-instance");
-    for (i, case) in ["sd3-cfg", "sd35-cfg"].iter().enumerate() {
-        std::fs::copy(root.join(format!("fixtures/golden/{case}/image.png")), instance.join(format!("{i}.png")))
-            .unwrap();
-    }
+    let instance = instance_images("resume-instance", &["sd3-cfg", "sd35-cfg"]);
     let text = Some(sd3::train::optim::AdamWConfig::default());
     for (method, text, result) in [
         (Method::Lora { rank: 4 }, None, "pytorch_lora_weights.safetensors"),
@@ -396,16 +395,8 @@ fn resumed_runs_end_where_uninterrupted_ones_do() {
         cfg.resume_from = Some(whole.join("checkpoint-2"));
         let resumed = train_dreambooth(&cfg, std::slice::from_ref(&cpu), &mut |_| {}).unwrap();
         assert_eq!(resumed.losses, straight.losses[2..], "{method:?}: the resumed steps' losses");
-        // The tensors, by name (the files' headers may list metadata in another order).
-        let read = |dir: &Path| {
-            let bytes = std::fs::read(dir.join(result)).unwrap();
-            let st = SafeTensors::deserialize(&bytes).unwrap();
-            let mut tensors: Vec<(String, Vec<u8>)> =
-                st.tensors().into_iter().map(|(n, t)| (n, t.data().to_vec())).collect();
-            tensors.sort();
-            tensors
-        };
-        assert!(read(&whole) == read(&resumed_dir), "{method:?}: the resumed run's result differs");
+        let same = tensors_of(&whole.join(result)) == tensors_of(&resumed_dir.join(result));
+        assert!(same, "{method:?}: the resumed run's result differs");
         let other = match method {
             Method::Full => Method::Lora { rank: 4 },
             Method::Lora { .. } => Method::Full,
@@ -423,11 +414,7 @@ fn resumed_runs_end_where_uninterrupted_ones_do() {
 fn data_parallel_lora_equals_accumulation_on_one_device() {
     use sd3::train::dreambooth::{train_dreambooth, DreamBoothConfig, Method};
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let instance = common::scratch("dp-instance");
-    for (i, case) in ["sd3-cfg", "sd35-cfg"].iter().enumerate() {
-        std::fs::copy(root.join(format!("fixtures/golden/{case}/image.png")), instance.join(format!("{i}.png")))
-            .unwrap();
-    }
+    let instance = instance_images("dp-instance", &["sd3-cfg", "sd35-cfg"]);
     let config = |out: &Path, accumulate: usize| {
         let mut cfg = DreamBoothConfig::new(root.join("fixtures/sd3-tiny"), instance.clone(), "sks".into(), out.into());
         (cfg.resolution, cfg.max_train_steps, cfg.random_flip, cfg.optimizer.lr) = (64, 3, true, 1e-3);
@@ -438,15 +425,7 @@ fn data_parallel_lora_equals_accumulation_on_one_device() {
     let one = train_dreambooth(&config(&one_dir, 2), &[common::cpu()], &mut |_| {}).unwrap();
     let two = train_dreambooth(&config(&two_dir, 1), &[common::cpu(), common::cpu()], &mut |_| {}).unwrap();
     assert_eq!(one.losses, two.losses);
-    let read = |path: &Path| {
-        let bytes = std::fs::read(path).unwrap();
-        let st = SafeTensors::deserialize(&bytes).unwrap();
-        let mut tensors: Vec<(String, Vec<u8>)> =
-            st.tensors().into_iter().map(|(n, t)| (n, t.data().to_vec())).collect();
-        tensors.sort();
-        tensors
-    };
-    assert!(read(&one.output) == read(&two.output), "the data-parallel LoRA differs");
+    assert!(tensors_of(&one.output) == tensors_of(&two.output), "the data-parallel LoRA differs");
     let mut cfg = config(&two_dir, 1);
     cfg.method = Method::Full;
     let msg = format!("{:#}", train_dreambooth(&cfg, &[common::cpu(), common::cpu()], &mut |_| {}).err().unwrap());
@@ -465,8 +444,7 @@ fn text_encoder_lora_trains_and_loads() {
     let cpu = common::cpu();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let model = root.join("fixtures/sd3-tiny");
-    let instance = common::scratch("text-lora-instance");
-    std::fs::copy(root.join("fixtures/golden/sd3-cfg/image.png"), instance.join("subject.png")).unwrap();
+    let instance = instance_images("text-lora-instance", &["sd3-cfg"]);
     let out = common::scratch("text-lora-out");
     let mut cfg = DreamBoothConfig::new(model.clone(), instance, "a photo of sks dog".into(), out.clone());
     (cfg.resolution, cfg.max_train_steps, cfg.center_crop, cfg.cache_latents) = (64, 60, true, true);
@@ -492,25 +470,10 @@ fn text_encoder_lora_trains_and_loads() {
         rel_err(&tuned_cond.prompt_embeds.to_f32_vec().unwrap(), &base_cond.prompt_embeds.to_f32_vec().unwrap());
     assert!(moved > 1e-3, "the text encoders' LoRA should change the prompt embeddings ({moved})");
     // The file's text adapters applied as adapters give what the merged encoders give.
-    let file = std::fs::read(&report.output).unwrap();
-    let st = SafeTensors::deserialize(&file).unwrap();
     let encoders = sd3::train::text_encoders::TextEncoders::load(&model, &cpu, DType::F32).unwrap();
     let shapes = encoders.adapter_shapes();
-    let adapters = [0, 1].map(|i| {
-        let c = ["text_encoder", "text_encoder_2"][i];
-        shapes[i]
-            .keys()
-            .map(|m| {
-                let load = |w: &str| {
-                    let t = st.tensor(&format!("{c}.{m}.lora_{w}.weight")).unwrap();
-                    let v: Vec<f32> =
-                        t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-                    cpu.from_f32(&v, t.shape(), DType::F32).unwrap()
-                };
-                (m.clone(), LoraPair { a: load("A"), b: load("B"), scale: 1.0 })
-            })
-            .collect::<Adapters>()
-    });
+    let adapters =
+        [0, 1].map(|i| adapters_of(&report.output, ["text_encoder", "text_encoder_2"][i], shapes[i].keys(), &cpu));
     let pipe = StableDiffusion3Pipeline::new(&model, cpu.clone(), Default::default()).unwrap();
     let inputs = pipe.text_inputs("a photo of sks dog", 77).unwrap();
     let encoded = encoders.encode(&pipe, &inputs, [&adapters[0], &adapters[1]]).unwrap();
@@ -518,27 +481,8 @@ fn text_encoder_lora_trains_and_loads() {
     let err_pooled = rel_err(&encoded.pooled.to_f32_vec().unwrap(), &tuned_cond.pooled.to_f32_vec().unwrap());
     assert!(err < 1e-5 && err_pooled < 1e-5, "adapters and merged text encoders disagree: {err}, {err_pooled}");
 
-    let encoder = VaeEncoder::load(&model.join("vae"), &cpu, DType::F32).unwrap();
-    let pixels = sd3::train::data::InstanceImages::load(&cfg.instance_dir).unwrap().prepared(0, 64, (0.5, 0.5), false);
-    let dist = encoder.encode(&cpu.from_f32(&pixels, &[1, 3, 64, 64], DType::F32).unwrap()).unwrap();
-    let (shift, scale) = (encoder.config().shift_factor.unwrap(), encoder.config().scaling_factor);
-    let mean: Vec<f32> = dist.mean.to_f32_vec().unwrap().iter().map(|m| (m - shift) * scale).collect();
-    let sigmas = vec![0.2, 0.4, 0.6, 0.8];
-    let x0: Vec<f32> = sigmas.iter().flat_map(|_| mean.clone()).collect();
-    let noise = sd3::noise::standard_normal(99, x0.len());
-    let rows = |t: &Tensor| {
-        let mut shape = t.shape().to_vec();
-        shape[0] = 4;
-        t.broadcast_to(&shape).unwrap().contiguous().unwrap()
-    };
-    let batch = |cond: &sd3::pipeline::Conditioning| EvalBatch {
-        noisy: noisy_latents(&x0, &noise, &sigmas),
-        timesteps: sigmas.iter().map(|s| s * 1000.0).collect(),
-        x0: x0.clone(),
-        sigmas: sigmas.clone(),
-        shape: vec![4, 16, 8, 8],
-        embeds: rows(&cond.prompt_embeds),
-        pooled: rows(&cond.pooled),
+    let batch = |cond: &sd3::pipeline::Conditioning| {
+        EvalBatch::new(&model, &cfg.instance_dir, &cond.prompt_embeds, &cond.pooled, &cpu)
     };
     let base = Sd3Transformer2DModel::load(&model.join("transformer"), &cpu, DType::F32).unwrap();
     let mut weights = Weights::open(&model.join("transformer")).unwrap();
@@ -556,11 +500,7 @@ fn text_encoder_lora_trains_and_loads() {
 fn validations_come_at_epoch_ends() {
     use sd3::train::dreambooth::{train_dreambooth, DreamBoothConfig, TrainEvent};
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let instance = common::scratch("validation-instance");
-    for (i, case) in ["sd3-cfg", "sd35-cfg"].iter().enumerate() {
-        std::fs::copy(root.join(format!("fixtures/golden/{case}/image.png")), instance.join(format!("{i}.png")))
-            .unwrap();
-    }
+    let instance = instance_images("validation-instance", &["sd3-cfg", "sd35-cfg"]);
     let out = common::scratch("validation-out");
     let mut cfg = DreamBoothConfig::new(root.join("fixtures/sd3-tiny"), instance, "sks".into(), out.clone());
     (cfg.resolution, cfg.max_train_steps, cfg.repeats, cfg.validation_epochs) = (64, 13, 2, Some(2));
@@ -598,7 +538,7 @@ fn dreambooth_rejects_bad_input() {
     let msg = format!("{:#}", train_dreambooth(&cfg, std::slice::from_ref(&cpu), &mut |_| {}).err().unwrap());
     assert!(msg.contains("broken.png"), "{msg}");
     cfg.resolution = 1000;
-    std::fs::copy(root.join("fixtures/golden/sd3-cfg/image.png"), cfg.instance_dir.join("broken.png")).unwrap();
+    std::fs::copy(fixtures().join("golden/sd3-cfg/image.png"), cfg.instance_dir.join("broken.png")).unwrap();
     let msg = format!("{:#}", train_dreambooth(&cfg, std::slice::from_ref(&cpu), &mut |_| {}).err().unwrap());
     assert!(msg.contains("--resolution 1000"), "{msg}");
 }

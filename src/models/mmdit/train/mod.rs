@@ -132,7 +132,8 @@ impl Sd3Transformer2DModel {
         let TrainingBatch { hidden_states, encoder_hidden_states, pooled, timesteps } = *batch;
         let b = hidden_states.dim(0);
         self.check_inputs(hidden_states, encoder_hidden_states, pooled, timesteps)?;
-        if let Some(name) = adapters.keys().find(|n| !self.adapter_shapes().contains_key(*n)) {
+        let targets = self.adapter_shapes();
+        if let Some(name) = adapters.keys().find(|n| !targets.contains_key(*n)) {
             return Err(MmditError::Input(format!("no LoRA target module `{name}` in this transformer")).into());
         }
         let (h, w) = self.pos_embed.grid(hidden_states.dim(2), hidden_states.dim(3))?;
