@@ -17,6 +17,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 /// Descriptor sets (= dispatches) per batch. A full batch is submitted without waiting and recording goes on into
 /// the other of [`FRAMES`] command buffers, so the device runs one batch while the host records the next.
 const SETS_PER_BATCH: u32 = 256;
+/// The first batch after the queue went idle (a flush) is submitted at this many dispatches, and each next one at
+/// twice as many up to [`SETS_PER_BATCH`], so that the device starts while the host records the rest instead of
+/// waiting for a whole batch. `SD3_VULKAN_FIRST_BATCH` overrides it (256: the old behaviour, for comparisons).
+const FIRST_BATCH: u32 = 16;
+pub const FIRST_BATCH_ENV: &str = "SD3_VULKAN_FIRST_BATCH";
 const FRAMES: usize = 2;
 const PARAM_RING_BYTES: u64 = 1 << 20;
 /// Retired (freed, maybe still in use) dedicated blocks above this size make a full batch wait for the queue.
@@ -90,6 +95,9 @@ pub(crate) struct State {
     mem_props: vk::PhysicalDeviceMemoryProperties,
     pub dispatches: u64,
     submits: u64,
+    /// Dispatches at which the current batch is submitted (see [`FIRST_BATCH`]).
+    batch_limit: u32,
+    first_batch: u32,
     /// Two timestamps bracketing each submitted batch, per frame (None where the queue has no timestamps).
     timestamps: Option<vk::QueryPool>,
     timestamp_mask: u64,
@@ -253,6 +261,10 @@ impl VulkanDevice {
             bits => Some(Markers::new(d, bits, phys.limits.timestamp_period)?),
         };
         let dummy = alloc.alloc(d, 16)?;
+        let first_batch = std::env::var(FIRST_BATCH_ENV)
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+            .map_or(FIRST_BATCH, |n| n.clamp(1, SETS_PER_BATCH));
         Ok(State {
             alloc,
             pipelines,
@@ -271,6 +283,8 @@ impl VulkanDevice {
             barrier_every_dispatch: std::env::var(BARRIERS_ENV).is_ok_and(|v| v == "all"),
             barriers: 0,
             submits: 0,
+            batch_limit: first_batch,
+            first_batch,
             timestamps,
             timestamp_mask: if phys.timestamp_bits >= 64 { u64::MAX } else { (1u64 << phys.timestamp_bits) - 1 },
             timestamp_period_ns: phys.limits.timestamp_period as f64,
@@ -450,6 +464,7 @@ impl State {
         for i in 0..FRAMES {
             self.retire(d, i)?;
         }
+        self.batch_limit = self.first_batch;
         // Nothing is pending: retired blocks are no longer used.
         self.alloc.release_retired(d);
         Ok(())
@@ -517,7 +532,8 @@ impl State {
     ) -> Result<()> {
         let pbytes = (params.len() * 4) as u64;
         let f = &self.frames[self.cur];
-        if f.sets == SETS_PER_BATCH || f.params_used + pbytes > f.params.size {
+        if f.sets >= self.batch_limit || f.params_used + pbytes > f.params.size {
+            self.batch_limit = (2 * self.batch_limit).min(SETS_PER_BATCH);
             if self.alloc.retired_bytes() > RETIRED_FLUSH_BYTES {
                 // Freed dedicated blocks are only destroyed once the queue is idle: wait now and then, so that
                 // a long sequence of large temporaries (the VAE's activations) does not pile up.
