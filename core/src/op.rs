@@ -155,6 +155,13 @@ pub enum Op {
     /// q_norm [Dh], k_norm [Dh] (if qk_norm); out: o [B,H,Nq,Dv]`.
     /// `o = softmax(scale · q̃·k̃ᵀ + bias + causal_mask) · v`, where q̃, k̃ are RMS-normed per head when qk_norm.
     Attention { scale: f32, causal: bool, bias: bool, qk_norm: bool, norm_eps: f32 },
+    /// The gradients of a self-attention's plain form (no bias, no q/k norm), for training (ABI 1.3):
+    /// `in: q, k, v, o, do, each [B,H,N,D]; out: [3,B,H,N,D] = (dq, dk, dv)`, where `o` is the forward's output
+    /// and `do` the loss's gradient with respect to it. With `P = softmax(scale·q·kᵀ + causal_mask)`:
+    /// `dv = Pᵀ·do`, `dS = P ∘ (do·vᵀ − rowsum(do ∘ o))`, `dq = scale·dS·k`, `dk = scale·dSᵀ·q`. A fused kernel
+    /// recomputes `P` tile by tile instead of storing it; callers fall back to the same products as separate ops
+    /// where a device declines it ([`crate::Backend::supports`]).
+    AttentionBackward { scale: f32, causal: bool },
     /// 2-D convolution (NCHW, OIHW, dilation 1, groups 1). `in: x [N,C,H,W], w [O,C,KH,KW], bias [O] (if bias);
     /// out: y [N,O,OH,OW]`.
     Conv2d { stride: [usize; 2], padding: [usize; 2], bias: bool },
@@ -187,8 +194,9 @@ pub mod kind {
     pub const UPSAMPLE_NEAREST2D: u32 = 15;
     pub const GATHER: u32 = 16;
     pub const MATMUL_GATED_RESIDUAL: u32 = 17;
+    pub const ATTENTION_BACKWARD: u32 = 18;
     /// One past the largest kind id this version knows.
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 19;
 }
 
 /// An op in its ABI form: the fields of `sd3_op_desc` other than the operands.
@@ -232,6 +240,7 @@ impl Op {
             Op::Modulate => "modulate",
             Op::GatedResidual => "gated_residual",
             Op::Attention { .. } => "attention",
+            Op::AttentionBackward { .. } => "attention_backward",
             Op::Conv2d { .. } => "conv2d",
             Op::GroupNorm { .. } => "group_norm",
             Op::UpsampleNearest2d { .. } => "upsample_nearest2d",
@@ -250,6 +259,7 @@ impl Op {
             Op::LayerNorm { affine, .. } | Op::GroupNorm { affine, .. } => 1 + 2 * affine as usize,
             Op::LayerNormModulate { .. } | Op::Modulate | Op::GatedResidual => 3,
             Op::Attention { bias, qk_norm, .. } => 3 + bias as usize + 2 * qk_norm as usize,
+            Op::AttentionBackward { .. } => 5,
             Op::Conv2d { bias, .. } => 2 + bias as usize,
         }
     }
@@ -309,6 +319,11 @@ impl Op {
                 e.iparams[1] = bias as i64;
                 e.iparams[2] = qk_norm as i64;
             }
+            Op::AttentionBackward { scale, causal } => {
+                e.kind = kind::ATTENTION_BACKWARD;
+                e.fparams[0] = scale;
+                e.iparams[0] = causal as i64;
+            }
             Op::Conv2d { stride, padding, bias } => {
                 e.kind = kind::CONV2D;
                 e.iparams[0] = stride[0] as i64;
@@ -363,6 +378,7 @@ impl Op {
                 bias: flag(1),
                 qk_norm: flag(2),
             },
+            kind::ATTENTION_BACKWARD => Op::AttentionBackward { scale: e.fparams[0], causal: flag(0) },
             kind::CONV2D => Op::Conv2d { stride: [us(0)?, us(1)?], padding: [us(2)?, us(3)?], bias: flag(4) },
             kind::GROUP_NORM => Op::GroupNorm { groups: us(0)?, affine: flag(1), eps: e.fparams[0] },
             kind::UPSAMPLE_NEAREST2D => Op::UpsampleNearest2d { factor: us(0)? },

@@ -246,6 +246,46 @@ fn matmul_f64(call: &OpCall, ins: &[Vec<f64>], bias: bool, act: Option<UnaryOp>)
     y
 }
 
+/// [`Op::AttentionBackward`] on `[B,H,N,D]` operands: `[dq, dk, dv]` concatenated (the `[3,B,H,N,D]` output).
+fn attention_backward_f64(shape: &[usize], ins: &[Vec<f64>], scale: f32, causal: bool) -> Vec<f64> {
+    let (bh, n, d) = (shape[0] * shape[1], shape[2], shape[3]);
+    let (q, k, v, o, d_o) = (&ins[0], &ins[1], &ins[2], &ins[3], &ins[4]);
+    let len = bh * n * d;
+    let mut y = vec![0.0; 3 * len];
+    let (dq, rest) = y.split_at_mut(len);
+    let (dk, dv) = rest.split_at_mut(len);
+    let scale = scale as f64;
+    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+    let mut p = vec![0.0; n];
+    let mut ds = vec![0.0; n];
+    for h in 0..bh {
+        let row = |i: usize| (h * n + i) * d..(h * n + i + 1) * d;
+        for i in 0..n {
+            let qi = &q[row(i)];
+            for (j, pj) in p.iter_mut().enumerate() {
+                *pj = if causal && j > i { f64::NEG_INFINITY } else { scale * dot(qi, &k[row(j)]) };
+            }
+            let mx = p.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            p.iter_mut().for_each(|x| *x = (*x - mx).exp());
+            let sum: f64 = p.iter().sum();
+            p.iter_mut().for_each(|x| *x /= sum);
+            let doi = &d_o[row(i)];
+            let delta = dot(doi, &o[row(i)]);
+            for (j, dsj) in ds.iter_mut().enumerate() {
+                *dsj = p[j] * (dot(doi, &v[row(j)]) - delta);
+            }
+            for j in 0..n {
+                for c in 0..d {
+                    dv[(h * n + j) * d + c] += p[j] * doi[c];
+                    dk[(h * n + j) * d + c] += scale * ds[j] * qi[c];
+                    dq[(h * n + i) * d + c] += scale * ds[j] * k[(h * n + j) * d + c];
+                }
+            }
+        }
+    }
+    y
+}
+
 /// Compute `call` with logical-order f64 operands. Returns one f64 vector per output.
 pub fn compute(call: &OpCall, ins: &[Vec<f64>]) -> Result<Vec<Vec<f64>>> {
     let out = &call.outputs[0];
@@ -258,6 +298,7 @@ pub fn compute(call: &OpCall, ins: &[Vec<f64>]) -> Result<Vec<Vec<f64>>> {
         Op::Binary(f) => ins[0].iter().zip(&ins[1]).map(|(&a, &b)| binary_f64(f, a, b)).collect(),
         Op::Affine { mul, add } => ins[0].iter().map(|&x| x * mul as f64 + add as f64).collect(),
         Op::Matmul { bias, act } => matmul_f64(call, ins, bias, act),
+        Op::AttentionBackward { scale, causal } => attention_backward_f64(call.inputs[0].shape(), ins, scale, causal),
         Op::MatmulGatedResidual { bias } => {
             let r = bias as usize + 2;
             let mm = matmul_f64(call, ins, bias, None);
@@ -453,6 +494,18 @@ pub fn validate(call: &OpCall) -> Result<()> {
             return bad("gather needs float table and i32/i64 ids".into());
         }
         Op::Gather => {}
+        Op::AttentionBackward { .. } => {
+            let s = call.inputs[0].shape();
+            if s.len() != 4 || !call.inputs.iter().all(|t| t.shape() == s) {
+                return bad("q, k, v, o and do must share one [B,H,N,D] shape".into());
+            }
+            if out.shape() != [&[3][..], s].concat() {
+                return bad(format!("output {:?}, expected [3, {s:?}]", out.shape()));
+            }
+            if !floats {
+                return bad("float operands expected".into());
+            }
+        }
         Op::Unary(_)
         | Op::Binary(_)
         | Op::Affine { .. }

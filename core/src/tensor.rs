@@ -637,6 +637,54 @@ impl Tensor {
         q.backend().run(op, &inputs, &[out])
     }
 
+    /// The fused backward of plain self-attention ([`Op::AttentionBackward`]): `q, k, v, o, d_o` are `[B,H,N,D]`
+    /// (any strides; `o` the forward's output, `d_o` the loss's gradient with respect to it) and `out` receives
+    /// `[3,B,H,N,D]` = (dq, dk, dv), any strides. Only where [`Self::supports_attention_backward`] says so:
+    /// elsewhere callers build the gradients from products (the host fallback would copy whole tensors).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_backward_into(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        d_o: &Tensor,
+        scale: f32,
+        causal: bool,
+        out: &Tensor,
+    ) -> Result<()> {
+        let s = q.shape();
+        if s.len() != 4 || [k, v, o, d_o].iter().any(|t| t.shape() != s) || out.shape() != [&[3][..], s].concat() {
+            return shape_err(
+                "attention_backward",
+                format!(
+                    "q {:?}, k {:?}, v {:?}, o {:?}, do {:?} -> out {:?}: one [B,H,N,D] shape and [3,B,H,N,D] expected",
+                    s,
+                    k.shape(),
+                    v.shape(),
+                    o.shape(),
+                    d_o.shape(),
+                    out.shape()
+                ),
+            );
+        }
+        q.backend().run(Op::AttentionBackward { scale, causal }, &[q, k, v, o, d_o], &[out])
+    }
+
+    /// Whether this backend's device runs [`Self::attention_backward_into`] on these operands itself.
+    #[allow(clippy::too_many_arguments)]
+    pub fn supports_attention_backward(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        d_o: &Tensor,
+        scale: f32,
+        causal: bool,
+        out: &Tensor,
+    ) -> bool {
+        q.backend().supports(Op::AttentionBackward { scale, causal }, &[q, k, v, o, d_o], &[out])
+    }
+
     /// 2-D convolution, `self [N,C,H,W]`, `weight [O,C,KH,KW]`.
     pub fn conv2d(&self, weight: &Tensor, bias: Option<&Tensor>, stride: usize, padding: usize) -> Result<Tensor> {
         if self.rank() != 4 || weight.rank() != 4 || weight.dim(1) != self.dim(1) || stride == 0 {

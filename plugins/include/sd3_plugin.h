@@ -35,7 +35,7 @@ extern "C" {
 #endif
 
 #define SD3_ABI_MAJOR 1
-#define SD3_ABI_MINOR 2
+#define SD3_ABI_MINOR 3
 #define SD3_MAX_RANK 8
 
 /* ------------------------------------------------------------------------------------------ status codes */
@@ -91,6 +91,10 @@ extern "C" {
  *                      gate [..,M,N] (usually broadcast); out: y = x + gate*(a*b (+bias)), the product rounded once.
  *                      Decline it unless implemented; the host then runs MATMUL and GATED_RESIDUAL. A plugin
  *                      built for ABI 1.0 or 1.1 is never sent one.
+ * ATTENTION_BACKWARD (ABI 1.3) fparams[0] = scale, iparams[0] = causal; in: q, k, v, o, do, each [B,H,N,D];
+ *                      out: [3,B,H,N,D] = (dq, dk, dv) of o = softmax(scale*q*k^T (+causal mask))*v given do.
+ *                      Training only; decline it unless implemented (the host then runs the products as separate
+ *                      ops). A plugin built for ABI 1.0 to 1.2 is never sent one.
  */
 #define SD3_OP_COPY 0
 #define SD3_OP_FILL 1
@@ -110,7 +114,8 @@ extern "C" {
 #define SD3_OP_UPSAMPLE_NEAREST2D 15
 #define SD3_OP_GATHER 16
 #define SD3_OP_MATMUL_GATED_RESIDUAL 17
-#define SD3_OP_COUNT 18 /* one past the largest kind this header knows */
+#define SD3_OP_ATTENTION_BACKWARD 18
+#define SD3_OP_COUNT 19 /* one past the largest kind this header knows */
 
 #define SD3_UNARY_NEG 0
 #define SD3_UNARY_EXP 1

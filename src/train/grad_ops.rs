@@ -248,6 +248,36 @@ mod tests {
         });
     }
 
+    /// The fused op's reference semantics (`Op::AttentionBackward`, which devices' kernels are checked against in
+    /// conformance) agree with the products above, which are checked against finite differences.
+    #[test]
+    fn fused_attention_backward_reference() {
+        let b = cpu();
+        let reference = Backend::new("reference", std::sync::Arc::new(sd3_core::reference::ReferenceDevice::new()));
+        for causal in [false, true] {
+            let shape = [2, 3, 6, 4];
+            let t = |seed| b.from_f32(&values(144, seed), &shape, DType::F32).unwrap();
+            let (q, k, v, d_o) = (t(1), t(2), t(3), t(4));
+            let params = AttentionParams { causal, ..AttentionParams::new(0.5) };
+            let o = Tensor::attention(&q, &k, &v, &params).unwrap();
+            let (dq, dk, dv) = attention_backward(&q, &k, &v, &o, &d_o, 0.5, causal).unwrap();
+            let on_ref = |x: &Tensor| reference.from_f32(&x.to_f32_vec().unwrap(), x.shape(), DType::F32).unwrap();
+            let out = reference.zeros(&[3, 2, 3, 6, 4], DType::F32).unwrap();
+            let [rq, rk, rv, ro, rd] = [&q, &k, &v, &o, &d_o].map(on_ref);
+            Tensor::attention_backward_into(&rq, &rk, &rv, &ro, &rd, 0.5, causal, &out).unwrap();
+            let fused = out.to_f32_vec().unwrap();
+            for (i, part) in [dq, dk, dv].iter().enumerate() {
+                let part = part.to_f32_vec().unwrap();
+                for (j, (a, e)) in fused[i * 144..(i + 1) * 144].iter().zip(&part).enumerate() {
+                    assert!(
+                        (a - e).abs() <= 1e-5 * (1.0 + e.abs()),
+                        "causal {causal}, part {i}, element {j}: {a} vs {e}"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn activations() {
         use crate::models::layers::Activation;

@@ -167,7 +167,7 @@ fn execute(op: Op, ins: &[View], in_descs: &[TensorDesc], out: &View, out_layout
             y: *out,
             yl: out_layout,
         }),
-        Op::MatmulGatedResidual { .. } => unreachable!("declined by shapes::check"),
+        Op::MatmulGatedResidual { .. } | Op::AttentionBackward { .. } => unreachable!("declined by shapes::check"),
         Op::Attention { scale, causal, bias, qk_norm, norm_eps } => {
             let heads = |i: usize| attention::Heads { view: ins[i], layout: &in_descs[i].layout };
             let first_norm = 3 + bias as usize;

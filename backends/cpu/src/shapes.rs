@@ -31,6 +31,14 @@ pub fn check(call: &OpCall) -> Result<()> {
                 detail: "runs as its matmul and gated residual".into(),
             })
         }
+        // Declined: the training code runs its products as separate ops, with this backend's matmul.
+        Op::AttentionBackward { .. } => {
+            return Err(Error::Unsupported {
+                backend: "cpu".into(),
+                op: name,
+                detail: "runs as separate products in the training code".into(),
+            })
+        }
         Op::Matmul { bias, .. } => {
             let r = y.len();
             let (a, b) = (ins[0].shape(), ins[1].shape());

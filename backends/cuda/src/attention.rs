@@ -8,7 +8,7 @@
 
 use crate::device::CudaDevice;
 use crate::gemm::{mat_layout, Gemm};
-use crate::params::{FlashParams, RowParams};
+use crate::params::{FlashBwdParams, FlashParams, RowParams};
 use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 use sd3_core::{DType, Error, Layout, OpCall, Result, TensorDesc};
 
@@ -303,4 +303,81 @@ fn rms_norm_heads(dev: &CudaDevice, t: &TensorDesc, w: &TensorDesc, eps: f32, ou
         causal_rows: 1,
         ..Default::default()
     })
+}
+
+/// The backward kernels (`kernels/flash_bwd.cu`, `[dq, dkdv]`) for an `Op::AttentionBackward` call, if they apply:
+/// f16/bf16 throughout, head dim 64, unit feature stride; q, k, v and do (read 16 bytes at a time) with offsets
+/// and strides that are multiples of 8, the outputs (written 2 elements at a time) multiples of 2.
+pub fn backward_kernels<'a>(dev: &'a CudaDevice, call: &OpCall) -> Option<&'a [CudaFunction; 2]> {
+    let q = &call.inputs[0];
+    let dt = q.dtype;
+    let all = || call.inputs.iter().chain(call.outputs);
+    if !matches!(dt, DType::F16 | DType::BF16) || all().any(|t| t.dtype != dt) {
+        return None;
+    }
+    let (b, h, n, d) = (q.shape()[0], q.shape()[1], q.shape()[2], q.shape()[3]);
+    if d != 64 || b * h > 65535 || n > i32::MAX as usize {
+        return None;
+    }
+    let aligned = |t: &TensorDesc, m: usize| {
+        let s = t.strides();
+        s[s.len() - 1] == 1 && t.layout.offset.is_multiple_of(m) && s[..s.len() - 1].iter().all(|x| x.is_multiple_of(m))
+    };
+    let loaded = [0, 1, 2, 4].iter().all(|&i| aligned(&call.inputs[i], 8));
+    if !(loaded && aligned(&call.inputs[3], 1) && aligned(&call.outputs[0], 2)) {
+        return None;
+    }
+    dev.kernels.flash_bwd.as_ref().map(|k| &k[(dt == DType::BF16) as usize])
+}
+
+/// `Op::AttentionBackward` on the two kernels of `kernels/flash_bwd.cu`: dq (and each row's log-sum-exp and
+/// rowsum(dO ∘ O), kept in f32 temporaries), then dk and dv.
+pub fn backward(dev: &CudaDevice, call: &OpCall, scale: f32) -> Result<()> {
+    let Some(kernels) = backward_kernels(dev, call) else {
+        return Err(Error::Unsupported {
+            backend: "cuda".into(),
+            op: call.op.name(),
+            detail: "f16/bf16 operands of head dim 64 with aligned rows expected".into(),
+        });
+    };
+    let (q, out) = (&call.inputs[0], &call.outputs[0]);
+    let (b, h, n) = (q.shape()[0], q.shape()[1], q.shape()[2]);
+    if b * h * n == 0 {
+        return Ok(());
+    }
+    let lse = dev.temp(&[b * h * n], DType::F32)?;
+    let delta = dev.temp(&[b * h * n], DType::F32)?;
+    let mut p = FlashBwdParams {
+        lse: lse.buffer.0,
+        delta: delta.buffer.0,
+        heads: h as i32,
+        n: n as i32,
+        scale,
+        scale_log2: scale * std::f32::consts::LOG2_E,
+        ..Default::default()
+    };
+    for (i, t) in call.inputs.iter().enumerate() {
+        let s = t.strides();
+        (p.ptr[i], p.s[i], p.off[i]) = (t.buffer.0, [s[0] as i64, s[1] as i64, s[2] as i64], t.layout.offset as i64);
+    }
+    // The output [3, B, H, N, D] as its three parts.
+    let os = out.strides();
+    for part in 0..3 {
+        let i = 5 + part;
+        p.ptr[i] = out.buffer.0;
+        p.s[i] = [os[1] as i64, os[2] as i64, os[3] as i64];
+        p.off[i] = (out.layout.offset + part * os[0]) as i64;
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(64) as u32, (b * h) as u32, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: crate::kernels::flash_smem_bytes(64, 64),
+    };
+    let launched = (|| unsafe {
+        dev.stream.launch_builder(&kernels[0]).arg(&p).launch(cfg)?;
+        dev.stream.launch_builder(&kernels[1]).arg(&p).launch(cfg)
+    })();
+    dev.alloc.free(lse.buffer);
+    dev.alloc.free(delta.buffer);
+    launched.map(|_| ()).map_err(crate::device::drv)
 }

@@ -216,6 +216,7 @@ impl Device for CudaDevice {
             }
             // Not fused here: the core runs the matmul (cuBLASLt) and the gated residual.
             Op::MatmulGatedResidual { .. } => false,
+            Op::AttentionBackward { causal, .. } => !causal && crate::attention::backward_kernels(self, call).is_some(),
             _ => true,
         }
     }
@@ -379,6 +380,7 @@ impl Device for CudaDevice {
             Op::Attention { scale, causal, bias, qk_norm, norm_eps } => {
                 crate::attention::attention(self, call, scale, causal, bias, qk_norm, norm_eps)
             }
+            Op::AttentionBackward { scale, .. } => crate::attention::backward(self, call, scale),
         }
     }
     fn synchronize(&self) -> Result<()> {

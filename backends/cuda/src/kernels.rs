@@ -9,11 +9,12 @@ use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-const SOURCES: [&str; 5] = [
+const SOURCES: [&str; 6] = [
     include_str!("../kernels/elementwise.cu"),
     include_str!("../kernels/rows.cu"),
     FLASH_COMMON,
     include_str!("../kernels/flash.cu"),
+    include_str!("../kernels/flash_bwd.cu"),
     include_str!("../kernels/gemv.cu"),
 ];
 const COMMON: &str = include_str!("../kernels/common.cuh");
@@ -50,6 +51,8 @@ pub struct Kernels {
     /// Tensor-core attention, indexed `[bf16 as usize][head_dim == 128]`; `None` before sm_80 (no cp.async or
     /// bf16 mma there).
     pub flash: Option<[[CudaFunction; 2]; 2]>,
+    /// The attention's backward (`kernels/flash_bwd.cu`), `[bf16 as usize][dq, dkdv]`; `None` before sm_80.
+    pub flash_bwd: Option<[[CudaFunction; 2]; 2]>,
     /// The `wgmma` attention for head dim 64 on compute capability 9.0, `[f16, bf16]`; `None` elsewhere or when
     /// `SD3_CUDA_FLASH90=off` (which keeps the `mma.sync` kernel, for comparison).
     pub flash90: Option<[CudaFunction; 2]>,
@@ -130,6 +133,15 @@ impl Kernels {
             im2col8_h: f("im2col8_h")?,
             gemv_rows: f("gemv_rows")?,
             flash: if major >= 8 { Some(load_flash(&f)?) } else { None },
+            flash_bwd: if major >= 8 {
+                let bwd = |name: &str| flash_fn(&f, name, 64, 64);
+                Some([
+                    [bwd("flash_bwd_dq_f16")?, bwd("flash_bwd_dkdv_f16")?],
+                    [bwd("flash_bwd_dq_bf16")?, bwd("flash_bwd_dkdv_bf16")?],
+                ])
+            } else {
+                None
+            },
             flash90,
             flash90_unavailable,
             _module: module,

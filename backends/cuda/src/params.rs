@@ -121,6 +121,21 @@ pub struct Im2colParams {
     pub pad: i32,
 }
 
+/// `struct FlashBwdParams` in `kernels/flash_bwd.cu`: operands q, k, v, o, do, dq, dk, dv.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FlashBwdParams {
+    pub ptr: [u64; 8],
+    pub s: [[i64; 3]; 8],
+    pub off: [i64; 8],
+    pub lse: u64,
+    pub delta: u64,
+    pub heads: i32,
+    pub n: i32,
+    pub scale: f32,
+    pub scale_log2: f32,
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct FlashParams {
@@ -171,6 +186,7 @@ unsafe impl DeviceRepr for RowParams {}
 unsafe impl DeviceRepr for GroupNormParams {}
 unsafe impl DeviceRepr for Im2colParams {}
 unsafe impl DeviceRepr for FlashParams {}
+unsafe impl DeviceRepr for FlashBwdParams {}
 unsafe impl DeviceRepr for EwVecParams {}
 
 /// `struct GemvParams` in `kernels/gemv.cu`.

@@ -29,6 +29,14 @@ pub fn check(call: &OpCall) -> Result<()> {
     match call.op {
         Op::Copy | Op::Fill { .. } | Op::Unary(_) | Op::Binary(_) | Op::Affine { .. } | Op::Softmax => {}
         Op::Modulate | Op::GatedResidual | Op::LayerNormModulate { .. } => {}
+        // No kernel: the training code runs its products as separate ops.
+        Op::AttentionBackward { .. } => {
+            return Err(Error::Unsupported {
+                backend: "npu".into(),
+                op: name,
+                detail: "runs as separate products in the training code".into(),
+            })
+        }
         Op::Matmul { bias, .. } | Op::MatmulGatedResidual { bias } => {
             let r = y.rank();
             if r < 2 || ins[0].rank() != r || ins[1].rank() != r {

@@ -142,6 +142,7 @@ fn dispatch(
         }
         Op::UpsampleNearest2d { factor } => ew::upsample_nearest2d(&ins[0], out, factor),
         Op::Gather => ew::gather(&ins[0], &ins[1], out)?,
+        Op::AttentionBackward { .. } => unreachable!("declined by check"),
     }
     Ok(())
 }

@@ -71,6 +71,8 @@ pub fn supports(call: &OpCall, coop: bool) -> bool {
         // `SD3_VULKAN_FUSED_RESIDUAL=1` until that epilogue has run on a GPU; elsewhere the core runs the matmul and
         // a gated residual.
         Op::MatmulGatedResidual { .. } => coop && fused_residual_enabled() && gated_residual_whole_tiles(call),
+        // No kernel yet: the training code runs its products as separate ops.
+        Op::AttentionBackward { .. } => false,
         Op::Matmul { .. } => {
             let tiles = |n: usize| n.div_ceil(64) <= MAX_GROUPS as usize;
             floats
@@ -688,6 +690,7 @@ fn execute_one(dev: &VulkanDevice, call: &OpCall) -> Result<()> {
                 (Kernel::Conv2d, groups_for(y.elem_count()))
             }
         }
+        Op::AttentionBackward { .. } => unreachable!("declined by supports"),
         Op::Gather => {
             let (table, ids) = (&call.inputs[0], &call.inputs[1]);
             p.u(0, y.shape()[0]);

@@ -26,6 +26,9 @@ pub fn nmse_limit(op: &Op, d: DType) -> f64 {
         Op::Softmax => (1e-6, 4.0),
         Op::LayerNorm { .. } | Op::RmsNorm { .. } | Op::LayerNormModulate { .. } | Op::GroupNorm { .. } => (1e-7, 4.0),
         Op::Matmul { .. } | Op::MatmulGatedResidual { .. } | Op::Conv2d { .. } | Op::Attention { .. } => (5e-4, 16.0),
+        // Two roundings to the operands' dtype where the forward has one: the probabilities, and dS before its
+        // products with k and q.
+        Op::AttentionBackward { .. } => (5e-4, 32.0),
     };
     let e = epsilon(d);
     f64::max(base, c * e * e)

@@ -10,7 +10,7 @@ use std::ffi::c_void;
 /// Bumped on any incompatible change; a plugin built for another major is refused.
 pub const ABI_MAJOR: u32 = 1;
 /// Bumped when fields or functions are appended; older plugins keep working.
-pub const ABI_MINOR: u32 = 2;
+pub const ABI_MINOR: u32 = 3;
 /// The one symbol a plugin library exports.
 pub const ENTRY_SYMBOL: &str = "sd3_backend_entry";
 
@@ -232,6 +232,7 @@ pub fn constant_table() -> Vec<(String, i64)> {
         ("SD3_OP_UPSAMPLE_NEAREST2D", kind::UPSAMPLE_NEAREST2D as i64),
         ("SD3_OP_GATHER", kind::GATHER as i64),
         ("SD3_OP_MATMUL_GATED_RESIDUAL", kind::MATMUL_GATED_RESIDUAL as i64),
+        ("SD3_OP_ATTENTION_BACKWARD", kind::ATTENTION_BACKWARD as i64),
         ("SD3_OP_COUNT", kind::COUNT as i64),
     ]
     .into_iter()

@@ -417,6 +417,7 @@ pub fn needs_newer_minor(op: &Op, minor: u32) -> bool {
     match op {
         Op::Matmul { act: Some(_), .. } => minor < 1,
         Op::MatmulGatedResidual { .. } => minor < 2,
+        Op::AttentionBackward { .. } => minor < 3,
         _ => false,
     }
 }

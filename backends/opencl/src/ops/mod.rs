@@ -38,6 +38,8 @@ pub fn supports(dev: &OpenClDevice, call: &OpCall) -> bool {
         Op::Matmul { .. } => dev.tuning.gemm_ok(&dev.cl) && call.outputs[0].rank() >= 2,
         // Not fused here: the core runs the matmul and the gated residual.
         Op::MatmulGatedResidual { .. } => false,
+        // No kernel: the training code runs its products as separate ops.
+        Op::AttentionBackward { .. } => false,
         Op::Conv2d { .. } => dev.tuning.gemm_ok(&dev.cl) && call.inputs[0].rank() == 4 && call.inputs[1].rank() == 4,
         Op::Attention { .. } => {
             let ok_rank = call.inputs[..3].iter().all(|t| t.rank() == 4);
@@ -69,7 +71,7 @@ pub fn execute(dev: &OpenClDevice, call: &OpCall) -> Result<()> {
         | Op::LayerNormModulate { .. }
         | Op::GroupNorm { .. } => reduce::run(&mut cx, call),
         Op::Matmul { bias, act } => gemm::matmul(&mut cx, call, bias, act),
-        Op::MatmulGatedResidual { .. } => Err(sd3_core::Error::Unsupported {
+        Op::MatmulGatedResidual { .. } | Op::AttentionBackward { .. } => Err(sd3_core::Error::Unsupported {
             backend: "opencl".into(),
             op: call.op.name(),
             detail: "declined in supports()".into(),

@@ -183,6 +183,23 @@ pub fn attention_cases(d: DType) -> Vec<Case> {
     cases
 }
 
+/// The attention's backward: `[B,H,N,D]` operands, the `[3,B,H,N,D]` output. Small and causal; then the MM-DiT's
+/// case (head dim 64, tokens-first views as a linear layer writes them, N not a multiple of a 64-row tile, the
+/// gradients written tokens first).
+pub fn attention_backward_cases(d: DType) -> Vec<Case> {
+    let op = |causal| Op::AttentionBackward { scale: 0.25, causal };
+    let plain = |shape: &[usize]| vec![c(d, shape); 5];
+    let tokens_first = |shape: &[usize]| vec![p(d, shape, &[0, 2, 1, 3]); 5];
+    let grads = |shape: &[usize]| [&[3][..], shape].concat();
+    let (small, mmdit) = ([1, 2, 7, 16], [2, 3, 130, 64]);
+    vec![
+        Case::new(op(false), plain(&small), c(d, &grads(&small))),
+        Case::new(op(true), plain(&[2, 1, 9, 16]), c(d, &grads(&[2, 1, 9, 16]))).note("causal"),
+        Case::new(op(false), tokens_first(&mmdit), p(d, &grads(&mmdit), &[0, 1, 3, 2, 4])).note("tokens first"),
+        Case::new(op(false), plain(&[1, 1, 64, 64]), c(d, &grads(&[1, 1, 64, 64]))),
+    ]
+}
+
 fn conv_case(
     d: DType,
     x: TensorSpec,

@@ -91,6 +91,7 @@ pub fn all_cases(dtypes: &[DType]) -> Vec<Case> {
         cases.extend(norm::rms_norm_cases(d));
         cases.extend(norm::modulate_cases(d));
         cases.extend(compute::attention_cases(d));
+        cases.extend(compute::attention_backward_cases(d));
         cases.extend(compute::conv2d_cases(d));
         cases.extend(norm::group_norm_cases(d));
         cases.extend(elementwise::upsample_cases(d));

@@ -179,8 +179,10 @@ pub(crate) fn attend(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> sd3_core
 /// under it (at 1024² one head's is 72 MB in f32 for two samples).
 pub(crate) const PROBABILITY_BYTES: usize = 256 << 20;
 
-/// [`attend`]'s backward: `(dq, dk, dv)`, tokens first; heads in groups so that the recomputed probabilities and
-/// their gradient stay under `limit` bytes each ([`PROBABILITY_BYTES`]).
+/// [`attend`]'s backward: `(dq, dk, dv)`, tokens first. On the device's fused kernel where it has one
+/// ([`Tensor::attention_backward_into`]: the probabilities are recomputed tile by tile, never stored); elsewhere
+/// from products, heads in groups so that the recomputed probabilities and their gradient stay under `limit` bytes
+/// each ([`PROBABILITY_BYTES`]).
 pub(crate) fn attend_backward(
     [q, k, v]: [&Tensor; 3],
     o: &Tensor,
@@ -189,7 +191,19 @@ pub(crate) fn attend_backward(
     limit: usize,
 ) -> sd3_core::Result<[Tensor; 3]> {
     let hf = |t: &Tensor| t.permute(&[0, 2, 1, 3]);
-    let (b, t, heads) = (q.dim(0), q.dim(1), q.dim(2));
+    let (b, t, heads, d) = (q.dim(0), q.dim(1), q.dim(2), q.dim(3));
+    // The fused op writes [3, B, H, T, D] into a tokens-first buffer, so each gradient comes out [B, T, H, D].
+    let fused = q.backend().empty(&[3, b, t, heads, d], q.dtype())?;
+    let fused_hf = fused.permute(&[0, 1, 3, 2, 4])?;
+    let operands = [hf(q)?, hf(k)?, hf(v)?, hf(o)?, hf(d_o)?];
+    let [qh, kh, vh, oh, doh] = &operands;
+    if Tensor::supports_attention_backward(qh, kh, vh, oh, doh, scale, false, &fused_hf) {
+        Tensor::attention_backward_into(qh, kh, vh, oh, doh, scale, false, &fused_hf)?;
+        let part = |i: usize| fused.narrow(0, i, 1)?.reshape(&[b, t, heads, d]);
+        return Ok([part(0)?, part(1)?, part(2)?]);
+    }
+    drop(fused_hf);
+    drop(fused);
     let per_head = b * t * t * q.dtype().size_in_bytes();
     let group = (limit / per_head.max(1)).clamp(1, heads);
     let mut parts: [Vec<Tensor>; 3] = Default::default();
@@ -197,8 +211,8 @@ pub(crate) fn attend_backward(
         let n = group.min(heads - h0);
         let sel = |x: &Tensor| hf(x)?.narrow(1, h0, n)?.contiguous();
         let (dq, dk, dv) = g::attention_backward(&sel(q)?, &sel(k)?, &sel(v)?, &sel(o)?, &sel(d_o)?, scale, false)?;
-        for (p, d) in parts.iter_mut().zip([dq, dk, dv]) {
-            p.push(d);
+        for (part, grad) in parts.iter_mut().zip([dq, dk, dv]) {
+            part.push(grad);
         }
     }
     let joined = |p: &[Tensor]| -> sd3_core::Result<Tensor> {
