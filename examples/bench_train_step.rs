@@ -4,8 +4,9 @@
 //!
 //! ```text
 //! cargo run --release --example bench_train_step -- --backend cuda --dtype bf16 --res 512 [--batch 1] [--layers 24]
-//!     [--iters 3] [--gradient-checkpointing] [--full]
+//!     [--iters 3] [--gradient-checkpointing] [--full] [--profile]
 //! ```
+//! `--profile` adds one more step with every op bracketed by synchronisations and prints the time per op.
 //! Prints the median wall time of a synchronised step, the forward alone for comparison, and the process's peak
 //! memory. The text sequence is 154 tokens (77 CLIP + 77 T5, the script's `max_sequence_length`).
 
@@ -45,24 +46,29 @@ fn main() -> anyhow::Result<()> {
     let pooled = backend.from_f32(&sd3::noise::standard_normal(3, batch * 2048), &[batch, 2048], dtype)?;
     let t = vec![500.0f32; batch];
     let checkpointing = args.iter().any(|a| a == "--gradient-checkpointing");
+    let inputs = TrainingBatch { hidden_states: &x, encoder_hidden_states: &ctx, pooled: &pooled, timesteps: &t };
+    let full = args.iter().any(|a| a == "--full");
+    let run_step = || -> anyhow::Result<()> {
+        if full {
+            let (grads, ()) = model.parameter_gradients(&inputs, checkpointing, |p| Ok((p.clone(), ())))?;
+            backend.synchronize()?;
+            drop(grads);
+        } else {
+            let (grads, ()) = model.adapter_gradients(&inputs, &adapters, checkpointing, |p| Ok((p.clone(), ())))?;
+            for [a, b] in grads.values() {
+                a.to_f32_vec()?;
+                b.to_f32_vec()?;
+            }
+        }
+        Ok(())
+    };
     let (mut steps, mut forwards) = (Vec::new(), Vec::new());
     for i in 0..iters + 1 {
         let s = Instant::now();
         model.forward(&x, &ctx, &pooled, &t, &[])?.to_f32_vec()?;
         let forward = s.elapsed().as_secs_f64();
         let s = Instant::now();
-        let batch = TrainingBatch { hidden_states: &x, encoder_hidden_states: &ctx, pooled: &pooled, timesteps: &t };
-        if args.iter().any(|a| a == "--full") {
-            let (grads, ()) = model.parameter_gradients(&batch, checkpointing, |p| Ok((p.clone(), ())))?;
-            backend.synchronize()?;
-            drop(grads);
-        } else {
-            let (grads, ()) = model.adapter_gradients(&batch, &adapters, checkpointing, |p| Ok((p.clone(), ())))?;
-            for [a, b] in grads.values() {
-                a.to_f32_vec()?;
-                b.to_f32_vec()?;
-            }
-        }
+        run_step()?;
         let step = s.elapsed().as_secs_f64();
         if i > 0 {
             steps.push(step);
@@ -80,5 +86,26 @@ fn main() -> anyhow::Result<()> {
         median(steps) / median(forwards),
         sd3::pipeline::peak_rss_bytes().unwrap_or(0) as f64 / (1u64 << 30) as f64
     );
+    if args.iter().any(|a| a == "--profile") {
+        backend.enable_profiling();
+        run_step()?;
+        let profile = backend.profile();
+        let total: f64 = profile.iter().map(|p| p.2).sum();
+        println!("profile of one step ({:.1} ms with per-op synchronisation):", total * 1e3);
+        let mut by_op: std::collections::BTreeMap<&str, (u64, f64)> = Default::default();
+        for (name, n, secs) in &profile {
+            let e = by_op.entry(name.split(' ').next().unwrap_or(name)).or_default();
+            (e.0, e.1) = (e.0 + n, e.1 + secs);
+        }
+        let mut by_op: Vec<_> = by_op.into_iter().collect();
+        by_op.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
+        for (name, (n, secs)) in by_op {
+            println!("{:>9.3} ms {:>6}x  {name}", secs * 1e3, n);
+        }
+        println!("slowest op shapes:");
+        for (name, n, secs) in profile.iter().take(25) {
+            println!("{:>9.3} ms {:>6}x  {name}", secs * 1e3, n);
+        }
+    }
     Ok(())
 }
