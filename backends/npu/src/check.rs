@@ -29,13 +29,13 @@ pub fn check(call: &OpCall) -> Result<()> {
     match call.op {
         Op::Copy | Op::Fill { .. } | Op::Unary(_) | Op::Binary(_) | Op::Affine { .. } | Op::Softmax => {}
         Op::Modulate | Op::GatedResidual | Op::LayerNormModulate { .. } => {}
-        // No kernel: the training code runs its products as separate ops.
         Op::AttentionBackward { .. } => {
-            return Err(Error::Unsupported {
-                backend: "npu".into(),
-                op: name,
-                detail: "runs as separate products in the training code".into(),
-            })
+            let s = shape(&ins[0]);
+            if s.len() != 4 || ins.iter().any(|t| shape(t) != s) || shape(y) != [&[3][..], &s].concat() {
+                return bad(format!(
+                    "q {s:?}, k, v, o, do one [B, H, N, D] shape and a [3, B, H, N, D] output expected"
+                ));
+            }
         }
         Op::Matmul { bias, .. } | Op::MatmulGatedResidual { bias } => {
             let r = y.rank();

@@ -142,7 +142,9 @@ fn dispatch(
         }
         Op::UpsampleNearest2d { factor } => ew::upsample_nearest2d(&ins[0], out, factor),
         Op::Gather => ew::gather(&ins[0], &ins[1], out)?,
-        Op::AttentionBackward { .. } => unreachable!("declined by check"),
+        Op::AttentionBackward { scale, causal } => {
+            attention::attention_backward([&ins[0], &ins[1], &ins[2], &ins[3], &ins[4]], out, scale, causal)
+        }
     }
     Ok(())
 }

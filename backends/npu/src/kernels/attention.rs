@@ -124,3 +124,69 @@ pub fn attention(a: &AttentionArgs) {
         }
     });
 }
+
+/// The gradients of plain self-attention (`Op::AttentionBackward`), as Ascend's fused attention-score gradient
+/// computes them: per `(batch, head)`, the probabilities row by row from `q`, `k` (never stored as a matrix),
+/// `D = rowsum(do ∘ o)`, then `dv += pᵀ·do`, `dS = p ∘ (do·vᵀ − D)`, `dq = scale·dS·k`, `dk += scale·dSᵀ·q`.
+/// Operands `[B, H, N, D]`; `out` is `[3, B, H, N, D]` = (dq, dk, dv).
+pub fn attention_backward(ins: [&Operand; 5], out: &Operand, scale: f32, causal: bool) {
+    let s = ins[0].shape();
+    let (bn, hn, n, d) = (s[0], s[1], s[2], s[3]);
+    par_for(bn * hn, 1, |items| {
+        let mut rows: Vec<Vec<f32>> = vec![vec![0f32; n * d]; 5];
+        let (mut dk, mut dv, mut dq_row) = (vec![0f32; n * d], vec![0f32; n * d], vec![0f32; d]);
+        let mut p = vec![0f32; n];
+        for bh in items {
+            let (b, h) = (bh / hn, bh % hn);
+            // SAFETY (whole item): rows and columns are inside the bounds-checked operand views, and each item
+            // writes only its own (b, h) slice of the output.
+            unsafe {
+                for (t, dst) in ins.iter().zip(rows.iter_mut()) {
+                    load_rows(t, b, h, 0, n, dst);
+                }
+                let [q, k, v, o, d_o] = [&rows[0], &rows[1], &rows[2], &rows[3], &rows[4]];
+                dk.fill(0.0);
+                dv.fill(0.0);
+                let os = &out.layout.strides;
+                let at = |part: usize, i: usize, c: usize| {
+                    out.layout.offset + part * os[0] + b * os[1] + h * os[2] + i * os[3] + c * os[4]
+                };
+                for i in 0..n {
+                    let (qi, doi) = (&q[i * d..(i + 1) * d], &d_o[i * d..(i + 1) * d]);
+                    let dot = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(a, b)| a * b).sum::<f32>();
+                    let keys = if causal { i + 1 } else { n };
+                    let mut mx = f32::NEG_INFINITY;
+                    for j in 0..keys {
+                        p[j] = scale * dot(qi, &k[j * d..(j + 1) * d]);
+                        mx = mx.max(p[j]);
+                    }
+                    let mut sum = 0f32;
+                    p[..keys].iter_mut().for_each(|x| {
+                        *x = (*x - mx).exp();
+                        sum += *x;
+                    });
+                    let delta = dot(doi, &o[i * d..(i + 1) * d]);
+                    dq_row.fill(0.0);
+                    for j in 0..keys {
+                        let pj = p[j] / sum;
+                        let ds = pj * (dot(doi, &v[j * d..(j + 1) * d]) - delta) * scale;
+                        for c in 0..d {
+                            dv[j * d + c] += pj * doi[c];
+                            dk[j * d + c] += ds * qi[c];
+                            dq_row[c] += ds * k[j * d + c];
+                        }
+                    }
+                    for (c, &x) in dq_row.iter().enumerate() {
+                        out.store(at(0, i, c), x);
+                    }
+                }
+                for i in 0..n {
+                    for c in 0..d {
+                        out.store(at(1, i, c), dk[i * d + c]);
+                        out.store(at(2, i, c), dv[i * d + c]);
+                    }
+                }
+            }
+        }
+    });
+}
