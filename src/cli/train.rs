@@ -298,7 +298,18 @@ fn run(args: DreamBoothArgs, method: Method) -> anyhow::Result<ExitCode> {
             args.backend.device + backends.len() - 1
         ));
     }
+    let started = std::time::Instant::now();
     let report = train_dreambooth(&cfg, &backends, &mut on_event)?;
+    // What the run cost: the device's peak memory where it reports one (e.g. `cuda.peak_bytes`), and any op that ran
+    // on the host fallback instead of the device.
+    let peaks: Vec<String> = backend.stats().into_iter().filter(|l| l.contains("peak")).collect();
+    let fallbacks: Vec<String> = backend.fallback_counts().iter().map(|(op, n)| format!("{op} ×{n}")).collect();
+    say(format!(
+        "trained in {:.1} s; device {}; host fallbacks: {}",
+        started.elapsed().as_secs_f64(),
+        if peaks.is_empty() { "peak memory not reported".to_string() } else { peaks.join(", ") },
+        if fallbacks.is_empty() { "none".to_string() } else { fallbacks.join(", ") }
+    ));
 
     if let (Some(prompt), false) = (&args.validation_prompt, args.not_validation_final) {
         let path = output_dir.join("validation.png");
