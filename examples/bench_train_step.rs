@@ -4,8 +4,9 @@
 //!
 //! ```text
 //! cargo run --release --example bench_train_step -- --backend cuda --dtype bf16 --res 512 [--batch 1] [--layers 24]
-//!     [--iters 3] [--gradient-checkpointing] [--full] [--profile]
+//!     [--iters 3] [--gradient-checkpointing] [--full [--adamw]] [--profile]
 //! ```
+//! `--adamw` (with `--full`) adds `sd3 train-dreambooth`'s clipping and device AdamW step to the step.
 //! `--profile` adds one more step with every op bracketed by synchronisations and prints the time per op.
 //! Prints the median wall time of a synchronised step, the forward alone for comparison, and the process's peak
 //! memory. The text sequence is 154 tokens (77 CLIP + 77 T5, the script's `max_sequence_length`).
@@ -48,11 +49,20 @@ fn main() -> anyhow::Result<()> {
     let checkpointing = args.iter().any(|a| a == "--gradient-checkpointing");
     let inputs = TrainingBatch { hidden_states: &x, encoder_hidden_states: &ctx, pooled: &pooled, timesteps: &t };
     let full = args.iter().any(|a| a == "--full");
+    let adamw = std::cell::RefCell::new(if args.iter().any(|a| a == "--adamw") {
+        Some(sd3::train::optim::DeviceAdamW::new(Default::default(), model.named_parameters()?)?)
+    } else {
+        None
+    });
     let run_step = || -> anyhow::Result<()> {
         if full {
             let (grads, ()) = model.parameter_gradients(&inputs, checkpointing, |p| Ok((p.clone(), ())))?;
+            if let Some(adam) = adamw.borrow_mut().as_mut() {
+                let mut grads = grads;
+                sd3::train::optim::clip_device_grad_norm(&mut grads, 1.0)?;
+                adam.step(&grads)?;
+            }
             backend.synchronize()?;
-            drop(grads);
         } else {
             let (grads, ()) = model.adapter_gradients(&inputs, &adapters, checkpointing, |p| Ok((p.clone(), ())))?;
             for [a, b] in grads.values() {

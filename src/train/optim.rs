@@ -159,6 +159,19 @@ impl DeviceAdamW {
     }
 }
 
+/// `Σ x²` of a tensor, on its device: the squares summed along the last dim, then over the rows, each a product
+/// with a ones vector. (One `[1, n]·[n, 1]` product instead leaves a device a single output to reduce millions of
+/// terms into: 125 ms for a 9.4M-element weight on the CPU backend, seconds per step over SD3-medium's.)
+fn sum_of_squares(g: &Tensor) -> sd3_core::Result<f64> {
+    let d = g.shape().last().copied().unwrap_or(1).max(1);
+    let rows = g.elem_count() / d;
+    let squares = g.unary(UnaryOp::Square)?.contiguous()?.reshape(&[rows, d])?;
+    let ones = |n: usize| g.backend().full(&[n, 1], squares.dtype(), 1.0);
+    let per_row = squares.matmul(&ones(d)?)?;
+    let total = per_row.reshape(&[1, rows])?.matmul(&ones(rows)?)?;
+    Ok(total.to_f32_vec()?[0] as f64)
+}
+
 /// [`clip_grad_norm`] for device gradients: scales them in place so that their joint L2 norm is at most
 /// `max_norm`; returns the norm before clipping.
 pub fn clip_device_grad_norm(
@@ -167,10 +180,7 @@ pub fn clip_device_grad_norm(
 ) -> sd3_core::Result<f32> {
     let mut sum = 0f64;
     for g in grads.values() {
-        let n = g.elem_count();
-        let flat = g.unary(UnaryOp::Square)?.contiguous()?.reshape(&[1, n])?;
-        let total = flat.matmul(&g.backend().full(&[n, 1], flat.dtype(), 1.0)?)?;
-        sum += total.to_f32_vec()?[0] as f64;
+        sum += sum_of_squares(g)?;
     }
     let norm = sum.sqrt() as f32;
     let coef = max_norm / (norm + 1e-6);
