@@ -298,17 +298,28 @@ fn run(args: DreamBoothArgs, method: Method) -> anyhow::Result<ExitCode> {
             args.backend.device + backends.len() - 1
         ));
     }
+    // SD3_PROFILE=1: every op bracketed by synchronisations, the time per op printed at the end.
+    let profile = std::env::var("SD3_PROFILE").is_ok_and(|v| v == "1");
+    if profile {
+        backend.enable_profiling();
+    }
     let started = std::time::Instant::now();
     let report = train_dreambooth(&cfg, &backends, &mut on_event)?;
-    // What the run cost: the device's peak memory where it reports one (e.g. `cuda.peak_bytes`), and any op that ran
-    // on the host fallback instead of the device.
-    let peaks: Vec<String> = backend.stats().into_iter().filter(|l| l.contains("peak")).collect();
+    if profile {
+        let ops = backend.profile();
+        say(format!("profile: {:.1} s in ops", ops.iter().map(|p| p.2).sum::<f64>()));
+        for (name, n, secs) in ops.iter().take(15) {
+            say(format!("{:>9.3} s {n:>7}x  {name}", secs));
+        }
+    }
+    // What the run cost: the device's own counters (peak memory, and on CUDA the allocator's cache and driver
+    // allocations), and any op that ran on the host fallback instead of the device.
     let fallbacks: Vec<String> = backend.fallback_counts().iter().map(|(op, n)| format!("{op} ×{n}")).collect();
     say(format!(
-        "trained in {:.1} s; device {}; host fallbacks: {}",
+        "trained in {:.1} s; host fallbacks: {}; device: {}",
         started.elapsed().as_secs_f64(),
-        if peaks.is_empty() { "peak memory not reported".to_string() } else { peaks.join(", ") },
-        if fallbacks.is_empty() { "none".to_string() } else { fallbacks.join(", ") }
+        if fallbacks.is_empty() { "none".to_string() } else { fallbacks.join(", ") },
+        backend.stats().join(", ")
     ));
 
     if let (Some(prompt), false) = (&args.validation_prompt, args.not_validation_final) {
