@@ -161,7 +161,8 @@ impl DeviceAdamW {
 
 /// `Σ x²` of a tensor, on its device: the squares summed along the last dim, then over the rows, each a product
 /// with a ones vector. (One `[1, n]·[n, 1]` product instead leaves a device a single output to reduce millions of
-/// terms into: 125 ms for a 9.4M-element weight on the CPU backend, seconds per step over SD3-medium's.)
+/// terms into: on the CPU backend 125 ms for a 9.4M-element weight, and the products of a 2-block step at
+/// SD3-medium's width went from 2.65 s to 0.45 s.)
 fn sum_of_squares(g: &Tensor) -> sd3_core::Result<f64> {
     let d = g.shape().last().copied().unwrap_or(1).max(1);
     let rows = g.elem_count() / d;
