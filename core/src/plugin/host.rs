@@ -412,7 +412,8 @@ impl BackendProvider for PluginProvider {
 
 /// Whether `op` uses a parameter that a plugin built for ABI minor `minor` does not know, and so would silently
 /// ignore: such a call is declined (the core then decomposes it, see [`crate::legalize`]) and never sent.
-/// ABI 1.1 added the matmul activation epilogue (`iparams[1]`), ABI 1.2 the matmul with a gated residual, ABI 1.3 the attention backward.
+/// ABI 1.1 added the matmul activation epilogue (`iparams[1]`), ABI 1.2 the matmul with a gated residual, ABI 1.3
+/// the attention backward.
 pub fn needs_newer_minor(op: &Op, minor: u32) -> bool {
     match op {
         Op::Matmul { act: Some(_), .. } => minor < 1,
