@@ -226,6 +226,20 @@ mod tests {
         assert!(missing.contains("no gradient for parameter w"), "{missing}");
     }
 
+    /// The device sum of squares over rows and then columns equals the plain sum, for a bias, a matrix, a rank-3
+    /// tensor and a convolution kernel.
+    #[test]
+    fn sum_of_squares_of_any_rank() {
+        let be = Backend::new("cpu", sd3_backend_cpu::cpu_device());
+        for shape in [&[5][..], &[3, 4], &[2, 3, 7], &[16, 4, 2, 2]] {
+            let n: usize = shape.iter().product();
+            let v = crate::noise::standard_normal(n as u64, n);
+            let expected: f64 = v.iter().map(|x| (*x as f64).powi(2)).sum();
+            let got = sum_of_squares(&be.from_f32(&v, shape, DType::F32).unwrap()).unwrap();
+            assert!((got - expected).abs() <= 1e-5 * expected, "{shape:?}: {got} against {expected}");
+        }
+    }
+
     /// The schedules' rates against values of diffusers' `get_scheduler` (torch's LambdaLR, base 1e-3, 10 warmup
     /// steps of 100, printed by `[s.get_last_lr() for _ in …]` with diffusers 0.42.1).
     #[test]
