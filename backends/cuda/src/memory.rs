@@ -30,6 +30,8 @@ struct Pools {
     live_bytes: usize,
     peak_bytes: usize,
     driver_allocs: u64,
+    /// Times an allocation failed and the whole cache went back to the driver before the retry.
+    cache_releases: u64,
 }
 
 #[derive(Default)]
@@ -54,6 +56,7 @@ impl Allocator {
                     Err(e) if e.0 == sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY => {
                         // Give the cache back to the driver and retry once.
                         Self::release_cached(&mut p);
+                        p.cache_releases += 1;
                         unsafe { result::malloc_sync(size) }.map_err(|_| {
                             let (free, _total) = result::mem_get_info().unwrap_or((0, 0));
                             Error::OutOfMemory {
@@ -113,6 +116,7 @@ impl Allocator {
             format!("cuda.cached_bytes={}", p.cached_bytes),
             format!("cuda.peak_bytes={}", p.peak_bytes),
             format!("cuda.driver_allocs={}", p.driver_allocs),
+            format!("cuda.cache_releases={}", p.cache_releases),
         ]
     }
 }
