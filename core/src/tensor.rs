@@ -637,10 +637,11 @@ impl Tensor {
         q.backend().run(op, &inputs, &[out])
     }
 
-    /// The fused backward of plain self-attention ([`Op::AttentionBackward`]): `q, k, v, o, d_o` are `[B,H,N,D]`
-    /// (any strides; `o` the forward's output, `d_o` the loss's gradient with respect to it) and `out` receives
-    /// `[3,B,H,N,D]` = (dq, dk, dv), any strides. Only where [`Self::supports_attention_backward`] says so:
-    /// elsewhere callers build the gradients from products (the host fallback would copy whole tensors).
+    /// The fused backward of plain self-attention ([`Op::AttentionBackward`]), where the device takes it: `q, k,
+    /// v, o, d_o` are `[B,H,N,D]` (any strides; `o` the forward's output, `d_o` the loss's gradient with respect to
+    /// it) and `out` receives `[3,B,H,N,D]` = (dq, dk, dv), any strides. `Ok(false)`, with nothing run, where the
+    /// device does not take these operands itself: callers then build the gradients from products (a host fallback
+    /// would copy whole tensors).
     #[allow(clippy::too_many_arguments)]
     pub fn attention_backward_into(
         q: &Tensor,
@@ -651,7 +652,7 @@ impl Tensor {
         scale: f32,
         causal: bool,
         out: &Tensor,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let s = q.shape();
         if s.len() != 4 || [k, v, o, d_o].iter().any(|t| t.shape() != s) || out.shape() != [&[3][..], s].concat() {
             return shape_err(
@@ -667,22 +668,12 @@ impl Tensor {
                 ),
             );
         }
-        q.backend().run(Op::AttentionBackward { scale, causal }, &[q, k, v, o, d_o], &[out])
-    }
-
-    /// Whether this backend's device runs [`Self::attention_backward_into`] on these operands itself.
-    #[allow(clippy::too_many_arguments)]
-    pub fn supports_attention_backward(
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        o: &Tensor,
-        d_o: &Tensor,
-        scale: f32,
-        causal: bool,
-        out: &Tensor,
-    ) -> bool {
-        q.backend().supports(Op::AttentionBackward { scale, causal }, &[q, k, v, o, d_o], &[out])
+        let (op, inputs) = (Op::AttentionBackward { scale, causal }, [q, k, v, o, d_o]);
+        if !q.backend().supports(op, &inputs, &[out]) {
+            return Ok(false);
+        }
+        q.backend().run(op, &inputs, &[out])?;
+        Ok(true)
     }
 
     /// 2-D convolution, `self [N,C,H,W]`, `weight [O,C,KH,KW]`.

@@ -95,20 +95,16 @@ impl ClipEncoderLayer {
         let [q, k, v] = &acts.qkv;
         let scale = (q.dim(3) as f32).powf(-0.5);
         let (dq, dk, dv) = g::attention_backward(q, k, v, &acts.o, &d_o, scale, true)?;
-        let mut d_ln1 =
-            acts.proj[0].backward(&acts.ln1, &acts.proj_acts[0], &super::layers::merge_heads(&dq)?, grads)?;
-        d_ln1 = d_ln1.add(&acts.proj[1].backward(
-            &acts.ln1,
-            &acts.proj_acts[1],
-            &super::layers::merge_heads(&dk)?,
-            grads,
-        )?)?;
-        d_ln1 = d_ln1.add(&acts.proj[2].backward(
-            &acts.ln1,
-            &acts.proj_acts[2],
-            &super::layers::merge_heads(&dv)?,
-            grads,
-        )?)?;
+        // The q, k and v projections' input gradients, summed in that order.
+        let mut d_ln1: Option<Tensor> = None;
+        for (i, d) in [dq, dk, dv].iter().enumerate() {
+            let part = acts.proj[i].backward(&acts.ln1, &acts.proj_acts[i], &super::layers::merge_heads(d)?, grads)?;
+            d_ln1 = Some(match d_ln1 {
+                Some(sum) => sum.add(&part)?,
+                None => part,
+            });
+        }
+        let d_ln1 = d_ln1.expect("three projections");
         d_h.add(&ln(&self.layer_norm1.weight, self.layer_norm1.eps, &acts.x, &d_ln1)?)
     }
 }

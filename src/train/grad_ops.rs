@@ -264,7 +264,7 @@ mod tests {
             let on_ref = |x: &Tensor| reference.from_f32(&x.to_f32_vec().unwrap(), x.shape(), DType::F32).unwrap();
             let out = reference.zeros(&[3, 2, 3, 6, 4], DType::F32).unwrap();
             let [rq, rk, rv, ro, rd] = [&q, &k, &v, &o, &d_o].map(on_ref);
-            Tensor::attention_backward_into(&rq, &rk, &rv, &ro, &rd, 0.5, causal, &out).unwrap();
+            assert!(Tensor::attention_backward_into(&rq, &rk, &rv, &ro, &rd, 0.5, causal, &out).unwrap());
             let fused = out.to_f32_vec().unwrap();
             for (i, part) in [dq, dk, dv].iter().enumerate() {
                 let part = part.to_f32_vec().unwrap();

@@ -197,8 +197,7 @@ pub(crate) fn attend_backward(
     let fused_hf = fused.permute(&[0, 1, 3, 2, 4])?;
     let operands = [hf(q)?, hf(k)?, hf(v)?, hf(o)?, hf(d_o)?];
     let [qh, kh, vh, oh, doh] = &operands;
-    if Tensor::supports_attention_backward(qh, kh, vh, oh, doh, scale, false, &fused_hf) {
-        Tensor::attention_backward_into(qh, kh, vh, oh, doh, scale, false, &fused_hf)?;
+    if Tensor::attention_backward_into(qh, kh, vh, oh, doh, scale, false, &fused_hf)? {
         let part = |i: usize| fused.narrow(0, i, 1)?.reshape(&[b, t, heads, d]);
         return Ok([part(0)?, part(1)?, part(2)?]);
     }
